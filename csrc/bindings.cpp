@@ -1,0 +1,44 @@
+// pybind11 bindings of the rdn_kernels._C extension: the torch-facing glue only.
+#include <torch/extension.h>
+
+#include "cpu/nested_conv_cpu.h"
+
+namespace {
+
+rdn::BlockLayout make_layout(std::vector<int64_t> in_offsets, std::vector<int64_t> out_offsets,
+                             const std::vector<bool>& mask) {
+  const size_t groups = in_offsets.size() - 1;
+  TORCH_CHECK(out_offsets.size() == groups + 1 && mask.size() == groups * groups, "rdn: inconsistent block layout");
+  return {std::move(in_offsets), std::move(out_offsets), mask};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rdn_kernels C++ kernels: nested (block-lower-triangular) convolution";
+#ifdef RDN_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def(
+      "nested_conv2d_forward_cpu",
+      [](const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+         std::vector<int64_t> in_offsets, std::vector<int64_t> out_offsets, std::vector<bool> mask,
+         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t lo,
+         int64_t hi, const c10::optional<at::Tensor>& out) {
+        return rdn::cpu::forward(input, weight, bias, make_layout(in_offsets, out_offsets, mask),
+                                 {stride, padding, dilation}, lo, hi, out);
+      },
+      "Nested conv2d forward of output groups lo..hi-1 (CPU).");
+  m.def(
+      "nested_conv2d_backward_cpu",
+      [](const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, bool has_bias,
+         std::vector<int64_t> in_offsets, std::vector<int64_t> out_offsets, std::vector<bool> mask,
+         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t lo,
+         int64_t hi, bool needs_input, bool needs_weight) {
+        return rdn::cpu::backward(grad_output, input, weight, has_bias, make_layout(in_offsets, out_offsets, mask),
+                                  {stride, padding, dilation}, lo, hi, needs_input, needs_weight);
+      },
+      "Nested conv2d backward (CPU): (grad_input, grad_weight, grad_bias).");
+}

@@ -1,0 +1,91 @@
+"""The one place that decides which backend runs an op.
+
+``torch`` is the pure-PyTorch reference (always there), ``cpp`` the C++ CPU kernels of the
+extension, ``triton`` the fused Triton kernels (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), ``cuda`` the CUDA kernels of the extension.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from rdn_kernels import _extension
+
+KNOWN_BACKENDS = ("torch", "cpp", "triton", "cuda")
+# Dtypes each compiled backend has kernels for; the reference takes any floating dtype.
+_CPP_DTYPES = (torch.float32, torch.float64)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here."""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default: CUDA when present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    names = ["torch"]
+    if device.type == "cpu":
+        if _extension.has_cpu_kernels():
+            names.append("cpp")
+        if _triton_importable() and triton_interpreted():
+            names.append("triton")
+    elif device.type == "cuda":
+        if _triton_importable() and not triton_interpreted():
+            names.append("triton")
+        if _extension.has_cuda_kernels():
+            names.append("cuda")
+    return names
+
+
+def _why_unavailable(name: str, device: torch.device) -> str:
+    if name == "cpp":
+        return f"the C++ extension did not load: build it with `{_extension.BUILD_COMMAND}`"
+    if name == "triton":
+        if not _triton_importable():
+            return "triton is not installed"
+        if device.type == "cpu":
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        return "Triton is in interpreter mode (TRITON_INTERPRET=1), which takes CPU tensors"
+    if name == "cuda":
+        return "the extension was built without CUDA kernels (needs torch with CUDA and nvcc)"
+    return "it does not run on this device"
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Map ``name`` (``"auto"`` or a backend) to a backend that can run this call."""
+    if not isinstance(name, str) or (name != "auto" and name not in KNOWN_BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {list(KNOWN_BACKENDS)}, got {name!r}")
+    available = available_backends(device)
+    if name == "auto":
+        if device.type == "cpu":
+            return "cpp" if "cpp" in available and dtype in _CPP_DTYPES else "torch"
+        for candidate in ("cuda", "triton"):
+            if candidate in available:
+                return candidate
+        return "torch"
+    if name not in available:
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available for {device.type} tensors "
+            f"({_why_unavailable(name, device)}); available: {available}"
+        )
+    if name == "cpp" and dtype not in _CPP_DTYPES:
+        raise TypeError(
+            f"backend 'cpp' supports dtypes {[str(d) for d in _CPP_DTYPES]}, got {dtype}; "
+            "use backend='torch' or 'auto' for other dtypes"
+        )
+    return name

@@ -1,0 +1,351 @@
+"""The nested convolution / nested linear op family.
+
+Public functions (:func:`nested_conv2d`, :func:`nested_linear`) validate their arguments, pick a
+backend (:mod:`rdn_kernels.backends`) and call one of three ``torch.library`` custom ops under
+the ``rdn::`` namespace:
+
+- ``rdn::nested_conv2d``           functional forward, with autograd;
+- ``rdn::nested_conv2d_backward``  gradients of input, weight and bias;
+- ``rdn::nested_conv2d_out``       forward written into a channel slice of ``out`` (in place).
+
+Each backend module (``naive`` = the pure-PyTorch reference, ``cpp``, ``triton``) implements
+``forward(input, weight, bias, layout, geometry, lo, hi, out)`` and
+``backward(grad_output, input, weight, has_bias, layout, geometry, lo, hi, needs_input,
+needs_weight)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from rdn_kernels.backends import resolve_backend
+from rdn_kernels.layout import NestedLayout, make_layout
+
+from .geometry import ConvGeometry, output_memory_format
+from .naive import nested_conv2d_reference
+
+__all__ = ["nested_conv2d", "nested_linear", "nested_conv2d_reference"]
+
+_BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton", "cuda": "cuda"}
+
+
+def _backend(name: str):
+    return importlib.import_module(f"{__name__}.{_BACKEND_MODULES[name]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def nested_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    in_splits: Sequence[int],
+    out_splits: Sequence[int],
+    stride=1,
+    padding=0,
+    dilation=1,
+    block_mask=None,
+    stages: Optional[tuple[int, int]] = None,
+    out: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Block-lower-triangular 2-D convolution.
+
+    Args:
+        input: (N, C, H, W), any memory format; or (N, sum(in_splits[:hi]), H, W) — only the
+            input groups below ``hi`` are ever read.
+        weight: (D, C, kh, kw), dense-shaped like ``nn.Conv2d`` (groups = 1).
+        bias: (D,) or None.
+        in_splits, out_splits: K non-negative group sizes summing to C and D.
+        block_mask: (K, K) bool, lower-triangular; ``[j][i]`` true when output group j reads
+            input group i. Default: all i <= j.
+        stages: ``(lo, hi)`` computes output groups lo..hi-1 only. Default ``(0, K)``.
+        out: optional (N, D, H_out, W_out) buffer; the computed groups are written into their
+            channel slice and ``out`` is returned, its other channels untouched.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        (N, sum(out_splits[lo:hi]), H_out, W_out), or ``out``.
+    """
+    _check_tensor("input", input, dims=4, shape_hint="(N, C, H, W)")
+    _check_tensor("weight", weight, dims=4, shape_hint="(D, C, kh, kw)")
+    layout = make_layout(in_splits, out_splits, block_mask)
+    geometry = ConvGeometry.from_args(stride, padding, dilation)
+    lo, hi = _check_stages(stages, layout.num_groups)
+    _check_operands(input, weight, bias, layout, hi)
+    height_out, width_out = geometry.output_size(input.shape[2], input.shape[3], weight.shape[2:])
+    if height_out <= 0 or width_out <= 0:
+        raise ValueError(
+            f"input spatial size {tuple(input.shape[2:])} is too small for kernel "
+            f"{tuple(weight.shape[2:])} with {geometry}: the output would be {height_out}×{width_out}"
+        )
+    if out is not None:
+        _check_out(out, input, (input.shape[0], weight.shape[0], height_out, width_out))
+    backend = resolve_backend(backend, input.device, input.dtype)
+    args = (
+        list(layout.in_splits),
+        list(layout.out_splits),
+        layout.flat_mask,
+        list(geometry.stride),
+        list(geometry.padding),
+        list(geometry.dilation),
+        lo,
+        hi,
+        backend,
+    )
+    if out is None:
+        return _nested_conv2d_op(input, weight, bias, *args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        # The in-place op has no autograd formula; record the write as a copy autograd can see.
+        result = _nested_conv2d_op(input, weight, bias, *args)
+        out.narrow(1, layout.out_offsets[lo], result.shape[1]).copy_(result)
+        return out
+    _nested_conv2d_out_op(input, weight, bias, *args, out)
+    return out
+
+
+def nested_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    in_splits: Sequence[int],
+    out_splits: Sequence[int],
+    block_mask=None,
+    stages: Optional[tuple[int, int]] = None,
+    out: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Block-lower-triangular linear layer: ``input`` (N, C), ``weight`` (D, C) → (N, D_stages).
+
+    The 1×1 case of :func:`nested_conv2d`; see it for the arguments.
+    """
+    _check_tensor("input", input, dims=2, shape_hint="(N, C)")
+    _check_tensor("weight", weight, dims=2, shape_hint="(D, C)")
+    if out is not None:
+        _check_tensor("out", out, dims=2, shape_hint="(N, D)")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous for nested_linear")
+        out = out.view(*out.shape, 1, 1)
+    result = nested_conv2d(
+        input.reshape(*input.shape, 1, 1),
+        weight.view(*weight.shape, 1, 1),
+        bias,
+        in_splits=in_splits,
+        out_splits=out_splits,
+        block_mask=block_mask,
+        stages=stages,
+        out=out,
+        backend=backend,
+    )
+    return result.view(result.shape[:2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks: every bad input is a TypeError / ValueError naming the argument.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, tensor, dims: int, shape_hint: str) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape_hint}, got {type(tensor).__name__}")
+    if tensor.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D {shape_hint}, got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
+
+
+def _check_stages(stages, num_groups: int) -> tuple[int, int]:
+    if stages is None:
+        return 0, num_groups
+    if (
+        not isinstance(stages, (tuple, list))
+        or len(stages) != 2
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in stages)
+    ):
+        raise TypeError(f"stages must be a pair of ints (lo, hi), got {stages!r}")
+    lo, hi = stages
+    if not 0 <= lo < hi <= num_groups:
+        raise ValueError(f"stages must satisfy 0 <= lo < hi <= K={num_groups}, got {tuple(stages)}")
+    return lo, hi
+
+
+def _check_operands(input: Tensor, weight: Tensor, bias: Optional[Tensor], layout: NestedLayout, hi: int) -> None:
+    channels, out_channels = layout.in_offsets[-1], layout.out_offsets[-1]
+    if weight.shape[0] != out_channels:
+        raise ValueError(f"weight has {weight.shape[0]} output channels but sum(out_splits) = {out_channels}")
+    if weight.shape[1] != channels:
+        raise ValueError(
+            f"weight has {weight.shape[1]} input channels but sum(in_splits) = {channels}; nested "
+            "layers need dense-shaped (groups=1) weights (D, C, kh, kw)"
+        )
+    prefix = layout.in_offsets[hi]
+    if input.shape[1] not in (channels, prefix):
+        raise ValueError(
+            f"input has {input.shape[1]} channels; expected C = sum(in_splits) = {channels}"
+            + (f" or the prefix read by stages < {hi}: {prefix}" if prefix != channels else "")
+        )
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match input dtype {input.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor (D,) or None, got {type(bias).__name__}")
+        if bias.shape != (out_channels,):
+            raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+        if bias.dtype != input.dtype or bias.device != input.device:
+            raise TypeError(
+                f"bias must match input ({input.dtype} on {input.device}), got {bias.dtype} on {bias.device}"
+            )
+
+
+def _check_out(out, input: Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor of the full output shape {shape}, got {type(out).__name__}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have the full output shape {shape}, got {tuple(out.shape)}")
+    if out.dtype != input.dtype or out.device != input.device:
+        raise TypeError(f"out must match input ({input.dtype} on {input.device}), got {out.dtype} on {out.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (rdn::) and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def _unpack(in_splits, out_splits, flat_mask, stride, padding, dilation) -> tuple[NestedLayout, ConvGeometry]:
+    num_groups = len(in_splits)
+    mask = [flat_mask[j * num_groups : (j + 1) * num_groups] for j in range(num_groups)]
+    layout = make_layout(list(in_splits), list(out_splits), mask)
+    return layout, ConvGeometry(tuple(stride), tuple(padding), tuple(dilation))
+
+
+@torch.library.custom_op("rdn::nested_conv2d", mutates_args=())
+def _nested_conv2d_op(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    in_splits: list[int],
+    out_splits: list[int],
+    block_mask: list[bool],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    stage_lo: int,
+    stage_hi: int,
+    backend: str,
+) -> Tensor:
+    layout, geometry = _unpack(in_splits, out_splits, block_mask, stride, padding, dilation)
+    return _backend(backend).forward(input, weight, bias, layout, geometry, stage_lo, stage_hi, None)
+
+
+@_nested_conv2d_op.register_fake
+def _(input, weight, bias, in_splits, out_splits, block_mask, stride, padding, dilation, stage_lo, stage_hi, backend):
+    geometry = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation))
+    height_out, width_out = geometry.output_size(input.shape[2], input.shape[3], weight.shape[2:])
+    channels = sum(out_splits[stage_lo:stage_hi])
+    return input.new_empty((input.shape[0], channels, height_out, width_out)).contiguous(
+        memory_format=output_memory_format(input)
+    )
+
+
+@torch.library.custom_op("rdn::nested_conv2d_out", mutates_args=("out",))
+def _nested_conv2d_out_op(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    in_splits: list[int],
+    out_splits: list[int],
+    block_mask: list[bool],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    stage_lo: int,
+    stage_hi: int,
+    backend: str,
+    out: Tensor,
+) -> None:
+    layout, geometry = _unpack(in_splits, out_splits, block_mask, stride, padding, dilation)
+    _backend(backend).forward(input, weight, bias, layout, geometry, stage_lo, stage_hi, out)
+
+
+@_nested_conv2d_out_op.register_fake
+def _(input, weight, bias, in_splits, out_splits, block_mask, stride, padding, dilation, stage_lo, stage_hi, backend, out):
+    return None
+
+
+@torch.library.custom_op("rdn::nested_conv2d_backward", mutates_args=())
+def _nested_conv2d_backward_op(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    in_splits: list[int],
+    out_splits: list[int],
+    block_mask: list[bool],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    stage_lo: int,
+    stage_hi: int,
+    backend: str,
+    needs_input: bool,
+    needs_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_input, grad_weight, grad_bias); a gradient not asked for is an empty tensor."""
+    layout, geometry = _unpack(in_splits, out_splits, block_mask, stride, padding, dilation)
+    grads = _backend(backend).backward(
+        grad_output.contiguous(memory_format=output_memory_format(input)),
+        input,
+        weight,
+        has_bias,
+        layout,
+        geometry,
+        stage_lo,
+        stage_hi,
+        needs_input,
+        needs_weight,
+    )
+    return tuple(grad if grad is not None else input.new_empty(0) for grad in grads)
+
+
+@_nested_conv2d_backward_op.register_fake
+def _(grad_output, input, weight, has_bias, in_splits, out_splits, block_mask, stride, padding, dilation,
+      stage_lo, stage_hi, backend, needs_input, needs_weight):
+    return (
+        torch.empty_like(input) if needs_input else input.new_empty(0),
+        torch.empty_like(weight) if needs_weight else weight.new_empty(0),
+        weight.new_empty(weight.shape[0]) if has_bias else weight.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, bias, *options = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
+    ctx.options = options
+
+
+def _backward(ctx, grad_output: Tensor):
+    input, weight = ctx.saved_tensors
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grad_input, grad_weight, grad_bias = _nested_conv2d_backward_op(
+        grad_output, input, weight, ctx.has_bias, *ctx.options, needs_input, needs_weight
+    )
+    return (
+        grad_input if needs_input else None,
+        grad_weight if needs_weight else None,
+        grad_bias if needs_bias else None,
+    ) + (None,) * len(ctx.options)
+
+
+_nested_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,50 @@
+"""``cpp`` backend: launchers for the C++ CPU kernels of ``csrc/cpu/nested_conv_cpu.cpp``."""
+
+from __future__ import annotations
+
+import torch
+
+from rdn_kernels._extension import extension
+from rdn_kernels.layout import NestedLayout
+
+from .geometry import ConvGeometry
+
+
+def _pixel_layout(tensor: torch.Tensor) -> torch.Tensor:
+    # The kernels take NCHW- or NHWC-contiguous tensors (no copy then); anything else is copied once.
+    if tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor
+    return tensor.contiguous()
+
+
+def _layout_args(layout: NestedLayout, geometry: ConvGeometry) -> tuple:
+    return (
+        list(layout.in_offsets),
+        list(layout.out_offsets),
+        layout.flat_mask,
+        list(geometry.stride),
+        list(geometry.padding),
+        list(geometry.dilation),
+    )
+
+
+def forward(input, weight, bias, layout: NestedLayout, geometry: ConvGeometry, lo: int, hi: int, out):
+    bias = None if bias is None else bias.contiguous()
+    return extension().nested_conv2d_forward_cpu(
+        _pixel_layout(input), weight, bias, *_layout_args(layout, geometry), lo, hi, out
+    )
+
+
+def backward(grad_output, input, weight, has_bias, layout, geometry, lo, hi, needs_input, needs_weight):
+    grad_input, grad_weight, grad_bias = extension().nested_conv2d_backward_cpu(
+        _pixel_layout(grad_output),
+        _pixel_layout(input),
+        weight,
+        has_bias,
+        *_layout_args(layout, geometry),
+        lo,
+        hi,
+        needs_input,
+        needs_weight,
+    )
+    return grad_input, grad_weight, grad_bias

@@ -1,0 +1,56 @@
+"""Stride / padding / dilation of a 2-D convolution, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+    ):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in value):
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
+    return (value[0], value[1])
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    @classmethod
+    def from_args(cls, stride=1, padding=0, dilation=1) -> "ConvGeometry":
+        if isinstance(padding, str):
+            raise ValueError(
+                f"padding must be an int or a pair of ints, got the string {padding!r}; "
+                "give the explicit amount (for 'same' with an odd kernel k: (k - 1) // 2 · dilation)"
+            )
+        return cls(_pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1))
+
+    def output_size(self, height: int, width: int, kernel_size) -> tuple[int, int]:
+        def one(size: int, axis: int) -> int:
+            span = self.dilation[axis] * (kernel_size[axis] - 1) + 1
+            return (size + 2 * self.padding[axis] - span) // self.stride[axis] + 1
+
+        return one(height, 0), one(width, 1)
+
+    @property
+    def is_pointwise_identity(self) -> bool:
+        """True when a 1×1 kernel with this geometry is a plain GEMM over pixels."""
+        return self.stride == (1, 1) and self.padding == (0, 0)
+
+
+def output_memory_format(input: torch.Tensor) -> torch.memory_format:
+    """Outputs follow the input's layout, as ``F.conv2d`` does: channels_last in, channels_last out."""
+    if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
