@@ -1,0 +1,406 @@
+"""Nested (block-lower-triangular) layers: :class:`NestedConv2d` and :class:`NestedLinear`.
+
+Both wrap the ops of :mod:`rdn_kernels` in an ``nn.Module`` whose parameters are stored
+dense-shaped like ``nn.Conv2d`` / ``nn.Linear``: ``weight`` (D, C, kh, kw) or (D, C) and
+``bias`` (D,). The block structure (``in_splits``, ``out_splits``, ``block_mask``) says which
+blocks are used; see ``DESIGN.md`` §2.
+
+Blocks outside the mask hold zeros. They stay zero under training without any hook: the kernels
+never read them and give them exactly zero gradient, so SGD (with momentum and weight decay, both
+proportional to the entry or to its past gradients) never moves them.
+
+``block_mask`` is a registered bool buffer, so it travels with ``state_dict``; the splits are
+constructor arguments (they fix the parameter shapes, like ``in_channels`` of ``nn.Conv2d``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rdn_kernels import make_layout, nested_conv2d, nested_linear
+from rdn_kernels.backends import KNOWN_BACKENDS
+from rdn_kernels.layout import NestedLayout
+
+__all__ = ["NestedConv2d", "NestedLinear", "split_channels"]
+
+
+def split_channels(channels: int, k: int) -> tuple[int, ...]:
+    """Split ``channels`` into ``k`` ordered groups of near-equal size.
+
+    The remainder ``channels % k`` goes to the first groups, one extra channel each, so earlier
+    (smaller) sub-networks are never narrower than later groups: ``split_channels(10, 4)`` is
+    ``(3, 3, 2, 2)``.
+
+    Zero-size groups are not produced: ``k`` must satisfy ``1 <= k <= channels`` (the kernels
+    accept zero-size groups, but a layer whose channels cannot fill every group is an error when
+    building a network).
+    """
+    for name, value in (("channels", channels), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if not 1 <= k <= channels:
+        raise ValueError(f"k must satisfy 1 <= k <= channels={channels} (no empty groups), got k={k}")
+    base, extra = divmod(channels, k)
+    return tuple(base + 1 if group < extra else base for group in range(k))
+
+
+class _NestedLayer(nn.Module):
+    """What NestedConv2d and NestedLinear share: splits, the mask buffer, init, export slicing.
+
+    Subclasses create ``self.weight`` (D, C, ...) and ``self.bias`` before calling
+    :meth:`_init_structure`.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    block_mask: Tensor
+
+    def _init_structure(self, in_splits, out_splits, block_mask, backend: str) -> None:
+        layout = make_layout(in_splits, out_splits, block_mask)
+        self.in_splits: tuple[int, ...] = layout.in_splits
+        self.out_splits: tuple[int, ...] = layout.out_splits
+        self.register_buffer("block_mask", torch.tensor(layout.mask, dtype=torch.bool, device=self.weight.device))
+        # A Python copy of the mask: the forward passes it to the op without reading a tensor,
+        # which keeps torch.compile graphs free of data-dependent breaks.
+        self._layout = layout
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        """Backend of :mod:`rdn_kernels` every forward uses: ``"auto"`` or a backend name."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if not isinstance(name, str) or (name != "auto" and name not in KNOWN_BACKENDS):
+            raise ValueError(f"backend must be 'auto' or one of {list(KNOWN_BACKENDS)}, got {name!r}")
+        self._backend = name
+
+    @property
+    def layout(self) -> NestedLayout:
+        return self._layout
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.in_splits)
+
+    @property
+    def in_channels(self) -> int:
+        return sum(self.in_splits)
+
+    @property
+    def out_channels(self) -> int:
+        return sum(self.out_splits)
+
+    def weight_mask(self) -> Tensor:
+        """(D, C) bool: true where the weight is used (the block mask expanded to channels)."""
+        rows = torch.tensor(self.out_splits, device=self.block_mask.device)
+        cols = torch.tensor(self.in_splits, device=self.block_mask.device)
+        return self.block_mask.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
+
+    def _masked_weight(self) -> Tensor:
+        mask = self.weight_mask().view(*self.weight.shape[:2], *(1,) * (self.weight.dim() - 2))
+        return self.weight.masked_fill(~mask, 0.0)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise like the dense torch layer (on the dense shape), then zero unused blocks."""
+        # Same distributions as nn.Conv2d / nn.Linear.reset_parameters.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.weight.copy_(self._masked_weight())
+
+    @torch.no_grad()
+    def _copy_dense(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Take a pretrained dense layer's parameters; blocks outside the mask are left zero."""
+        self.weight.copy_(weight)
+        self.weight.copy_(self._masked_weight())
+        if self.bias is not None:
+            self.bias.copy_(bias)
+
+    def _check_subnet(self, s: int) -> None:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"s (number of leading groups to export) must be an int, got {s!r}")
+        if not 1 <= s <= self.num_groups:
+            raise ValueError(f"s must satisfy 1 <= s <= K={self.num_groups}, got {s}")
+
+    def _exported_parameters(self, s: int) -> tuple[Tensor, Tensor | None]:
+        """Weight (D_s, C_s, ...) and bias (D_s,) of the first ``s`` groups, unused blocks zero."""
+        self._check_subnet(s)
+        out_channels = self.layout.out_offsets[s]
+        in_channels = self.layout.in_offsets[s]
+        weight = self._masked_weight()[:out_channels, :in_channels].detach().clone()
+        bias = None if self.bias is None else self.bias[:out_channels].detach().clone()
+        return weight, bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The buffer may have been replaced by a saved mask: refresh the Python copy (validated).
+        self._layout = make_layout(self.in_splits, self.out_splits, self.block_mask.cpu())
+
+    def _structure_repr(self) -> str:
+        text = f"in_splits={self.in_splits}, out_splits={self.out_splits}"
+        if self.layout != make_layout(self.in_splits, self.out_splits):
+            text += f", block_mask={[[int(m) for m in row] for row in self.layout.mask]}"
+        return text
+
+
+def _check_splits_match(name: str, splits: Sequence[int], channels: int, what: str) -> None:
+    if sum(splits) != channels:
+        raise ValueError(f"{name} must sum to the layer's {what} = {channels}, got {tuple(splits)} (sum {sum(splits)})")
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """nn.Conv2d's padding as ints; the strings 'valid' / 'same' are converted when symmetric."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        padding = []
+        for kernel, dilation in zip(conv.kernel_size, conv.dilation, strict=True):
+            total = dilation * (kernel - 1)
+            if total % 2:
+                raise ValueError(
+                    f"conv has padding='same' with kernel {conv.kernel_size} and dilation {conv.dilation}, "
+                    "which pads asymmetrically; nested convs need symmetric integer padding"
+                )
+            padding.append(total // 2)
+        return (padding[0], padding[1])
+    return (int(conv.padding[0]), int(conv.padding[1]))
+
+
+class NestedConv2d(_NestedLayer):
+    """Block-lower-triangular ``nn.Conv2d`` (groups = 1) over :func:`rdn_kernels.nested_conv2d`.
+
+    Args:
+        in_splits, out_splits: K group sizes of the C input and D output channels.
+        kernel_size, stride, padding, dilation: as ``nn.Conv2d`` (ints or pairs; no strings).
+        bias: whether to learn a bias (D,).
+        block_mask: (K, K) lower-triangular bool; default all i <= j.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``; settable later.
+
+    Shapes: input (N, C, H, W) → output (N, D, H_out, W_out); with ``stages=(lo, hi)`` only output
+    groups lo..hi-1 are computed and the input may be just the first ``sum(in_splits[:hi])``
+    channels.
+    """
+
+    def __init__(
+        self,
+        in_splits: Sequence[int],
+        out_splits: Sequence[int],
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        block_mask=None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        # nn.Conv2d validates and normalises the geometry to pairs; the op checks it again.
+        reference = nn.Conv2d(1, 1, kernel_size, stride, padding, dilation, bias=False, device="meta")
+        if isinstance(reference.padding, str):
+            raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
+        self.kernel_size: tuple[int, int] = reference.kernel_size
+        self.stride: tuple[int, int] = reference.stride
+        self.padding: tuple[int, int] = reference.padding
+        self.dilation: tuple[int, int] = reference.dilation
+        layout = make_layout(in_splits, out_splits, block_mask)
+        factory = {"device": device, "dtype": dtype}
+        shape = (sum(layout.out_splits), sum(layout.in_splits), *self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        self.bias = nn.Parameter(torch.empty(shape[0], **factory)) if bias else None
+        self._init_structure(layout.in_splits, layout.out_splits, layout.mask, backend)
+        self.reset_parameters()
+
+    def forward(self, x: Tensor, stages: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
+        """(N, C, H, W) → (N, sum(out_splits[lo:hi]), H_out, W_out), or ``out`` with those groups written."""
+        return nested_conv2d(
+            x,
+            self.weight,
+            self.bias,
+            in_splits=self.in_splits,
+            out_splits=self.out_splits,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            block_mask=self.layout.mask,
+            stages=stages,
+            out=out,
+            backend=self.backend,
+        )
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        in_splits: Sequence[int],
+        out_splits: Sequence[int],
+        block_mask=None,
+        backend: str = "auto",
+    ) -> NestedConv2d:
+        """A nested conv with ``conv``'s geometry, weight and bias (blocks outside the mask zeroed).
+
+        ``conv`` must be a plain convolution: groups = 1 and zero padding.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(
+                f"conv has groups={conv.groups}; only plain convolutions (groups=1) can be nested — "
+                "depthwise and grouped convs act per channel group and stay as they are"
+            )
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; nested convs support 'zeros' only")
+        _check_splits_match("in_splits", in_splits, conv.in_channels, "in_channels")
+        _check_splits_match("out_splits", out_splits, conv.out_channels, "out_channels")
+        nested = cls(
+            in_splits,
+            out_splits,
+            conv.kernel_size,
+            conv.stride,
+            _explicit_padding(conv),
+            conv.dilation,
+            bias=conv.bias is not None,
+            block_mask=block_mask,
+            backend=backend,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        nested._copy_dense(conv.weight, conv.bias)
+        return nested
+
+    def export_conv(self, s: int) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` computing output groups 0..s-1 from input groups 0..s-1.
+
+        Its weight is this layer's weight sliced to (sum(out_splits[:s]), sum(in_splits[:s]), kh, kw)
+        with the blocks outside the mask zero; no custom op is involved.
+        """
+        weight, bias = self._exported_parameters(s)
+        conv = nn.Conv2d(
+            weight.shape[1],
+            weight.shape[0],
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        text = f"{self._structure_repr()}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text + f", backend={self.backend!r}"
+
+
+class NestedLinear(_NestedLayer):
+    """Block-lower-triangular ``nn.Linear`` over :func:`rdn_kernels.nested_linear`.
+
+    Shapes: input (N, C) → output (N, D); ``stages``/``out`` as in :class:`NestedConv2d`.
+    """
+
+    def __init__(
+        self,
+        in_splits: Sequence[int],
+        out_splits: Sequence[int],
+        bias: bool = True,
+        block_mask=None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        layout = make_layout(in_splits, out_splits, block_mask)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(sum(layout.out_splits), sum(layout.in_splits), **factory))
+        self.bias = nn.Parameter(torch.empty(self.weight.shape[0], **factory)) if bias else None
+        self._init_structure(layout.in_splits, layout.out_splits, layout.mask, backend)
+        self.reset_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    def forward(self, x: Tensor, stages: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
+        """(N, C) → (N, sum(out_splits[lo:hi])), or ``out`` (N, D) with those groups written."""
+        return nested_linear(
+            x,
+            self.weight,
+            self.bias,
+            in_splits=self.in_splits,
+            out_splits=self.out_splits,
+            block_mask=self.layout.mask,
+            stages=stages,
+            out=out,
+            backend=self.backend,
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        in_splits: Sequence[int],
+        out_splits: Sequence[int],
+        block_mask=None,
+        backend: str = "auto",
+    ) -> NestedLinear:
+        """A nested linear layer with ``linear``'s weight and bias (blocks outside the mask zeroed)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        _check_splits_match("in_splits", in_splits, linear.in_features, "in_features")
+        _check_splits_match("out_splits", out_splits, linear.out_features, "out_features")
+        nested = cls(
+            in_splits,
+            out_splits,
+            bias=linear.bias is not None,
+            block_mask=block_mask,
+            backend=backend,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        nested._copy_dense(linear.weight, linear.bias)
+        return nested
+
+    def export_linear(self, s: int) -> nn.Linear:
+        """A plain ``nn.Linear`` computing output groups 0..s-1 from input groups 0..s-1."""
+        weight, bias = self._exported_parameters(s)
+        linear = nn.Linear(
+            weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        text = self._structure_repr()
+        if self.bias is None:
+            text += ", bias=False"
+        return text + f", backend={self.backend!r}"
