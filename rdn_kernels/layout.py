@@ -13,7 +13,7 @@ wide GEMMs instead of K² narrow ones.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Sequence
 
@@ -30,18 +30,18 @@ class NestedLayout:
     out_splits: tuple[int, ...]
     mask: tuple[tuple[bool, ...], ...]
 
+    # K + 1 channel offsets: input group i is channels [in_offsets[i], in_offsets[i+1]).
+    in_offsets: tuple[int, ...] = field(init=False)
+    out_offsets: tuple[int, ...] = field(init=False)
+
     @property
     def num_groups(self) -> int:
         return len(self.in_splits)
 
-    @functools.cached_property
-    def in_offsets(self) -> tuple[int, ...]:
-        """K + 1 channel offsets: input group i is channels [in_offsets[i], in_offsets[i+1])."""
-        return (0, *accumulate(self.in_splits))
-
-    @functools.cached_property
-    def out_offsets(self) -> tuple[int, ...]:
-        return (0, *accumulate(self.out_splits))
+    def __post_init__(self) -> None:
+        # Plain fields rather than cached properties: torch.compile traces this class.
+        object.__setattr__(self, "in_offsets", (0, *accumulate(self.in_splits)))
+        object.__setattr__(self, "out_offsets", (0, *accumulate(self.out_splits)))
 
     @property
     def flat_mask(self) -> list[bool]:

@@ -1,0 +1,373 @@
+"""nested_conv2d / nested_linear on the CPU backends (torch reference, cpp) against the references.
+
+Chain of trust: the reference (one F.conv2d per block) is checked against a masked dense
+F.conv2d; every backend is checked against the reference evaluated in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rdn_kernels
+from rdn_kernels import make_layout, nested_conv2d, nested_linear
+from tests.utils import assert_close, nan_filled_like
+
+BACKENDS = ["torch", "cpp"]
+DTYPES = [torch.float32, torch.float64]
+
+
+def _skip_unavailable(backend: str) -> None:
+    if backend not in rdn_kernels.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} is not available here (extension not built?)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    in_splits: tuple[int, ...]
+    out_splits: tuple[int, ...]
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    batch: int = 2
+    size: tuple[int, int] = (5, 6)
+    block_mask: tuple | None = None
+
+    def __str__(self) -> str:
+        mask = "sparse" if self.block_mask else "full"
+        return (
+            f"in{list(self.in_splits)}-out{list(self.out_splits)}-k{self.kernel}s{self.stride}p{self.padding}"
+            f"d{self.dilation}-n{self.batch}-{self.size[0]}x{self.size[1]}-{mask}"
+        )
+
+    @property
+    def conv_kwargs(self) -> dict:
+        return dict(
+            in_splits=self.in_splits,
+            out_splits=self.out_splits,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            block_mask=None if self.block_mask is None else [list(row) for row in self.block_mask],
+        )
+
+    def tensors(self, dtype: torch.dtype, channels_last: bool, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        channels, out_channels = sum(self.in_splits), sum(self.out_splits)
+        input = torch.randn(self.batch, channels, *self.size, generator=generator, dtype=dtype)
+        weight = torch.randn(out_channels, channels, self.kernel, self.kernel, generator=generator, dtype=dtype)
+        bias = torch.randn(out_channels, generator=generator, dtype=dtype)
+        if channels_last:
+            input = input.to(memory_format=torch.channels_last)
+        return input, weight, bias
+
+
+SPARSE_4 = ((1, 0, 0, 0), (0, 1, 0, 0), (1, 0, 1, 0), (0, 1, 1, 1))
+CASES = [
+    Case((7,), (5,)),  # K = 1: a plain conv
+    Case((3, 4), (2, 6)),
+    Case((4, 4, 4, 4), (6, 6, 6, 6)),
+    Case((2, 3, 1, 4), (3, 1, 4, 2), block_mask=SPARSE_4),
+    Case((3, 0, 4), (2, 3, 0)),  # zero-size groups on both sides
+    Case((1, 2, 1, 2, 1, 2, 4), (2, 1, 2, 1, 2, 1, 3)),  # K = 7, unequal
+    Case((5, 5, 3), (4, 4, 4), batch=1, size=(1, 1)),
+    Case((4, 4, 4, 4), (6, 6, 6, 6), kernel=3, padding=1),
+    Case((3, 4), (5, 2), kernel=3, stride=2, padding=1, size=(7, 9)),
+    Case((2, 3, 2), (3, 3, 3), kernel=3, dilation=2, padding=2, size=(6, 7)),
+    Case((3, 4), (4, 3), kernel=5, padding=2, batch=1, size=(5, 5)),
+    Case((4, 4, 4, 4), (6, 6, 6, 6), kernel=1, stride=2, size=(7, 7)),
+    Case((2, 3, 1, 4), (3, 1, 4, 2), kernel=3, padding=1, block_mask=SPARSE_4),
+]
+
+
+def masked_dense(input, weight, bias, case: Case):
+    """One F.conv2d with the weight multiplied by the block mask: the other independent oracle."""
+    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    mask = torch.zeros(weight.shape[:2], dtype=weight.dtype)
+    for j in range(layout.num_groups):
+        for i in range(layout.num_groups):
+            if layout.mask[j][i]:
+                mask[layout.out_offsets[j] : layout.out_offsets[j + 1], layout.in_offsets[i] : layout.in_offsets[i + 1]] = 1
+    return F.conv2d(input, weight * mask[:, :, None, None], bias, case.stride, case.padding, case.dilation)
+
+
+def stage_ranges(num_groups: int) -> list[tuple[int, int] | None]:
+    ranges: list[tuple[int, int] | None] = [None, (0, 1), (num_groups - 1, num_groups)]
+    if num_groups > 2:
+        ranges += [(1, num_groups - 1), (0, num_groups // 2)]
+    return ranges
+
+
+def reference64(input, weight, bias, case: Case, stages):
+    return nested_conv2d(
+        input.double(), weight.double(), bias.double(), **case.conv_kwargs, stages=stages, backend="torch"
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_equals_masked_dense(case: Case):
+    input, weight, bias = case.tensors(torch.float64, channels_last=False)
+    expected = masked_dense(input, weight, bias, case)
+    assert_close(nested_conv2d(input, weight, bias, **case.conv_kwargs, backend="torch"), expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_matches_reference(backend, case, dtype, channels_last):
+    _skip_unavailable(backend)
+    input, weight, bias = case.tensors(dtype, channels_last)
+    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    for stages in stage_ranges(layout.num_groups):
+        actual = nested_conv2d(input, weight, bias, **case.conv_kwargs, stages=stages, backend=backend)
+        expected = reference64(input, weight, bias, case, stages)
+        assert_close(actual, expected, dtype, what=f"stages={stages}")
+        assert actual.dtype == dtype
+        if channels_last and min(actual.shape[1:]) > 1:
+            assert actual.is_contiguous(memory_format=torch.channels_last), "output should follow the input layout"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stages_write_into_out_slice(backend, case, channels_last):
+    _skip_unavailable(backend)
+    input, weight, bias = case.tensors(torch.float32, channels_last)
+    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    full = reference64(input, weight, bias, case, None)
+    out = nan_filled_like(full.float())
+    if channels_last:
+        out = out.to(memory_format=torch.channels_last)
+    # Fill the buffer one stage at a time, as dynamic inference does; each call leaves the rest alone.
+    for stage in range(layout.num_groups):
+        before = out.clone()
+        result = nested_conv2d(input, weight, bias, **case.conv_kwargs, stages=(stage, stage + 1), out=out, backend=backend)
+        assert result is out
+        start, stop = layout.out_offsets[stage], layout.out_offsets[stage + 1]
+        torch.testing.assert_close(out[:, :start], before[:, :start], equal_nan=True, atol=0, rtol=0)
+        torch.testing.assert_close(out[:, stop:], before[:, stop:], equal_nan=True, atol=0, rtol=0)
+    assert_close(out, full, torch.float32)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_matches_reference(backend, case, dtype, channels_last):
+    _skip_unavailable(backend)
+    input, weight, bias = case.tensors(dtype, channels_last)
+    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    for stages in stage_ranges(layout.num_groups):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (input, weight, bias)]
+        output = nested_conv2d(*leaves, **case.conv_kwargs, stages=stages, backend=backend)
+        grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        grads = torch.autograd.grad(output, leaves, grad_output)
+
+        leaves64 = [t.detach().double().requires_grad_(True) for t in (input, weight, bias)]
+        expected_output = nested_conv2d(*leaves64, **case.conv_kwargs, stages=stages, backend="torch")
+        expected = torch.autograd.grad(expected_output, leaves64, grad_output.double())
+        for name, grad, want in zip(("input", "weight", "bias"), grads, expected):
+            assert_close(grad, want, dtype, what=f"grad {name}, stages={stages}")
+        # Blocks outside the mask (and rows outside the stages) get exactly zero gradient.
+        lo, hi = stages or (0, layout.num_groups)
+        untouched = ~_read_blocks(layout, lo, hi, weight.shape)
+        assert torch.all(grads[1][untouched] == 0)
+
+
+def _read_blocks(layout, lo: int, hi: int, weight_shape) -> torch.Tensor:
+    read = torch.zeros(weight_shape, dtype=torch.bool)
+    for j in range(lo, hi):
+        for i in range(j + 1):
+            if layout.mask[j][i]:
+                read[layout.out_offsets[j] : layout.out_offsets[j + 1], layout.in_offsets[i] : layout.in_offsets[i + 1]] = True
+    return read
+
+
+GRADCHECK_CASES = [CASES[2], CASES[3], CASES[4], CASES[8], CASES[9]]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend, case, channels_last):
+    _skip_unavailable(backend)
+    input, weight, bias = case.tensors(torch.float64, channels_last)
+    num_groups = len(case.in_splits)
+    for stages in (None, (1, num_groups) if num_groups > 1 else None):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (input, weight, bias)]
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: nested_conv2d(x, w, b, **case.conv_kwargs, stages=stages, backend=backend),
+            leaves,
+            fast_mode=True,
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nested_linear(backend):
+    _skip_unavailable(backend)
+    generator = torch.Generator().manual_seed(0)
+    in_splits, out_splits = (3, 0, 5, 2), (4, 3, 3, 0)
+    input = torch.randn(6, 10, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(10, 10, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, generator=generator, dtype=torch.float64, requires_grad=True)
+    case = Case(in_splits, out_splits)
+    expected = masked_dense(input[:, :, None, None], weight[:, :, None, None], bias, case)[:, :, 0, 0]
+    output = nested_linear(input, weight, bias, in_splits=in_splits, out_splits=out_splits, backend=backend)
+    assert_close(output, expected)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: nested_linear(x, w, b, in_splits=in_splits, out_splits=out_splits, stages=(1, 3), backend=backend),
+        (input, weight, bias),
+    )
+    out = torch.zeros(6, 10, dtype=torch.float64)
+    with torch.no_grad():
+        nested_linear(input, weight, bias, in_splits=in_splits, out_splits=out_splits, stages=(1, 3), out=out, backend=backend)
+    assert_close(out[:, 4:10], expected[:, 4:10])
+    assert torch.all(out[:, :4] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_never_reads_later_groups(backend):
+    """The first s output groups from the full input equal stages=(0, s) from only the first s input groups."""
+    _skip_unavailable(backend)
+    case = Case((4, 4, 4, 4), (6, 6, 6, 6), kernel=3, padding=1)
+    layout = make_layout(case.in_splits, case.out_splits)
+    input, weight, bias = case.tensors(torch.float32, channels_last=False)
+    full = nested_conv2d(input, weight, bias, **case.conv_kwargs, backend=backend)
+    for s in range(1, layout.num_groups + 1):
+        prefix_input = input[:, : layout.in_offsets[s]].contiguous()
+        prefix = nested_conv2d(prefix_input, weight, bias, **case.conv_kwargs, stages=(0, s), backend=backend)
+        torch.testing.assert_close(prefix, full[:, : layout.out_offsets[s]], atol=1e-5, rtol=1e-5)
+        # Garbage (even NaN) in the later input groups and in the later weight blocks changes nothing.
+        poisoned_input, poisoned_weight = input.clone(), weight.clone()
+        poisoned_input[:, layout.in_offsets[s] :] = float("nan")
+        poisoned_weight[: layout.out_offsets[s], layout.in_offsets[s] :] = float("nan")
+        poisoned = nested_conv2d(poisoned_input, poisoned_weight, bias, **case.conv_kwargs, stages=(0, s), backend=backend)
+        torch.testing.assert_close(poisoned, prefix, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_with_autograd(backend):
+    """out= under autograd records the write, so gradients flow through the written slice."""
+    _skip_unavailable(backend)
+    case = CASES[2]
+    input, weight, bias = (t.requires_grad_(True) for t in case.tensors(torch.float64, channels_last=False))
+    out = torch.zeros(2, 24, 5, 6, dtype=torch.float64)
+    result = nested_conv2d(input, weight, bias, **case.conv_kwargs, stages=(1, 3), out=out, backend=backend)
+    result.sum().backward()
+    direct = [t.detach().clone().requires_grad_(True) for t in (input, weight, bias)]
+    nested_conv2d(*direct, **case.conv_kwargs, stages=(1, 3), backend=backend).sum().backward()
+    for leaf, twin in zip((input, weight, bias), direct):
+        assert_close(leaf.grad, twin.grad)
+
+
+def test_auto_backend_prefers_cpp_for_float32():
+    expected = "cpp" if "cpp" in rdn_kernels.available_backends("cpu") else "torch"
+    assert rdn_kernels.backends.resolve_backend("auto", torch.device("cpu"), torch.float32) == expected
+    assert rdn_kernels.backends.resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument.
+# ----------------------------------------------------------------------------------------------
+
+GOOD = dict(in_splits=(2, 2), out_splits=(3, 3))
+
+
+def _call(**overrides):
+    arguments = dict(input=torch.randn(1, 4, 5, 5), weight=torch.randn(6, 4, 3, 3), bias=None, **GOOD)
+    arguments.update(overrides)
+    input, weight, bias = arguments.pop("input"), arguments.pop("weight"), arguments.pop("bias")
+    return nested_conv2d(input, weight, bias, **arguments)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, pattern",
+    [
+        (dict(in_splits=(2, 1)), ValueError, "in_splits"),
+        (dict(out_splits=(3, 2)), ValueError, "out_splits"),
+        (dict(in_splits=(2, 2, 0)), ValueError, "same number of groups"),
+        (dict(in_splits=(2, -2, 2)), ValueError, "non-negative"),
+        (dict(in_splits=(2.0, 2)), TypeError, "in_splits"),
+        (dict(in_splits=()), ValueError, "at least one group"),
+        (dict(block_mask=[[1, 1], [1, 1]]), ValueError, "lower-triangular"),
+        (dict(block_mask=torch.ones(3, 3, dtype=torch.bool).tril()), ValueError, "block_mask must have shape"),
+        (dict(block_mask=[[1], [1, 1]]), ValueError, "block_mask"),
+        (dict(block_mask=torch.ones(2, 2).tril()), TypeError, "bool"),
+        (dict(stages=(0, 3)), ValueError, "stages"),
+        (dict(stages=(1, 1)), ValueError, "stages"),
+        (dict(stages=(1,)), TypeError, "stages"),
+        (dict(out=torch.empty(1, 5, 3, 3)), ValueError, "out must have the full output shape"),
+        (dict(out=torch.empty(1, 6, 3, 3, dtype=torch.float64)), TypeError, "out must match"),
+        (dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), TypeError, "weight dtype"),
+        (dict(weight=torch.randn(6, 2, 3, 3)), ValueError, "groups=1"),
+        (dict(input=torch.randn(4, 5, 5)), ValueError, "input must be 4-D"),
+        (dict(input=torch.randn(1, 3, 5, 5)), ValueError, "input has 3 channels"),
+        (dict(input=torch.randn(1, 4, 5, 5).long()), TypeError, "floating"),
+        (dict(input=[1.0]), TypeError, "input must be a torch.Tensor"),
+        (dict(bias=torch.randn(5)), ValueError, "bias"),
+        (dict(stride=0), ValueError, "stride"),
+        (dict(padding=-1), ValueError, "padding"),
+        (dict(padding="same"), ValueError, "padding"),
+        (dict(dilation=(1, 2, 3)), TypeError, "dilation"),
+        (dict(input=torch.randn(1, 4, 2, 2)), ValueError, "too small"),
+        (dict(backend="cudnn"), ValueError, "backend must be"),
+        (dict(backend="cuda"), rdn_kernels.BackendUnavailableError, "available"),
+    ],
+)
+def test_bad_input_raises_clear_error(overrides, error, pattern):
+    with pytest.raises(error, match=pattern):
+        _call(**overrides)
+
+
+def test_cpp_rejects_unsupported_dtype():
+    _skip_unavailable("cpp")
+    with pytest.raises(TypeError, match="backend 'cpp' supports"):
+        _call(input=torch.randn(1, 4, 5, 5, dtype=torch.bfloat16), weight=torch.randn(6, 4, 3, 3, dtype=torch.bfloat16), backend="cpp")
+
+
+def test_nested_linear_bad_input():
+    with pytest.raises(ValueError, match="input must be 2-D"):
+        nested_linear(torch.randn(2, 4, 1), torch.randn(6, 4), **GOOD)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        nested_linear(torch.randn(2, 4), torch.randn(6, 4, 1, 1), **GOOD)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library integration
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    _skip_unavailable(backend)
+    case = CASES[3]
+    input, weight, bias = case.tensors(torch.float64, channels_last=False)
+    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    options = [list(layout.in_splits), list(layout.out_splits), layout.flat_mask, [1, 1], [0, 0], [1, 1], 1, 3, backend]
+    input.requires_grad_(True)
+    weight.requires_grad_(True)
+    torch.library.opcheck(torch.ops.rdn.nested_conv2d.default, (input, weight, bias, *options))
+    out = torch.zeros(2, sum(case.out_splits), 5, 6, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.rdn.nested_conv2d_out.default, (input.detach(), weight.detach(), bias, *options, out))
+    grad_output = torch.randn(2, sum(case.out_splits[1:3]), 5, 6, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.rdn.nested_conv2d_backward.default,
+        (grad_output, input.detach(), weight.detach(), True, *options, True, True),
+    )
+
+
+def test_torch_compile_matches_eager():
+    case = CASES[7]
+    input, weight, bias = case.tensors(torch.float32, channels_last=False)
+
+    def block(x):
+        y = nested_conv2d(x, weight, bias, **case.conv_kwargs)
+        return torch.relu(y) * 2
+
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(input), block(input))
