@@ -2,6 +2,9 @@
 #include <torch/extension.h>
 
 #include "cpu/nested_conv_cpu.h"
+#ifdef RDN_WITH_CUDA
+#include "cuda/nested_conv_cuda.h"
+#endif
 
 namespace {
 
@@ -41,4 +44,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                   {stride, padding, dilation}, lo, hi, needs_input, needs_weight);
       },
       "Nested conv2d backward (CPU): (grad_input, grad_weight, grad_bias).");
+#ifdef RDN_WITH_CUDA
+  m.def(
+      "nested_conv2d_forward_cuda",
+      [](const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+         std::vector<int64_t> in_offsets, std::vector<int64_t> out_offsets, std::vector<bool> mask,
+         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t lo,
+         int64_t hi, const c10::optional<at::Tensor>& out) {
+        return rdn::cuda::forward(input, weight, bias, make_layout(in_offsets, out_offsets, mask),
+                                  {stride, padding, dilation}, lo, hi, out);
+      },
+      "Nested conv2d forward of output groups lo..hi-1 (CUDA).");
+#endif
 }

@@ -18,6 +18,8 @@ from rdn_kernels import _extension
 KNOWN_BACKENDS = ("torch", "cpp", "triton", "cuda")
 # Dtypes each compiled backend has kernels for; the reference takes any floating dtype.
 _CPP_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BACKEND_DTYPES = {"cpp": _CPP_DTYPES, "cuda": _CUDA_DTYPES}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -74,18 +76,18 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name == "auto":
         if device.type == "cpu":
             return "cpp" if "cpp" in available and dtype in _CPP_DTYPES else "torch"
-        for candidate in ("cuda", "triton"):
-            if candidate in available:
-                return candidate
-        return "torch"
+        if "cuda" in available and dtype in _CUDA_DTYPES:
+            return "cuda"
+        return "triton" if "triton" in available else "torch"
     if name not in available:
         raise BackendUnavailableError(
             f"backend {name!r} is not available for {device.type} tensors "
             f"({_why_unavailable(name, device)}); available: {available}"
         )
-    if name == "cpp" and dtype not in _CPP_DTYPES:
+    supported = _BACKEND_DTYPES.get(name)
+    if supported is not None and dtype not in supported:
         raise TypeError(
-            f"backend 'cpp' supports dtypes {[str(d) for d in _CPP_DTYPES]}, got {dtype}; "
+            f"backend {name!r} supports dtypes {[str(d) for d in supported]}, got {dtype}; "
             "use backend='torch' or 'auto' for other dtypes"
         )
     return name

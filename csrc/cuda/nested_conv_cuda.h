@@ -1,0 +1,25 @@
+// CUDA backend of the nested convolution: the torch-facing glue (nested_conv_cuda.cpp) over the
+// kernels of nested_pointwise.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../cpu/nested_conv_cpu.h"  // BlockLayout, Geometry
+
+namespace rdn {
+namespace cuda {
+
+// Output groups lo..hi-1, same contract as rdn::cpu::forward: without `out`, returns
+// (N, Σ out_splits[lo:hi], H_out, W_out) in the input's memory format; with `out` (full output
+// shape), writes their channel slice and returns it.
+//
+// 1×1 kernels with stride 1 and no padding run the nested pointwise GEMM kernels (one launch per
+// up to kMaxGroupsPerLaunch groups): in place on channels_last / (N, C, 1, 1) tensors; an NCHW
+// input is copied to channels_last once, and an NCHW result goes through a channels_last buffer.
+// Other convolutions run per output group as cuDNN convolutions on weight and input views.
+at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                   const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi,
+                   const c10::optional<at::Tensor>& out);
+
+}  // namespace cuda
+}  // namespace rdn

@@ -1,0 +1,58 @@
+"""``cuda`` backend: launchers for the CUDA kernels of ``csrc/cuda/`` (float32, float16, bfloat16).
+
+Forward (``rdn_kernels._C.nested_conv2d_forward_cuda``): 1×1 convolutions with stride 1 and no
+padding, and linear layers, run the hand-written nested pointwise GEMM kernels — tensor cores
+(``mma.sync``, fp32 accumulation) for float16 / bfloat16, a SIMT tiled GEMM in exact fp32 for
+float32 — one launch for all output groups of the stage, each output tile reducing only over the
+input-channel runs of its group, bias fused, and with ``out=`` the groups written straight into
+their channel slice of a channels_last (or (N, D, 1, 1)) buffer. NCHW tensors of spatial size
+> 1 go through one copy to channels_last (and back for the result). Other convolutions run per
+output group as cuDNN convolutions on weight and input views.
+
+Backward has no CUDA kernel of its own: it delegates to the reference backward
+(:func:`rdn_kernels.nested_conv.naive.nested_conv2d_reference_backward`), one cuDNN
+``convolution_backward`` per block of the mask, so blocks outside the mask get exactly zero
+gradient. Like ``F.conv2d``, that path (and the k×k forward) follows torch's TF32 settings for
+float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rdn_kernels._extension import extension
+from rdn_kernels.layout import NestedLayout
+
+from . import naive
+from .cpp import _layout_args
+from .geometry import ConvGeometry
+
+
+def forward(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    layout: NestedLayout,
+    geometry: ConvGeometry,
+    lo: int,
+    hi: int,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Output groups ``lo..hi-1``: (N, sum(out_splits[lo:hi]), H_out, W_out), or ``out`` with them written."""
+    return extension().nested_conv2d_forward_cuda(input, weight, bias, *_layout_args(layout, geometry), lo, hi, out)
+
+
+def backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    has_bias: bool,
+    layout: NestedLayout,
+    geometry: ConvGeometry,
+    lo: int,
+    hi: int,
+    needs_input: bool,
+    needs_weight: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad_input, grad_weight, grad_bias) through the reference's per-block cuDNN calls (see module docstring)."""
+    return naive.backward(grad_output, input, weight, has_bias, layout, geometry, lo, hi, needs_input, needs_weight)
