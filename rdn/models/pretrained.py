@@ -83,9 +83,14 @@ def convert_state_dict(source: dict[str, Tensor], model: nn.Module) -> dict[str,
     Every source key must map to a key of ``model``, every key of ``model`` must be covered, and
     every shape must agree; otherwise a ValueError lists what does not fit.
     """
-    classifier_prefix = next(
-        f"{name}." for name, module in model.named_modules() if name.startswith("classifier") and isinstance(module, nn.Linear)
-    )
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if name.split(".")[0] == "classifier" and isinstance(module, nn.Linear)
+    ]
+    if len(linears) != 1:
+        raise ValueError(f"model must have one nn.Linear in its classifier, found {linears}")
+    classifier_prefix = linears[0] + "."
     target = model.state_dict()
     converted = {_map_key(key, classifier_prefix): value for key, value in source.items()}
     missing = sorted(set(target) - set(converted))
