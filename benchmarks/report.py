@@ -1,0 +1,244 @@
+"""Benchmark reports: a CSV (one row per case × implementation), a markdown table and a PNG plot.
+
+The rows are the dicts :func:`benchmarks.bench_nested_conv.run_case` returns; the machine
+description (:func:`benchmarks.harness.machine_info`) goes into every CSV row, the markdown
+header and the plot title.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+# Machine columns first, then the case, then the implementation's measurement.
+INFO_COLUMNS = ("date", "device", "cpu", "torch", "triton", "git_commit")
+CASE_COLUMNS = ("shape", "sources", "kind", "batch", "in_channels", "out_channels", "height", "width", "kernel",
+                "stride", "padding", "K", "in_splits", "out_splits", "dtype", "mode", "stage", "useful_gflop",
+                "dense_gflop", "useful_fraction", "min_mbytes", "flop_ideal_ms", "roofline_ms", "roofline_bound")
+RESULT_COLUMNS = ("implementation", "role", "status", "max_rel_error", "median_ms", "q25_ms", "q75_ms",
+                  "ratio_to_flop_ideal", "speedup_vs_dense")
+CSV_COLUMNS = INFO_COLUMNS + CASE_COLUMNS + RESULT_COLUMNS
+
+SPEEDUP_COLUMN = "best ours vs best baseline"
+_ROLE_ORDER = {"ours": 0, "baseline": 1, "reference": 2}
+
+
+def _case_key(row: dict) -> tuple:
+    return (row["shape"], row["batch"], row["K"], row["dtype"], row["mode"], row["stage"])
+
+
+def group_cases(rows: Iterable[dict]) -> list[list[dict]]:
+    """The rows of each case together, cases in first-seen order."""
+    cases: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cases.setdefault(_case_key(row), []).append(row)
+    return list(cases.values())
+
+
+def implementation_order(rows: Iterable[dict]) -> list[str]:
+    """Implementation names: ours first, then baselines, then reference points (first-seen within a role)."""
+    seen: dict[str, str] = {}
+    for row in rows:
+        seen.setdefault(row["implementation"], row["role"])
+    return sorted(seen, key=lambda name: _ROLE_ORDER[seen[name]])
+
+
+def fastest_ms(case_rows: Sequence[dict], role: str) -> float | None:
+    """The fastest correct median of a role in one case."""
+    times = [r["median_ms"] for r in case_rows if r["role"] == role and r["status"] == "ok"]
+    return min(times) if times else None
+
+
+def best_ours_vs_best_baseline(case_rows: Sequence[dict]) -> float | None:
+    """Fastest correct baseline time / fastest correct time of ours (> 1: ours wins)."""
+    ours, baseline = fastest_ms(case_rows, "ours"), fastest_ms(case_rows, "baseline")
+    return baseline / ours if ours and baseline else None
+
+
+def mode_label(row: dict) -> str:
+    return f"stage {row['stage'] + 1}/{row['K']}" if row["mode"] == "stage" else row["mode"]
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV
+# ----------------------------------------------------------------------------------------------
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def write_csv(rows: Sequence[dict], info: dict, path: Path) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: _csv_value(value) for key, value in (info | row).items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return ""
+    if row["median_ms"] is None:
+        return "n/a" if row["status"].startswith("n/a") else "error"
+    cell = f"{row['median_ms']:.3f} ({row['ratio_to_flop_ideal']:.2f}×)"
+    return cell + (" WRONG" if row["status"] == "wrong" else "")
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+def summary_lines(cases: Sequence[Sequence[dict]]) -> list[str]:
+    """Per mode and backend of ours: wins and geometric-mean speedups against each baseline and the ideal."""
+    header = ["mode", "ours", "cases", "baseline", "wins", "geomean speedup", "worst", "geomean × FLOP-ideal"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_mode: dict[str, list[Sequence[dict]]] = {}
+    for case_rows in cases:
+        by_mode.setdefault(case_rows[0]["mode"], []).append(case_rows)
+    for mode, mode_cases in by_mode.items():
+        flat = [row for case_rows in mode_cases for row in case_rows]
+        names = implementation_order(flat)
+        ours = [n for n in names if any(r["implementation"] == n and r["role"] == "ours" for r in flat)]
+        baselines = [n for n in names if any(r["implementation"] == n and r["role"] == "baseline" for r in flat)]
+        for backend in ours:
+            for baseline in baselines:
+                pairs = []
+                ideal_ratios = []
+                for case_rows in mode_cases:
+                    by_name = {r["implementation"]: r for r in case_rows}
+                    mine, theirs = by_name.get(backend), by_name.get(baseline)
+                    if mine and theirs and mine["status"] == "ok" and theirs["status"] == "ok":
+                        pairs.append(theirs["median_ms"] / mine["median_ms"])
+                        ideal_ratios.append(mine["ratio_to_flop_ideal"])
+                if not pairs:
+                    continue
+                lines.append("| " + " | ".join([
+                    mode, backend, str(len(pairs)), baseline, f"{sum(p > 1 for p in pairs)}/{len(pairs)}",
+                    f"{_geomean(pairs):.2f}×", f"{min(pairs):.2f}×", f"{_geomean(ideal_ratios):.2f}×",
+                ]) + " |")
+    return lines
+
+
+def markdown(rows: Sequence[dict], info: dict) -> str:
+    cases = group_cases(rows)
+    names = implementation_order(rows)
+    has_roofline = any(r["roofline_ms"] is not None for r in rows)
+    header = ["shape", "N", "K", "dtype", "mode", *names, "FLOP-ideal ms"]
+    header += ["roofline ms"] if has_roofline else []
+    header += [SPEEDUP_COLUMN]
+    roles = {r["implementation"]: r["role"] for r in rows}
+    lines = [
+        f"# Nested conv benchmark — {info['device']}",
+        "",
+        *(f"- {key}: {value}" for key, value in info.items()),
+        "",
+        "Cells: median ms (ratio to the FLOP-ideal = dense time × useful fraction). "
+        f"Ours: {', '.join(n for n in names if roles[n] == 'ours')}; baselines: "
+        f"{', '.join(n for n in names if roles[n] == 'baseline')}; reference points: "
+        f"{', '.join(n for n in names if roles[n] == 'reference')}. "
+        f"'{SPEEDUP_COLUMN}' = fastest correct baseline / fastest correct of ours (> 1: ours wins). "
+        "Stage rows: output group s alone written into a full `out=` buffer; their baseline is one conv on "
+        "the stage's slices, 'grouped' is the stage's diagonal block, FLOP-ideal uses the whole layer's dense "
+        "time × the stage's useful fraction. Harness and definitions: `benchmarks/bench_nested_conv.py`.",
+        "",
+        "## Summary",
+        "",
+        *summary_lines(cases),
+        "",
+        "## All cases",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for case_rows in cases:
+        first = case_rows[0]
+        by_name = {r["implementation"]: r for r in case_rows}
+        speedup = best_ours_vs_best_baseline(case_rows)
+        cells = [first["shape"], str(first["batch"]), str(first["K"]), first["dtype"], mode_label(first)]
+        cells += [_cell(by_name.get(name)) for name in names]
+        cells.append(f"{first['flop_ideal_ms']:.3f}")
+        if has_roofline:
+            roofline = first["roofline_ms"]
+            cells.append(f"{roofline:.4f} ({first['roofline_bound']})" if roofline is not None else "")
+        cells.append(f"{speedup:.2f}×" if speedup else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot
+# ----------------------------------------------------------------------------------------------
+
+
+def write_plot(rows: Sequence[dict], info: dict, path: Path) -> None:
+    """Per mode: speedup over dense (left) and % of the FLOP-ideal (right) of ours and the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = group_cases(rows)
+    modes = list(dict.fromkeys(case_rows[0]["mode"] for case_rows in cases))
+    names = [n for n in implementation_order(rows) if any(r["implementation"] == n and r["role"] != "reference"
+                                                         for r in rows)]
+    widest = max(sum(1 for c in cases if c[0]["mode"] == mode) for mode in modes)
+    figure, axes = plt.subplots(len(modes), 2, figsize=(max(12.0, 0.22 * widest), 4.8 * len(modes)),
+                                squeeze=False, constrained_layout=True)
+    markers = "os^Dv<>p*h"
+    for (left, right), mode in zip(axes, modes, strict=True):
+        mode_cases = [c for c in cases if c[0]["mode"] == mode]
+        labels = [f"{c[0]['shape']} N{c[0]['batch']} K{c[0]['K']} {c[0]['dtype']}"
+                  + (f" s{c[0]['stage'] + 1}" if mode == "stage" else "") for c in mode_cases]
+        positions = range(len(mode_cases))
+        for index, name in enumerate(names):
+            speedups, percents, xs = [], [], []
+            for x, case_rows in zip(positions, mode_cases, strict=True):
+                row = next((r for r in case_rows if r["implementation"] == name), None)
+                if row and row["median_ms"] is not None and row["status"] == "ok":
+                    xs.append(x)
+                    speedups.append(row["speedup_vs_dense"])
+                    percents.append(100.0 / row["ratio_to_flop_ideal"])
+            style = {"marker": markers[index % len(markers)], "linestyle": "none", "label": name, "alpha": 0.8}
+            left.plot(xs, speedups, **style)
+            right.plot(xs, percents, **style)
+        ideal_speedups = [1.0 / c[0]["useful_fraction"] for c in mode_cases]
+        left.plot(positions, ideal_speedups, "k_", markersize=10, label="FLOP-ideal")
+        left.axhline(1.0, color="grey", linewidth=0.8)
+        right.axhline(100.0, color="black", linewidth=0.8, label="FLOP-ideal")
+        left.set_yscale("log")
+        left.set_ylabel("speedup over dense (×)")
+        right.set_ylabel("% of FLOP-ideal speed")
+        for axis, title in ((left, "speedup over dense"), (right, "% of FLOP-ideal")):
+            axis.set_title(f"{mode}: {title}")
+            axis.set_xticks(list(positions), labels, rotation=90, fontsize=6)
+            axis.grid(axis="y", alpha=0.3)
+        left.legend(fontsize=7)
+    figure.suptitle(f"nested conv — {info['device']} ({info.get('cpu', '')}) — torch {info['torch']} — "
+                    f"{info['git_commit']} — {info['date']}", fontsize=9)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_reports(rows: Sequence[dict], info: dict, out_dir: Path, stem: str) -> dict[str, Path]:
+    """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``; return their paths."""
+    if not rows:
+        raise ValueError("no benchmark rows to report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / f"{stem}.csv", "markdown": out_dir / f"{stem}.md", "plot": out_dir / f"{stem}.png"}
+    write_csv(rows, info, paths["csv"])
+    paths["markdown"].write_text(markdown(rows, info))
+    write_plot(rows, info, paths["plot"])
+    return paths
