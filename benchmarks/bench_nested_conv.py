@@ -286,7 +286,15 @@ def implementations(case: Case, ops: Operands, backends: Sequence[str]) -> list[
 _UNSUPPORTED = (TypeError, ValueError, NotImplementedError, BackendUnavailableError)
 
 
-def _check(impl: Implementation, expected: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[str, float | None]:
+def expected_result(case: Case, reference_ops: Operands) -> tuple[Tensor, ...]:
+    """What every implementation must compute: the first baseline, on float64 operands."""
+    reference = _baselines(case, reference_ops)[0]
+    return reference.result(reference.run())
+
+
+def check_implementation(
+    impl: Implementation, expected: tuple[Tensor, ...], dtype: torch.dtype
+) -> tuple[str, float | None]:
     """(status, relative error) of one implementation against the float64 baseline."""
     if impl.unavailable:
         return impl.unavailable, None
@@ -303,9 +311,8 @@ def run_case(case: Case, ops: Operands, reference_ops: Operands, backends: Seque
              config: TimingConfig) -> list[dict]:
     """Check and time every implementation of one case; one row (a dict) per implementation."""
     impls = implementations(case, ops, backends)
-    reference = _baselines(case, reference_ops)[0]
-    expected = reference.result(reference.run())
-    checks = {impl.name: _check(impl, expected, case.dtype) for impl in impls}
+    expected = expected_result(case, reference_ops)
+    checks = {impl.name: check_implementation(impl, expected, case.dtype) for impl in impls}
     timed = {impl.name: impl.run for impl in impls if checks[impl.name][0] in ("ok", "wrong")}
     timings = measure(timed, device, config)
     dense_ms = timings["dense"].median_ms

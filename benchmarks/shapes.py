@@ -236,7 +236,7 @@ def resnet_style_3x3(width_mult: float = 1.0, resolution: int = 224) -> list[Lay
 def tiny() -> list[LayerShape]:
     """A few small layers covering every path (1×1, strided 1×1, 3×3 with padding, linear), for tests."""
     return [
-        LayerShape(12, 10, 5, 5, 1, 1, 0, False, ("tiny 1x1",)),
+        LayerShape(12, 8, 5, 5, 1, 1, 0, False, ("tiny 1x1",)),
         LayerShape(9, 14, 6, 6, 1, 2, 0, False, ("tiny 1x1-s2",)),
         LayerShape(8, 8, 6, 5, 3, 1, 1, False, ("tiny 3x3",)),
         LayerShape(11, 9, is_linear=True, sources=("tiny linear",)),

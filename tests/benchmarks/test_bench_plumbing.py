@@ -1,0 +1,283 @@
+"""Plumbing of the kernel benchmark suite: the entry point end to end on tiny CPU shapes, the
+correctness gate, the timer, the analytical model and the shape tables of the GPU plans.
+
+Timings here are meaningless (one-call samples); only the code paths and the files are checked.
+Everything is written into pytest's tmp dir, never into benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import time
+
+import pytest
+import torch
+
+from benchmarks import roofline
+from benchmarks.bench_nested_conv import (
+    Implementation,
+    check_implementation,
+    expected_result,
+    implementations,
+    main,
+    make_operands,
+)
+from benchmarks.harness import TimingConfig, measure, relative_error
+from benchmarks.report import CSV_COLUMNS, SPEEDUP_COLUMN
+from benchmarks.shapes import (
+    PLAN_NAMES,
+    Case,
+    LayerShape,
+    deduplicate,
+    efficientnet_lite0,
+    gpu_layers,
+    mobilenet_v2,
+    mobilenext,
+    plan,
+    resnet_style_3x3,
+    resnext50_32x4d,
+)
+from rdn_kernels import available_backends
+
+CPU = torch.device("cpu")
+
+
+def _read_csv(path):
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        return reader.fieldnames, list(reader)
+
+
+def test_entry_point_writes_csv_markdown_and_plot(tmp_path):
+    paths = main(["--device", "cpu", "--plan", "tiny", "--timing", "tiny", "--k", "4",
+                  "--out", str(tmp_path), "--name", "plumbing"])
+
+    assert {path.name for path in paths.values()} == {"plumbing_cpu.csv", "plumbing_cpu.md", "plumbing_cpu.png"}
+    assert all(path.parent == tmp_path for path in paths.values())
+    columns, rows = _read_csv(paths["csv"])
+    assert tuple(columns) == CSV_COLUMNS
+    cases = plan("tiny").cases()
+    cases = [case for case in cases if case.num_groups == 4]
+    assert {(r["shape"], r["mode"], r["stage"]) for r in rows} == {
+        (c.layer.label, c.mode, "" if c.stage is None else str(c.stage)) for c in cases
+    }
+    ours = set(available_backends(CPU))
+    assert {r["implementation"] for r in rows if r["role"] == "ours"} == ours
+    assert {r["implementation"] for r in rows if r["role"] == "baseline"} == {"masked dense", "per-stage loop"}
+    # Every correct implementation passed the float64 check and was timed; grouped runs only where K | C, D.
+    for row in rows:
+        if row["role"] != "reference":
+            assert row["status"] == "ok", row
+            assert float(row["max_rel_error"]) < 1e-4
+        if row["implementation"] == "grouped":
+            divisible = int(row["in_channels"]) % 4 == 0 and int(row["out_channels"]) % 4 == 0
+            assert row["status"] == ("ok" if divisible else "n/a: K=4 does not divide C and D")
+        if row["status"] == "ok":
+            assert float(row["median_ms"]) > 0
+            assert float(row["ratio_to_flop_ideal"]) == pytest.approx(
+                float(row["median_ms"]) / float(row["flop_ideal_ms"]), rel=1e-4)
+    assert {r["device"] for r in rows} == {"cpu"} and all(r["torch"] == torch.__version__ for r in rows)
+
+    text = paths["markdown"].read_text()
+    table_header = next(line for line in text.splitlines() if line.startswith("| shape |"))
+    for column in (*ours, "masked dense", "per-stage loop", "dense", "grouped", "FLOP-ideal ms", SPEEDUP_COLUMN):
+        assert f"| {column} |" in table_header
+    table_rows = [line for line in text.splitlines() if re.match(r"\| (\dx\d|linear) ", line)]
+    assert len(table_rows) == len(cases)
+    for key in ("cpu", "cpu_cores", "torch_threads", "torch", "triton", "git_commit", "date"):
+        assert f"\n- {key}: " in text, key
+
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_flags_wrong_and_unsupported_implementations():
+    case = Case(LayerShape(8, 6, 3, 3, sources=("t",)), batch=2, num_groups=3, dtype=torch.float32, mode="forward")
+    ops = make_operands(case, CPU, torch.contiguous_format)
+    expected = expected_result(case, ops.to(torch.float64))
+    by_name = {impl.name: impl for impl in implementations(case, ops, available_backends(CPU))}
+    assert check_implementation(by_name["masked dense"], expected, torch.float32)[0] == "ok"
+    # The dense conv reads the blocks above the diagonal: as a nested conv it is wrong.
+    dense_as_ours = Implementation("dense", "ours", by_name["dense"].run, lambda y: (y,))
+    status, error = check_implementation(dense_as_ours, expected, torch.float32)
+    assert status == "wrong" and error > 0.01
+
+    def unsupported():
+        raise TypeError("no kernel for this dtype")
+
+    status, error = check_implementation(Implementation("x", "ours", unsupported, tuple), expected, torch.float32)
+    assert status == "error: TypeError: no kernel for this dtype" and error is None
+
+
+def test_backward_check_sees_unmasked_weight_gradient():
+    case = Case(LayerShape(6, 6, 2, 2, sources=("t",)), batch=2, num_groups=3, dtype=torch.float32, mode="backward")
+    ops = make_operands(case, CPU, torch.contiguous_format)
+    expected = expected_result(case, ops.to(torch.float64))
+    grad_input, grad_weight = expected
+    assert grad_input.shape == ops.input.shape and grad_weight.shape == ops.weight.shape
+    assert torch.all(grad_weight[ops.mask == 0] == 0)
+    by_name = {impl.name: impl for impl in implementations(case, ops, available_backends(CPU))}
+    for name in ("masked dense", "per-stage loop", *available_backends(CPU)):
+        assert check_implementation(by_name[name], expected, torch.float32)[0] == "ok", name
+    dense_as_ours = Implementation("dense", "ours", by_name["dense"].run, tuple)
+    assert check_implementation(dense_as_ours, expected, torch.float32)[0] == "wrong"
+
+
+def test_relative_error():
+    expected = (torch.tensor([1.0, -2.0]), torch.tensor([4.0]))
+    assert relative_error((torch.tensor([1.0, -2.0]), torch.tensor([4.0])), expected) == 0
+    assert relative_error((torch.tensor([1.0, -1.0]), torch.tensor([4.0])), expected) == pytest.approx(0.5)
+    assert relative_error((torch.zeros(3), torch.tensor([4.0])), expected) == float("inf")
+
+
+def test_cpu_timer_reports_medians_of_interleaved_samples():
+    config = TimingConfig(warmup_s=0.0, rounds=3, min_sample_s=0.0)
+    timings = measure({"sleep 2 ms": lambda: time.sleep(0.002), "nothing": lambda: None}, CPU, config)
+    assert set(timings) == {"sleep 2 ms", "nothing"}
+    slept = timings["sleep 2 ms"]
+    assert 2.0 <= slept.median_ms < 200 and slept.q25_ms <= slept.median_ms <= slept.q75_ms
+    assert timings["nothing"].median_ms < slept.median_ms
+    with pytest.raises(ValueError, match="device"):
+        measure({"x": lambda: None}, torch.device("meta"), config)
+    with pytest.raises(ValueError, match="rounds"):
+        TimingConfig(rounds=0)
+
+
+def test_cli_rejects_unknown_modes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--modes", "forward,sideways"])
+    assert "sideways" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytical model
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_groups", [4, 7])
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_useful_fraction_of_full_triangle_with_equal_splits(num_groups, mode):
+    layer = LayerShape(3 * num_groups, 5 * num_groups, 4, 4, kernel=3, padding=1, sources=("t",))
+    case = Case(layer, batch=2, num_groups=num_groups, dtype=torch.float32, mode=mode)
+    assert roofline.useful_fraction(case) == pytest.approx((num_groups + 1) / (2 * num_groups), rel=1e-12)
+    # The stages add up to the whole layer.
+    stages = [Case(layer, 2, num_groups, torch.float32, "stage", s) for s in range(num_groups)]
+    assert sum(roofline.useful_flops(s) for s in stages) * (3 if mode == "backward" else 1) == roofline.useful_flops(
+        case)
+
+
+def test_minimal_bytes_and_roofline_by_hand():
+    # C = D = 8 in two groups of 4, 1×1 at 4×4, batch 2: useful MACs per pixel 4·4 + 4·8 = 48.
+    layer = LayerShape(8, 8, 4, 4, sources=("t",))
+    forward = Case(layer, batch=2, num_groups=2, dtype=torch.float32, mode="forward")
+    pixels = 2 * 4 * 4
+    assert roofline.useful_flops(forward) == 2 * pixels * 48
+    assert roofline.dense_flops(forward) == 2 * pixels * 64
+    input_elements, output_elements = 2 * 8 * 16, 2 * 8 * 16
+    assert roofline.minimal_bytes(forward) == 4 * (input_elements + 48 + output_elements)
+    first_stage = Case(layer, 2, 2, torch.float32, "stage", 0)  # reads input group 0 only
+    assert roofline.minimal_bytes(first_stage) == 4 * (2 * 4 * 16 + 16 + 2 * 4 * 16)
+    backward = Case(layer, 2, 2, torch.bfloat16, "backward")
+    assert roofline.minimal_bytes(backward) == 2 * (3 * input_elements + 3 * 48 + 2 * output_elements)
+
+    expected_ms = max(2 * pixels * 48 / 66.9e12, 4 * (input_elements + 48 + output_elements) / 3.35e12) * 1e3
+    assert roofline.roofline_ms(forward, roofline.H100_SXM, "fp32") == pytest.approx(expected_ms)
+    assert roofline.roofline_bound(forward, roofline.H100_SXM, "fp32") == "memory"
+    assert roofline.flop_ideal_ms(forward, dense_ms=2.0) == pytest.approx(2.0 * 48 / 64)
+
+
+def test_gpu_peaks_table():
+    assert roofline.gpu_peaks("NVIDIA H100 80GB HBM3") is roofline.H100_SXM
+    assert roofline.gpu_peaks("NVIDIA H100 PCIe") is roofline.H100_PCIE
+    assert roofline.gpu_peaks("NVIDIA H200") is roofline.H200_SXM
+    assert roofline.gpu_peaks("NVIDIA A100-SXM4-80GB") is None
+    for gpu in (roofline.H100_SXM, roofline.H100_PCIE, roofline.H200_SXM):
+        # Hopper: dense TF32 is half of dense BF16/FP16, and both far above the CUDA-core FP32.
+        assert gpu.tf32_tflops == pytest.approx(gpu.tensor16_tflops / 2, rel=1e-3)
+        assert gpu.fp32_tflops < gpu.tf32_tflops
+    # H200 = H100 SXM compute with faster memory.
+    assert roofline.H200_SXM.tensor16_tflops == roofline.H100_SXM.tensor16_tflops
+    assert roofline.H200_SXM.bandwidth_tb_s > roofline.H100_SXM.bandwidth_tb_s
+    with pytest.raises(ValueError, match="math_unit"):
+        roofline.H100_SXM.tflops("int8")
+
+
+def test_math_unit_follows_pytorch_defaults():
+    assert roofline.math_unit(torch.bfloat16, is_linear=False) == "tensor16"
+    assert roofline.math_unit(torch.float16, is_linear=True) == "tensor16"
+    conv_tf32 = torch.backends.cudnn.allow_tf32
+    assert roofline.math_unit(torch.float32, is_linear=False) == ("tf32" if conv_tf32 else "fp32")
+
+
+def test_roofline_table_lists_every_plan_row():
+    table = roofline.roofline_table("tiny")
+    bench_plan = plan("tiny")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| shape")]
+    assert len(rows) == len(bench_plan.layers) * len(bench_plan.batches) * len(bench_plan.group_counts)
+    assert "H100 SXM bf16 µs" in table and "H200 SXM fp32 µs" in table
+
+
+# ----------------------------------------------------------------------------------------------
+# Shape tables
+# ----------------------------------------------------------------------------------------------
+
+
+def test_mobilenet_v2_pointwise_shapes():
+    layers = deduplicate(mobilenet_v2(1.0))
+    convs = [layer for layer in layers if not layer.is_linear]
+    assert len(convs) == 19  # 18 distinct expansion / projection shapes + the last 1×1 conv
+    labels = {layer.label for layer in layers}
+    for label in ("1x1 32→16 @112", "1x1 16→96 @112", "1x1 96→24 @56", "1x1 960→320 @7", "1x1 320→1280 @7",
+                  "linear 1280→1000"):
+        assert label in labels
+    assert all(layer.kernel == 1 and layer.stride == 1 for layer in convs)
+    assert {layer.height for layer in convs} == {112, 56, 28, 14, 7}
+    wide = {layer.label for layer in mobilenet_v2(1.4)}
+    assert "1x1 448→1792 @7" in wide and "linear 1792→1000" in wide
+
+
+def test_other_model_tables():
+    resnext = {layer.label for layer in resnext50_32x4d()}
+    assert {"1x1 64→128 @56", "1x1 s2 1024→2048 @14", "1x1 2048→1024 @7", "linear 2048→1000"} <= resnext
+    assert {"1x1 32→16 @112", "1x1 960→208 @7", "1x1 208→1280 @7"} <= {layer.label for layer in mobilenext()}
+    assert {"1x1 16→96 @112", "1x1 1152→320 @7", "1x1 320→1280 @7"} <= {layer.label for layer in efficientnet_lite0()}
+    three = resnet_style_3x3(1.0)
+    assert all(layer.kernel == 3 and layer.padding == 1 and layer.sources[0].startswith("resnet-style-3x3@")
+               for layer in three)
+
+
+def test_gpu_layers_are_deduplicated_and_nestable():
+    layers = gpu_layers()
+    keys = [layer.geometry_key for layer in layers]
+    assert len(keys) == len(set(keys))
+    models = {model for layer in layers for model in layer.models}
+    assert models == {"mobilenet_v2_1.0", "mobilenet_v2_1.4", "mobilenext_1.0", "resnext50_32x4d",
+                      "efficientnet_lite0", "resnet-style-3x3@mobilenet_v2_1.0"}
+    assert all(min(layer.in_channels, layer.out_channels) >= 7 for layer in layers)  # K = 7: no empty group
+    assert len(deduplicate(mobilenet_v2(1.0) + mobilenext())) < len(mobilenet_v2(1.0)) + len(mobilenext())
+
+
+def test_plans_and_uneven_splits():
+    for name in PLAN_NAMES:
+        assert plan(name).cases(), name
+    quick = plan("gpu-quick")
+    assert set(quick.batches) == {128, 1} and torch.bfloat16 in quick.dtypes
+    assert {case.stage for case in quick.cases(["stage"]) if case.num_groups == 7} == {0, 6}
+    case = Case(LayerShape(16, 10, 2, 2, sources=("t",)), batch=1, num_groups=7, dtype=torch.float32, mode="forward")
+    assert case.layout.in_splits == (3, 3, 2, 2, 2, 2, 2)
+    assert case.layout.out_splits == (2, 2, 2, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="mode"):
+        Case(case.layer, 1, 4, torch.float32, "sideways")
+    with pytest.raises(ValueError, match="stage"):
+        Case(case.layer, 1, 4, torch.float32, "stage")
+
+
+@pytest.mark.cuda
+def test_entry_point_on_cuda(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    paths = main(["--device", "cuda", "--plan", "tiny", "--timing", "tiny", "--k", "4", "--dtypes", "fp32,bf16",
+                  "--out", str(tmp_path)])
+    _, rows = _read_csv(paths["csv"])
+    assert all(row["status"] == "ok" for row in rows if row["role"] == "baseline")
+    assert all(row["status"] in ("ok",) or row["status"].startswith("error") for row in rows if row["role"] == "ours")
