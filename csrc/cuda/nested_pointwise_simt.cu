@@ -5,6 +5,8 @@
 // product reads float4 along pixels and output channels. The next K-step is loaded into
 // registers while the current one is multiplied. Loads are guarded element loads, so any channel
 // offset and row stride works (no alignment assumptions).
+#include <type_traits>
+
 #include "nested_pointwise_tiles.cuh"
 
 namespace rdn {
@@ -35,14 +37,18 @@ __device__ __forceinline__ void load_fragment(float (&fragment)[kLoadK], const f
   }
 }
 
+// Instantiated for float only; the template argument puts the dtype into the kernel's symbol,
+// where the static check (rdn_kernels/nested_conv/cuda_static_check.py) reads it.
+template <typename T>
 __global__ void __launch_bounds__(kThreads) nested_pointwise_simt_kernel(const __grid_constant__ PointwiseProblem problem) {
+  static_assert(std::is_same<T, float>::value, "the SIMT kernel computes in exact fp32");
   __shared__ alignas(16) float x_tile[kBlockK][kPitch];
   __shared__ alignas(16) float w_tile[kBlockK][kPitch];
 
   const GroupTable& table = problem.groups;
   const detail::BlockTile block = detail::locate_block_tile<kBlockM, kBlockN>(table);
-  const auto* x = static_cast<const float*>(problem.input);
-  const auto* w = static_cast<const float*>(problem.weight);
+  const auto* x = static_cast<const T*>(problem.input);
+  const auto* w = static_cast<const T*>(problem.weight);
 
   // Loading: thread t fills row t / (kBlockK / kLoadK) of both tiles, channels kLoadK · (t % …).
   const int load_row = static_cast<int>(threadIdx.x) / (kBlockK / kLoadK);
@@ -85,8 +91,8 @@ __global__ void __launch_bounds__(kThreads) nested_pointwise_simt_kernel(const _
     __syncthreads();  // the tiles are overwritten by the next step
   }
 
-  const auto* bias = static_cast<const float*>(problem.bias);
-  auto* y = static_cast<float*>(problem.output);
+  const auto* bias = static_cast<const T*>(problem.bias);
+  auto* y = static_cast<T*>(problem.output);
 #pragma unroll
   for (int j = 0; j < kThreadN; ++j) {
     const int32_t channel = block.channel_begin + thread_n + j;
@@ -105,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) nested_pointwise_simt_kernel(const _
 }  // namespace
 
 cudaError_t launch_nested_pointwise_f32(const PointwiseProblem& problem, cudaStream_t stream) {
-  return detail::launch_tiles<kBlockM, kBlockN>(nested_pointwise_simt_kernel, kThreads, problem, stream);
+  return detail::launch_tiles<kBlockM, kBlockN>(nested_pointwise_simt_kernel<float>, kThreads, problem, stream);
 }
 
 }  // namespace cuda
