@@ -26,4 +26,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_SUBMODULES, *_ATTRIBUTES])
+    return sorted({*globals(), *_SUBMODULES, *_ATTRIBUTES})
