@@ -1,0 +1,438 @@
+"""The dataflow analysis behind surgery: which layers are nested, which tensors share a channel space.
+
+Design choice: the model is traced with ``torch.fx`` (any module that symbolic tracing handles:
+``nn.Sequential`` stacks, torchvision / timm-style blocks with residual adds, SE gates, ...).
+Every node of the graph gets a role by the *type* of what it calls, never by attribute names:
+
+- ``nested``: ``nn.Conv2d`` with groups = 1 and ``nn.Linear`` (except the classifier) — nested;
+- ``grouped``: ``nn.Conv2d`` with groups > 1 (depthwise included) — acts per conv group;
+- ``batchnorm``: ``nn.BatchNorm1d/2d`` — per channel;
+- ``channelwise``: any other parameter-free module, function or method whose output has the
+  input's channels and which a probe shows acts per channel (permuting the input channels permutes
+  the output the same way, and a channel prefix in gives the prefix out): activations, pooling,
+  residual adds, SE products, flatten after global pooling, TF "same" padding, ...;
+- ``opaque``: anything else that makes a tensor (softmax / LayerNorm over channels, concatenation,
+  modules with other parameters): allowed only where every tensor is un-nested;
+- ``meta``: nodes that make no tensor (``x.size(0)``); ``classifier``: the ``nn.Linear`` whose
+  result is the model's output (replaced by the RDN heads).
+
+Channel spaces. Channel-wise and batchnorm nodes share their inputs' space (a union-find over
+nodes); so do the operands of an add or product: the residual stream of a stage is *one* space,
+whose layout is decided once, by the first nested layer writing it (its *definer*, in graph
+order), and every other layer writing it (later blocks' projections, the downsampling shortcut)
+is built to produce that same layout. A grouped conv's output space is derived from its input
+space (same units, groups and copies).
+
+Un-nested region. Skipped layers and opaque nodes write *single-group* spaces (all channels in
+group 0). A layer that writes a single-group space can only read a single-group space (group 0
+reads group 0 only), so un-nestedness spreads: to every layer writing into the same space (a
+residual stage whose first block was skipped stays un-nested up to its next channel change) and
+back to the producers of a skipped layer's input. :class:`SurgeryGraph` runs this to a fixed point.
+
+Limits: the model must be ``torch.fx``-traceable and return the classifier's logits; every
+parametrised module is called once; tensors keep channels on dim 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from rdn.nn import split_channels
+from rdn.surgery.spaces import ChannelSpace, ladder, num_groups_for
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps every module without children as one node (custom padding layers with shape maths)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return super().is_leaf_module(module, qualified_name) or not any(True for _ in module.children())
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` with leaf modules kept whole."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as error:  # tracing failures come as many exception types
+        raise ValueError(
+            f"model {type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: {error}); "
+            "surgery needs a traceable model (no data-dependent Python control flow in forward)"
+        ) from error
+    return fx.GraphModule(model, graph)
+
+
+@dataclass
+class NodeInfo:
+    """What surgery knows about one fx node."""
+
+    node: fx.Node
+    role: str
+    shape: tuple[int, ...] | None = None  # output shape at the calibration batch, if a tensor
+    dtype: torch.dtype | None = None
+    module: nn.Module | None = None
+    space_key: str | None = None  # root node name of the output's channel space
+    inputs: list[str] = field(default_factory=list)  # tensor arguments that carry channels
+
+
+class SurgeryGraph:
+    """Roles, channel spaces and nesting structure of a traced model (module docstring).
+
+    Args:
+        model: the base model (eval mode recommended: BN uses running statistics).
+        example: one input batch, for shape propagation.
+        skip: layers kept un-nested: qualified module names (their sub-modules included), an int n
+            (the first n nestable layers) or None (the layers at output stride <= 4).
+        k, mode, exact: the surgery settings (see :func:`rdn.surgery.nest`).
+    """
+
+    def __init__(self, model: nn.Module, example: Tensor, skip: Iterable[str], k: int, mode: str, exact: bool):
+        self.k, self.mode, self.exact = k, mode, exact
+        self.num_groups = num_groups_for(k, mode)
+        self.graph_module = trace(model)
+        self.modules = dict(self.graph_module.named_modules())
+        self._propagate_shapes(example)
+        self.infos: dict[str, NodeInfo] = {}
+        for node in self.graph_module.graph.nodes:
+            self.infos[node.name] = self._classify(node)
+        self.classifier = self._find_classifier()
+        self._parent: dict[str, str] = {}
+        self._build_spaces()
+        self.skipped_targets = self._resolve_skip(skip)
+        self.plain = {
+            name
+            for name, info in self.infos.items()
+            if info.role == "nested" and info.node.target in self.skipped_targets
+        }
+        self._pin()
+        self.nested = [name for name, info in self.infos.items() if info.role == "nested" and name not in self.plain]
+        if not self.nested:
+            raise ValueError(
+                "the model has no nestable layer outside the skipped part: surgery nests plain "
+                "nn.Conv2d (groups=1) and nn.Linear layers (not the classifier) whose channel space is "
+                f"not forced un-nested; skipped layers: {list(self.skipped_targets)}"
+            )
+        self._resolve_layouts()
+        self.rungs = self._resolve_rungs()
+
+    # ------------------------------------------------------------------------------------------
+    # Roles
+    # ------------------------------------------------------------------------------------------
+
+    def _propagate_shapes(self, example: Tensor) -> None:
+        try:
+            with torch.no_grad():
+                ShapeProp(self.graph_module).propagate(example)
+        except Exception as error:
+            raise ValueError(
+                f"calibration input of shape {tuple(example.shape)} does not fit the model "
+                f"({type(error).__name__}: {error})"
+            ) from error
+
+    def _classify(self, node: fx.Node) -> NodeInfo:
+        meta = node.meta.get("tensor_meta")
+        is_tensor = meta is not None and hasattr(meta, "shape")
+        info = NodeInfo(node, "meta")
+        if is_tensor:
+            info.shape, info.dtype = tuple(meta.shape), meta.dtype
+        if node.op == "placeholder":
+            info.role = "input"
+            return info
+        if node.op == "output":
+            info.role = "output"
+            return info
+        if node.op == "get_attr":
+            raise ValueError(
+                f"node {node.name} reads the attribute {node.target!r} directly (fx get_attr); surgery "
+                "supports models whose parameters live in modules"
+            )
+        info.inputs = [arg.name for arg in node.all_input_nodes if self._carries_channels(arg)]
+        if not is_tensor or len(info.shape) < 2:
+            return info  # sizes, tuples and scalars: recomputed as they are
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            info.module = module
+            if isinstance(module, nn.Conv2d):
+                info.role = "nested" if module.groups == 1 else "grouped"
+            elif isinstance(module, nn.Linear):
+                info.role = "nested"
+            elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                info.role = "batchnorm"
+            elif any(True for _ in module.parameters()):
+                info.role = "opaque"
+            else:
+                info.role = "channelwise" if self._acts_per_channel(node, info) else "opaque"
+        else:
+            info.role = "channelwise" if self._acts_per_channel(node, info) else "opaque"
+        return info
+
+    def _carries_channels(self, node: fx.Node) -> bool:
+        meta = node.meta.get("tensor_meta")
+        return meta is not None and hasattr(meta, "shape") and len(meta.shape) >= 2
+
+    def _acts_per_channel(self, node: fx.Node, info: NodeInfo) -> bool:
+        """Probe: permuting / cutting the channels of every tensor input does the same to the output."""
+        channel_inputs = [arg for arg in node.all_input_nodes if arg.name in info.inputs]
+        if not channel_inputs:
+            return False
+        channels = {tuple(arg.meta["tensor_meta"].shape)[1] for arg in channel_inputs}
+        if len(channels) != 1 or info.shape[1] not in channels:
+            return False
+        (count,) = channels
+        generator = torch.Generator().manual_seed(0)
+        probes = {
+            arg.name: torch.randn((2, *arg.meta["tensor_meta"].shape[1:]), generator=generator).to(
+                arg.meta["tensor_meta"].dtype
+            )
+            for arg in channel_inputs
+        }
+        permutation = torch.randperm(count, generator=generator)
+        prefix = max(count // 2, 1)
+        try:
+            with torch.no_grad():
+                full = self._call(node, probes)
+                permuted = self._call(node, {name: t[:, permutation] for name, t in probes.items()})
+                cut = self._call(node, {name: t[:, :prefix] for name, t in probes.items()})
+        except Exception:
+            return False
+        if not all(isinstance(t, Tensor) for t in (full, permuted, cut)) or full.dim() < 2 or full.shape[1] != count:
+            return False
+        if cut.shape[1] != prefix:
+            return False
+        return torch.allclose(permuted, full[:, permutation], atol=1e-6) and torch.allclose(
+            cut, full[:, :prefix], atol=1e-6
+        )
+
+    def _call(self, node: fx.Node, tensors: dict[str, Tensor]):
+        """Run one node with the given values for its channel inputs (others left as traced)."""
+
+        def value(arg: fx.Node):
+            if arg.name in tensors:
+                return tensors[arg.name]
+            if self.infos[arg.name].role == "meta":  # e.g. x.size(0) of a probed tensor
+                return self._call(arg, tensors)
+            raise ValueError(f"node {node.name} reads {arg.name}, which is not probed")
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    def _find_classifier(self) -> str:
+        output = next(node for node in self.graph_module.graph.nodes if node.op == "output")
+        result = output.args[0]
+        if not isinstance(result, fx.Node) or not isinstance(self.modules.get(result.target), nn.Linear):
+            raise ValueError(
+                "the model's output must be the logits of an nn.Linear classifier (the last layer), "
+                f"got {result!r}; surgery replaces that layer with one head per sub-network"
+            )
+        info = self.infos[result.name]
+        info.role = "classifier"
+        if len(result.users) != 1:
+            raise ValueError(f"the classifier output {result.name} is used inside the model as well")
+        return result.name
+
+    def _resolve_skip(self, skip) -> tuple[str, ...]:
+        """Targets of the nestable layers kept un-nested (see :func:`rdn.surgery.nest` for ``skip``)."""
+        nestable = [info for info in self.infos.values() if info.role == "nested"]
+        if skip is None:  # output stride <= 4
+            (source,) = [info for info in self.infos.values() if info.role == "input"]
+            if len(source.shape) != 4:
+                return ()
+            return tuple(
+                info.node.target for info in nestable if len(info.shape) == 4 and 4 * info.shape[2] >= source.shape[2]
+            )
+        if isinstance(skip, int):
+            return tuple(info.node.target for info in nestable[:skip])
+        return tuple(
+            info.node.target
+            for info in nestable
+            if any(info.node.target == name or info.node.target.startswith(name + ".") for name in skip)
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Channel spaces
+    # ------------------------------------------------------------------------------------------
+
+    def _find(self, name: str) -> str:
+        while self._parent[name] != name:
+            self._parent[name] = self._parent[self._parent[name]]
+            name = self._parent[name]
+        return name
+
+    def _union(self, a: str, b: str) -> None:
+        a, b = self._find(a), self._find(b)
+        if a != b:
+            # Keep the earlier node as root: the space is named after where it first appears.
+            first, second = sorted((a, b), key=self.position)
+            self._parent[second] = first
+
+    def position(self, name: str) -> int:
+        return self._order[name]
+
+    def _build_spaces(self) -> None:
+        self._order = {name: index for index, name in enumerate(self.infos)}
+        carriers = [
+            info
+            for info in self.infos.values()
+            if info.shape is not None and len(info.shape) >= 2 and info.role not in ("output", "classifier")
+        ]
+        for info in carriers:
+            self._parent[info.node.name] = info.node.name
+        for info in carriers:
+            if info.role in ("batchnorm", "channelwise"):
+                for name in info.inputs:
+                    self._union(info.node.name, name)
+        for info in carriers:
+            info.space_key = self._find(info.node.name)
+        self.classifier_input = self.infos[self.classifier].inputs[0]
+        if len(self.infos[self.classifier_input].shape) != 2:
+            raise ValueError(
+                f"the classifier reads a tensor of shape {self.infos[self.classifier_input].shape}; "
+                "it must read pooled features (N, F)"
+            )
+
+    def space_of(self, name: str) -> str:
+        return self.infos[name].space_key
+
+    def _writers(self, role: str):
+        return [info for info in self.infos.values() if info.role == role]
+
+    def _pin(self) -> None:
+        """Fixed point of the un-nested region (module docstring)."""
+        self.pinned: set[str] = {self.space_of(info.node.name) for info in self._writers("input")}
+        self.pinned |= {self.space_of(info.node.name) for info in self._writers("opaque")}
+        self.pinned |= {self.space_of(name) for name in self.plain}
+        changed = True
+        while changed:
+            changed = False
+            for info in self._writers("nested"):
+                name = info.node.name
+                if name not in self.plain and self.space_of(name) in self.pinned:
+                    self.plain.add(name)
+                    changed = True
+            readers = [self.infos[name] for name in self.plain] + self._writers("opaque")
+            for info in readers:
+                for name in info.inputs:
+                    if self.space_of(name) not in self.pinned:
+                        self.pinned.add(self.space_of(name))
+                        changed = True
+            for info in self._writers("grouped"):
+                spaces = {self.space_of(info.node.name), self.space_of(info.inputs[0])}
+                if spaces & self.pinned and not spaces <= self.pinned:
+                    self.pinned |= spaces
+                    changed = True
+
+    def is_pinned(self, name: str) -> bool:
+        return self.space_of(name) in self.pinned
+
+    def channels(self, space: str) -> int:
+        return self.infos[space].shape[1]
+
+    # ------------------------------------------------------------------------------------------
+    # Layouts: spaces linked by grouped convs share one unit order and one set of copies
+    # ------------------------------------------------------------------------------------------
+
+    def _resolve_layouts(self) -> None:
+        """Group the nested spaces into *layouts* and fix their unit counts.
+
+        A grouped conv maps its input's units one to one onto its output's, so both spaces share
+        one layout (order, primary groups, copies). In MobileNeXt a whole stage is one layout: the
+        residual stream is the output of every block's last depthwise conv. A layout has n units,
+        n = gcd of every member's channel count and every linking conv's group count, so a unit of
+        each member is a whole number of conv groups.
+        """
+        spaces = {self.space_of(name) for name in self.nested} | {
+            self.space_of(info.node.name) for info in self._writers("grouped")
+        }
+        spaces -= self.pinned
+        self._layout_parent = {space: space for space in spaces}
+        grouped = [info for info in self._writers("grouped") if not self.is_pinned(info.node.name)]
+        for info in grouped:
+            a, b = self._layout_root(self.space_of(info.node.name)), self._layout_root(self.space_of(info.inputs[0]))
+            if a != b:
+                first, second = sorted((a, b), key=self.position)
+                self._layout_parent[second] = first
+        self.layouts: dict[str, list[str]] = {}
+        for space in sorted(spaces, key=self.position):
+            self.layouts.setdefault(self._layout_root(space), []).append(space)
+        self.unit_counts: dict[str, int] = {}
+        for layout, members in self.layouts.items():
+            counts = [self.channels(space) for space in members]
+            counts += [
+                info.module.groups for info in grouped if self._layout_root(self.space_of(info.node.name)) == layout
+            ]
+            self.unit_counts[layout] = math.gcd(*counts)
+            if self.unit_counts[layout] < self.k:
+                raise ValueError(
+                    f"k={self.k} is larger than the number of channel units of the tensors {members} "
+                    f"({self.unit_counts[layout]} units: gcd of their channel counts and of the group counts "
+                    f"of the grouped convs linking them); use k <= {self.unit_counts[layout]} or skip those layers"
+                )
+        self.units = {space: self.channels(space) // self.unit_counts[self.layout_of(space)] for space in spaces}
+
+    def _layout_root(self, space: str) -> str:
+        while self._layout_parent[space] != space:
+            space = self._layout_parent[space]
+        return space
+
+    def layout_of(self, space: str) -> str:
+        """The layout (named after its earliest space) a nested space belongs to."""
+        return self._layout_root(space)
+
+    def layout_writers(self, layout: str) -> list[str]:
+        """Nested layers writing any space of ``layout``, in graph order; the first is its definer."""
+        members = set(self.layouts[layout])
+        return [name for name in self.nested if self.space_of(name) in members]
+
+    def primary_sizes(self, layout: str) -> tuple[int, ...]:
+        """Units per primary group: near-equal, the remainder to the first groups (``split_channels``)."""
+        return split_channels(self.unit_counts[layout], self.k)
+
+    def _resolve_rungs(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """Copies of every layout: the rungs some writer's input needs (fixed point)."""
+        rungs = {layout: [{g} for g in range(self.k)] for layout in self.layouts}
+
+        def occupied(space: str) -> set[int]:
+            return {0} if space in self.pinned else set().union(*rungs[self.layout_of(space)])
+
+        changed = True
+        while changed:
+            changed = False
+            for layout in self.layouts:
+                for writer in self.layout_writers(layout):
+                    needed = occupied(self.space_of(self.infos[writer].inputs[0]))
+                    for g in range(self.k):
+                        candidates = ladder(g, self.k, self.mode, self.exact)
+                        for group in needed:
+                            reachable = [q for q in candidates if q >= group]
+                            if reachable and reachable[0] not in rungs[layout][g]:
+                                rungs[layout][g].add(reachable[0])
+                                changed = True
+        return {layout: tuple(tuple(sorted(r)) for r in value) for layout, value in rungs.items()}
+
+    def space(self, space: str, orders: dict[str, Iterable[int]]) -> ChannelSpace:
+        """The :class:`ChannelSpace` of ``space`` given the unit order of every layout."""
+        if space in self.pinned:
+            return ChannelSpace.single_group(self.channels(space), self.num_groups)
+        layout = self.layout_of(space)
+        units = self.unit_counts[layout]
+        order = tuple(int(u) for u in orders[layout])
+        if sorted(order) != list(range(units)):
+            raise ValueError(f"order of layout {layout} must be a permutation of its {units} units, got {list(order)}")
+        return ChannelSpace(
+            self.num_groups,
+            self.channels(space),
+            self.units[space],
+            order,
+            self.primary_sizes(layout),
+            self.rungs[layout],
+        )

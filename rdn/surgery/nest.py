@@ -1,0 +1,175 @@
+"""``nest``: pretrained base model → :class:`RussianDollNet` (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rdn.surgery.graph import SurgeryGraph
+from rdn.surgery.network import RussianDollNet
+from rdn.surgery.select import calibration_batch, definers, select_orders
+
+__all__ = ["nest"]
+
+MODES = ("expand", "truncate")
+SELECTIONS = ("greedy", "random")
+CONFIG_VERSION = 1
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Surgery reads BN running statistics and must not update them."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _default_skip(model: nn.Module) -> list[str] | None:
+    """Stem + first two blocks of an ``rdn.models`` classifier (``stem`` and ``blocks`` parts);
+    ``None`` (layers at output stride <= 4) for any other model."""
+    stem, blocks = getattr(model, "stem", None), getattr(model, "blocks", None)
+    if not isinstance(stem, nn.Module) or not isinstance(blocks, nn.Sequential):
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(stem)], *(names[id(block)] for block in list(blocks)[:2])]
+
+
+def _check_skip(model: nn.Module, skip) -> list[str] | int | None:
+    if skip is None:
+        return _default_skip(model)
+    if isinstance(skip, bool):
+        raise TypeError(f"skip must be an int, a sequence of module names / modules, or None, got {skip!r}")
+    if isinstance(skip, int):
+        if skip < 0:
+            raise ValueError(f"skip (number of leading nestable layers kept un-nested) must be >= 0, got {skip}")
+        return skip
+    if isinstance(skip, (str, nn.Module)) or not isinstance(skip, Sequence):
+        raise TypeError(
+            f"skip must be an int, a sequence of module names / modules, or None, got {type(skip).__name__}"
+        )
+    names = {id(module): name for name, module in model.named_modules()}
+    known = set(names.values())
+    resolved = []
+    for item in skip:
+        name = names.get(id(item)) if isinstance(item, nn.Module) else item
+        if not isinstance(name, str) or name not in known or name == "":
+            raise ValueError(f"skip entry {item!r} is not a sub-module (or qualified sub-module name) of the model")
+        resolved.append(name)
+    return resolved
+
+
+def _check_settings(k, mode, select, exact, seed) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int >= 1, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k (number of channel groups per layer) must be >= 1, got {k}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if select not in SELECTIONS:
+        raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be a bool, got {exact!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+
+def nest(
+    model: nn.Module,
+    k: int = 4,
+    mode: str = "expand",
+    select: str = "greedy",
+    calib: Tensor | object = None,
+    skip=None,
+    depth_split=None,
+    seed: int = 0,
+    exact: bool = True,
+    base: dict | None = None,
+) -> RussianDollNet:
+    """Turn a (pretrained) classifier into a Russian doll network.
+
+    Args:
+        model: an ``nn.Module`` traceable by ``torch.fx`` whose output is the logits of an
+            ``nn.Linear`` classifier (``rdn.models``, torchvision / timm-style CNNs).
+        k: channel groups per nested layer; ``k`` must not exceed any nested tensor's channel
+            units. Uneven channels: the remainder goes to the first groups (``split_channels``).
+        mode: ``"expand"`` (K = 2k - 1 sub-networks, violating connections re-routed into new
+            groups, see :mod:`rdn.surgery.spaces`) or ``"truncate"`` (K = k, violating blocks dropped).
+        select: ``"greedy"`` (paper Algorithm 1 on the calibration activations) or ``"random"``
+            (seeded by ``seed``).
+        calib: calibration inputs, a tensor (N, C, H, W) or a DataLoader / iterable of batches
+            (tensors or (input, target) pairs); used for shapes, costs and greedy selection.
+        skip: layers kept un-nested: ``None`` = the stem and the first two blocks (``rdn.models``
+            layout) or, for other models, every layer at output stride <= 4; an int n = the first n
+            nestable layers; or a sequence of sub-modules / qualified module names.
+        depth_split: depth-wise nesting; not implemented (must be ``None``).
+        seed: seed of random selection.
+        exact: expand mode only: keep every connection (a third copy at group K where needed), so
+            N_K reproduces the base network's linear maps exactly; ``False``: at most two copies.
+        base: keyword arguments of ``rdn.models.create`` that rebuild ``model``'s architecture,
+            stored in ``rdn_config`` so ``RussianDollNet.from_config`` needs no model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_settings(k, mode, select, exact, seed)
+    if depth_split is not None:
+        raise NotImplementedError("depth-wise nesting (depth_split) is not implemented; pass depth_split=None")
+    if calib is None:
+        raise ValueError("calib is required: a calibration tensor (N, C, H, W) or DataLoader")
+    if base is not None and not isinstance(base, dict):
+        raise TypeError(f"base must be a dict of rdn.models.create arguments or None, got {type(base).__name__}")
+    batch = calibration_batch(calib)
+    skip = _check_skip(model, skip)
+    with _eval_mode(model), torch.no_grad():
+        graph = SurgeryGraph(model, batch[:1], skip, k, mode, exact)
+        orders = select_orders(graph, batch, select, seed)
+    config = {
+        "version": CONFIG_VERSION,
+        "k": k,
+        "mode": mode,
+        "exact": exact,
+        "select": select,
+        "seed": seed,
+        "skip": list(graph.skipped_targets),
+        "input_shape": list(batch.shape[1:]),
+        "orders": {space: list(order) for space, order in orders.items()},
+        "base": base,
+    }
+    return RussianDollNet(graph, orders, config)
+
+
+def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
+    """Rebuild an RDN structure from its ``rdn_config`` (see :meth:`RussianDollNet.from_config`)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be the dict of RussianDollNet.rdn_config, got {type(config).__name__}")
+    missing = {"version", "k", "mode", "exact", "skip", "input_shape", "orders"} - set(config)
+    if missing:
+        raise ValueError(f"config misses the keys {sorted(missing)}; pass RussianDollNet.rdn_config")
+    if config["version"] != CONFIG_VERSION:
+        raise ValueError(f"config version {config['version']} is not supported (expected {CONFIG_VERSION})")
+    if model is None:
+        if not config.get("base"):
+            raise ValueError(
+                "config has no 'base' model arguments: pass model= (a base model of the same architecture)"
+            )
+        from rdn.models import create
+
+        model = create(**config["base"])
+    _check_settings(config["k"], config["mode"], config.get("select", "greedy"), config["exact"], config.get("seed", 0))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example = torch.zeros((1, *config["input_shape"]), dtype=dtype, device=device)
+    with _eval_mode(model), torch.no_grad():
+        graph = SurgeryGraph(model, example, list(config["skip"]), config["k"], config["mode"], config["exact"])
+    expected = set(definers(graph).values())
+    if set(config["orders"]) != expected:
+        raise ValueError(
+            f"config orders name the spaces {sorted(config['orders'])} but this model defines {sorted(expected)}; "
+            "the model's architecture differs from the one the config was made from"
+        )
+    return RussianDollNet(graph, config["orders"], config)

@@ -1,0 +1,492 @@
+"""``RussianDollNet``: K nested sub-networks N_1 ⊂ ... ⊂ N_K built from one base model.
+
+The RDN runs the base model's dataflow graph (traced by :mod:`rdn.surgery.graph`) node by node
+over *channel prefixes*: sub-network N_s computes the channels of groups 0..s-1 of every tensor
+(``offsets[s]`` channels of its space) and nothing else. Nested layers get ``stages=(0, s)``;
+BN, grouped / depthwise convs and channel-wise ops get the matching channel slice of their
+parameters; un-nested (single-group) tensors are computed in full by N_1.
+
+Three ways to run it:
+
+- ``forward(x)``: one pass of N_K; every sub-network's features are a prefix of N_K's, so the K
+  heads give the K logits from that single pass (what joint training uses);
+- ``forward(x, subnet=s)``: N_s alone;
+- ``start(x)`` / ``step(state)``: N_1, then N_2, ... computing only the new group of every tensor
+  from the cached prefixes (``stages=(s, s+1)``, ``out=`` the cached full-width buffers).
+
+Heads (DESIGN.md §4.5): sub-network s pools its own feature prefix (F_s channels) and maps it with
+an alignment ``nn.Linear(F_s, F, bias=False)`` to the base feature width F; the last layer, the base
+classifier, is shared by all heads. The alignment starts as the 0/1 matrix summing the copies of
+each base feature channel, so N_K's head starts as exactly the base classifier on its features.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rdn.nn import NestedConv2d, NestedLinear
+from rdn.surgery.graph import SurgeryGraph
+from rdn.surgery.spaces import (
+    ChannelSpace,
+    alignment_weight,
+    inflate_batch_norm,
+    inflate_grouped_conv,
+    nested_parameters,
+)
+
+__all__ = ["RussianDollNet", "StagedState"]
+
+
+@dataclass
+class _Step:
+    """One node of the graph as the RDN runs it."""
+
+    node: fx.Node
+    role: str  # input, meta, fixed, nested, grouped, batchnorm, channelwise, classifier, output
+    space: ChannelSpace | None  # of the output (None: not a channel tensor)
+    shape: tuple[int, ...] | None  # output shape at the calibration batch (batch dim included)
+    itemsize: int
+    inputs: list[str]  # channel-carrying inputs
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+
+@dataclass
+class StagedState:
+    """What :meth:`RussianDollNet.step` needs to go from N_s to N_{s+1}.
+
+    Attributes:
+        subnet: s, the sub-network computed so far (1-based).
+        logits: (N, num_classes) of N_s.
+        values: every node's value; nested tensors as full-width buffers whose first
+            ``offsets[s]`` channels are valid.
+    """
+
+    subnet: int
+    logits: Tensor
+    values: dict[str, Any]
+
+    def index_select(self, index: Tensor) -> StagedState:
+        """The state of the samples ``index`` only (samples that did not exit yet)."""
+        batch = self.logits.shape[0]
+        values = {
+            name: value.index_select(0, index)
+            if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch
+            else value
+            for name, value in self.values.items()
+        }
+        return StagedState(self.subnet, self.logits.index_select(0, index), values)
+
+
+def batch_norm_channels(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, start: int, stop: int) -> Tensor:
+    """``bn`` applied to its channels ``start:stop`` (x holds exactly those channels).
+
+    In training mode the running statistics of those channels are updated in place, with the
+    momentum rule of ``nn.BatchNorm``; ``num_batches_tracked`` counts the passes that reach channel 0.
+    """
+    use_batch_stats = bn.training or bn.running_mean is None
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats:
+        if start == 0:
+            bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return F.batch_norm(
+        x,
+        None if bn.running_mean is None else bn.running_mean[start:stop],
+        None if bn.running_var is None else bn.running_var[start:stop],
+        None if bn.weight is None else bn.weight[start:stop],
+        None if bn.bias is None else bn.bias[start:stop],
+        use_batch_stats,
+        momentum,
+        bn.eps,
+    )
+
+
+def grouped_conv_channels(conv: nn.Conv2d, x: Tensor, start: int, stop: int) -> Tensor:
+    """Output channels ``start:stop`` of a grouped conv whose input slice ``x`` holds their groups."""
+    out_per_group = conv.out_channels // conv.groups
+    return F.conv2d(
+        x,
+        conv.weight[start:stop],
+        None if conv.bias is None else conv.bias[start:stop],
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        (stop - start) // out_per_group,
+    )
+
+
+def _conv_like_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
+    """MACs per sample of a stock conv / linear layer producing ``shape`` (batch first)."""
+    if isinstance(module, nn.Conv2d):
+        return (
+            module.out_channels
+            * module.in_channels
+            // module.groups
+            * math.prod(module.kernel_size)
+            * math.prod(shape[2:])
+        )
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features * math.prod(shape[2:])
+    return 0
+
+
+class RussianDollNet(nn.Module):
+    """K nested sub-networks of one base model (module docstring). Build it with :func:`rdn.surgery.nest`.
+
+    Args:
+        graph: the analysed base model.
+        orders: unit order of every defined channel space (the selection's result).
+        config: the settings that rebuild this structure (:attr:`rdn_config`).
+    """
+
+    def __init__(self, graph: SurgeryGraph, orders: dict[str, list[int]], config: dict) -> None:
+        super().__init__()
+        self.rdn_config = copy.deepcopy(config)
+        self.num_subnets = graph.num_groups
+        self._graph = graph.graph_module.graph
+        self.layers = nn.ModuleDict()
+        self._steps: list[_Step] = []
+        for name, info in graph.infos.items():
+            space = graph.space(info.space_key, orders) if info.space_key is not None else None
+            role = info.role
+            if role in ("nested", "grouped", "batchnorm", "channelwise", "opaque") and space.is_single_group:
+                role = "fixed"
+            if role == "opaque":
+                raise AssertionError(f"opaque node {name} outside the un-nested region")  # graph._pin forbids it
+            in_space = graph.space(graph.space_of(info.inputs[0]), orders) if info.inputs else None
+            if info.module is not None and role != "classifier":
+                self.layers[name] = self._convert(info.node, info.module, role, in_space, space)
+            itemsize = info.dtype.itemsize if info.dtype is not None else 0
+            self._steps.append(_Step(info.node, role, space, info.shape, itemsize, info.inputs))
+        self._by_name = {step.name: step for step in self._steps}
+        classifier = graph.infos[graph.classifier].module
+        self._features = graph.classifier_input
+        self._feature_space = graph.space(graph.space_of(self._features), orders)
+        self.classifier = copy.deepcopy(classifier)
+        self.heads = nn.ModuleList()
+        for s in range(1, self.num_subnets + 1):
+            width = self._feature_space.offsets[s]
+            head = nn.Linear(
+                width,
+                classifier.in_features,
+                bias=False,
+                device=classifier.weight.device,
+                dtype=classifier.weight.dtype,
+            )
+            with torch.no_grad():
+                head.weight.copy_(alignment_weight(self._feature_space, width, classifier.weight.dtype))
+            self.heads.append(head)
+        self.train(classifier.training)
+
+    @staticmethod
+    def _convert(node: fx.Node, module: nn.Module, role: str, in_space, space) -> nn.Module:
+        if role == "nested":
+            weight, bias, block_mask = nested_parameters(module.weight, module.bias, in_space, space)
+            if isinstance(module, nn.Linear):
+                nested = NestedLinear(
+                    in_space.splits,
+                    space.splits,
+                    bias=bias is not None,
+                    block_mask=block_mask,
+                    device=weight.device,
+                    dtype=weight.dtype,
+                )
+            else:
+                if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                    raise ValueError(
+                        f"conv {node.target} has padding {module.padding!r} / padding_mode {module.padding_mode!r}; "
+                        "nested convs need integer zero padding"
+                    )
+                nested = NestedConv2d(
+                    in_space.splits,
+                    space.splits,
+                    module.kernel_size,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    bias=bias is not None,
+                    block_mask=block_mask,
+                    device=weight.device,
+                    dtype=weight.dtype,
+                )
+            with torch.no_grad():
+                nested.weight.copy_(weight)
+                if bias is not None:
+                    nested.bias.copy_(bias)
+            return nested.train(module.training)
+        if role == "grouped":
+            if module.padding_mode != "zeros":
+                raise ValueError(f"grouped conv {node.target} has padding_mode {module.padding_mode!r}; only 'zeros'")
+            return inflate_grouped_conv(module, in_space, space)
+        if role == "batchnorm":
+            return inflate_batch_norm(module, space)
+        return copy.deepcopy(module)
+
+    # ------------------------------------------------------------------------------------------
+    # Running
+    # ------------------------------------------------------------------------------------------
+
+    def _check_subnet(self, s, name: str = "subnet") -> int:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"{name} must be an int in 1..{self.num_subnets}, got {s!r}")
+        if not 1 <= s <= self.num_subnets:
+            raise ValueError(f"{name} must satisfy 1 <= {name} <= K={self.num_subnets}, got {s}")
+        return s
+
+    def _call(self, step: _Step, fetch) -> Any:
+        node = step.node
+        args = fx.node.map_arg(node.args, fetch)
+        kwargs = fx.node.map_arg(node.kwargs, fetch)
+        if node.op == "call_module":
+            return self.layers[step.name](*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    def _run(self, x: Tensor | None, lo: int, hi: int, values: dict[str, Any], staged: bool) -> None:
+        """Compute groups lo..hi-1 of every tensor into ``values``.
+
+        Prefix mode (``staged=False``, lo = 0): ``values[name]`` becomes the first ``offsets[hi]``
+        channels. Staged mode: ``values`` holds full-width buffers, the new groups are written into them.
+        """
+        for step in self._steps:
+            name, role = step.name, step.role
+            if role == "input":
+                if not staged:
+                    values[name] = x
+                continue
+            if role in ("classifier", "output"):
+                continue
+            if role == "meta" or (role == "fixed" and lo == 0):
+                values[name] = self._call(step, lambda n: values[n.name])
+                continue
+            if role == "fixed":
+                continue
+            start, stop = step.space.offsets[lo], step.space.offsets[hi]
+            if start == stop:
+                continue
+            if role == "nested":
+                layer = self.layers[name]
+                source = values[step.inputs[0]]
+                if staged:
+                    layer(source[:, : layer.layout.in_offsets[hi]], stages=(lo, hi), out=values[name])
+                else:
+                    values[name] = layer(source, stages=(0, hi))
+                continue
+            if role == "grouped":
+                in_space = self._space_of(step.inputs[0])
+                source = values[step.inputs[0]][:, in_space.offsets[lo] : in_space.offsets[hi]]
+                result = grouped_conv_channels(self.layers[name], source, start, stop)
+            elif role == "batchnorm":
+                result = batch_norm_channels(self.layers[name], values[step.inputs[0]][:, start:stop], start, stop)
+            else:
+                result = self._call(step, lambda n, a=start, b=stop: self._slice(values, n.name, a, b))
+            if staged:
+                values[name][:, start:stop] = result
+            else:
+                values[name] = result
+
+    def _slice(self, values: dict[str, Any], name: str, start: int, stop: int):
+        value = values[name]
+        return value[:, start:stop] if self._by_name[name].space is not None else value
+
+    def _space_of(self, name: str) -> ChannelSpace:
+        return self._by_name[name].space
+
+    def _logits(self, s: int, features: Tensor) -> Tensor:
+        """Head of N_s on (a prefix of at least) its features (N, F_s...)."""
+        return self.classifier(self.heads[s - 1](features[:, : self._feature_space.offsets[s]]))
+
+    def forward(self, x: Tensor, subnet: int | None = None) -> list[Tensor] | Tensor:
+        """``subnet=None``: the K logits (N, num_classes) of N_1..N_K from one pass of N_K.
+        ``subnet=s``: the logits of N_s alone, computing only its groups.
+        """
+        if subnet is None:
+            values: dict[str, Any] = {}
+            self._run(x, 0, self.num_subnets, values, staged=False)
+            features = values[self._features]
+            return [self._logits(s, features) for s in range(1, self.num_subnets + 1)]
+        s = self._check_subnet(subnet)
+        values = {}
+        self._run(x, 0, s, values, staged=False)
+        return self._logits(s, values[self._features])
+
+    def start(self, x: Tensor) -> StagedState:
+        """Run N_1 and keep every tensor in a full-width buffer for :meth:`step`."""
+        values: dict[str, Any] = {}
+        self._run(x, 0, 1, values, staged=False)
+        for step in self._steps:
+            if step.role in ("nested", "grouped", "batchnorm", "channelwise"):
+                prefix = values[step.name]
+                buffer = prefix.new_zeros((prefix.shape[0], len(step.space), *prefix.shape[2:]))
+                buffer[:, : prefix.shape[1]] = prefix
+                values[step.name] = buffer
+        return StagedState(1, self._logits(1, values[self._features]), values)
+
+    def step(self, state: StagedState) -> StagedState:
+        """From N_s to N_{s+1}: compute group s+1 of every tensor from the cached groups 1..s."""
+        if not isinstance(state, StagedState):
+            raise TypeError(f"state must be a StagedState from start(), got {type(state).__name__}")
+        if state.subnet >= self.num_subnets:
+            raise ValueError(f"state is already at the last sub-network N_{self.num_subnets}")
+        s = state.subnet
+        self._run(None, s, s + 1, state.values, staged=True)
+        return StagedState(s + 1, self._logits(s + 1, state.values[self._features]), state.values)
+
+    # ------------------------------------------------------------------------------------------
+    # Costs (per sample, at the calibration input size)
+    # ------------------------------------------------------------------------------------------
+
+    def _channels(self, step: _Step, s: int) -> int:
+        return step.space.offsets[s] if step.space is not None and not step.space.is_single_group else step.shape[1]
+
+    def macs(self, s: int) -> int:
+        """Multiply-accumulates of N_s for one sample at the calibration input size.
+
+        Counts conv and linear layers only (BN, activations, adds and pooling are not MACs, as in
+        the MobileNet papers): nested layers count only the blocks N_s computes; grouped convs the
+        channels N_s computes; un-nested layers in full; plus N_s's head and the shared classifier.
+        """
+        s = self._check_subnet(s, "s")
+        total = 0
+        for step in self._steps:
+            spatial = math.prod(step.shape[2:]) if step.shape is not None else 1
+            if step.role == "nested":
+                layer = self.layers[step.name]
+                kernel = math.prod(layer.kernel_size) if isinstance(layer, NestedConv2d) else 1
+                total += layer.layout.useful_macs_per_pixel(0, s) * kernel * spatial
+            elif step.role == "grouped":
+                conv = self.layers[step.name]
+                total += step.space.offsets[s] * conv.weight.shape[1] * math.prod(conv.kernel_size) * spatial
+            elif step.role == "fixed" and step.name in self.layers:
+                total += _conv_like_macs(self.layers[step.name], step.shape)
+        return total + self.heads[s - 1].weight.numel() + self.classifier.weight.numel()
+
+    def params(self, s: int) -> int:
+        """Parameters N_s reads: its blocks, channel slices, un-nested layers, its head and the classifier."""
+        s = self._check_subnet(s, "s")
+        total = 0
+        for step in self._steps:
+            layer = self.layers[step.name] if step.name in self.layers else None
+            if step.role == "nested":
+                kernel = math.prod(layer.kernel_size) if isinstance(layer, NestedConv2d) else 1
+                total += layer.layout.useful_macs_per_pixel(0, s) * kernel
+                total += 0 if layer.bias is None else layer.layout.out_offsets[s]
+            elif step.role in ("grouped", "batchnorm"):
+                per_channel = sum(p[0].numel() for p in layer.parameters())
+                total += step.space.offsets[s] * per_channel
+            elif layer is not None:
+                total += sum(p.numel() for p in layer.parameters())
+        heads = self.heads[s - 1].weight.numel() + sum(p.numel() for p in self.classifier.parameters())
+        return total + heads
+
+    def peak_activation_bytes(self, s: int, batch_size: int = 1) -> int:
+        """Estimated peak activation memory of running N_s alone (bytes).
+
+        Walks the graph in execution order: every node's output (its N_s channels × pixels × dtype
+        size, at the calibration input size) is allocated when computed and freed after its last
+        reader; the peak of the live total is returned, times ``batch_size``. In-place ops and
+        allocator caching are ignored; the staged path keeps all buffers alive instead.
+        """
+        s = self._check_subnet(s, "s")
+        last_reader: dict[str, int] = {}
+        for index, step in enumerate(self._steps):
+            for node in step.node.all_input_nodes:
+                last_reader[node.name] = index
+        last_reader[self._features] = len(self._steps)
+        live, peak, sizes = 0, 0, {}
+        for index, step in enumerate(self._steps):
+            if step.shape is not None and step.role not in ("classifier", "output"):
+                sizes[step.name] = self._channels(step, s) * math.prod(step.shape[2:]) * step.itemsize
+                live += sizes[step.name]
+                peak = max(peak, live)
+            for node in step.node.all_input_nodes:
+                if last_reader[node.name] == index and node.name in sizes:
+                    live -= sizes.pop(node.name)
+        return peak * batch_size
+
+    # ------------------------------------------------------------------------------------------
+    # Export and rebuilding
+    # ------------------------------------------------------------------------------------------
+
+    def export(self, s: int) -> fx.GraphModule:
+        """N_s as a plain ``torch.fx.GraphModule`` of stock layers with sliced weights.
+
+        Nested layers become ``nn.Conv2d`` / ``nn.Linear`` on the prefix channels (blocks outside
+        the mask zero), BN and grouped convs are sliced, the head is ``nn.Sequential(alignment,
+        classifier)``. No custom op: it can be saved, ``torch.jit.trace``-d and ONNX-exported.
+        """
+        s = self._check_subnet(s, "s")
+        root: dict[str, nn.Module] = {}
+        graph = fx.Graph()
+        mapping: dict[fx.Node, fx.Node] = {}
+        for step in self._steps:
+            node = step.node
+            if step.role == "classifier":
+                root["head"] = nn.Sequential(copy.deepcopy(self.heads[s - 1]), copy.deepcopy(self.classifier))
+                mapping[node] = graph.call_module("head", (mapping[node.args[0]],))
+                continue
+            if node.op == "call_module":
+                root[step.name] = self._export_layer(step, s)
+                mapping[node] = graph.call_module(step.name, *fx.node.map_arg((node.args, node.kwargs), mapping.get))
+                continue
+            mapping[node] = graph.node_copy(node, lambda n: mapping[n])
+        exported = fx.GraphModule(root, graph)
+        return exported.train(self.training)
+
+    def _export_layer(self, step: _Step, s: int) -> nn.Module:
+        layer = self.layers[step.name]
+        if step.role == "nested":
+            return layer.export_linear(s) if isinstance(layer, NestedLinear) else layer.export_conv(s)
+        if step.role == "grouped":
+            in_channels = self._space_of(step.inputs[0]).offsets[s]
+            out_channels = step.space.offsets[s]
+            sliced = nn.Conv2d(
+                in_channels,
+                out_channels,
+                layer.kernel_size,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                groups=out_channels // (layer.out_channels // layer.groups),
+                bias=layer.bias is not None,
+                device=layer.weight.device,
+                dtype=layer.weight.dtype,
+            )
+            with torch.no_grad():
+                sliced.weight.copy_(layer.weight[:out_channels])
+                if layer.bias is not None:
+                    sliced.bias.copy_(layer.bias[:out_channels])
+            return sliced
+        if step.role == "batchnorm":
+            channels = step.space.offsets[s]
+            sliced = type(layer)(channels, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
+            sliced.to(layer.weight.device if layer.weight is not None else None)
+            state = {key: value[:channels] if value.dim() else value for key, value in layer.state_dict().items()}
+            sliced.load_state_dict(state)
+            return sliced
+        return copy.deepcopy(layer)
+
+    @classmethod
+    def from_config(cls, config: dict, model: nn.Module | None = None) -> RussianDollNet:
+        """Rebuild the structure saved in ``rdn_config`` (weights are then loaded with ``load_state_dict``).
+
+        Args:
+            config: :attr:`rdn_config` of the RDN to rebuild.
+            model: a base model of the same architecture; default: ``rdn.models.create(**config["base"])``.
+        """
+        from rdn.surgery.nest import build_from_config
+
+        return build_from_config(config, model)

@@ -1,0 +1,267 @@
+"""Channel spaces: how the channels of one tensor of the base model are laid out in the RDN.
+
+Every tensor of the base model that carries channels (dim 1) belongs to a *channel space*.
+Layers that act per channel (BN, activations, depthwise / grouped convs, residual adds, pooling)
+keep their input's space; a nested conv creates a new one. A space says, for every channel of
+the RDN tensor, which original channel it is a copy of and which of the K nesting groups holds it.
+Channels are stored group by group, so group ``q`` is the slice ``offsets[q]:offsets[q+1]``.
+
+Construction ("ladder"). The original channels are cut into *units* (1 channel, or one conv
+group when a grouped conv reads the tensor: its channels must move together) and the units are
+ordered by the selection (greedy or random) into k *primary groups* g = 0..k-1. Every unit of
+primary group g has copies at the groups of its *rungs* ``rungs[g]`` = (g, r_1, r_2, ...), strictly
+increasing; copy 0 is the primary. A nested conv writing the space computes, for original output
+channel o, ``y_o = Σ_c W[o, c] x_c``; every input channel copy x̃ (at input group G) is read by
+exactly one copy of o: the lowest rung q >= G. The copy at rung q therefore reads the input
+groups in (previous rung, q], which keeps the layer block-lower-triangular, and the copies of o
+sum to ``y_o`` exactly. The layer that reads the space sees the copies as separate channels with
+o's weights ("inflation"), so before any non-linearity it computes what the base layer did.
+
+Ladders by mode (0-based groups, k primary groups):
+
+- ``truncate``: K = k, rungs = (g,): connections from input groups > g are dropped.
+- ``expand``: K = 2k - 1, rungs drawn from (g, k + g [if g < k - 1], K - 1 [if exact]): the
+  secondary copy at k + g takes the connections the primary cannot read (DESIGN.md §4.2); with
+  ``exact`` a last copy at group K - 1 takes what the secondary cannot read either (inputs that
+  are themselves late copies), so every connection is kept. A rung is only created when some
+  input group needs it (see :mod:`rdn.surgery.graph`).
+
+A space with every channel in group 0 (``single_group``) is an un-nested tensor: the stem and the
+skipped blocks; N_1 already computes all of it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+from torch import Tensor, nn
+
+
+def ladder(primary_group: int, k: int, mode: str, exact: bool) -> tuple[int, ...]:
+    """Candidate rungs (0-based groups) of a unit in ``primary_group`` (see module docstring)."""
+    if mode == "truncate":
+        return (primary_group,)
+    last = 2 * k - 2
+    rungs = [primary_group]
+    if primary_group < k - 1:
+        rungs.append(k + primary_group)
+    if exact and rungs[-1] != last:
+        rungs.append(last)
+    return tuple(rungs)
+
+
+def num_groups_for(k: int, mode: str) -> int:
+    """K: the number of nesting groups (sub-networks) a surgery with k primary groups produces."""
+    return k if mode == "truncate" else 2 * k - 1
+
+
+@dataclass(frozen=True)
+class ChannelSpace:
+    """Layout of one RDN tensor's channels (module docstring).
+
+    Attributes:
+        num_groups: K.
+        channels: the original channel count.
+        unit: original channels per unit (they move together).
+        order: unit indices in nesting order; the first ``primary_sizes[0]`` form primary group 0, ...
+        primary_sizes: units per primary group.
+        rungs: per primary group, the increasing groups that hold its copies (``rungs[g][0] == g``).
+    """
+
+    num_groups: int
+    channels: int
+    unit: int
+    order: tuple[int, ...]
+    primary_sizes: tuple[int, ...]
+    rungs: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def single_group(cls, channels: int, num_groups: int) -> ChannelSpace:
+        """An un-nested tensor: every channel in group 0, no copies."""
+        return cls(num_groups, channels, 1, tuple(range(channels)), (channels,), ((0,),))
+
+    @property
+    def is_single_group(self) -> bool:
+        return self.rungs == ((0,),)
+
+    @functools.cached_property
+    def _layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, ...]]:
+        starts = (0, *accumulate(self.primary_sizes))
+        source, group, rung, previous = [], [], [], []
+        splits = []
+        for q in range(self.num_groups):
+            size = 0
+            for g, rungs in enumerate(self.rungs):
+                if q not in rungs:
+                    continue
+                r = rungs.index(q)
+                for unit in self.order[starts[g] : starts[g + 1]]:
+                    channels = range(unit * self.unit, (unit + 1) * self.unit)
+                    source.extend(channels)
+                    group.extend([q] * self.unit)
+                    rung.extend([r] * self.unit)
+                    previous.extend([rungs[r - 1] if r else -1] * self.unit)
+                    size += self.unit
+            splits.append(size)
+        as_long = functools.partial(torch.tensor, dtype=torch.long)
+        return as_long(source), as_long(group), as_long(rung), as_long(previous), tuple(splits)
+
+    @property
+    def source(self) -> Tensor:
+        """(len,) long: the original channel each RDN channel is a copy of."""
+        return self._layout[0]
+
+    @property
+    def group(self) -> Tensor:
+        """(len,) long: the nesting group (0-based) of each RDN channel, non-decreasing."""
+        return self._layout[1]
+
+    @property
+    def rung(self) -> Tensor:
+        """(len,) long: 0 for the primary copy, 1, 2 for later copies."""
+        return self._layout[2]
+
+    @property
+    def previous_rung_group(self) -> Tensor:
+        """(len,) long: group of the copy below this one (-1 for a primary)."""
+        return self._layout[3]
+
+    @property
+    def splits(self) -> tuple[int, ...]:
+        """K channel counts, one per nesting group (zeros allowed)."""
+        return self._layout[4]
+
+    @functools.cached_property
+    def offsets(self) -> tuple[int, ...]:
+        return (0, *accumulate(self.splits))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def occupied_groups(self) -> set[int]:
+        return {q for q, size in enumerate(self.splits) if size}
+
+    @functools.cached_property
+    def primary_group_of_channel(self) -> Tensor:
+        """(channels,) long: the primary group of each *original* channel."""
+        groups = torch.empty(self.channels, dtype=torch.long)
+        primary = self.rung == 0
+        groups[self.source[primary]] = self.group[primary]
+        return groups
+
+    def derived(self, channels: int, unit: int) -> ChannelSpace:
+        """The same units, groups and copies over another tensor (a grouped conv's output)."""
+        return ChannelSpace(self.num_groups, channels, unit, self.order, self.primary_sizes, self.rungs)
+
+    def to_config(self) -> dict:
+        return {
+            "order": list(self.order),
+            "primary_sizes": list(self.primary_sizes),
+            "rungs": [list(r) for r in self.rungs],
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Inflation of the layers that read or write a space
+# ----------------------------------------------------------------------------------------------
+
+
+def nested_parameters(
+    weight: Tensor, bias: Tensor | None, in_space: ChannelSpace, out_space: ChannelSpace
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Weight, bias and block mask of the nested layer replacing a plain conv / linear layer.
+
+    Args:
+        weight: (d, c, ...) of the base layer; bias (d,) or None.
+    Returns:
+        weight (len(out), len(in), ...) where copy o' of output o reads input copy c' of c with
+        W[o, c] iff ``previous_rung_group(o') < group(c') <= group(o')``, else 0; bias on primary
+        copies only; the (K, K) bool block mask of the blocks holding any connection.
+    """
+    w = weight.detach()[out_space.source][:, in_space.source]
+    in_group = in_space.group.to(w.device)
+    reads = (out_space.previous_rung_group.to(w.device)[:, None] < in_group[None, :]) & (
+        in_group[None, :] <= out_space.group.to(w.device)[:, None]
+    )
+    w = w * reads.view(*reads.shape, *(1,) * (w.dim() - 2)).to(w.dtype)
+    num_groups = out_space.num_groups
+    block_mask = torch.zeros(num_groups, num_groups, dtype=torch.bool)
+    for j in range(num_groups):
+        rows = reads[out_space.offsets[j] : out_space.offsets[j + 1]]
+        for i in range(j + 1):
+            block_mask[j, i] = bool(rows[:, in_space.offsets[i] : in_space.offsets[i + 1]].any())
+    return w, primary_only(bias, out_space), block_mask
+
+
+def primary_only(values: Tensor | None, space: ChannelSpace) -> Tensor | None:
+    """Per-channel offsets (bias, BN shift, running mean) copied to primaries, zero on later copies."""
+    if values is None:
+        return None
+    values = values.detach()[space.source]
+    return values * (space.rung == 0).to(values.device, values.dtype)
+
+
+@torch.no_grad()
+def inflate_batch_norm(bn: nn.modules.batchnorm._BatchNorm, space: ChannelSpace) -> nn.modules.batchnorm._BatchNorm:
+    """BN over the space's channels: scale on every copy, shift (β and the mean) on primaries only.
+
+    In eval mode ``Σ copies BN'(x̃) = BN(Σ copies x̃)`` exactly.
+    """
+    inflated = type(bn)(len(space), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    inflated.to(device=_device_of(bn), dtype=_dtype_of(bn))
+    if bn.affine:
+        inflated.weight.copy_(bn.weight[space.source])
+        inflated.bias.copy_(primary_only(bn.bias, space))
+    if bn.track_running_stats:
+        inflated.running_mean.copy_(primary_only(bn.running_mean, space))
+        inflated.running_var.copy_(bn.running_var[space.source])
+        inflated.num_batches_tracked.copy_(bn.num_batches_tracked)
+    inflated.train(bn.training)
+    return inflated
+
+
+@torch.no_grad()
+def inflate_grouped_conv(conv: nn.Conv2d, in_space: ChannelSpace, out_space: ChannelSpace) -> nn.Conv2d:
+    """A grouped / depthwise conv over the spaces: each copy of a conv group gets that group's filters."""
+    in_per_group = conv.in_channels // conv.groups
+    out_per_group = conv.out_channels // conv.groups
+    conv_groups = in_space.source[::in_per_group] // in_per_group  # base conv group of each new group
+    weight = conv.weight.view(conv.groups, out_per_group, *conv.weight.shape[1:])[conv_groups]
+    inflated = nn.Conv2d(
+        len(in_space),
+        len(out_space),
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        groups=len(conv_groups),
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    inflated.weight.copy_(weight.reshape(inflated.weight.shape))
+    if conv.bias is not None:
+        inflated.bias.copy_(primary_only(conv.bias, out_space))
+    inflated.train(conv.training)
+    return inflated
+
+
+def alignment_weight(space: ChannelSpace, prefix_channels: int, dtype: torch.dtype) -> Tensor:
+    """(channels, prefix_channels): sums the copies of each original channel of a feature prefix."""
+    weight = torch.zeros(space.channels, prefix_channels, dtype=dtype)
+    weight[space.source[:prefix_channels], torch.arange(prefix_channels)] = 1.0
+    return weight
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensors = [*module.parameters(), *module.buffers()]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return floats[0].dtype if floats else torch.get_default_dtype()
