@@ -50,6 +50,14 @@ bool is_pointwise(const at::Tensor& weight, const Geometry& geometry) {
          geometry.padding == std::vector<int64_t>{0, 0};
 }
 
+// The fp16 / bf16 kernel uses cp.async and mma m16n8k16, which need compute capability 8.0.
+bool has_pointwise_kernel(const at::Tensor& input) {
+  if (input.scalar_type() == at::kFloat) return true;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, input.get_device()));
+  return major >= 8;
+}
+
 // A (N, C, H, W) tensor the kernels index directly: pixel p = (n, h, w) at p · C, channel stride 1.
 bool is_pixel_matrix(const at::Tensor& t) { return t.is_contiguous(at::MemoryFormat::ChannelsLast); }
 
@@ -109,7 +117,8 @@ void pointwise_forward(const at::Tensor& input, const at::Tensor& weight, const 
   if (table.num_groups > 0) flush();
 }
 
-// k×k or strided convolution: per output group, cuDNN convolutions over its input runs.
+// k×k or strided convolutions (and fp16 / bf16 before sm_80): per output group, cuDNN
+// convolutions over its input runs.
 void general_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                      const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi, at::Tensor& output,
                      int64_t output_channel_base) {
@@ -153,7 +162,7 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
   const int64_t channels = layout.out_offsets[hi] - layout.out_offsets[lo];
   const auto shape = output_shape(input, weight, geometry, channels);
 
-  if (!is_pointwise(weight, geometry)) {
+  if (!is_pointwise(weight, geometry) || !has_pointwise_kernel(input)) {
     at::Tensor output = out ? *out : at::empty(shape, input.options().memory_format(memory_format_of(input)));
     general_forward(input, weight_c, bias_c, layout, geometry, lo, hi, output, out ? 0 : layout.out_offsets[lo]);
     return output;
@@ -166,7 +175,10 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
     pointwise_forward(pixels, weight_c, bias_tensor, layout, lo, hi, target, 0);
     return target;
   }
-  at::Tensor result = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // The result in the input's format when the kernels can write that directly (channels_last, or
+  // (N, C, 1, 1)), else in a channels_last buffer converted below.
+  at::Tensor result = at::empty(shape, input.options().memory_format(memory_format_of(input)));
+  if (!is_pixel_matrix(result)) result = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   pointwise_forward(pixels, weight_c, bias_tensor, layout, lo, hi, result, layout.out_offsets[lo]);
   if (out) {
     out->narrow(1, layout.out_offsets[lo], channels).copy_(result);

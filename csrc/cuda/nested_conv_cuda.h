@@ -16,7 +16,8 @@ namespace cuda {
 // 1×1 kernels with stride 1 and no padding run the nested pointwise GEMM kernels (one launch per
 // up to kMaxGroupsPerLaunch groups): in place on channels_last / (N, C, 1, 1) tensors; an NCHW
 // input is copied to channels_last once, and an NCHW result goes through a channels_last buffer.
-// Other convolutions run per output group as cuDNN convolutions on weight and input views.
+// Other convolutions, and fp16 / bf16 on GPUs before sm_80 (no cp.async / mma m16n8k16), run per
+// output group as cuDNN convolutions on weight and input views.
 at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi,
                    const c10::optional<at::Tensor>& out);

@@ -130,6 +130,11 @@ __device__ __forceinline__ void load_tile(SharedTile* tile, const uint16_t* base
 
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads) nested_pointwise_mma_kernel(const __grid_constant__ PointwiseProblem problem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // cp.async and mma m16n8k16 need sm_80; the glue sends older GPUs to cuDNN instead. This
+  // branch only keeps builds that also target older architectures compiling.
+  __trap();
+#else
   __shared__ alignas(16) uint16_t x_tiles[kStages][kBlockM][kPitch];
   __shared__ alignas(16) uint16_t w_tiles[kStages][kBlockN][kPitch];
 
@@ -228,6 +233,7 @@ __global__ void __launch_bounds__(kThreads) nested_pointwise_mma_kernel(const __
       }
     }
   }
+#endif
 }
 
 // cp.async copies 16 bytes: every row start and every run start must be 16-byte aligned.

@@ -33,7 +33,8 @@ __device__ __forceinline__ BlockTile locate_block_tile(const GroupTable& table) 
 }
 
 // Walks the input-channel runs of one group, BlockK channels at a time; the last step of a run
-// may be partial (`limit()` is where the run ends) and never crosses into the next run.
+// may be partial (`limit()` is where the run ends) and never crosses into the next run. Empty
+// runs are skipped, so the steps taken always equal count_k_steps.
 struct RunCursor {
   const GroupTable& table;
   int run, run_stop;
@@ -41,20 +42,29 @@ struct RunCursor {
 
   __device__ RunCursor(const GroupTable& t, int group)
       : table(t), run(t.run_begin[group]), run_stop(t.run_begin[group + 1]), channel(0) {
-    if (run < run_stop) channel = table.runs[run].begin;
+    enter_run();
   }
   __device__ bool valid() const { return run < run_stop; }
   __device__ int32_t limit() const { return table.runs[run].end; }
   __device__ void advance(int block_k) {
     channel += block_k;
-    if (channel >= table.runs[run].end && ++run < run_stop) channel = table.runs[run].begin;
+    if (channel >= table.runs[run].end) {
+      ++run;
+      enter_run();
+    }
+  }
+
+ private:
+  __device__ void enter_run() {
+    while (run < run_stop && table.runs[run].begin >= table.runs[run].end) ++run;
+    if (run < run_stop) channel = table.runs[run].begin;
   }
 };
 
 __device__ __forceinline__ int count_k_steps(const GroupTable& table, int group, int block_k) {
   int steps = 0;
   for (int run = table.run_begin[group]; run < table.run_begin[group + 1]; ++run) {
-    steps += (table.runs[run].end - table.runs[run].begin + block_k - 1) / block_k;
+    steps += max(0, table.runs[run].end - table.runs[run].begin + block_k - 1) / block_k;
   }
   return steps;
 }

@@ -6,8 +6,9 @@ padding, and linear layers, run the hand-written nested pointwise GEMM kernels â
 float32 â€” one launch for all output groups of the stage, each output tile reducing only over the
 input-channel runs of its group, bias fused, and with ``out=`` the groups written straight into
 their channel slice of a channels_last (or (N, D, 1, 1)) buffer. NCHW tensors of spatial size
-> 1 go through one copy to channels_last (and back for the result). Other convolutions run per
-output group as cuDNN convolutions on weight and input views.
+> 1 go through one copy to channels_last (and back for the result). Other convolutions, and
+float16 / bfloat16 on GPUs older than sm_80, run per output group as cuDNN convolutions on weight
+and input views.
 
 Backward has no CUDA kernel of its own: it delegates to the reference backward
 (:func:`rdn_kernels.nested_conv.naive.nested_conv2d_reference_backward`), one cuDNN
