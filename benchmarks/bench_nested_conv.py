@@ -61,7 +61,7 @@ from benchmarks.harness import (
 from benchmarks.report import best_ours_vs_best_baseline, write_reports
 from benchmarks.shapes import MODES, PLAN_NAMES, Case, LayerShape, Plan, plan
 from rdn_kernels import available_backends, nested_conv2d, nested_linear
-from rdn_kernels.backends import BackendUnavailableError
+from rdn_kernels.backends import KNOWN_BACKENDS, BackendUnavailableError
 from rdn_kernels.layout import NestedLayout
 
 ROLES = ("ours", "baseline", "reference")
@@ -371,10 +371,17 @@ def _case_columns(case: Case) -> dict:
 
 
 def run_cases(cases: Sequence[Case], device: torch.device, config: TimingConfig,
-              memory_format: torch.memory_format = torch.contiguous_format,
+              memory_format: torch.memory_format = torch.contiguous_format, backends: Sequence[str] | None = None,
               progress: Callable[[str], None] | None = print) -> list[dict]:
-    """Run every case; consecutive cases of one (layer, batch, K, dtype) share their tensors."""
-    backends = available_backends(device)
+    """Run every case; consecutive cases of one (layer, batch, K, dtype) share their tensors.
+
+    ``backends``: which of ours to time (default: every backend available on ``device``).
+    """
+    available = available_backends(device)
+    backends = available if backends is None else list(backends)
+    missing = [name for name in backends if name not in available]
+    if missing:
+        raise ValueError(f"backends {missing} are not available on {device.type}; available: {available}")
     rows = []
     for _, group in groupby(cases, key=lambda c: (c.layer.geometry_key, c.batch, c.num_groups, c.dtype)):
         group = list(group)
@@ -441,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "e.g. resnext50,efficientnet_lite0)")
     parser.add_argument("--stages", choices=("all", "ends"), help="override the plan's stage selection")
     parser.add_argument("--channels-last", action="store_true", help="NHWC inputs (convolutions only)")
+    parser.add_argument("--backends", type=_choice_list(KNOWN_BACKENDS),
+                        help="which of our backends to time (default: every available one)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU; default: torch's)")
     parser.add_argument("--timing", choices=tuple(TIMING_PRESETS), help="timing preset (default: full, quick)")
     parser.add_argument("--name", default="nested_conv", help="file-name stem of the outputs")
     return parser
@@ -467,12 +477,17 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     cases = _select_plan(args).cases(args.modes)
     config = TIMING_PRESETS[args.timing or ("quick" if args.quick else "full")]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    backends = args.backends or available_backends(device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     info = machine_info(device)
-    info |= {"backends": ", ".join(available_backends(device)), "memory_format": "channels_last"
+    info |= {"backends": ", ".join(backends), "memory_format": "channels_last"
              if args.channels_last else "contiguous", "timing": str(config),
              "command": " ".join(["python -m benchmarks.bench_nested_conv", *(sys.argv[1:] if argv is None else argv)])}
     print(f"{len(cases)} cases on {info['device']} ({info['cpu']}, {info['torch_threads']} threads)", flush=True)
-    rows = run_cases(cases, device, config, memory_format, progress=lambda line: print(line, flush=True))
+    rows = run_cases(cases, device, config, memory_format, backends, progress=lambda line: print(line, flush=True))
     stem = f"{args.name}_{device_tag(device)}" + ("_quick" if args.quick else "")
     paths = write_reports(rows, info, args.out, stem)
     for path in paths.values():
