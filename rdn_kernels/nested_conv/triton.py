@@ -58,33 +58,33 @@ class TileConfig:
 
 
 # M = output pixels, N = output channels, K = input channels.
+# Pruned by the static check: 128x128x32 (8 warps) spills on both targets, and 64x64x32 (4 warps)
+# spills in fp32 on sm_80.
 FORWARD_CONFIGS: tuple[TileConfig, ...] = (
-    TileConfig(128, 128, 32, 8, 3, _HALF),
-    TileConfig(128, 64, 32, 4, 4, _HALF),
-    TileConfig(64, 128, 32, 4, 4, _HALF),
+    TileConfig(128, 64, 32, 8, 3, _HALF),
+    TileConfig(64, 128, 32, 8, 3, _HALF),
     TileConfig(128, 32, 32, 4, 4, _HALF),
-    TileConfig(64, 64, 32, 4, 3),
+    TileConfig(128, 32, 64, 4, 3, _HALF),
+    TileConfig(64, 64, 64, 4, 3, _HALF),
+    TileConfig(64, 64, 32, 4, 3, _HALF),
     TileConfig(64, 32, 32, 4, 3),
+    TileConfig(64, 64, 16, 4, 3, ("float32",)),
     TileConfig(128, 64, 16, 8, 2, ("float32",)),
 )
-# M = input pixels of one stride phase, N = input channels, K = output channels.
-GRAD_INPUT_CONFIGS: tuple[TileConfig, ...] = (
-    TileConfig(128, 128, 32, 8, 3, _HALF),
-    TileConfig(128, 64, 32, 4, 4, _HALF),
-    TileConfig(64, 128, 32, 4, 4, _HALF),
-    TileConfig(128, 32, 32, 4, 4, _HALF),
-    TileConfig(64, 64, 32, 4, 3),
-    TileConfig(64, 32, 32, 4, 3),
-    TileConfig(128, 64, 16, 8, 2, ("float32",)),
-)
-# M = output channels, N = input channels, K = output pixels (the long reduction).
+# M = input pixels of one stride phase, N = input channels, K = output channels: the same GEMM
+# shape as the forward, and the same configurations pass the static check.
+GRAD_INPUT_CONFIGS: tuple[TileConfig, ...] = FORWARD_CONFIGS
+# M = output channels, N = input channels, K = output pixels (the long reduction). Pruned by the
+# static check: 64x64x64 with 4 warps spills on sm_80; 32x32 tiles get no wgmma on sm_90 (fp32 only).
 GRAD_WEIGHT_CONFIGS: tuple[TileConfig, ...] = (
     TileConfig(128, 128, 32, 8, 3, _HALF),
-    TileConfig(64, 64, 64, 4, 3, _HALF),
+    TileConfig(128, 64, 64, 8, 3, _HALF),
+    TileConfig(64, 64, 64, 8, 3, _HALF),
     TileConfig(128, 64, 32, 4, 4, _HALF),
     TileConfig(64, 64, 32, 4, 3),
-    TileConfig(32, 32, 64, 4, 3),
+    TileConfig(32, 32, 64, 4, 3, ("float32",)),
     TileConfig(64, 64, 16, 4, 2, ("float32",)),
+    TileConfig(64, 64, 32, 8, 3, ("float32",)),
 )
 # The interpreter runs on CPU where timing is meaningless; tiles smaller than any channel group
 # of the tests make every kernel cross tile, run and chunk boundaries there.
@@ -207,10 +207,18 @@ def _phase_table(geometry: ConvGeometry, kernel_size: tuple[int, int], device: t
 # ----------------------------------------------------------------------------------------------
 
 
-def _dot_options(dtype: torch.dtype, device: torch.device) -> dict:
-    """Accumulator dtype and ``tl.dot`` precision: fp32 accumulation, TF32 only when torch allows it."""
+def _channel_alignment(layout: NestedLayout) -> int:
+    """Largest power of two (at most 16) dividing every channel offset: the kernels' CHANNEL_ALIGN hint."""
+    offsets = (*layout.in_offsets, *layout.out_offsets)
+    return next(align for align in (16, 8, 4, 2, 1) if all(offset % align == 0 for offset in offsets))
+
+
+def _kernel_options(layout: NestedLayout, dtype: torch.dtype, device: torch.device) -> dict:
+    """Compile-time options shared by the three kernels: channel alignment, accumulator dtype and
+    ``tl.dot`` precision (fp32 accumulation; TF32 only when torch allows it for matmuls)."""
     use_tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     return {
+        "CHANNEL_ALIGN": _channel_alignment(layout),
         "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
         "INPUT_PRECISION": "tf32" if use_tf32 else "ieee",
     }
@@ -283,7 +291,7 @@ def forward(
         layout.in_offsets[hi], layout.out_offsets[hi] - layout.out_offsets[lo],
         HAS_BIAS=bias is not None,
         POINTWISE=(kernel_h, kernel_w) == (1, 1) and geometry.is_pointwise_identity,
-        **_dot_options(input.dtype, input.device),
+        **_kernel_options(layout, input.dtype, input.device),
     )  # fmt: skip
     return result
 
@@ -324,7 +332,7 @@ def grad_input(
         *geometry.stride, *geometry.padding, *geometry.dilation, tap_step_h, tap_step_w,
         *grad_output.stride(), layout.out_offsets[lo], *weight.stride(), *result.stride(),
         channels, grad_output.shape[1], kernel_h, kernel_w,
-        **_dot_options(input.dtype, input.device),
+        **_kernel_options(layout, input.dtype, input.device),
     )  # fmt: skip
     return result
 
@@ -397,7 +405,7 @@ def grad_weight(
         *input.stride(), *grad_output.stride(), layout.out_offsets[lo],
         split_stride, *split_strides,
         input.shape[1], grad_output.shape[1], kernel_h,
-        **_dot_options(input.dtype, input.device),
+        **_kernel_options(layout, input.dtype, input.device),
     )  # fmt: skip
     return target if num_splits == 1 else target.sum(0).to(weight.dtype)
 

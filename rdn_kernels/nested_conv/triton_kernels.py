@@ -16,6 +16,12 @@ less than a launch), so one launch covers every group of the stage whatever the 
 the autotuned config. Tiles use the GEMM names: the dot product is (BLOCK_M × BLOCK_K) @
 (BLOCK_K × BLOCK_N) accumulated in ACC_DTYPE (fp32, or fp64 for fp64 tensors).
 
+CHANNEL_ALIGN is a power of two dividing every channel offset of the layout (and the channel
+base): the ``tl.multiple_of`` hints it gives let channels_last tiles load as 16-byte vectors,
+which is what allows the loads to be pipelined through shared memory (cp.async). Without the
+hint the loads stay scalar and unpipelined (measured on sm_90: 240 instead of 80 registers for a
+64×32×32 bf16 forward tile).
+
 Offsets: a pixel's batch term ``n * stride_n`` is computed in int64 (the launchers check that one
 image fits in int32), so tensors larger than 2**31 elements are addressed correctly.
 """
@@ -73,7 +79,8 @@ def nested_conv_forward_kernel(
     w_stride_o, w_stride_i, w_stride_h, w_stride_w,
     y_stride_n, y_stride_c, y_stride_h, y_stride_w, y_channel_base,
     in_channels, out_channels,
-    HAS_BIAS: tl.constexpr, POINTWISE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, POINTWISE: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Y[:, co] = Σ over the input runs of co's group and the kernel taps of X ⋆ W, + bias.
@@ -89,7 +96,9 @@ def nested_conv_forward_kernel(
     channel_tile = pid % num_channel_tiles
     pixel_tile = pid // num_channel_tiles
     segment, co_start, _ = _locate_tile(channel_tile, segments_ptr, num_segments, BLOCK_N, 1, False)
-    co_stop = tl.load(segments_ptr + 4 * segment + 1)
+    co_start = tl.multiple_of(co_start, CHANNEL_ALIGN)
+    co_stop = tl.multiple_of(tl.load(segments_ptr + 4 * segment + 1), CHANNEL_ALIGN)
+    y_channel_base = tl.multiple_of(y_channel_base, CHANNEL_ALIGN)
     run_first = tl.load(segments_ptr + 4 * segment + 2)
     run_stop = tl.load(segments_ptr + 4 * segment + 3)
 
@@ -107,8 +116,8 @@ def nested_conv_forward_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for run in range(run_first, run_stop):
-        ci_start = tl.load(runs_ptr + 2 * run)
-        ci_stop = tl.load(runs_ptr + 2 * run + 1)
+        ci_start = tl.multiple_of(tl.load(runs_ptr + 2 * run), CHANNEL_ALIGN)
+        ci_stop = tl.multiple_of(tl.load(runs_ptr + 2 * run + 1), CHANNEL_ALIGN)
         num_chunks = tl.cdiv(ci_stop - ci_start, BLOCK_K)
         # One flat loop over (tap, channel chunk) so the pipeliner overlaps loads across taps.
         for step in range(0, kernel_h * kernel_w * num_chunks):
@@ -157,7 +166,7 @@ def nested_conv_grad_input_kernel(
     w_stride_o, w_stride_i, w_stride_h, w_stride_w,
     gx_stride_n, gx_stride_c, gx_stride_h, gx_stride_w,
     in_channels, out_channels, kernel_h, kernel_w,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CHANNEL_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dX[:, ci] = Σ over the output runs reading ci's group and the valid taps of dY ⋆ Wᵀ.
@@ -176,7 +185,9 @@ def nested_conv_grad_input_kernel(
     channel_tile = pid % num_channel_tiles
     pixel_tile = pid // num_channel_tiles
     segment, ci_start, _ = _locate_tile(channel_tile, segments_ptr, num_segments, BLOCK_N, 1, False)
-    ci_stop = tl.load(segments_ptr + 4 * segment + 1)
+    ci_start = tl.multiple_of(ci_start, CHANNEL_ALIGN)
+    ci_stop = tl.multiple_of(tl.load(segments_ptr + 4 * segment + 1), CHANNEL_ALIGN)
+    go_channel_base = tl.multiple_of(go_channel_base, CHANNEL_ALIGN)
     run_first = tl.load(segments_ptr + 4 * segment + 2)
     run_stop = tl.load(segments_ptr + 4 * segment + 3)
     phase_h = phase // stride_w
@@ -200,8 +211,8 @@ def nested_conv_grad_input_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for run in range(run_first, run_stop):
-        co_start = tl.load(runs_ptr + 2 * run)
-        co_stop = tl.load(runs_ptr + 2 * run + 1)
+        co_start = tl.multiple_of(tl.load(runs_ptr + 2 * run), CHANNEL_ALIGN)
+        co_stop = tl.multiple_of(tl.load(runs_ptr + 2 * run + 1), CHANNEL_ALIGN)
         num_chunks = tl.cdiv(co_stop - co_start, BLOCK_K)
         for step in range(0, r_count * s_count * num_chunks):
             tap = step // num_chunks
@@ -243,7 +254,7 @@ def nested_conv_grad_weight_kernel(
     go_stride_n, go_stride_c, go_stride_h, go_stride_w, go_channel_base,
     gw_stride_split, gw_stride_o, gw_stride_i, gw_stride_h, gw_stride_w,
     in_channels, out_channels, kernel_h,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CHANNEL_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dW[co, ci, r, s] = Σ over output pixels of dY[:, co] · X[:, ci] at the tap's input pixel.
@@ -257,8 +268,11 @@ def nested_conv_grad_weight_kernel(
     tap = tl.program_id(1)
     split = tl.program_id(2)
     block, co_start, ci_start = _locate_tile(tl.program_id(0), blocks_ptr, num_blocks, BLOCK_M, BLOCK_N, True)
-    co_stop = tl.load(blocks_ptr + 4 * block + 1)
-    ci_stop = tl.load(blocks_ptr + 4 * block + 3)
+    co_start = tl.multiple_of(co_start, CHANNEL_ALIGN)
+    ci_start = tl.multiple_of(ci_start, CHANNEL_ALIGN)
+    co_stop = tl.multiple_of(tl.load(blocks_ptr + 4 * block + 1), CHANNEL_ALIGN)
+    ci_stop = tl.multiple_of(tl.load(blocks_ptr + 4 * block + 3), CHANNEL_ALIGN)
+    go_channel_base = tl.multiple_of(go_channel_base, CHANNEL_ALIGN)
     r = tap // kernel_w
     s = tap % kernel_w
 
