@@ -9,6 +9,7 @@ Knobs (environment variables):
 
 import glob
 import os
+import platform
 
 import torch
 from setuptools import setup
@@ -24,6 +25,8 @@ def _build_cuda() -> bool:
 
 def extension():
     sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    if platform.machine() not in ("x86_64", "AMD64"):  # the AVX instantiations are x86-only
+        sources = [source for source in sources if "_avx" not in source]
     cxx_flags = ["-O3", "-fopenmp"]
     if _build_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

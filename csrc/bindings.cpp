@@ -55,5 +55,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                   {stride, padding, dilation}, lo, hi, out);
       },
       "Nested conv2d forward of output groups lo..hi-1 (CUDA).");
+  m.def(
+      "nested_conv2d_backward_cuda",
+      [](const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, bool has_bias,
+         std::vector<int64_t> in_offsets, std::vector<int64_t> out_offsets, std::vector<bool> mask,
+         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t lo,
+         int64_t hi, bool needs_input, bool needs_weight) {
+        return rdn::cuda::backward(grad_output, input, weight, has_bias, make_layout(in_offsets, out_offsets, mask),
+                                   {stride, padding, dilation}, lo, hi, needs_input, needs_weight);
+      },
+      "Nested conv2d backward (CUDA): (grad_input, grad_weight, grad_bias).");
 #endif
 }

@@ -1,39 +1,33 @@
 // C++ CPU kernels of the nested (block-lower-triangular) convolution.
 //
-// 1×1 convolutions and linear layers (stride 1, no padding) are a GEMM over pixels:
-// Y[p, o] = Σ_c X[p, c] · W[o, c]. The block triangle is covered by one GEMM per
-// (destination group, run of contiguous source channels) on strided views of the operands
-// — no copy of the input, no masked copy of the weight. Pixels are cut into tiles small enough
-// that a tile of X stays in cache while every output group of that tile is computed, and the
-// tiles run in parallel; inside a parallel region BLAS runs single-threaded.
+// 1×1 convolutions and linear layers (stride 1, no padding) are a product over pixels:
+// Y[p, o] = Σ_c X[p, c] · W[o, c]. Pixels are cut into tiles; each tile of the input is packed
+// pixel-major into a per-thread buffer that stays in L2 (a transpose for channels_last, a copy
+// per channel for NCHW), every destination group of the tile is computed by the register-blocked
+// micro-kernels of pixel_major_kernels.h — whose reduction loops visit only the source channels
+// in the block mask — and the result is unpacked into the output (bias added on the way). Tiles
+// run in parallel. No copy of the whole input, no masked copy of the weight.
 //
-// Other convolutions run per output group on ATen (oneDNN) convolutions of weight and input
-// views, which measures faster here than an im2col GEMM of our own.
+// Other convolutions (k×k, strided) run per output group on ATen (oneDNN) convolutions of weight
+// and input views.
 
 #include "nested_conv_cpu.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/irange.h>
 
 #include <algorithm>
-#include <climits>
+#include <cstring>
 #include <vector>
 
-extern "C" {
-// Fortran BLAS, provided by the BLAS that libtorch_cpu links (MKL on x86-64 wheels).
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
-}
+#include "pixel_major.h"
 
 namespace rdn {
 namespace cpu {
 namespace {
 
-// A strided 2-D view; one of the two strides is 1 (or the dimension it steps over is 1).
+namespace pm = pixel_major;
+
+// A strided 2-D view (rows = pixels, cols = channels); one stride is 1 in the layouts we take.
 template <typename T>
 struct Matrix {
   T* data;
@@ -42,81 +36,7 @@ struct Matrix {
   Matrix block(int64_t row, int64_t num_rows, int64_t col, int64_t num_cols) const {
     return {data + row * row_stride + col * col_stride, num_rows, num_cols, row_stride, col_stride};
   }
-  Matrix transposed() const { return {data, cols, rows, col_stride, row_stride}; }
-  bool column_major() const { return row_stride == 1 || rows == 1; }
 };
-
-void blas_gemm(char ta, char tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
-               float beta, float* c, int ldc) {
-  const float alpha = 1.f;
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
-void blas_gemm(char ta, char tb, int m, int n, int k, const double* a, int lda, const double* b, int ldb,
-               double beta, double* c, int ldc) {
-  const double alpha = 1.;
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
-int checked_int(int64_t value) {
-  TORCH_CHECK(value <= INT_MAX, "rdn cpp backend: GEMM dimension ", value, " exceeds the 32-bit BLAS interface");
-  return static_cast<int>(value);
-}
-
-// Column-major view of an operand for BLAS: transpose flag and leading dimension.
-template <typename T>
-std::pair<char, int64_t> blas_operand(const Matrix<T>& m) {
-  if (m.column_major()) return {'N', std::max<int64_t>(m.col_stride, std::max<int64_t>(m.rows, 1))};
-  TORCH_INTERNAL_ASSERT(m.col_stride == 1 || m.cols == 1, "rdn cpp backend: operand has no unit stride");
-  return {'T', std::max<int64_t>(m.row_stride, std::max<int64_t>(m.cols, 1))};
-}
-
-// c = a · b + beta · c
-template <typename T>
-void gemm(const Matrix<const T>& a, const Matrix<const T>& b, const Matrix<T>& c, T beta) {
-  if (c.rows == 0 || c.cols == 0) return;
-  if (!c.column_major()) {  // row-major c: compute cᵀ = bᵀ · aᵀ, which is column-major
-    gemm(b.transposed(), a.transposed(), c.transposed(), beta);
-    return;
-  }
-  auto [ta, lda] = blas_operand(a);
-  auto [tb, ldb] = blas_operand(b);
-  const int64_t ldc = std::max<int64_t>(c.col_stride, std::max<int64_t>(c.rows, 1));
-  blas_gemm(ta, tb, checked_int(c.rows), checked_int(c.cols), checked_int(a.cols), a.data, checked_int(lda),
-            b.data, checked_int(ldb), beta, c.data, checked_int(ldc));
-}
-
-template <typename T>
-void fill_block(const Matrix<T>& c, const T* column_values) {
-  const bool rows_inner = c.row_stride == 1;
-  const int64_t outer = rows_inner ? c.cols : c.rows, inner = rows_inner ? c.rows : c.cols;
-  const int64_t outer_stride = rows_inner ? c.col_stride : c.row_stride;
-  const int64_t inner_stride = rows_inner ? 1 : c.col_stride;
-  for (int64_t o = 0; o < outer; ++o) {
-    T* line = c.data + o * outer_stride;
-    for (int64_t i = 0; i < inner; ++i) {
-      const int64_t col = rows_inner ? o : i;
-      line[i * inner_stride] = column_values ? column_values[col] : T(0);
-    }
-  }
-}
-
-template <typename T>
-void add_to_columns(const Matrix<T>& c, const T* column_values) {
-  const bool rows_inner = c.row_stride == 1;
-  if (rows_inner) {
-    for (int64_t col = 0; col < c.cols; ++col) {
-      T* line = c.data + col * c.col_stride;
-      const T value = column_values[col];
-      for (int64_t row = 0; row < c.rows; ++row) line[row] += value;
-    }
-  } else {
-    for (int64_t row = 0; row < c.rows; ++row) {
-      T* line = c.data + row * c.row_stride;
-      for (int64_t col = 0; col < c.cols; ++col) line[col * c.col_stride] += column_values[col];
-    }
-  }
-}
 
 // Pixels × channels of a (N, C, H, W) tensor, contiguous in NCHW or NHWC. When every operand is
 // NHWC the samples are contiguous in pixels and the batch is one matrix of N·H·W rows.
@@ -135,30 +55,18 @@ struct PixelMatrix {
     const int64_t pixel_stride = t.size(3) > 1 ? t.stride(3) : t.stride(2);
     return {data, t.size(0), pixels, t.size(1), t.stride(0), pixel_stride, t.stride(1)};
   }
-  bool flattenable() const { return samples <= 1 || sample_stride == rows * row_stride; }
+  bool flattenable() const { return samples <= 1 || (sample_stride == rows * row_stride && row_stride != 1); }
   PixelMatrix flattened() const { return {data, 1, samples * rows, cols, samples * rows * row_stride, row_stride, col_stride}; }
   Matrix<T> sample(int64_t n) const { return {data + n * sample_stride, rows, cols, row_stride, col_stride}; }
 };
 
-template <typename A, typename C>
-void flatten_together(PixelMatrix<A>& a, PixelMatrix<C>& c) {
-  if (a.flattenable() && c.flattenable() && a.row_stride != 1 && c.row_stride != 1) {
+template <typename A, typename B>
+void flatten_together(PixelMatrix<A>& a, PixelMatrix<B>& b) {
+  if (a.flattenable() && b.flattenable()) {
     a = a.flattened();
-    c = c.flattened();
+    b = b.flattened();
   }
 }
-
-struct Run {
-  int64_t a_col, b_row, length;
-};
-
-// One destination channel range of C and the runs of source channels it sums over.
-template <typename T>
-struct Destination {
-  int64_t c_col, b_col, width;
-  std::vector<Run> runs;
-  const T* bias;  // width values, or nullptr
-};
 
 std::vector<std::pair<int64_t, int64_t>> coalesce(const std::vector<std::pair<int64_t, int64_t>>& ranges) {
   std::vector<std::pair<int64_t, int64_t>> runs;
@@ -191,125 +99,201 @@ std::vector<std::pair<int64_t, int64_t>> output_runs(const BlockLayout& layout, 
   return coalesce(ranges);
 }
 
-// Rows per tile: a tile of A and C should stay in a core's L2 while all destinations run.
-int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row, int64_t tasks_wanted) {
-  constexpr int64_t kTileBytes = 512 * 1024;
-  int64_t rows = std::max<int64_t>(kTileBytes / std::max<int64_t>(bytes_per_row, 1), 64);
-  rows = std::min(rows, std::max<int64_t>(64, (total_rows + tasks_wanted - 1) / tasks_wanted));
-  return std::max<int64_t>(std::min(rows, total_rows), 1);
+template <typename T>
+const pm::Kernels<T>& kernels();
+template <>
+const pm::Kernels<float>& kernels<float>() { return pm::float_kernels(); }
+template <>
+const pm::Kernels<double>& kernels<double>() { return pm::double_kernels(); }
+
+// Pixel tiling of a problem reading and writing `channels` values per pixel. Tiles run over the
+// batch's pixels as one range, so a tile may span samples (short images waste no padding).
+struct Tiling {
+  int64_t rows, padded_rows, tasks;
+
+  Tiling(int64_t total_rows, int64_t channels, int64_t element_size, int64_t multiple) {
+    constexpr int64_t kTileBytes = 384 * 1024;  // both packed tiles in a core's L2 (1–2 MB)
+    const int64_t threads = at::get_num_threads();
+    int64_t rows_wanted = kTileBytes / std::max<int64_t>(channels * element_size, 1);
+    // Enough tasks to keep every thread busy.
+    rows_wanted = std::min(rows_wanted, (total_rows + 4 * threads - 1) / (4 * threads));
+    rows = std::max(rows_wanted / multiple * multiple, multiple);
+    padded_rows = rows;
+    tasks = (total_rows + rows - 1) / rows;
+  }
+};
+
+// Calls visit(block, offset) for the pieces of global rows [row, row + count) of `matrix`, one
+// per sample they touch; `offset` is the piece's first row within the tile.
+template <typename T, typename Visit>
+void for_each_piece(const PixelMatrix<T>& matrix, int64_t row, int64_t count, int64_t cols, int64_t col0,
+                    Visit&& visit) {
+  int64_t offset = 0;
+  while (offset < count) {
+    const int64_t n = (row + offset) / matrix.rows, local = (row + offset) % matrix.rows;
+    const int64_t rows = std::min(count - offset, matrix.rows - local);
+    visit(matrix.sample(n).block(local, rows, col0, cols), offset);
+    offset += rows;
+  }
 }
 
-// C[:, dest] = Σ_runs A[:, run] · B[run, dest] (+ bias) for every destination, tile by tile.
+// buffer[c][p] = source[p][c] for a (pixels × channels) block; rows of `buffer` are `padded` apart.
 template <typename T>
-void blocked_gemm(PixelMatrix<const T> a, const Matrix<const T>& b, PixelMatrix<T> c,
-                  const std::vector<Destination<T>>& destinations) {
-  flatten_together(a, c);
-  const int64_t threads = at::get_num_threads();
-  const int64_t rows = tile_rows(c.rows, (a.cols + c.cols) * sizeof(T), std::max<int64_t>(1, 4 * threads / c.samples));
-  const int64_t tiles_per_sample = (c.rows + rows - 1) / rows;
-  at::parallel_for(0, c.samples * tiles_per_sample, 1, [&](int64_t begin, int64_t end) {
+void pack_tile(const Matrix<const T>& source, T* buffer, int64_t padded) {
+  if (source.row_stride == 1) {  // NCHW: each channel is a contiguous run of pixels
+    for (int64_t c = 0; c < source.cols; ++c) {
+      std::memcpy(buffer + c * padded, source.data + c * source.col_stride, source.rows * sizeof(T));
+    }
+  } else {  // NHWC: a transpose
+    kernels<T>().transpose(source.data, source.row_stride, source.rows, source.cols, buffer, padded, nullptr);
+  }
+}
+
+// dest[p][c] = buffer[c][p] (+ bias[c]) for a (pixels × channels) block.
+template <typename T>
+void unpack_tile(const T* buffer, int64_t padded, const Matrix<T>& dest, const T* bias) {
+  if (dest.row_stride == 1) {
+    for (int64_t c = 0; c < dest.cols; ++c) {
+      T* column = dest.data + c * dest.col_stride;
+      const T* values = buffer + c * padded;
+      const T offset = bias ? bias[c] : T(0);
+      for (int64_t p = 0; p < dest.rows; ++p) column[p] = values[p] + offset;
+    }
+  } else {
+    kernels<T>().transpose(buffer, padded, dest.cols, dest.rows, dest.data, dest.row_stride, bias);
+  }
+}
+
+// Destination blocks with their runs, owning the storage the kernel's raw pointers refer to.
+struct DestinationPlan {
+  std::vector<pm::DestinationBlock> blocks;
+  std::vector<std::vector<pm::Run>> runs;
+
+  void add(int64_t dest_row, int64_t weight_index, int64_t rows, std::vector<pm::Run> block_runs) {
+    if (rows == 0) return;
+    runs.push_back(std::move(block_runs));
+    blocks.push_back({dest_row, weight_index, rows, nullptr, 0});
+  }
+  void finalize() {
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      blocks[b].runs = runs[b].data();
+      blocks[b].num_runs = static_cast<int64_t>(runs[b].size());
+    }
+  }
+};
+
+// dest[:, dest_col .. dest_col + dest_cols) = product of `source`'s first `source_cols` channels
+// with the weight, as the plan says, tile by tile in parallel.
+template <typename T>
+void tiled_product(PixelMatrix<const T> source, int64_t source_cols, PixelMatrix<T> dest, int64_t dest_col,
+                   int64_t dest_cols, const T* weight, int64_t weight_dest_stride, int64_t weight_source_stride,
+                   DestinationPlan& plan, const T* bias) {
+  plan.finalize();
+  flatten_together(source, dest);
+  const auto& kernel = kernels<T>();
+  const int64_t total_rows = dest.samples * dest.rows;
+  const Tiling tiling(total_rows, source_cols + dest_cols, sizeof(T), kernel.pixel_multiple);
+  at::parallel_for(0, tiling.tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> source_tile(source_cols * tiling.padded_rows), dest_tile(dest_cols * tiling.padded_rows);
+    const pm::Product<T> problem{source_tile.data(), tiling.padded_rows, weight, weight_dest_stride,
+                                 weight_source_stride, dest_tile.data(), tiling.padded_rows, tiling.padded_rows,
+                                 plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiles_per_sample, row = (task % tiles_per_sample) * rows;
-      const int64_t num_rows = std::min(rows, c.rows - row);
-      const Matrix<const T> a_tile = a.sample(n).block(row, num_rows, 0, a.cols);
-      const Matrix<T> c_tile = c.sample(n).block(row, num_rows, 0, c.cols);
-      for (const auto& dest : destinations) {
-        const Matrix<T> out = c_tile.block(0, num_rows, dest.c_col, dest.width);
-        if (dest.width == 0) continue;
-        if (dest.runs.empty()) {
-          fill_block(out, dest.bias);
-          continue;
-        }
-        T beta = 0;
-        for (const auto& run : dest.runs) {
-          gemm(a_tile.block(0, num_rows, run.a_col, run.length), b.block(run.b_row, run.length, dest.b_col, dest.width),
-               out, beta);
-          beta = 1;
-        }
-        if (dest.bias) add_to_columns(out, dest.bias);
-      }
+      const int64_t row = task * tiling.rows, rows = std::min(tiling.rows, total_rows - row);
+      if (rows < tiling.rows) std::fill(source_tile.begin(), source_tile.end(), T(0));  // last tile: no garbage
+      for_each_piece(source, row, rows, source_cols, 0, [&](const Matrix<const T>& piece, int64_t offset) {
+        pack_tile(piece, source_tile.data() + offset, tiling.padded_rows);
+      });
+      kernel.product(problem);
+      for_each_piece(dest, row, rows, dest_cols, dest_col, [&](const Matrix<T>& piece, int64_t offset) {
+        unpack_tile<T>(dest_tile.data() + offset, tiling.padded_rows, piece, bias);
+      });
     }
   });
-}
-
-template <typename T>
-Matrix<const T> weight_matrix(const at::Tensor& weight) {  // (D, C, 1, 1) as D × C
-  return {weight.data_ptr<T>(), weight.size(0), weight.size(1), weight.stride(0), weight.stride(1)};
 }
 
 template <typename T>
 void pointwise_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        const BlockLayout& layout, int64_t lo, int64_t hi, at::Tensor& output, int64_t out_base) {
-  std::vector<Destination<T>> destinations;
-  const T* bias_data = bias ? bias->data_ptr<T>() : nullptr;
+  const int64_t first = layout.out_offsets[lo], channels = weight.size(1);
+  DestinationPlan plan;
   for (int64_t j = lo; j < hi; ++j) {
-    Destination<T> dest{layout.out_offsets[j] - out_base, layout.out_offsets[j], layout.out_splits(j), {},
-                        bias_data ? bias_data + layout.out_offsets[j] : nullptr};
-    for (const auto& [start, stop] : input_runs(layout, j)) dest.runs.push_back({start, start, stop - start});
-    destinations.push_back(std::move(dest));
+    std::vector<pm::Run> runs;
+    for (const auto& [start, stop] : input_runs(layout, j)) runs.push_back({start, start, stop - start});
+    plan.add(layout.out_offsets[j] - first, layout.out_offsets[j], layout.out_splits(j), std::move(runs));
   }
-  blocked_gemm<T>(PixelMatrix<const T>::of(input), weight_matrix<T>(weight).transposed(), PixelMatrix<T>::of(output),
-                  destinations);
+  tiled_product<T>(PixelMatrix<const T>::of(input), layout.in_offsets[hi], PixelMatrix<T>::of(output),
+                   first - out_base, layout.out_offsets[hi] - first, weight.data_ptr<T>(), channels, 1, plan,
+                   bias ? bias->data_ptr<T>() + first : nullptr);
 }
 
 template <typename T>
 void pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight, const BlockLayout& layout,
                           int64_t lo, int64_t hi, at::Tensor& grad_input) {
-  const int64_t base = layout.out_offsets[lo];
-  std::vector<Destination<T>> destinations;
+  const int64_t base = layout.out_offsets[lo], channels = weight.size(1);
+  DestinationPlan plan;
   for (int64_t i = 0; i < hi; ++i) {
-    Destination<T> dest{layout.in_offsets[i], layout.in_offsets[i], layout.in_splits(i), {}, nullptr};
-    for (const auto& [start, stop] : output_runs(layout, i, lo, hi)) dest.runs.push_back({start - base, start, stop - start});
-    destinations.push_back(std::move(dest));
+    std::vector<pm::Run> runs;
+    for (const auto& [start, stop] : output_runs(layout, i, lo, hi)) runs.push_back({start - base, start, stop - start});
+    plan.add(layout.in_offsets[i], layout.in_offsets[i], layout.in_splits(i), std::move(runs));
   }
   // Input channels of groups ≥ hi are not read by these stages: their gradient is zero.
   const int64_t prefix = layout.in_offsets[hi];
-  destinations.push_back({prefix, prefix, grad_input.size(1) - prefix, {}, nullptr});
-  blocked_gemm<T>(PixelMatrix<const T>::of(grad_output), weight_matrix<T>(weight), PixelMatrix<T>::of(grad_input),
-                  destinations);
+  plan.add(prefix, prefix, grad_input.size(1) - prefix, {});
+  tiled_product<T>(PixelMatrix<const T>::of(grad_output), grad_output.size(1), PixelMatrix<T>::of(grad_input), 0,
+                   grad_input.size(1), weight.data_ptr<T>(), 1, channels, plan, nullptr);
 }
 
-// grad_weight[j-block, run] = Σ_pixels grad_output[:, j]ᵀ · input[:, run]; one accumulator per
+// grad_weight[j-block, run] = Σ_pixels grad_output[:, j]ᵀ · input[:, run]: one accumulator per
 // thread, summed at the end. Blocks outside the mask are never touched and stay exactly zero.
 template <typename T>
 at::Tensor pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                                  const BlockLayout& layout, int64_t lo, int64_t hi) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t base = layout.out_offsets[lo];
-  auto a = PixelMatrix<const T>::of(grad_output);
-  auto x = PixelMatrix<const T>::of(input);
-  if (a.flattenable() && x.flattenable() && a.row_stride != 1 && x.row_stride != 1) {
-    a = a.flattened();
-    x = x.flattened();
+  const int64_t base = layout.out_offsets[lo], read = layout.in_offsets[hi];
+  std::vector<std::vector<pm::DotRun>> runs;
+  std::vector<pm::DotBlock> blocks;
+  for (int64_t j = lo; j < hi; ++j) {
+    if (layout.out_splits(j) == 0) continue;
+    std::vector<pm::DotRun> block_runs;
+    for (const auto& [start, stop] : input_runs(layout, j)) block_runs.push_back({start, start, stop - start});
+    runs.push_back(std::move(block_runs));
+    blocks.push_back({layout.out_offsets[j] - base, layout.out_offsets[j], layout.out_splits(j), nullptr, 0});
   }
-  const int64_t rows = tile_rows(a.rows, (a.cols + x.cols) * sizeof(T), std::max<int64_t>(1, 2 * threads / a.samples));
-  const int64_t tiles_per_sample = (a.rows + rows - 1) / rows;
-  const int64_t tasks = a.samples * tiles_per_sample;
-  const int64_t accumulators = std::min(threads, tasks);
-  at::Tensor partial = at::zeros({accumulators, weight.size(0), weight.size(1)}, weight.options());
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs(hi);
-  for (int64_t j = lo; j < hi; ++j) runs[j] = input_runs(layout, j);
-  at::parallel_for(0, accumulators, 1, [&](int64_t begin, int64_t end) {
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    blocks[b].runs = runs[b].data();
+    blocks[b].num_runs = static_cast<int64_t>(runs[b].size());
+  }
+  auto gradient = PixelMatrix<const T>::of(grad_output);
+  auto activation = PixelMatrix<const T>::of(input);
+  flatten_together(gradient, activation);
+  const auto& kernel = kernels<T>();
+  const int64_t gradient_cols = grad_output.size(1), total_rows = gradient.samples * gradient.rows;
+  const Tiling tiling(total_rows, gradient_cols + read, sizeof(T), kernel.pixel_multiple);
+  const int64_t slots = std::min<int64_t>(at::get_num_threads(), tiling.tasks);
+  at::Tensor partial = at::zeros({slots, weight.size(0), weight.size(1)}, weight.options());
+  at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> gradient_tile(gradient_cols * tiling.padded_rows), activation_tile(read * tiling.padded_rows);
     for (int64_t slot = begin; slot < end; ++slot) {
-      T* acc_data = partial.data_ptr<T>() + slot * weight.size(0) * weight.size(1);
-      const Matrix<T> acc{acc_data, weight.size(0), weight.size(1), weight.size(1), 1};
-      for (int64_t task = slot; task < tasks; task += accumulators) {
-        const int64_t n = task / tiles_per_sample, row = (task % tiles_per_sample) * rows;
-        const int64_t num_rows = std::min(rows, a.rows - row);
-        const Matrix<const T> a_tile = a.sample(n).block(row, num_rows, 0, a.cols);
-        const Matrix<const T> x_tile = x.sample(n).block(row, num_rows, 0, x.cols);
-        for (int64_t j = lo; j < hi; ++j) {
-          const int64_t out_start = layout.out_offsets[j], width = layout.out_splits(j);
-          if (width == 0) continue;
-          for (const auto& [start, stop] : runs[j]) {
-            gemm(a_tile.block(0, num_rows, out_start - base, width).transposed(),
-                 x_tile.block(0, num_rows, start, stop - start), acc.block(out_start, width, start, stop - start), T(1));
-          }
+      const pm::Dot<T> problem{gradient_tile.data(), tiling.padded_rows, activation_tile.data(), tiling.padded_rows,
+                               partial.data_ptr<T>() + slot * weight.size(0) * weight.size(1), weight.size(1),
+                               tiling.padded_rows, blocks.data(), static_cast<int64_t>(blocks.size())};
+      for (int64_t task = slot; task < tiling.tasks; task += slots) {
+        const int64_t row = task * tiling.rows, rows = std::min(tiling.rows, total_rows - row);
+        if (rows < tiling.rows) {  // the padding of the last tile must be zero in both operands
+          std::fill(gradient_tile.begin(), gradient_tile.end(), T(0));
+          std::fill(activation_tile.begin(), activation_tile.end(), T(0));
         }
+        for_each_piece(gradient, row, rows, gradient_cols, 0, [&](const Matrix<const T>& piece, int64_t offset) {
+          pack_tile(piece, gradient_tile.data() + offset, tiling.padded_rows);
+        });
+        for_each_piece(activation, row, rows, read, 0, [&](const Matrix<const T>& piece, int64_t offset) {
+          pack_tile(piece, activation_tile.data() + offset, tiling.padded_rows);
+        });
+        kernel.dot(problem);
       }
     }
   });
-  return (accumulators == 1 ? partial[0] : partial.sum(0)).view(weight.sizes());
+  return (slots == 1 ? partial[0] : partial.sum(0)).view(weight.sizes());
 }
 
 bool is_pixel_matrix(const at::Tensor& t) {

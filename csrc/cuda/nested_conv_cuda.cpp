@@ -1,12 +1,16 @@
 // Torch glue of the CUDA backend: checks, allocation, layouts, stream, dtype dispatch, and the
-// packing of output groups and their input-channel runs into the kernels' GroupTable.
+// packing of destination channel ranges and their source-channel runs into the kernels'
+// GroupTable. The backward reuses the forward kernel for grad_input (transposed weight, the
+// upper-triangular runs) and cuBLAS for grad_weight; k×k convolutions use cuDNN per block run.
 #include "nested_conv_cuda.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "nested_pointwise.h"
@@ -15,17 +19,36 @@ namespace rdn {
 namespace cuda {
 namespace {
 
+// One destination channel range of a pointwise product and the source-channel runs it sums over.
+struct Destination {
+  int64_t begin, end;
+  std::vector<ChannelRun> runs;
+};
+
+void append_run(std::vector<ChannelRun>& runs, int64_t begin, int64_t end) {
+  if (begin == end) return;
+  if (!runs.empty() && runs.back().end == begin) {
+    runs.back().end = static_cast<int32_t>(end);
+  } else {
+    runs.push_back({static_cast<int32_t>(begin), static_cast<int32_t>(end)});
+  }
+}
+
 // Coalesced input-channel runs read by output group j.
 std::vector<ChannelRun> input_runs(const BlockLayout& layout, int64_t j) {
   std::vector<ChannelRun> runs;
   for (int64_t i = 0; i <= j; ++i) {
-    if (!layout.has_block(j, i)) continue;
-    const auto begin = static_cast<int32_t>(layout.in_offsets[i]), end = static_cast<int32_t>(layout.in_offsets[i + 1]);
-    if (!runs.empty() && runs.back().end == begin) {
-      runs.back().end = end;
-    } else {
-      runs.push_back({begin, end});
-    }
+    if (layout.has_block(j, i)) append_run(runs, layout.in_offsets[i], layout.in_offsets[i + 1]);
+  }
+  return runs;
+}
+
+// Coalesced output-channel runs of groups lo..hi-1 that read input group i, as columns of a
+// grad_output that starts at output channel `base`.
+std::vector<ChannelRun> output_runs(const BlockLayout& layout, int64_t i, int64_t lo, int64_t hi, int64_t base) {
+  std::vector<ChannelRun> runs;
+  for (int64_t j = std::max(lo, i); j < hi; ++j) {
+    if (layout.has_block(j, i)) append_run(runs, layout.out_offsets[j] - base, layout.out_offsets[j + 1] - base);
   }
   return runs;
 }
@@ -72,49 +95,102 @@ void launch(const PointwiseProblem& problem, at::ScalarType type, cudaStream_t s
   C10_CUDA_CHECK(error);
 }
 
-// Y[:, groups lo..hi-1] of `output` (a pixel matrix whose channel 0 is output channel
-// `output_channel_base`), packing as many groups per launch as one GroupTable holds.
-void pointwise_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                       const BlockLayout& layout, int64_t lo, int64_t hi, at::Tensor& output,
-                       int64_t output_channel_base) {
+// y[:, d.begin - y_channel_base .. d.end - y_channel_base) = Σ_{run of d} x[:, run] · w[d, run]ᵀ (+ bias[d])
+// for every destination d; x and y are pixel matrices, w (rows × its columns) has unit column
+// stride. Packs as many destinations per launch as one GroupTable holds.
+void run_pointwise(const at::Tensor& x, const void* weight, int64_t weight_row_stride, const at::Tensor& bias,
+                   at::Tensor& y, int64_t y_channel_base, const std::vector<Destination>& destinations) {
   constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(weight.size(0) <= kInt32Max && weight.size(1) <= kInt32Max,
-              "rdn cuda backend: channel counts must fit in 32 bits, got weight ", weight.sizes());
   PointwiseProblem problem{};
-  problem.input = input.data_ptr();
-  problem.input_row_stride = input.size(1);
-  problem.weight = weight.data_ptr();
-  problem.weight_row_stride = weight.size(1);
+  problem.input = x.data_ptr();
+  problem.input_row_stride = x.size(1);
+  problem.weight = weight;
+  problem.weight_row_stride = weight_row_stride;
   problem.bias = bias.defined() ? bias.data_ptr() : nullptr;
-  problem.output = output.data_ptr();
-  problem.output_row_stride = output.size(1);
-  problem.output_channel_base = static_cast<int32_t>(output_channel_base);
-  problem.pixels = input.size(0) * input.size(2) * input.size(3);
+  problem.output = y.data_ptr();
+  problem.output_row_stride = y.size(1);
+  problem.output_channel_base = static_cast<int32_t>(y_channel_base);
+  problem.pixels = x.size(0) * x.size(2) * x.size(3);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   GroupTable& table = problem.groups;
   const auto flush = [&] {
-    launch(problem, input.scalar_type(), stream);
+    launch(problem, x.scalar_type(), stream);
     table.num_groups = 0;
     table.run_begin[0] = 0;
   };
-  for (int64_t j = lo; j < hi; ++j) {
-    if (layout.out_splits(j) == 0) continue;
-    const std::vector<ChannelRun> runs = input_runs(layout, j);
-    TORCH_CHECK(static_cast<int64_t>(runs.size()) <= kMaxRunsPerLaunch, "rdn cuda backend: output group ", j,
-                " reads ", runs.size(), " separate input-channel runs; the kernel takes at most ", kMaxRunsPerLaunch);
-    if (table.num_groups == kMaxGroupsPerLaunch ||
-        table.run_begin[table.num_groups] + static_cast<int64_t>(runs.size()) > kMaxRunsPerLaunch) {
+  for (const Destination& destination : destinations) {
+    if (destination.end == destination.begin) continue;
+    TORCH_CHECK(destination.end <= kInt32Max && x.size(1) <= kInt32Max && y.size(1) <= kInt32Max,
+                "rdn cuda backend: channel counts must fit in 32 bits");
+    const int64_t num_runs = static_cast<int64_t>(destination.runs.size());
+    TORCH_CHECK(num_runs <= kMaxRunsPerLaunch, "rdn cuda backend: channels [", destination.begin, ", ",
+                destination.end, ") sum over ", num_runs, " separate channel runs; the kernel takes at most ",
+                kMaxRunsPerLaunch);
+    if (table.num_groups == kMaxGroupsPerLaunch || table.run_begin[table.num_groups] + num_runs > kMaxRunsPerLaunch) {
       flush();
     }
     const int g = table.num_groups++;
-    table.out_begin[g] = static_cast<int32_t>(layout.out_offsets[j]);
-    table.out_end[g] = static_cast<int32_t>(layout.out_offsets[j + 1]);
+    table.out_begin[g] = static_cast<int32_t>(destination.begin);
+    table.out_end[g] = static_cast<int32_t>(destination.end);
     int32_t run_count = table.run_begin[g];
-    for (const ChannelRun& run : runs) table.runs[run_count++] = run;
+    for (const ChannelRun& run : destination.runs) table.runs[run_count++] = run;
     table.run_begin[g + 1] = run_count;
   }
   if (table.num_groups > 0) flush();
+}
+
+// Output groups lo..hi-1 into `output`, whose channel 0 is output channel `output_channel_base`.
+void pointwise_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                       const BlockLayout& layout, int64_t lo, int64_t hi, at::Tensor& output,
+                       int64_t output_channel_base) {
+  std::vector<Destination> destinations;
+  for (int64_t j = lo; j < hi; ++j) {
+    destinations.push_back({layout.out_offsets[j], layout.out_offsets[j + 1], input_runs(layout, j)});
+  }
+  run_pointwise(input, weight.data_ptr(), weight.size(1), bias, output, output_channel_base, destinations);
+}
+
+// grad_input[:, c] = Σ_{o in output runs of group(c)} grad_output[:, o] · W[o, c]: the same nested
+// product with the transposed weight (C × D, made contiguous once; small next to activations).
+// Input channels that no computed group reads (groups ≥ hi) get a destination without runs: zero.
+void pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight, const BlockLayout& layout,
+                          int64_t lo, int64_t hi, at::Tensor& grad_input) {
+  const int64_t base = layout.out_offsets[lo];
+  const at::Tensor weight_t = weight.view({weight.size(0), weight.size(1)}).t().contiguous();
+  // Columns of grad_output are output channels from `base`: start the weight rows there too.
+  const void* weight_from_base = static_cast<const char*>(weight_t.data_ptr()) + base * weight_t.element_size();
+  std::vector<Destination> destinations;
+  for (int64_t i = 0; i < hi; ++i) {
+    destinations.push_back({layout.in_offsets[i], layout.in_offsets[i + 1], output_runs(layout, i, lo, hi, base)});
+  }
+  destinations.push_back({layout.in_offsets[hi], grad_input.size(1), {}});
+  run_pointwise(grad_output, weight_from_base, weight_t.size(1), at::Tensor(), grad_input, 0, destinations);
+}
+
+// grad_weight[group j rows, run] = grad_output[:, j]ᵀ · input[:, run] (cuBLAS, one product per
+// block run); every other entry stays exactly zero.
+at::Tensor pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                 const BlockLayout& layout, int64_t lo, int64_t hi) {
+  const auto as_rows = [](const at::Tensor& t) {  // pixel matrix (N, C, H, W) → (N·H·W, C) view
+    return t.permute({0, 2, 3, 1}).reshape({t.size(0) * t.size(2) * t.size(3), t.size(1)});
+  };
+  const at::Tensor grad_rows = as_rows(grad_output), input_rows = as_rows(input);
+  at::Tensor grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  const at::Tensor grad_matrix = grad_weight.view({weight.size(0), weight.size(1)});
+  const int64_t base = layout.out_offsets[lo];
+  for (int64_t j = lo; j < hi; ++j) {
+    const int64_t out_start = layout.out_offsets[j], width = layout.out_splits(j);
+    if (width == 0) continue;
+    const at::Tensor grad_group = grad_rows.narrow(1, out_start - base, width).t();
+    for (const ChannelRun& run : input_runs(layout, j)) {
+      const int64_t length = run.end - run.begin;
+      grad_matrix.narrow(0, out_start, width)
+          .narrow(1, run.begin, length)
+          .copy_(at::mm(grad_group, input_rows.narrow(1, run.begin, length)));
+    }
+  }
+  return grad_weight;
 }
 
 // k×k or strided convolutions (and fp16 / bf16 before sm_80): per output group, cuDNN
@@ -146,16 +222,44 @@ void general_forward(const at::Tensor& input, const at::Tensor& weight, const c1
   }
 }
 
-}  // namespace
+std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                    const at::Tensor& weight, const BlockLayout& layout,
+                                                    const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input,
+                                                    bool needs_weight) {
+  at::Tensor grad_input = needs_input ? at::zeros_like(input) : at::Tensor();
+  at::Tensor grad_weight = needs_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::Tensor();
+  const int64_t base = layout.out_offsets[lo];
+  for (int64_t j = lo; j < hi; ++j) {
+    const int64_t out_start = layout.out_offsets[j], width = layout.out_splits(j);
+    if (width == 0) continue;
+    const at::Tensor grad_group = grad_output.narrow(1, out_start - base, width);
+    for (const ChannelRun& run : input_runs(layout, j)) {
+      const int64_t length = run.end - run.begin;
+      auto [block_input, block_weight, unused] = at::convolution_backward(
+          grad_group, input.narrow(1, run.begin, length), weight.narrow(0, out_start, width).narrow(1, run.begin, length),
+          c10::nullopt, geometry.stride, geometry.padding, geometry.dilation, false, {0, 0}, 1,
+          {needs_input, needs_weight, false});
+      if (needs_input) grad_input.narrow(1, run.begin, length).add_(block_input);
+      if (needs_weight) grad_weight.narrow(0, out_start, width).narrow(1, run.begin, length).copy_(block_weight);
+    }
+  }
+  return {grad_input, grad_weight};
+}
 
-at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                   const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi,
-                   const c10::optional<at::Tensor>& out) {
+void check_operands(const at::Tensor& input, const at::Tensor& weight) {
   TORCH_CHECK(input.is_cuda() && weight.is_cuda(), "rdn cuda backend: expected CUDA tensors, got input on ",
               input.device(), " and weight on ", weight.device());
   const auto type = input.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
               "rdn cuda backend: supports float32, float16 and bfloat16, got ", type);
+}
+
+}  // namespace
+
+at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                   const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi,
+                   const c10::optional<at::Tensor>& out) {
+  check_operands(input, weight);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::Tensor weight_c = weight.contiguous();
   const c10::optional<at::Tensor> bias_c = bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
@@ -185,6 +289,34 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
     return *out;
   }
   return result.contiguous(memory_format_of(input));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                        const at::Tensor& weight, bool has_bias,
+                                                        const BlockLayout& layout, const Geometry& geometry, int64_t lo,
+                                                        int64_t hi, bool needs_input, bool needs_weight) {
+  check_operands(input, weight);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const at::Tensor weight_c = weight.contiguous();
+  at::Tensor grad_input, grad_weight, grad_bias;
+  if (has_bias) {
+    grad_bias = at::zeros({weight.size(0)}, weight.options());
+    const int64_t base = layout.out_offsets[lo];
+    grad_bias.narrow(0, base, layout.out_offsets[hi] - base).copy_(grad_output.sum({0, 2, 3}));
+  }
+  if (!is_pointwise(weight, geometry) || !has_pointwise_kernel(input)) {
+    std::tie(grad_input, grad_weight) =
+        general_backward(grad_output, input, weight_c, layout, geometry, lo, hi, needs_input, needs_weight);
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const at::Tensor grad_pixels = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor input_pixels = input.contiguous(at::MemoryFormat::ChannelsLast);
+  if (needs_input) {
+    grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    pointwise_grad_input(grad_pixels, weight_c, layout, lo, hi, grad_input);
+  }
+  if (needs_weight) grad_weight = pointwise_grad_weight(grad_pixels, input_pixels, weight_c, layout, lo, hi);
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace cuda

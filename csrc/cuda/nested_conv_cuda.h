@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "../cpu/nested_conv_cpu.h"  // BlockLayout, Geometry
 
 namespace rdn {
@@ -21,6 +23,15 @@ namespace cuda {
 at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi,
                    const c10::optional<at::Tensor>& out);
+
+// (grad_input, grad_weight, grad_bias), same contract as rdn::cpu::backward; a gradient not asked
+// for is an undefined tensor. 1×1 / stride 1 / no padding: grad_input by the nested pointwise
+// kernel on the transposed weight (in channels_last), grad_weight by one cuBLAS product per block
+// run. Other convolutions: one cuDNN convolution_backward per (output group, input run).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                        const at::Tensor& weight, bool has_bias,
+                                                        const BlockLayout& layout, const Geometry& geometry, int64_t lo,
+                                                        int64_t hi, bool needs_input, bool needs_weight);
 
 }  // namespace cuda
 }  // namespace rdn

@@ -1,0 +1,87 @@
+// Interface of the pixel-major micro-kernels (pixel_major_kernels.h), compiled once per ISA.
+//
+// A "tile" is a pixel-major buffer: row c holds `pixels` consecutive pixels of channel c
+// (`pixels` a multiple of Kernels::pixel_multiple, padded with zeros).
+#pragma once
+
+#include <cstdint>
+
+namespace rdn::cpu::pixel_major {
+
+// Source rows [source_row, source_row + length) of the tile, paired with the weight's source
+// indices [weight_index, weight_index + length).
+struct Run {
+  int64_t source_row, weight_index, length;
+};
+
+// Destination rows [dest_row, dest_row + rows), weight destination indices [weight_index, ...):
+// each row is the sum over `runs` of weight · source.
+struct DestinationBlock {
+  int64_t dest_row, weight_index, rows;
+  const Run* runs;
+  int64_t num_runs;
+};
+
+// dest[row][p] = Σ w(weight_index + r, run.weight_index + c) · source[run.source_row + c][p]
+// with w(i, k) = weight[i · weight_dest_stride + k · weight_source_stride].
+template <typename T>
+struct Product {
+  const T* source;
+  int64_t source_stride;
+  const T* weight;
+  int64_t weight_dest_stride, weight_source_stride;
+  T* dest;
+  int64_t dest_stride;
+  int64_t pixels;
+  const DestinationBlock* destinations;
+  int64_t num_destinations;
+};
+
+// out[out_row + r][run.out_col + s] += Σ_p a[a_row + r][p] · b[run.b_row + s][p]
+struct DotRun {
+  int64_t b_row, out_col, length;
+};
+struct DotBlock {
+  int64_t a_row, out_row, rows;
+  const DotRun* runs;
+  int64_t num_runs;
+};
+
+template <typename T>
+struct Dot {
+  const T* a;
+  int64_t a_stride;
+  const T* b;
+  int64_t b_stride;
+  T* out;
+  int64_t out_stride;
+  int64_t pixels;
+  const DotBlock* blocks;
+  int64_t num_blocks;
+};
+
+template <typename T>
+struct Kernels {
+  void (*product)(const Product<T>&);
+  void (*dot)(const Dot<T>&);
+  // dst[c][r] = src[r][c] (+ src_row_bias[r]): packs NHWC tiles pixel-major and back.
+  void (*transpose)(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride,
+                    const T* src_row_bias);
+  int64_t pixel_multiple;
+};
+
+// The best kernels this CPU runs (AVX-512, AVX2+FMA, or baseline SSE2), chosen once.
+const Kernels<float>& float_kernels();
+const Kernels<double>& double_kernels();
+
+#define RDN_DECLARE_ISA(isa)            \
+  namespace isa {                       \
+  Kernels<float> float_kernels();       \
+  Kernels<double> double_kernels();     \
+  }
+RDN_DECLARE_ISA(avx512)
+RDN_DECLARE_ISA(avx2)
+RDN_DECLARE_ISA(generic)
+#undef RDN_DECLARE_ISA
+
+}  // namespace rdn::cpu::pixel_major
