@@ -64,8 +64,6 @@ from rdn_kernels import available_backends, nested_conv2d, nested_linear
 from rdn_kernels.backends import KNOWN_BACKENDS, BackendUnavailableError
 from rdn_kernels.layout import NestedLayout
 
-ROLES = ("ours", "baseline", "reference")
-
 
 @dataclass(frozen=True)
 class Operands:
@@ -88,6 +86,7 @@ class Operands:
 
 
 def make_operands(case: Case, device: torch.device, memory_format: torch.memory_format, seed: int = 0) -> Operands:
+    """Seeded random operands of ``case``'s layer, batch, K and dtype (weights scaled by 1/sqrt(fan-in))."""
     layer, layout = case.layer, case.layout
     generator = torch.Generator().manual_seed(seed)
     height_out, width_out = layer.output_size

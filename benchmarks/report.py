@@ -71,7 +71,7 @@ def _csv_value(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.7g}"
     return str(value)
 
 
@@ -81,6 +81,30 @@ def write_csv(rows: Sequence[dict], info: dict, path: Path) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({key: _csv_value(value) for key, value in (info | row).items()})
+
+
+_INT_COLUMNS = {"batch", "in_channels", "out_channels", "height", "width", "kernel", "stride", "padding", "K", "stage"}
+_FLOAT_COLUMNS = {"useful_gflop", "dense_gflop", "useful_fraction", "min_mbytes", "flop_ideal_ms", "roofline_ms",
+                  "max_rel_error", "median_ms", "q25_ms", "q75_ms", "ratio_to_flop_ideal", "speedup_vs_dense"}
+
+
+def read_csv(path: Path) -> tuple[list[dict], dict]:
+    """Rows (typed as :func:`write_csv` got them) and the machine columns of the first row."""
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+            raise ValueError(f"{path} does not have the benchmark CSV columns {CSV_COLUMNS}")
+        raw_rows = list(reader)
+    if not raw_rows:
+        raise ValueError(f"{path} has no rows")
+
+    def typed(key: str, value: str):
+        if value == "" and (key in _INT_COLUMNS or key in _FLOAT_COLUMNS):
+            return None
+        return int(value) if key in _INT_COLUMNS else float(value) if key in _FLOAT_COLUMNS else value
+
+    rows = [{key: typed(key, value) for key, value in row.items() if key not in INFO_COLUMNS} for row in raw_rows]
+    return rows, {key: raw_rows[0][key] for key in INFO_COLUMNS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +208,12 @@ def markdown(rows: Sequence[dict], info: dict) -> str:
 
 
 def write_plot(rows: Sequence[dict], info: dict, path: Path) -> None:
-    """Per mode: speedup over dense (left) and % of the FLOP-ideal (right) of ours and the baselines."""
+    """Per mode and shape: speedup over dense (left) and % of the FLOP-ideal (right), ours and baselines.
+
+    One point per (shape, implementation): the geometric mean over that shape's cases in the mode
+    (K, stages, batch sizes, dtypes), so the plot stays readable for any plan; the markdown table
+    has every case.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,38 +221,38 @@ def write_plot(rows: Sequence[dict], info: dict, path: Path) -> None:
 
     cases = group_cases(rows)
     modes = list(dict.fromkeys(case_rows[0]["mode"] for case_rows in cases))
-    names = [n for n in implementation_order(rows) if any(r["implementation"] == n and r["role"] != "reference"
-                                                         for r in rows)]
-    widest = max(sum(1 for c in cases if c[0]["mode"] == mode) for mode in modes)
-    figure, axes = plt.subplots(len(modes), 2, figsize=(max(12.0, 0.22 * widest), 4.8 * len(modes)),
+    shapes = list(dict.fromkeys(case_rows[0]["shape"] for case_rows in cases))
+    names = [n for n in implementation_order(rows)
+             if any(r["implementation"] == n and r["role"] != "reference" for r in rows)]
+    figure, axes = plt.subplots(len(modes), 2, figsize=(max(12.0, 0.3 * len(shapes)), 4.8 * len(modes)),
                                 squeeze=False, constrained_layout=True)
     markers = "os^Dv<>p*h"
     for (left, right), mode in zip(axes, modes, strict=True):
-        mode_cases = [c for c in cases if c[0]["mode"] == mode]
-        labels = [f"{c[0]['shape']} N{c[0]['batch']} K{c[0]['K']} {c[0]['dtype']}"
-                  + (f" s{c[0]['stage'] + 1}" if mode == "stage" else "") for c in mode_cases]
-        positions = range(len(mode_cases))
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        positions = range(len(shapes))
         for index, name in enumerate(names):
-            speedups, percents, xs = [], [], []
-            for x, case_rows in zip(positions, mode_cases, strict=True):
-                row = next((r for r in case_rows if r["implementation"] == name), None)
-                if row and row["median_ms"] is not None and row["status"] == "ok":
+            xs, speedups, percents = [], [], []
+            for x, shape in zip(positions, shapes, strict=True):
+                measured = [r for r in mode_rows if r["shape"] == shape and r["implementation"] == name
+                            and r["status"] == "ok" and r["median_ms"] is not None]
+                if measured:
                     xs.append(x)
-                    speedups.append(row["speedup_vs_dense"])
-                    percents.append(100.0 / row["ratio_to_flop_ideal"])
+                    speedups.append(_geomean([r["speedup_vs_dense"] for r in measured]))
+                    percents.append(100.0 / _geomean([r["ratio_to_flop_ideal"] for r in measured]))
             style = {"marker": markers[index % len(markers)], "linestyle": "none", "label": name, "alpha": 0.8}
             left.plot(xs, speedups, **style)
             right.plot(xs, percents, **style)
-        ideal_speedups = [1.0 / c[0]["useful_fraction"] for c in mode_cases]
-        left.plot(positions, ideal_speedups, "k_", markersize=10, label="FLOP-ideal")
+        ideal = [(x, _geomean([1.0 / r["useful_fraction"] for r in mode_rows if r["shape"] == shape]))
+                 for x, shape in zip(positions, shapes, strict=True) if any(r["shape"] == shape for r in mode_rows)]
+        left.plot([x for x, _ in ideal], [v for _, v in ideal], "k_", markersize=12, label="FLOP-ideal")
         left.axhline(1.0, color="grey", linewidth=0.8)
         right.axhline(100.0, color="black", linewidth=0.8, label="FLOP-ideal")
         left.set_yscale("log")
         left.set_ylabel("speedup over dense (×)")
         right.set_ylabel("% of FLOP-ideal speed")
         for axis, title in ((left, "speedup over dense"), (right, "% of FLOP-ideal")):
-            axis.set_title(f"{mode}: {title}")
-            axis.set_xticks(list(positions), labels, rotation=90, fontsize=6)
+            axis.set_title(f"{mode}: {title} (geomean over K, stages, N, dtype)", fontsize=10)
+            axis.set_xticks(list(positions), shapes, rotation=90, fontsize=7)
             axis.grid(axis="y", alpha=0.3)
         left.legend(fontsize=7)
     figure.suptitle(f"nested conv — {info['device']} ({info.get('cpu', '')}) — torch {info['torch']} — "
@@ -242,3 +271,30 @@ def write_reports(rows: Sequence[dict], info: dict, out_dir: Path, stem: str) ->
     paths["markdown"].write_text(markdown(rows, info))
     write_plot(rows, info, paths["plot"])
     return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    """Re-render the markdown and the plot from benchmark CSVs, e.g. to merge the parts of a split GPU run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    parser.add_argument("csv", type=Path, nargs="+", help="benchmark CSV files (same device)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output directory")
+    parser.add_argument("--name", required=True, help="file-name stem of the merged outputs")
+    args = parser.parse_args(argv)
+    rows, info = [], None
+    for path in args.csv:
+        part_rows, part_info = read_csv(path)
+        if info is not None and part_info["device"] != info["device"]:
+            raise SystemExit(f"{path} was measured on {part_info['device']}, not {info['device']}")
+        info = info or part_info
+        rows.extend(part_rows)
+    info = info | {"merged from": ", ".join(str(path) for path in args.csv)}
+    paths = write_reports(rows, info, args.out, args.name)
+    for path in paths.values():
+        print(f"wrote {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

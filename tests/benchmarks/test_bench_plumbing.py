@@ -25,6 +25,7 @@ from benchmarks.bench_nested_conv import (
 )
 from benchmarks.harness import TimingConfig, measure, relative_error
 from benchmarks.report import CSV_COLUMNS, SPEEDUP_COLUMN
+from benchmarks.report import main as report_main
 from benchmarks.shapes import (
     PLAN_NAMES,
     Case,
@@ -47,6 +48,11 @@ def _read_csv(path):
     with path.open(newline="") as file:
         reader = csv.DictReader(file)
         return reader.fieldnames, list(reader)
+
+
+def _case_rows(markdown: str) -> list[str]:
+    """The rows of the markdown's case table (they start with a shape label)."""
+    return [line for line in markdown.splitlines() if re.match(r"\| (\dx\d|linear) ", line)]
 
 
 def test_entry_point_writes_csv_markdown_and_plot(tmp_path):
@@ -83,12 +89,17 @@ def test_entry_point_writes_csv_markdown_and_plot(tmp_path):
     table_header = next(line for line in text.splitlines() if line.startswith("| shape |"))
     for column in (*ours, "masked dense", "per-stage loop", "dense", "grouped", "FLOP-ideal ms", SPEEDUP_COLUMN):
         assert f"| {column} |" in table_header
-    table_rows = [line for line in text.splitlines() if re.match(r"\| (\dx\d|linear) ", line)]
+    table_rows = _case_rows(text)
     assert len(table_rows) == len(cases)
     for key in ("cpu", "cpu_cores", "torch_threads", "torch", "triton", "git_commit", "date"):
         assert f"\n- {key}: " in text, key
 
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The CSV reads back into the same report (how the parts of a split GPU run are merged).
+    merged = report_main([str(paths["csv"]), "--out", str(tmp_path / "merged"), "--name", "merged"])
+    merged_rows = _case_rows(merged["markdown"].read_text())
+    assert [row.split(" | ")[:5] for row in merged_rows] == [row.split(" | ")[:5] for row in table_rows]
 
 
 def test_check_flags_wrong_and_unsupported_implementations():
