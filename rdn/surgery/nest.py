@@ -15,6 +15,7 @@ from rdn.surgery.select import calibration_batch, definers, select_orders
 __all__ = ["nest"]
 
 MODES = ("expand", "truncate")
+COPIES = ("sum", "latest")
 SELECTIONS = ("greedy", "random")
 CONFIG_VERSION = 1
 
@@ -64,7 +65,7 @@ def _check_skip(model: nn.Module, skip) -> list[str] | int | None:
     return resolved
 
 
-def _check_settings(k, mode, select, exact, seed) -> None:
+def _check_settings(k, mode, select, exact, seed, copies) -> None:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int >= 1, got {k!r}")
     if k < 1:
@@ -73,6 +74,8 @@ def _check_settings(k, mode, select, exact, seed) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+    if copies not in COPIES:
+        raise ValueError(f"copies must be one of {COPIES}, got {copies!r}")
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be a bool, got {exact!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -89,6 +92,7 @@ def nest(
     depth_split=None,
     seed: int = 0,
     exact: bool = True,
+    copies: str = "latest",
     base: dict | None = None,
 ) -> RussianDollNet:
     """Turn a (pretrained) classifier into a Russian doll network.
@@ -111,12 +115,16 @@ def nest(
         seed: seed of random selection.
         exact: expand mode only: keep every connection (a third copy at group K where needed), so
             N_K reproduces the base network's linear maps exactly; ``False``: at most two copies.
+        copies: what a channel copy holds: ``"latest"`` (default: a whole value recomputed from the
+            inputs available at its group; with ``exact`` N_K is then exactly the base network,
+            non-linearities included) or ``"sum"`` (partial sums that add up, the construction of
+            DESIGN.md §4.2: exact only without non-linearities). See :mod:`rdn.surgery.spaces`.
         base: keyword arguments of ``rdn.models.create`` that rebuild ``model``'s architecture,
             stored in ``rdn_config`` so ``RussianDollNet.from_config`` needs no model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_settings(k, mode, select, exact, seed)
+    _check_settings(k, mode, select, exact, seed, copies)
     if depth_split is not None:
         raise NotImplementedError("depth-wise nesting (depth_split) is not implemented; pass depth_split=None")
     if calib is None:
@@ -133,6 +141,7 @@ def nest(
         "k": k,
         "mode": mode,
         "exact": exact,
+        "copies": copies,
         "select": select,
         "seed": seed,
         "skip": list(graph.skipped_targets),
@@ -147,7 +156,7 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
     """Rebuild an RDN structure from its ``rdn_config`` (see :meth:`RussianDollNet.from_config`)."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be the dict of RussianDollNet.rdn_config, got {type(config).__name__}")
-    missing = {"version", "k", "mode", "exact", "skip", "input_shape", "orders"} - set(config)
+    missing = {"version", "k", "mode", "exact", "copies", "skip", "input_shape", "orders"} - set(config)
     if missing:
         raise ValueError(f"config misses the keys {sorted(missing)}; pass RussianDollNet.rdn_config")
     if config["version"] != CONFIG_VERSION:
@@ -160,16 +169,27 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
         from rdn.models import create
 
         model = create(**config["base"])
-    _check_settings(config["k"], config["mode"], config.get("select", "greedy"), config["exact"], config.get("seed", 0))
+    _check_settings(
+        config["k"],
+        config["mode"],
+        config.get("select", "greedy"),
+        config["exact"],
+        config.get("seed", 0),
+        config["copies"],
+    )
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = torch.zeros((1, *config["input_shape"]), dtype=dtype, device=device)
     with _eval_mode(model), torch.no_grad():
         graph = SurgeryGraph(model, example, list(config["skip"]), config["k"], config["mode"], config["exact"])
     expected = set(definers(graph).values())
-    if set(config["orders"]) != expected:
+    mismatched = set(config["orders"]) != expected or any(
+        len(order) != graph.unit_counts[layout] for layout, order in config["orders"].items()
+    )
+    if mismatched:
         raise ValueError(
-            f"config orders name the spaces {sorted(config['orders'])} but this model defines {sorted(expected)}; "
+            f"config orders {[(name, len(order)) for name, order in config['orders'].items()]} (layout, units) do "
+            f"not match this model's {[(name, graph.unit_counts[name]) for name in sorted(expected)]}; "
             "the model's architecture differs from the one the config was made from"
         )
     return RussianDollNet(graph, config["orders"], config)

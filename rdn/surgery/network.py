@@ -17,7 +17,8 @@ Three ways to run it:
 Heads (DESIGN.md §4.5): sub-network s pools its own feature prefix (F_s channels) and maps it with
 an alignment ``nn.Linear(F_s, F, bias=False)`` to the base feature width F; the last layer, the base
 classifier, is shared by all heads. The alignment starts as the 0/1 matrix summing the copies of
-each base feature channel, so N_K's head starts as exactly the base classifier on its features.
+each base feature channel (``copies="sum"``) or picking its latest copy (``"latest"``), so N_K's
+head starts as exactly the base classifier on its features.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class RussianDollNet(nn.Module):
     def __init__(self, graph: SurgeryGraph, orders: dict[str, list[int]], config: dict) -> None:
         super().__init__()
         self.rdn_config = copy.deepcopy(config)
+        copies = config["copies"]
         self.num_subnets = graph.num_groups
         self._graph = graph.graph_module.graph
         self.layers = nn.ModuleDict()
@@ -167,7 +169,7 @@ class RussianDollNet(nn.Module):
                 raise AssertionError(f"opaque node {name} outside the un-nested region")  # graph._pin forbids it
             in_space = graph.space(graph.space_of(info.inputs[0]), orders) if info.inputs else None
             if info.module is not None and role != "classifier":
-                self.layers[name] = self._convert(info.node, info.module, role, in_space, space)
+                self.layers[name] = self._convert(info.node, info.module, role, in_space, space, copies)
             itemsize = info.dtype.itemsize if info.dtype is not None else 0
             self._steps.append(_Step(info.node, role, space, info.shape, itemsize, info.inputs))
         self._by_name = {step.name: step for step in self._steps}
@@ -186,14 +188,14 @@ class RussianDollNet(nn.Module):
                 dtype=classifier.weight.dtype,
             )
             with torch.no_grad():
-                head.weight.copy_(alignment_weight(self._feature_space, width, classifier.weight.dtype))
+                head.weight.copy_(alignment_weight(self._feature_space, s, classifier.weight.dtype, copies))
             self.heads.append(head)
         self.train(classifier.training)
 
     @staticmethod
-    def _convert(node: fx.Node, module: nn.Module, role: str, in_space, space) -> nn.Module:
+    def _convert(node: fx.Node, module: nn.Module, role: str, in_space, space, copies: str) -> nn.Module:
         if role == "nested":
-            weight, bias, block_mask = nested_parameters(module.weight, module.bias, in_space, space)
+            weight, bias, block_mask = nested_parameters(module.weight, module.bias, in_space, space, copies)
             if isinstance(module, nn.Linear):
                 nested = NestedLinear(
                     in_space.splits,
@@ -229,9 +231,9 @@ class RussianDollNet(nn.Module):
         if role == "grouped":
             if module.padding_mode != "zeros":
                 raise ValueError(f"grouped conv {node.target} has padding_mode {module.padding_mode!r}; only 'zeros'")
-            return inflate_grouped_conv(module, in_space, space)
+            return inflate_grouped_conv(module, in_space, space, copies)
         if role == "batchnorm":
-            return inflate_batch_norm(module, space)
+            return inflate_batch_norm(module, space, copies)
         return copy.deepcopy(module)
 
     # ------------------------------------------------------------------------------------------

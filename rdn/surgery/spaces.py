@@ -17,6 +17,21 @@ groups in (previous rung, q], which keeps the layer block-lower-triangular, and 
 sum to ``y_o`` exactly. The layer that reads the space sees the copies as separate channels with
 o's weights ("inflation"), so before any non-linearity it computes what the base layer did.
 
+What a copy holds (``copies``):
+
+- ``"sum"`` (DESIGN.md §4.2): copies are partial sums. The copy of o at rung q reads
+  every input copy at groups in (previous rung, q]; each input copy is read by exactly one copy
+  of o, biases and BN shifts go on the primary only, so the copies add up to the base value and
+  a stack without non-linearities is reproduced exactly by N_K. Through a non-linearity
+  ``f(a) + f(b) != f(a + b)``: approximate.
+- ``"latest"`` (the default of :func:`rdn.surgery.nest`): every copy is a whole value,
+  recomputed from the inputs available at its group.
+  The copy of o at rung q reads, of every input channel, its latest copy at a group <= q (so
+  each input copy is read by the outputs between its group and the next copy's); every copy gets
+  the bias and the full BN; a consumer uses the latest copy (the heads' alignment selects it).
+  With ``exact`` every channel's last copy is at group K - 1 and reads the inputs' last copies,
+  so N_K equals the base network exactly, non-linearities included.
+
 Ladders by mode (0-based groups, k primary groups):
 
 - ``truncate``: K = k, rungs = (g,): connections from input groups > g are dropped.
@@ -88,9 +103,9 @@ class ChannelSpace:
         return self.rungs == ((0,),)
 
     @functools.cached_property
-    def _layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, ...]]:
+    def _layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[int, ...]]:
         starts = (0, *accumulate(self.primary_sizes))
-        source, group, rung, previous = [], [], [], []
+        source, group, rung, previous, following = [], [], [], [], []
         splits = []
         for q in range(self.num_groups):
             size = 0
@@ -104,10 +119,12 @@ class ChannelSpace:
                     group.extend([q] * self.unit)
                     rung.extend([r] * self.unit)
                     previous.extend([rungs[r - 1] if r else -1] * self.unit)
+                    following.extend([rungs[r + 1] if r + 1 < len(rungs) else self.num_groups] * self.unit)
                     size += self.unit
             splits.append(size)
         as_long = functools.partial(torch.tensor, dtype=torch.long)
-        return as_long(source), as_long(group), as_long(rung), as_long(previous), tuple(splits)
+        tensors = (as_long(values) for values in (source, group, rung, previous, following))
+        return (*tensors, tuple(splits))
 
     @property
     def source(self) -> Tensor:
@@ -130,9 +147,14 @@ class ChannelSpace:
         return self._layout[3]
 
     @property
+    def next_rung_group(self) -> Tensor:
+        """(len,) long: group of the copy above this one (K for the last copy)."""
+        return self._layout[4]
+
+    @property
     def splits(self) -> tuple[int, ...]:
         """K channel counts, one per nesting group (zeros allowed)."""
-        return self._layout[4]
+        return self._layout[5]
 
     @functools.cached_property
     def offsets(self) -> tuple[int, ...]:
@@ -170,22 +192,26 @@ class ChannelSpace:
 
 
 def nested_parameters(
-    weight: Tensor, bias: Tensor | None, in_space: ChannelSpace, out_space: ChannelSpace
+    weight: Tensor, bias: Tensor | None, in_space: ChannelSpace, out_space: ChannelSpace, copies: str
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Weight, bias and block mask of the nested layer replacing a plain conv / linear layer.
 
     Args:
         weight: (d, c, ...) of the base layer; bias (d,) or None.
+        copies: ``"sum"`` or ``"latest"`` (module docstring).
     Returns:
-        weight (len(out), len(in), ...) where copy o' of output o reads input copy c' of c with
-        W[o, c] iff ``previous_rung_group(o') < group(c') <= group(o')``, else 0; bias on primary
-        copies only; the (K, K) bool block mask of the blocks holding any connection.
+        weight (len(out), len(in), ...): copy o' (at group q) of output o reads input copy c' of c
+        (at group G) with W[o, c] when, for ``"sum"``, ``previous_rung_group(o') < G <= q`` and,
+        for ``"latest"``, ``G <= q < next_rung_group(c')``; else 0. The bias (on primaries only
+        for ``"sum"``) and the (K, K) bool block mask of the blocks holding any connection.
     """
     w = weight.detach()[out_space.source][:, in_space.source]
-    in_group = in_space.group.to(w.device)
-    reads = (out_space.previous_rung_group.to(w.device)[:, None] < in_group[None, :]) & (
-        in_group[None, :] <= out_space.group.to(w.device)[:, None]
-    )
+    in_group = in_space.group.to(w.device)[None, :]
+    out_group = out_space.group.to(w.device)[:, None]
+    if copies == "sum":
+        reads = (out_space.previous_rung_group.to(w.device)[:, None] < in_group) & (in_group <= out_group)
+    else:
+        reads = (in_group <= out_group) & (out_group < in_space.next_rung_group.to(w.device)[None, :])
     w = w * reads.view(*reads.shape, *(1,) * (w.dim() - 2)).to(w.dtype)
     num_groups = out_space.num_groups
     block_mask = torch.zeros(num_groups, num_groups, dtype=torch.bool)
@@ -193,30 +219,38 @@ def nested_parameters(
         rows = reads[out_space.offsets[j] : out_space.offsets[j + 1]]
         for i in range(j + 1):
             block_mask[j, i] = bool(rows[:, in_space.offsets[i] : in_space.offsets[i + 1]].any())
-    return w, primary_only(bias, out_space), block_mask
+    return w, offsets_on_copies(bias, out_space, copies), block_mask
 
 
-def primary_only(values: Tensor | None, space: ChannelSpace) -> Tensor | None:
-    """Per-channel offsets (bias, BN shift, running mean) copied to primaries, zero on later copies."""
+def offsets_on_copies(values: Tensor | None, space: ChannelSpace, copies: str) -> Tensor | None:
+    """Per-channel offsets (bias, BN shift, running mean) over the copies.
+
+    ``"sum"``: on primaries only (copies add up to one value); ``"latest"``: on every copy (each
+    copy is a whole value).
+    """
     if values is None:
         return None
     values = values.detach()[space.source]
+    if copies == "latest":
+        return values
     return values * (space.rung == 0).to(values.device, values.dtype)
 
 
 @torch.no_grad()
-def inflate_batch_norm(bn: nn.modules.batchnorm._BatchNorm, space: ChannelSpace) -> nn.modules.batchnorm._BatchNorm:
-    """BN over the space's channels: scale on every copy, shift (β and the mean) on primaries only.
+def inflate_batch_norm(
+    bn: nn.modules.batchnorm._BatchNorm, space: ChannelSpace, copies: str
+) -> nn.modules.batchnorm._BatchNorm:
+    """BN over the space's channels: scale on every copy, shift (β, mean) per :func:`offsets_on_copies`.
 
-    In eval mode ``Σ copies BN'(x̃) = BN(Σ copies x̃)`` exactly.
+    In eval mode, ``"sum"``: ``Σ copies BN'(x̃) = BN(Σ copies x̃)``; ``"latest"``: every copy is BN of itself.
     """
     inflated = type(bn)(len(space), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     inflated.to(device=_device_of(bn), dtype=_dtype_of(bn))
     if bn.affine:
         inflated.weight.copy_(bn.weight[space.source])
-        inflated.bias.copy_(primary_only(bn.bias, space))
+        inflated.bias.copy_(offsets_on_copies(bn.bias, space, copies))
     if bn.track_running_stats:
-        inflated.running_mean.copy_(primary_only(bn.running_mean, space))
+        inflated.running_mean.copy_(offsets_on_copies(bn.running_mean, space, copies))
         inflated.running_var.copy_(bn.running_var[space.source])
         inflated.num_batches_tracked.copy_(bn.num_batches_tracked)
     inflated.train(bn.training)
@@ -224,7 +258,7 @@ def inflate_batch_norm(bn: nn.modules.batchnorm._BatchNorm, space: ChannelSpace)
 
 
 @torch.no_grad()
-def inflate_grouped_conv(conv: nn.Conv2d, in_space: ChannelSpace, out_space: ChannelSpace) -> nn.Conv2d:
+def inflate_grouped_conv(conv: nn.Conv2d, in_space: ChannelSpace, out_space: ChannelSpace, copies: str) -> nn.Conv2d:
     """A grouped / depthwise conv over the spaces: each copy of a conv group gets that group's filters."""
     in_per_group = conv.in_channels // conv.groups
     out_per_group = conv.out_channels // conv.groups
@@ -245,15 +279,21 @@ def inflate_grouped_conv(conv: nn.Conv2d, in_space: ChannelSpace, out_space: Cha
     )
     inflated.weight.copy_(weight.reshape(inflated.weight.shape))
     if conv.bias is not None:
-        inflated.bias.copy_(primary_only(conv.bias, out_space))
+        inflated.bias.copy_(offsets_on_copies(conv.bias, out_space, copies))
     inflated.train(conv.training)
     return inflated
 
 
-def alignment_weight(space: ChannelSpace, prefix_channels: int, dtype: torch.dtype) -> Tensor:
-    """(channels, prefix_channels): sums the copies of each original channel of a feature prefix."""
-    weight = torch.zeros(space.channels, prefix_channels, dtype=dtype)
-    weight[space.source[:prefix_channels], torch.arange(prefix_channels)] = 1.0
+def alignment_weight(space: ChannelSpace, s: int, dtype: torch.dtype, copies: str) -> Tensor:
+    """(channels, offsets[s]) 0/1 map of the feature prefix of N_s onto the base features.
+
+    ``"sum"``: adds the copies of each base channel; ``"latest"``: takes its last copy in the prefix.
+    """
+    columns = torch.arange(space.offsets[s])
+    if copies == "latest":
+        columns = columns[space.next_rung_group[columns] >= s]
+    weight = torch.zeros(space.channels, space.offsets[s], dtype=dtype)
+    weight[space.source[columns], columns] = 1.0
     return weight
 
 

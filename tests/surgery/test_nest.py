@@ -1,0 +1,340 @@
+"""Surgery on hand-built toy networks: properties P1–P5, staged path, costs, config, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rdn.nn import NestedConv2d
+from rdn.surgery import RussianDollNet, nest
+from rdn.surgery.select import greedy_order, invisible_energy
+from tests.surgery.toys import hand_count_net, toy
+
+ATOL = 1e-5
+# (mode, exact, copies)
+MODES = [
+    ("expand", True, "latest"),
+    ("expand", False, "latest"),
+    ("expand", True, "sum"),
+    ("expand", False, "sum"),
+    ("truncate", True, "latest"),
+]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(6, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+
+
+def nested_toy(act=nn.ReLU, mode="expand", exact=True, select="greedy", k=3, calib=None, **kwargs) -> RussianDollNet:
+    calib = torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2)) if calib is None else calib
+    return nest(toy(act), k=k, mode=mode, exact=exact, select=select, calib=calib, skip=["stem"], **kwargs).eval()
+
+
+@pytest.mark.parametrize("mode, exact, copies", MODES)
+def test_subnet_count_and_one_pass_equals_separate_passes(images, mode, exact, copies):
+    """P2: the K logits of one pass of N_K equal K separate passes of N_1..N_K."""
+    rdn = nested_toy(mode=mode, exact=exact, copies=copies)
+    assert rdn.num_subnets == (5 if mode == "expand" else 3)
+    with torch.no_grad():
+        logits = rdn(images)
+        assert len(logits) == rdn.num_subnets
+        for s, one_pass in enumerate(logits, start=1):
+            torch.testing.assert_close(rdn(images, subnet=s), one_pass, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("mode, exact, copies", MODES)
+def test_staged_steps_equal_direct_subnets(images, mode, exact, copies):
+    rdn = nested_toy(mode=mode, exact=exact, copies=copies)
+    with torch.no_grad():
+        state = rdn.start(images)
+        torch.testing.assert_close(state.logits, rdn(images, subnet=1), atol=ATOL, rtol=ATOL)
+        for s in range(2, rdn.num_subnets + 1):
+            state = rdn.step(state)
+            assert state.subnet == s
+            torch.testing.assert_close(state.logits, rdn(images, subnet=s), atol=ATOL, rtol=ATOL)
+        with pytest.raises(ValueError, match="last sub-network"):
+            rdn.step(state)
+
+
+def test_staged_state_keeps_selected_samples(images):
+    rdn = nested_toy()
+    with torch.no_grad():
+        keep = torch.tensor([0, 3, 4])
+        state = rdn.step(rdn.start(images).index_select(keep))
+        torch.testing.assert_close(state.logits, rdn(images[keep], subnet=2), atol=ATOL, rtol=ATOL)
+
+
+def _perturb_later_groups(rdn: RussianDollNet, s: int, generator: torch.Generator) -> None:
+    """Overwrite every parameter entry that belongs to groups >= s (0-based) of its layer, and other heads."""
+    with torch.no_grad():
+        for name, layer in rdn.layers.items():
+            step = rdn._by_name[name]
+            if step.space is None or step.space.is_single_group:
+                continue
+            start = step.space.offsets[s]
+            for parameter in layer.parameters():
+                parameter[start:] = torch.randn(parameter[start:].shape, generator=generator)
+            for buffer_name in ("running_mean", "running_var"):
+                buffer = getattr(layer, buffer_name, None)
+                if buffer is not None:
+                    buffer[start:] = torch.rand(buffer[start:].shape, generator=generator) + 0.5
+        for index, head in enumerate(rdn.heads):
+            if index != s - 1:
+                head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+
+
+@pytest.mark.parametrize("mode, exact, copies", MODES)
+def test_later_groups_never_change_earlier_subnets(images, mode, exact, copies):
+    """P1: perturbing parameters or activations of groups > s leaves N_s's logits bit-equal."""
+    rdn = nested_toy(mode=mode, exact=exact, copies=copies)
+    generator = torch.Generator().manual_seed(3)
+    for s in range(1, rdn.num_subnets):
+        with torch.no_grad():
+            alone, from_one_pass, later = rdn(images, subnet=s), rdn(images)[s - 1], rdn(images, subnet=s + 1)
+        _perturb_later_groups(rdn, s, generator)
+
+        def perturb_output(module, args, output, s=s):
+            step_space = next(
+                step.space for step in rdn._steps if step.name in rdn.layers and rdn.layers[step.name] is module
+            )
+            output = output.clone()
+            output[:, step_space.offsets[s] :] += 100.0
+            return output
+
+        hooks = [
+            layer.register_forward_hook(perturb_output)
+            for layer in rdn.layers.values()
+            if isinstance(layer, NestedConv2d)
+        ]
+        with torch.no_grad():
+            assert torch.equal(rdn(images, subnet=s), alone)
+            assert torch.equal(rdn(images)[s - 1], from_one_pass)
+            assert not torch.allclose(rdn(images, subnet=s + 1), later)  # the perturbation is real
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("copies", ["sum", "latest"])
+def test_expand_reproduces_linear_stack_exactly(images, copies):
+    """P3: with no non-linearity (identity activations), expand + exact reproduces the base model."""
+    base = toy(nn.Identity)
+    with torch.no_grad():
+        expected = base(images)
+        assert relative_error(nested_toy(nn.Identity, copies=copies)(images)[-1], expected) < 1e-5
+        # Without the last copy the connections from late input copies are dropped.
+        assert relative_error(nested_toy(nn.Identity, exact=False, copies=copies)(images)[-1], expected) > 1e-3
+        assert relative_error(nested_toy(nn.Identity, mode="truncate")(images)[-1], expected) > 1e-3
+
+
+def test_latest_copies_reproduce_the_base_through_non_linearities(images):
+    """copies="latest": every channel's last copy is a whole value, so N_K is the base model, ReLUs included."""
+    base = toy(nn.ReLU)
+    with torch.no_grad():
+        expected = base(images)
+        expand = relative_error(nested_toy(nn.ReLU)(images)[-1], expected)
+        truncate = relative_error(nested_toy(nn.ReLU, mode="truncate")(images)[-1], expected)
+    assert expand < 1e-5 < truncate
+
+
+def test_greedy_selection_minimises_invisible_energy():
+    """P4 (layer level): greedy's first group gets less energy from unseen inputs than any random split."""
+    generator = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(12, 16, 3, padding=1)
+    x = torch.randn(4, 12, 6, 6, generator=generator)
+    input_groups = torch.randperm(12, generator=generator) % 4  # k = 4 input groups of 3
+    sizes = (4, 4, 4, 4)
+    invisible = input_groups > 0
+
+    def first_group_error(order):
+        return invisible_energy(conv, x, invisible)[order[:4]].sum().item()
+
+    greedy = greedy_order(conv, x, input_groups, 1, sizes)
+    assert sorted(greedy) == list(range(16))
+    randoms = [torch.randperm(16, generator=generator).tolist() for _ in range(20)]
+    assert first_group_error(greedy) <= min(first_group_error(order) for order in randoms)
+    # ... which is exactly N_1's reconstruction error of those output channels.
+    expected = conv._conv_forward(x * invisible.view(1, -1, 1, 1), conv.weight, None)[:, greedy[:4]].pow(2).sum()
+    assert first_group_error(greedy) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_greedy_lowers_first_subnet_error_on_toy(images):
+    """P4 (network level, seeded): greedy gives N_1 a smaller logit error than random selection."""
+    base = toy(nn.ReLU)
+    with torch.no_grad():
+        expected = base(images)
+        greedy = relative_error(nested_toy(nn.ReLU, k=2)(images, subnet=1), expected)
+        randoms = [
+            relative_error(nested_toy(nn.ReLU, k=2, select="random", seed=seed)(images, subnet=1), expected)
+            for seed in range(4)
+        ]
+    assert greedy < sum(randoms) / len(randoms)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+@pytest.mark.parametrize("mode, exact, copies", MODES)
+def test_export_is_plain_torch_and_equal(images, mode, exact, copies, tmp_path):
+    """P5: export(s) is made of stock torch layers and computes N_s."""
+    rdn = nested_toy(mode=mode, exact=exact, copies=copies)
+    for s in range(1, rdn.num_subnets + 1):
+        exported = rdn.export(s).eval()
+        for module in exported.modules():
+            assert type(module).__module__.startswith("torch."), type(module)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(images), rdn(images, subnet=s), atol=ATOL, rtol=ATOL)
+    buffer = io.BytesIO()
+    torch.save(exported, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    traced = torch.jit.trace(exported, images)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), exported(images))
+        torch.testing.assert_close(traced(images), exported(images))
+
+
+def test_export_to_onnx(images, tmp_path):
+    pytest.importorskip("onnx")
+    exported = nested_toy().export(2).eval()
+    torch.onnx.export(exported, (images,), str(tmp_path / "n2.onnx"))
+    assert (tmp_path / "n2.onnx").stat().st_size > 0
+
+
+def test_config_round_trip(images):
+    rdn = nested_toy(select="random", seed=7)
+    with torch.no_grad():
+        for parameter in rdn.parameters():
+            parameter.add_(0.01)
+    config = json.loads(json.dumps(rdn.rdn_config))
+    rebuilt = RussianDollNet.from_config(config, model=toy(nn.ReLU, seed=11))
+    rebuilt.load_state_dict(rdn.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        for a, b in zip(rebuilt(images), rdn(images), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no 'base'"):
+        RussianDollNet.from_config(config)
+    with pytest.raises(ValueError, match="architecture differs"):
+        RussianDollNet.from_config(config, model=toy(nn.ReLU, width=9))
+
+
+def test_hand_counted_costs_truncate():
+    """k=2 truncate on 3→4 (3×3, skipped) → 1×1 4→8 → BN → ReLU → 1×1 8→6 → pool → linear 6→5, 8×8 input."""
+    rdn = nest(hand_count_net(), k=2, mode="truncate", calib=torch.randn(2, 3, 8, 8), skip=["0"])
+    stem = 4 * 3 * 9 * 64
+    # N_1: conv1 group 0 (4 out × 4 in), conv2 group 0 (3 out × 4 in); head 3→6; classifier 6→5.
+    assert rdn.macs(1) == stem + 4 * 4 * 64 + 3 * 4 * 64 + 3 * 6 + 6 * 5
+    # N_2: conv1 all 8 × 4; conv2 groups 0 (3×4) and 1 (3×8); head 6→6.
+    assert rdn.macs(2) == stem + 8 * 4 * 64 + (3 * 4 + 3 * 8) * 64 + 6 * 6 + 6 * 5
+    stem_params, classifier_params = 4 * 3 * 9 + 4, 6 * 5 + 5
+    assert rdn.params(1) == stem_params + 4 * 4 + 2 * 4 + 3 * 4 + 3 * 6 + classifier_params
+    assert rdn.params(2) == stem_params + 8 * 4 + 2 * 8 + (3 * 4 + 3 * 8) + 6 * 6 + classifier_params
+
+
+@pytest.mark.parametrize("copies", ["sum", "latest"])
+def test_hand_counted_costs_expand(copies):
+    """k=2 expand (K=3) on the same net: conv1 reads one group, so only conv2 gets copies.
+
+    conv2's output: primaries (3, 3) at groups 0, 1 and the copies of primary group 0 at group 2
+    (3 channels). "sum": they read what the primaries could not, conv1's group 1 (4 channels);
+    "latest": they recompute from both of conv1's groups (8 channels).
+    """
+    rdn = nest(hand_count_net(), k=2, mode="expand", copies=copies, calib=torch.randn(2, 3, 8, 8), skip=["0"])
+    assert rdn.layers["_2"].out_splits == (4, 4, 0)
+    assert rdn.layers["_5"].out_splits == (3, 3, 3)
+    stem = 4 * 3 * 9 * 64
+    conv1 = [4 * 4 * 64, 8 * 4 * 64, 8 * 4 * 64]
+    copy_inputs = 4 if copies == "sum" else 8
+    conv2 = [3 * 4 * 64, (3 * 4 + 3 * 8) * 64, (3 * 4 + 3 * 8 + 3 * copy_inputs) * 64]
+    heads = [3 * 6, 6 * 6, 9 * 6]
+    for s in (1, 2, 3):
+        assert rdn.macs(s) == stem + conv1[s - 1] + conv2[s - 1] + heads[s - 1] + 6 * 5
+
+
+def test_peak_activation_memory_grows_with_subnet():
+    rdn = nest(hand_count_net(), k=2, mode="truncate", calib=torch.randn(2, 3, 8, 8), skip=["0"])
+    # N_1 peak: stem conv output (4×64 floats) alive with its ReLU output, or conv1/BN pair (4×64 each).
+    assert rdn.peak_activation_bytes(1) == (4 * 64 + 4 * 64) * 4
+    assert rdn.peak_activation_bytes(2) == (8 * 64 + 8 * 64) * 4
+    assert rdn.peak_activation_bytes(2, batch_size=3) == 3 * rdn.peak_activation_bytes(2)
+
+
+def test_uneven_channels_go_to_first_groups():
+    rdn = nest(hand_count_net(), k=3, mode="truncate", calib=torch.randn(2, 3, 8, 8), skip=["0"])
+    assert rdn.layers["_2"].out_splits == (3, 3, 2)  # 8 channels
+    assert rdn.layers["_5"].out_splits == (2, 2, 2)
+
+
+def test_training_pass_gives_gradients():
+    rdn = nested_toy().train()
+    logits = rdn(torch.randn(4, 3, 10, 10))
+    sum(nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 3])) for out in logits).backward()
+    for name, parameter in rdn.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    for layer in rdn.layers.values():
+        if isinstance(layer, NestedConv2d):
+            assert not layer.weight.grad[~layer.weight_mask()].any()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"k": 0}, ValueError, "k .* must be >= 1"),
+        ({"k": 2.0}, TypeError, "k must be an int"),
+        ({"k": 13}, ValueError, "k=13 is larger than"),
+        ({"mode": "grow"}, ValueError, "mode must be one of"),
+        ({"select": "best"}, ValueError, "select must be one of"),
+        ({"copies": "all"}, ValueError, "copies must be one of"),
+        ({"calib": None}, ValueError, "calib is required"),
+        ({"calib": torch.randn(2, 5, 10, 10)}, ValueError, "does not fit the model"),
+        ({"calib": torch.zeros(2, 3, 10, 10, dtype=torch.long)}, TypeError, "floating"),
+        ({"calib": "images"}, TypeError, "calib must be"),
+        ({"calib": [torch.randn(2, 3, 10, 10), torch.randn(2, 3, 12, 12)]}, ValueError, "one sample shape"),
+        ({"skip": ["nonexistent"]}, ValueError, "not a sub-module"),
+        ({"skip": ["stem", "body"]}, ValueError, "no nestable layer"),
+        ({"depth_split": 2}, NotImplementedError, "depth-wise nesting"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    arguments = {"k": 3, "calib": torch.randn(2, 3, 10, 10), "skip": ["stem"]} | kwargs
+    with pytest.raises(error, match=match):
+        nest(toy(), **arguments)
+
+
+def test_bad_models_and_calls(images):
+    with pytest.raises(ValueError, match="nn.Linear classifier"):
+        nest(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)), k=2, calib=images, skip=0)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        nest("resnet", calib=images)
+    rdn = nested_toy()
+    with pytest.raises(ValueError, match="subnet must satisfy"):
+        rdn(images, subnet=rdn.num_subnets + 1)
+    with pytest.raises(TypeError, match="subnet must be an int"):
+        rdn(images, subnet=1.0)
+    with pytest.raises(ValueError, match="s must satisfy"):
+        rdn.macs(0)
+    with pytest.raises(TypeError, match="state must be a StagedState"):
+        rdn.step(images)
+
+
+def test_channel_coupled_op_stays_outside():
+    """A softmax over channels is not per channel: its inputs stay un-nested, the later conv is nested."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.Softmax(dim=1),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    rdn = nest(model, k=2, calib=torch.randn(2, 3, 6, 6), skip=0)
+    assert isinstance(rdn.layers["_2"], NestedConv2d)
+    assert not isinstance(rdn.layers["_0"], NestedConv2d)
