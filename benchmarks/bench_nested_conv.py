@@ -337,6 +337,7 @@ def run_case(case: Case, ops: Operands, reference_ops: Operands, backends: Seque
             "q25_ms": timing.q25_ms if timing else None,
             "q75_ms": timing.q75_ms if timing else None,
             "ratio_to_flop_ideal": timing.median_ms / flop_ideal if timing else None,
+            "ratio_to_roofline": timing.median_ms / roofline_ms if timing and roofline_ms else None,
             "speedup_vs_dense": dense_ms / timing.median_ms if timing else None,
         })
     return rows
@@ -450,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", type=_choice_list(KNOWN_BACKENDS),
                         help="which of our backends to time (default: every available one)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU; default: torch's)")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="GPU: keep cuDNN's heuristic algorithm choice (default: autotune the baselines' convs)")
     parser.add_argument("--timing", choices=tuple(TIMING_PRESETS), help="timing preset (default: full, quick)")
     parser.add_argument("--name", default="nested_conv", help="file-name stem of the outputs")
     return parser
@@ -481,6 +484,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        # The baselines get cuDNN's autotuned algorithm (the warm-up runs tune it): the strongest baseline.
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     info = machine_info(device)
     info |= {"backends": ", ".join(backends), "memory_format": "channels_last"
              if args.channels_last else "contiguous", "timing": str(config),

@@ -204,5 +204,6 @@ def machine_info(device: torch.device) -> dict[str, str]:
     }
     if device.type == "cuda":
         info["cuda"] = str(torch.version.cuda)
-        info["tf32"] = (f"conv {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}")
+        info["tf32"] = f"conv {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}"
+        info["cudnn_benchmark"] = str(torch.backends.cudnn.benchmark)
     return info

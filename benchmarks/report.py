@@ -19,7 +19,7 @@ CASE_COLUMNS = ("shape", "sources", "kind", "batch", "in_channels", "out_channel
                 "stride", "padding", "K", "in_splits", "out_splits", "dtype", "mode", "stage", "useful_gflop",
                 "dense_gflop", "useful_fraction", "min_mbytes", "flop_ideal_ms", "roofline_ms", "roofline_bound")
 RESULT_COLUMNS = ("implementation", "role", "status", "max_rel_error", "median_ms", "q25_ms", "q75_ms",
-                  "ratio_to_flop_ideal", "speedup_vs_dense")
+                  "ratio_to_flop_ideal", "ratio_to_roofline", "speedup_vs_dense")
 CSV_COLUMNS = INFO_COLUMNS + CASE_COLUMNS + RESULT_COLUMNS
 
 SPEEDUP_COLUMN = "best ours vs best baseline"
@@ -85,7 +85,8 @@ def write_csv(rows: Sequence[dict], info: dict, path: Path) -> None:
 
 _INT_COLUMNS = {"batch", "in_channels", "out_channels", "height", "width", "kernel", "stride", "padding", "K", "stage"}
 _FLOAT_COLUMNS = {"useful_gflop", "dense_gflop", "useful_fraction", "min_mbytes", "flop_ideal_ms", "roofline_ms",
-                  "max_rel_error", "median_ms", "q25_ms", "q75_ms", "ratio_to_flop_ideal", "speedup_vs_dense"}
+                  "max_rel_error", "median_ms", "q25_ms", "q75_ms", "ratio_to_flop_ideal", "ratio_to_roofline",
+                  "speedup_vs_dense"}
 
 
 def read_csv(path: Path) -> tuple[list[dict], dict]:
@@ -161,7 +162,7 @@ def markdown(rows: Sequence[dict], info: dict) -> str:
     names = implementation_order(rows)
     has_roofline = any(r["roofline_ms"] is not None for r in rows)
     header = ["shape", "N", "K", "dtype", "mode", *names, "FLOP-ideal ms"]
-    header += ["roofline ms"] if has_roofline else []
+    header += ["roofline ms", "best ours × roofline"] if has_roofline else []
     header += [SPEEDUP_COLUMN]
     roles = {r["implementation"]: r["role"] for r in rows}
     lines = [
@@ -197,6 +198,8 @@ def markdown(rows: Sequence[dict], info: dict) -> str:
         if has_roofline:
             roofline = first["roofline_ms"]
             cells.append(f"{roofline:.4f} ({first['roofline_bound']})" if roofline is not None else "")
+            best = fastest_ms(case_rows, "ours")
+            cells.append(f"{best / roofline:.2f}×" if best and roofline else "")
         cells.append(f"{speedup:.2f}×" if speedup else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from benchmarks.bench_nested_conv import (
     make_operands,
 )
 from benchmarks.harness import TimingConfig, measure, relative_error
-from benchmarks.report import CSV_COLUMNS, SPEEDUP_COLUMN
+from benchmarks.report import CSV_COLUMNS, SPEEDUP_COLUMN, markdown, read_csv
 from benchmarks.report import main as report_main
 from benchmarks.shapes import (
     PLAN_NAMES,
@@ -100,6 +100,20 @@ def test_entry_point_writes_csv_markdown_and_plot(tmp_path):
     merged = report_main([str(paths["csv"]), "--out", str(tmp_path / "merged"), "--name", "merged"])
     merged_rows = _case_rows(merged["markdown"].read_text())
     assert [row.split(" | ")[:5] for row in merged_rows] == [row.split(" | ")[:5] for row in table_rows]
+
+
+def test_markdown_shows_roofline_columns_when_the_gpu_is_known(tmp_path):
+    paths = main(["--plan", "tiny", "--timing", "tiny", "--k", "2", "--modes", "forward", "--backends", "torch",
+                  "--out", str(tmp_path)])
+    rows, info = read_csv(paths["csv"])
+    for row in rows:  # as a run on an H100 would fill them
+        row |= {"roofline_ms": 0.5, "roofline_bound": "memory"}
+    table = markdown(rows, info)
+    header = next(line for line in table.splitlines() if line.startswith("| shape |"))
+    assert header.endswith(f"| roofline ms | best ours × roofline | {SPEEDUP_COLUMN} |")
+    first_case = [r for r in rows if r["shape"] == rows[0]["shape"] and r["K"] == rows[0]["K"]]
+    best = min(r["median_ms"] for r in first_case if r["role"] == "ours")
+    assert f"| 0.5000 (memory) | {best / 0.5:.2f}× |" in _case_rows(table)[0]
 
 
 def test_check_flags_wrong_and_unsupported_implementations():
