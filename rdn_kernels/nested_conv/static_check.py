@@ -163,10 +163,9 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def check_one(kernel_name: str, config_index: int, dtype: str, target_name: str) -> CheckResult:
+def check_one(kernel_name: str, config: backend.TileConfig, dtype: str, target_name: str) -> CheckResult:
     """Compile one kernel configuration for one target and judge its resource usage."""
-    kernel, configs, sample = _kernels()[kernel_name]
-    config = configs[config_index]
+    kernel, _, sample = _kernels()[kernel_name]
     capability, shared_limit, tensor_core_op = TARGETS[target_name]
     result = CheckResult(kernel_name, str(config), dtype, target_name, config.num_warps, config.num_stages)
     compiled = triton.compile(
@@ -198,11 +197,12 @@ def check_one(kernel_name: str, config_index: int, dtype: str, target_name: str)
     return result
 
 
-def _jobs() -> list[tuple[str, int, str, str]]:
+def jobs() -> list[tuple[str, backend.TileConfig, str, str]]:
+    """Every (kernel, configuration, dtype, target) the check compiles."""
     return [
-        (name, index, dtype, target)
+        (name, config, dtype, target)
         for name, (_, configs, _) in _kernels().items()
-        for index, config in enumerate(configs)
+        for config in configs
         for dtype in DTYPES
         if dtype in config.dtypes
         for target in TARGETS
@@ -211,12 +211,12 @@ def _jobs() -> list[tuple[str, int, str, str]]:
 
 def run_checks(workers: int | None = None) -> list[CheckResult]:
     """Compile every kernel × configuration × dtype × target (in ``workers`` processes)."""
-    jobs = _jobs()
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    todo = jobs()
+    workers = workers or min(len(todo), os.cpu_count() or 1)
     if workers == 1:
-        return [check_one(*job) for job in jobs]
+        return [check_one(*job) for job in todo]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(check_one, *zip(*jobs, strict=True)))
+        return list(pool.map(check_one, *zip(*todo, strict=True)))
 
 
 def format_table(results: list[CheckResult]) -> str:
