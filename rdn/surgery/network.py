@@ -437,8 +437,11 @@ class RussianDollNet(nn.Module):
         for step in self._steps:
             node = step.node
             if step.role == "classifier":
-                root["head"] = nn.Sequential(copy.deepcopy(self.heads[s - 1]), copy.deepcopy(self.classifier))
-                mapping[node] = graph.call_module("head", (mapping[node.args[0]],))
+                head_name = "subnet_head"
+                while head_name in self._by_name:  # a node of the base model may have that name
+                    head_name += "_"
+                root[head_name] = nn.Sequential(copy.deepcopy(self.heads[s - 1]), copy.deepcopy(self.classifier))
+                mapping[node] = graph.call_module(head_name, (mapping[node.args[0]],))
                 continue
             if node.op == "call_module":
                 root[step.name] = self._export_layer(step, s)
