@@ -132,6 +132,9 @@ def test_check_flags_wrong_and_unsupported_implementations():
 
     status, error = check_implementation(Implementation("x", "ours", unsupported, tuple), expected, torch.float32)
     assert status == "error: TypeError: no kernel for this dtype" and error is None
+    # A baseline is plain PyTorch: its failure is a bug of the benchmark and must not be swallowed.
+    with pytest.raises(TypeError, match="no kernel"):
+        check_implementation(Implementation("x", "baseline", unsupported, tuple), expected, torch.float32)
 
 
 def test_backward_check_sees_unmasked_weight_gradient():
