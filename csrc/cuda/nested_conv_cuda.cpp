@@ -311,9 +311,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   }
   const at::Tensor grad_pixels = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor input_pixels = input.contiguous(at::MemoryFormat::ChannelsLast);
-  if (needs_input) {
-    grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
-    pointwise_grad_input(grad_pixels, weight_c, layout, lo, hi, grad_input);
+  if (needs_input) {  // in the input's layout (what the op's fake reports), via channels_last if needed
+    grad_input = at::empty_like(input);
+    at::Tensor target = is_pixel_matrix(grad_input)
+                            ? grad_input
+                            : at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    pointwise_grad_input(grad_pixels, weight_c, layout, lo, hi, target);
+    if (!target.is_same(grad_input)) grad_input.copy_(target);
   }
   if (needs_weight) grad_weight = pointwise_grad_weight(grad_pixels, input_pixels, weight_c, layout, lo, hi);
   return {grad_input, grad_weight, grad_bias};

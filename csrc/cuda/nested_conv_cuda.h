@@ -26,7 +26,7 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
 
 // (grad_input, grad_weight, grad_bias), same contract as rdn::cpu::backward; a gradient not asked
 // for is an undefined tensor. 1×1 / stride 1 / no padding: grad_input by the nested pointwise
-// kernel on the transposed weight (in channels_last), grad_weight by one cuBLAS product per block
+// kernel on the transposed weight, grad_weight by one cuBLAS product per block
 // run. Other convolutions: one cuDNN convolution_backward per (output group, input run).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
                                                         const at::Tensor& weight, bool has_bias,

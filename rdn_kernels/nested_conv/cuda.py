@@ -10,11 +10,13 @@ their channel slice of a channels_last (or (N, D, 1, 1)) buffer. NCHW tensors of
 float16 / bfloat16 on GPUs older than sm_80, run per output group as cuDNN convolutions on weight
 and input views.
 
-Backward has no CUDA kernel of its own: it delegates to the reference backward
-(:func:`rdn_kernels.nested_conv.naive.nested_conv2d_reference_backward`), one cuDNN
-``convolution_backward`` per block of the mask, so blocks outside the mask get exactly zero
-gradient. Like ``F.conv2d``, that path (and the k×k forward) follows torch's TF32 settings for
-float32.
+Backward (``nested_conv2d_backward_cuda``), for the same 1×1 cases: grad_input by the same
+nested pointwise kernel applied to the transposed weight and the transposed (upper-triangular)
+runs — one launch per up to 32 groups, zero on input channels no computed group reads —,
+grad_weight by one cuBLAS product per (output group, input run) into an otherwise exactly zero
+tensor, grad_bias by a sum. Other convolutions: one cuDNN ``convolution_backward`` per (output
+group, input run). Like ``F.conv2d``, the cuDNN / cuBLAS parts follow torch's TF32 settings for
+float32; the hand-written kernels never use TF32.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import torch
 from rdn_kernels._extension import extension
 from rdn_kernels.layout import NestedLayout
 
-from . import naive
 from .cpp import _layout_args
 from .geometry import ConvGeometry
 
@@ -55,5 +56,7 @@ def backward(
     needs_input: bool,
     needs_weight: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(grad_input, grad_weight, grad_bias) through the reference's per-block cuDNN calls (see module docstring)."""
-    return naive.backward(grad_output, input, weight, has_bias, layout, geometry, lo, hi, needs_input, needs_weight)
+    """(grad_input, grad_weight, grad_bias); a gradient not asked for is None (see module docstring)."""
+    return extension().nested_conv2d_backward_cuda(
+        grad_output, input, weight, has_bias, *_layout_args(layout, geometry), lo, hi, needs_input, needs_weight
+    )

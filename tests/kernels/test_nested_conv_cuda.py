@@ -24,16 +24,23 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def cuda_backend():
-    """Skip without a GPU or without the CUDA kernels; run fp32 cuDNN / cuBLAS without TF32."""
+    """Skip without a GPU or without the CUDA kernels; pin the cuDNN / cuBLAS precision flags."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if "cuda" not in rdn_kernels.available_backends("cuda"):
         pytest.skip("the extension was built without CUDA kernels (build with torch+CUDA and nvcc: make build)")
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        yield
-    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    # fp32 products in fp32 (no TF32), and 16-bit cuBLAS products (grad_weight) reduced in fp32.
+    matmul = torch.backends.cuda.matmul
+    flags = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    saved = {flag: getattr(matmul, flag) for flag in flags}
+    for flag in flags:
+        setattr(matmul, flag, False)
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        for flag, value in saved.items():
+            setattr(matmul, flag, value)
 
 
 def _alternating_mask(num_groups: int) -> tuple[tuple[bool, ...], ...]:
@@ -51,7 +58,7 @@ POINTWISE_CASES = [
     Case((24, 0, 40), (0, 32, 8), batch=1, size=(1, 1)),  # zero-size groups; (N, C, 1, 1)
 ]
 ALL_CASES = CASES + POINTWISE_CASES
-BACKWARD_CASES = [CASES[3], CASES[7], POINTWISE_CASES[0], POINTWISE_CASES[1]]
+BACKWARD_CASES = [CASES[3], CASES[4], CASES[7], *POINTWISE_CASES[:2], *POINTWISE_CASES[5:]]
 
 
 def _tensors(case: Case, dtype: torch.dtype, channels_last: bool):
@@ -185,6 +192,23 @@ def test_backward_matches_reference(case, dtype, channels_last):
         lo, hi = stages or (0, layout.num_groups)
         untouched = ~_read_blocks(layout, lo, hi, weight.shape)
         assert torch.all(grads[1].cpu()[untouched] == 0), "blocks outside the mask / stages must get exactly zero"
+
+
+@pytest.mark.parametrize("trainable", [0, 1], ids=["input-only", "weight-only"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [POINTWISE_CASES[1], CASES[7]], ids=str)
+def test_backward_of_one_operand(case, dtype, trainable):
+    """Only the input, or only the weight, requires grad: the other gradient is never computed."""
+    (input, weight, bias), exact = _tensors(case, dtype, channels_last=True)
+    stages = (1, len(case.in_splits))
+    leaves = [t.detach().clone().requires_grad_(index == trainable) for index, t in enumerate((input, weight))]
+    output = nested_conv2d(*leaves, bias, **case.conv_kwargs, stages=stages, backend="cuda")
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    (grad,) = torch.autograd.grad(output, leaves[trainable], grad_output.cuda())
+
+    leaves64 = [t.detach().clone().requires_grad_(True) for t in exact]
+    (expected,) = torch.autograd.grad(_expected(case, leaves64, stages), leaves64[trainable], grad_output.double())
+    assert_close(grad.cpu(), expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
