@@ -7,6 +7,8 @@ only the first run after an edit pays for nvcc.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
 import pytest
 
 from rdn_kernels.nested_conv import cuda_static_check as static_check
@@ -21,8 +23,18 @@ def nvcc() -> str:
 
 
 @pytest.fixture(scope="module")
-def kernels(nvcc) -> list[static_check.KernelResources]:
-    return static_check.check_kernels()
+def compiled(nvcc) -> tuple[list[static_check.KernelResources], Future]:
+    """Kernel resources, and the glue syntax check running beside the nvcc compiles (they are independent)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        glue = pool.submit(static_check.check_glue, nvcc)
+        kernels = static_check.check_kernels()
+        wait([glue])
+    return kernels, glue
+
+
+@pytest.fixture(scope="module")
+def kernels(compiled) -> list[static_check.KernelResources]:
+    return compiled[0]
 
 
 def test_there_are_cuda_sources():
@@ -93,6 +105,6 @@ ptxas info    : Used 8 registers, used 0 barriers
     assert parsed[("_Z1gv", "sm_90")] == dict(zip(keys, (8, 0, 0, 0, 0), strict=True))
 
 
-def test_glue_and_bindings_compile_with_cuda(nvcc):
+def test_glue_and_bindings_compile_with_cuda(compiled):
     """The torch glue and csrc/bindings.cpp under RDN_WITH_CUDA, against this torch's headers."""
-    assert static_check.check_glue(nvcc) == ["nested_conv_cuda.cpp", "bindings.cpp"]
+    assert compiled[1].result() == ["nested_conv_cuda.cpp", "bindings.cpp"]
