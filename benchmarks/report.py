@@ -126,34 +126,48 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values))
 
 
+_BEST = "best of ours"
+
+
+def _compared(case_rows: Sequence[dict], ours: str, baseline: str) -> tuple[float, float] | None:
+    """(our ms, baseline ms) of one case, or None unless both are correct measurements.
+
+    ``ours`` = :data:`_BEST` with ``baseline`` = ``"best baseline"`` compares the fastest of each role.
+    """
+    if ours == _BEST:
+        mine, theirs = fastest_ms(case_rows, "ours"), fastest_ms(case_rows, "baseline")
+        return (mine, theirs) if mine and theirs else None
+    by_name = {r["implementation"]: r for r in case_rows}
+    mine, theirs = by_name.get(ours), by_name.get(baseline)
+    if mine and theirs and mine["status"] == "ok" and theirs["status"] == "ok":
+        return mine["median_ms"], theirs["median_ms"]
+    return None
+
+
 def summary_lines(cases: Sequence[Sequence[dict]]) -> list[str]:
-    """Per mode and backend of ours: wins and geometric-mean speedups against each baseline and the ideal."""
-    header = ["mode", "ours", "cases", "baseline", "wins", "geomean speedup", "worst", "geomean × FLOP-ideal"]
+    """Per mode, dtype and backend of ours: wins, geometric-mean and worst speedup against each
+    baseline, and the geometric-mean ratio to the FLOP-ideal; then best of ours vs best baseline."""
+    header = ["mode", "dtype", "ours", "baseline", "cases", "wins", "geomean speedup", "worst",
+              "geomean × FLOP-ideal"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    by_mode: dict[str, list[Sequence[dict]]] = {}
+    groups: dict[tuple[str, str], list[Sequence[dict]]] = {}
     for case_rows in cases:
-        by_mode.setdefault(case_rows[0]["mode"], []).append(case_rows)
-    for mode, mode_cases in by_mode.items():
-        flat = [row for case_rows in mode_cases for row in case_rows]
+        groups.setdefault((case_rows[0]["mode"], case_rows[0]["dtype"]), []).append(case_rows)
+    for (mode, dtype), group in groups.items():
+        flat = [row for case_rows in group for row in case_rows]
+        roles = {r["implementation"]: r["role"] for r in flat}
         names = implementation_order(flat)
-        ours = [n for n in names if any(r["implementation"] == n and r["role"] == "ours" for r in flat)]
-        baselines = [n for n in names if any(r["implementation"] == n and r["role"] == "baseline" for r in flat)]
-        for backend in ours:
-            for baseline in baselines:
-                pairs = []
-                ideal_ratios = []
-                for case_rows in mode_cases:
-                    by_name = {r["implementation"]: r for r in case_rows}
-                    mine, theirs = by_name.get(backend), by_name.get(baseline)
-                    if mine and theirs and mine["status"] == "ok" and theirs["status"] == "ok":
-                        pairs.append(theirs["median_ms"] / mine["median_ms"])
-                        ideal_ratios.append(mine["ratio_to_flop_ideal"])
-                if not pairs:
-                    continue
-                lines.append("| " + " | ".join([
-                    mode, backend, str(len(pairs)), baseline, f"{sum(p > 1 for p in pairs)}/{len(pairs)}",
-                    f"{_geomean(pairs):.2f}×", f"{min(pairs):.2f}×", f"{_geomean(ideal_ratios):.2f}×",
-                ]) + " |")
+        pairs = [(n, b) for n in names if roles[n] == "ours" for b in names if roles[b] == "baseline"]
+        for ours, baseline in [*pairs, (_BEST, "best baseline")]:
+            compared = [(c[0]["flop_ideal_ms"], times) for c in group if (times := _compared(c, ours, baseline))]
+            if not compared:
+                continue
+            speedups = [theirs / mine for _, (mine, theirs) in compared]
+            ideal_ratios = [mine / ideal for ideal, (mine, _) in compared]
+            lines.append("| " + " | ".join([
+                mode, dtype, ours, baseline, str(len(compared)), f"{sum(s > 1 for s in speedups)}/{len(speedups)}",
+                f"{_geomean(speedups):.2f}×", f"{min(speedups):.2f}×", f"{_geomean(ideal_ratios):.2f}×",
+            ]) + " |")
     return lines
 
 

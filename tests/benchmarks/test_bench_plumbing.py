@@ -55,9 +55,22 @@ def _case_rows(markdown: str) -> list[str]:
     return [line for line in markdown.splitlines() if re.match(r"\| (\dx\d|linear) ", line)]
 
 
-def test_entry_point_writes_csv_markdown_and_plot(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Run the entry point single-threaded, as ``--threads 1`` asks, and give the threads back after.
+
+    On a busy machine, tiny multi-threaded convolutions wait on descheduled threads for whole
+    scheduler slices; one thread keeps the test fast.
+    """
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def test_entry_point_writes_csv_markdown_and_plot(tmp_path, one_thread):
     paths = main(["--device", "cpu", "--plan", "tiny", "--timing", "tiny", "--k", "4",
-                  "--out", str(tmp_path), "--name", "plumbing"])
+                  "--out", str(tmp_path), "--name", "plumbing", *one_thread])
+    assert torch.get_num_threads() == 1
 
     assert {path.name for path in paths.values()} == {"plumbing_cpu.csv", "plumbing_cpu.md", "plumbing_cpu.png"}
     assert all(path.parent == tmp_path for path in paths.values())
@@ -91,8 +104,13 @@ def test_entry_point_writes_csv_markdown_and_plot(tmp_path):
         assert f"| {column} |" in table_header
     table_rows = _case_rows(text)
     assert len(table_rows) == len(cases)
-    for key in ("cpu", "cpu_cores", "torch_threads", "torch", "triton", "git_commit", "date"):
+    for mode in ("forward", "stage", "backward"):
+        assert f"| {mode} | float32 | best of ours | best baseline | " in text
+        for backend in ours:
+            assert f"| {mode} | float32 | {backend} | per-stage loop | " in text
+    for key in ("cpu", "cpu_cores", "torch", "triton", "git_commit", "date"):
         assert f"\n- {key}: " in text, key
+    assert "\n- torch_threads: 1\n" in text
 
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -102,9 +120,9 @@ def test_entry_point_writes_csv_markdown_and_plot(tmp_path):
     assert [row.split(" | ")[:5] for row in merged_rows] == [row.split(" | ")[:5] for row in table_rows]
 
 
-def test_markdown_shows_roofline_columns_when_the_gpu_is_known(tmp_path):
+def test_markdown_shows_roofline_columns_when_the_gpu_is_known(tmp_path, one_thread):
     paths = main(["--plan", "tiny", "--timing", "tiny", "--k", "2", "--modes", "forward", "--backends", "torch",
-                  "--out", str(tmp_path)])
+                  "--out", str(tmp_path), *one_thread])
     rows, info = read_csv(paths["csv"])
     for row in rows:  # as a run on an H100 would fill them
         row |= {"roofline_ms": 0.5, "roofline_bound": "memory"}
