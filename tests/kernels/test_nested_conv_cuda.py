@@ -242,14 +242,15 @@ def test_backend_choice_by_dtype():
 def test_more_than_2_to_the_31_elements(dtype):
     """N·H·W·C > 2^31: pixel offsets must be 64-bit. Checks the last pixels against the reference."""
     in_splits, out_splits = (32, 32), (32, 32)
-    batch, height, width = 1, 5793, 5793  # 33.6 M pixels × 64 channels ≈ 2^31 + 10 M elements per tensor
+    batch, height, width = 1, 6000, 6000  # 36 M pixels × 64 channels: the last rows start past element 2^31
     generator = torch.Generator(device="cuda").manual_seed(0)
     input = torch.randn(batch, height, width, 64, generator=generator, device="cuda", dtype=dtype).permute(0, 3, 1, 2)
     assert input.numel() > 2**31
     weight = torch.randn(64, 64, 1, 1, generator=generator, device="cuda", dtype=dtype)
     bias = torch.randn(64, generator=generator, device="cuda", dtype=dtype)
     output = nested_conv2d(input, weight, bias, in_splits=in_splits, out_splits=out_splits, backend="cuda")
-    tail = input[:, :, -2:].double().cpu()  # the last two rows of pixels, past element 2^31
+    assert (height - 2) * width * 64 > 2**31
+    tail = input[:, :, -2:].double().cpu()  # the last two rows of pixels, all past element 2^31
     case = Case(in_splits, out_splits)
     expected = masked_dense(tail, weight.double().cpu(), bias.double().cpu(), case)
     assert_close(output[:, :, -2:].cpu(), expected, dtype)
