@@ -290,6 +290,8 @@ def check_glue(nvcc: str | None = None) -> list[str]:
     compiler = shutil.which("c++") or shutil.which("g++")
     if nvcc is None or compiler is None:
         raise FileNotFoundError("the glue check needs nvcc (for the CUDA headers) and a host C++ compiler")
+    if not any((path / "c10" / "cuda" / "CUDAGuard.h").is_file() for path in _torch_include_dirs()):
+        raise FileNotFoundError("this torch ships no c10/cuda headers to check the glue against")
     stub_dir = _CACHE_DIR / "stub_include"
     stub = stub_dir / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     stub.parent.mkdir(parents=True, exist_ok=True)
