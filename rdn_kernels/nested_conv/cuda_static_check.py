@@ -328,7 +328,8 @@ def render_markdown(rows: list[KernelResources], nvcc: str | None = None) -> str
         f"Compiled with `nvcc` ({version}) on {today}, no GPU involved: `{' '.join(NVCC_FLAGS)}`.",
         "Registers, stack and spills from `ptxas -v`; shared memory is static per block (limit "
         f"{STATIC_SHARED_LIMIT} B); tensor-core instructions are the `HMMA` count in `cuobjdump -sass`.",
-        "Regenerate with `python -m rdn_kernels.nested_conv.cuda_static_check`.",
+        "Regenerate with `python -m rdn_kernels.nested_conv.cuda_static_check`. This is a static check only: "
+        "correctness on a GPU is `pytest -m cuda tests/kernels/test_nested_conv_cuda.py`.",
         "",
         "| source | kernel | dtype | target | registers | stack (B) | spill st/ld (B) | smem (B) | HMMA |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
