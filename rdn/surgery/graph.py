@@ -89,9 +89,19 @@ class SurgeryGraph:
         skip: layers kept un-nested: qualified module names (their sub-modules included), an int n
             (the first n nestable layers) or None (the layers at output stride <= 4).
         k, mode, exact: the surgery settings (see :func:`rdn.surgery.nest`).
+        depth_split: qualified name of the module after which the shallow exits branch off.
     """
 
-    def __init__(self, model: nn.Module, example: Tensor, skip: Iterable[str], k: int, mode: str, exact: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        example: Tensor,
+        skip,
+        k: int,
+        mode: str,
+        exact: bool,
+        depth_split: str | None = None,
+    ):
         self.k, self.mode, self.exact = k, mode, exact
         self.num_groups = num_groups_for(k, mode)
         self.graph_module = trace(model)
@@ -119,6 +129,24 @@ class SurgeryGraph:
             )
         self._resolve_layouts()
         self.rungs = self._resolve_rungs()
+        self.depth_split = None if depth_split is None else self._split_node(depth_split)
+
+    def _split_node(self, module_name: str) -> str:
+        """The output node of module ``module_name``: the last node traced inside it."""
+        inside = [
+            name
+            for name, info in self.infos.items()
+            if any(path == module_name for path, _ in info.node.meta.get("nn_module_stack", {}).values())
+        ]
+        if not inside:
+            raise ValueError(f"depth_split {module_name!r} names no module the model's forward runs")
+        split = inside[-1]
+        info = self.infos[split]
+        if info.space_key is None or len(info.shape) != 4:
+            raise ValueError(f"depth_split {module_name!r} must end in a feature map (N, C, H, W), got {info.shape}")
+        if self.position(split) >= self.position(self.classifier_input):
+            raise ValueError(f"depth_split {module_name!r} must come before the pooled features")
+        return split
 
     # ------------------------------------------------------------------------------------------
     # Roles

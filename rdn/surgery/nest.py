@@ -65,6 +65,28 @@ def _check_skip(model: nn.Module, skip) -> list[str] | int | None:
     return resolved
 
 
+def _check_depth_split(model: nn.Module, depth_split) -> str | None:
+    """The qualified module name after which shallow exits branch off (an int: ``model.blocks[i]``)."""
+    if depth_split is None:
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    if isinstance(depth_split, bool) or not isinstance(depth_split, (int, str, nn.Module)):
+        raise TypeError(f"depth_split must be a block index, a module or a module name, got {depth_split!r}")
+    if isinstance(depth_split, int):
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.Sequential):
+            raise ValueError("an int depth_split indexes model.blocks (rdn.models layout); pass a module name instead")
+        if not 0 <= depth_split < len(blocks) - 1:
+            raise ValueError(
+                f"depth_split must index a block before the last one (0..{len(blocks) - 2}), got {depth_split}"
+            )
+        return names[id(blocks[depth_split])]
+    name = names.get(id(depth_split)) if isinstance(depth_split, nn.Module) else depth_split
+    if not name or name not in names.values():
+        raise ValueError(f"depth_split {depth_split!r} is not a sub-module (or qualified sub-module name) of the model")
+    return name
+
+
 def _check_settings(k, mode, select, exact, seed, copies) -> None:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int >= 1, got {k!r}")
@@ -111,7 +133,10 @@ def nest(
         skip: layers kept un-nested: ``None`` = the stem and the first two blocks (``rdn.models``
             layout) or, for other models, every layer at output stride <= 4; an int n = the first n
             nestable layers; or a sequence of sub-modules / qualified module names.
-        depth_split: depth-wise nesting; not implemented (must be ``None``).
+        depth_split: depth-wise nesting (DESIGN.md §4.4): the block (index into ``model.blocks``, a
+            sub-module or its qualified name) after which every sub-network gets a second, shallow
+            exit through a light alignment block (1×1 conv → BN → ReLU → pool) into the shared
+            classifier; exits double from K to 2K (:attr:`RussianDollNet.exits`).
         seed: seed of random selection.
         exact: expand mode only: keep every connection (a third copy at group K where needed), so
             N_K reproduces the base network's linear maps exactly; ``False``: at most two copies.
@@ -125,16 +150,15 @@ def nest(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_settings(k, mode, select, exact, seed, copies)
-    if depth_split is not None:
-        raise NotImplementedError("depth-wise nesting (depth_split) is not implemented; pass depth_split=None")
     if calib is None:
         raise ValueError("calib is required: a calibration tensor (N, C, H, W) or DataLoader")
     if base is not None and not isinstance(base, dict):
         raise TypeError(f"base must be a dict of rdn.models.create arguments or None, got {type(base).__name__}")
     batch = calibration_batch(calib)
     skip = _check_skip(model, skip)
+    depth_split = _check_depth_split(model, depth_split)
     with _eval_mode(model), torch.no_grad():
-        graph = SurgeryGraph(model, batch[:1], skip, k, mode, exact)
+        graph = SurgeryGraph(model, batch[:1], skip, k, mode, exact, depth_split)
         orders = select_orders(graph, batch, select, seed)
     config = {
         "version": CONFIG_VERSION,
@@ -147,6 +171,7 @@ def nest(
         "skip": list(graph.skipped_targets),
         "input_shape": list(batch.shape[1:]),
         "orders": {space: list(order) for space, order in orders.items()},
+        "depth_split": depth_split,
         "base": base,
     }
     return RussianDollNet(graph, orders, config)
@@ -181,7 +206,15 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = torch.zeros((1, *config["input_shape"]), dtype=dtype, device=device)
     with _eval_mode(model), torch.no_grad():
-        graph = SurgeryGraph(model, example, list(config["skip"]), config["k"], config["mode"], config["exact"])
+        graph = SurgeryGraph(
+            model,
+            example,
+            list(config["skip"]),
+            config["k"],
+            config["mode"],
+            config["exact"],
+            config.get("depth_split"),
+        )
     expected = set(definers(graph).values())
     mismatched = set(config["orders"]) != expected or any(
         len(order) != graph.unit_counts[layout] for layout, order in config["orders"].items()

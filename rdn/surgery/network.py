@@ -64,29 +64,32 @@ class _Step:
 
 @dataclass
 class StagedState:
-    """What :meth:`RussianDollNet.step` needs to go from N_s to N_{s+1}.
+    """What :meth:`RussianDollNet.step` needs to go from one exit to the next.
 
     Attributes:
-        subnet: s, the sub-network computed so far (1-based).
-        logits: (N, num_classes) of N_s.
-        values: every node's value; nested tensors as full-width buffers whose first
-            ``offsets[s]`` channels are valid.
+        subnet, depth: the exit computed so far (width s, 1-based; depth 0 = shallow, 1 = full).
+        widths: groups computed so far in each depth region (shallow part, rest).
+        logits: (N, num_classes) of that exit.
+        values: every node's value; nested tensors as full-width buffers whose first groups are valid.
     """
 
     subnet: int
+    depth: int
+    widths: list[int]
     logits: Tensor
     values: dict[str, Any]
 
     def index_select(self, index: Tensor) -> StagedState:
         """The state of the samples ``index`` only (samples that did not exit yet)."""
         batch = self.logits.shape[0]
-        values = {
-            name: value.index_select(0, index)
-            if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch
-            else value
-            for name, value in self.values.items()
-        }
-        return StagedState(self.subnet, self.logits.index_select(0, index), values)
+
+        def select(value):
+            if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch:
+                return value.index_select(0, index)
+            return value
+
+        values = {name: select(value) for name, value in self.values.items()}
+        return StagedState(self.subnet, self.depth, list(self.widths), self.logits.index_select(0, index), values)
 
 
 def batch_norm_channels(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, start: int, stop: int) -> Tensor:
@@ -157,7 +160,6 @@ class RussianDollNet(nn.Module):
         self.rdn_config = copy.deepcopy(config)
         copies = config["copies"]
         self.num_subnets = graph.num_groups
-        self._graph = graph.graph_module.graph
         self.layers = nn.ModuleDict()
         self._steps: list[_Step] = []
         for name, info in graph.infos.items():
@@ -190,7 +192,45 @@ class RussianDollNet(nn.Module):
             with torch.no_grad():
                 head.weight.copy_(alignment_weight(self._feature_space, s, classifier.weight.dtype, copies))
             self.heads.append(head)
+        self._init_depth_split(graph, orders)
         self.train(classifier.training)
+
+    def _init_depth_split(self, graph: SurgeryGraph, orders: dict[str, list[int]]) -> None:
+        """Shallow exits (DESIGN.md §4.4): after the split node, per width s a light alignment block.
+
+        The block maps N_s's channels of the split tensor to the classifier's width: 1×1 conv →
+        BN → ReLU → global average pool; the shared classifier follows. New layers, trained from scratch.
+        """
+        self.depth_heads = nn.ModuleList()
+        names = [step.name for step in self._steps]
+        if graph.depth_split is None:
+            self._split = None
+            self._regions = [(0, len(self._steps))]
+            self.exits = [(s, 1) for s in range(1, self.num_subnets + 1)]
+            return
+        self._split = graph.depth_split
+        split_index = names.index(self._split) + 1
+        self._regions = [(0, split_index), (split_index, len(self._steps))]
+        self.exits = [(s, depth) for s in range(1, self.num_subnets + 1) for depth in (0, 1)]
+        split_space = self._by_name[self._split].space
+        width = self.classifier.in_features
+        factory = {"device": self.classifier.weight.device, "dtype": self.classifier.weight.dtype}
+        for s in range(1, self.num_subnets + 1):
+            channels = split_space.offsets[s] if not split_space.is_single_group else len(split_space)
+            self.depth_heads.append(
+                nn.Sequential(
+                    nn.Conv2d(channels, width, 1, bias=False, **factory),
+                    nn.BatchNorm2d(width, **factory),
+                    nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1),
+                    nn.Flatten(),
+                )
+            )
+
+    @property
+    def num_exits(self) -> int:
+        """Number of exits: K, or 2K with a depth split (:attr:`exits` lists them as (s, depth))."""
+        return len(self.exits)
 
     @staticmethod
     def _convert(node: fx.Node, module: nn.Module, role: str, in_space, space, copies: str) -> nn.Module:
@@ -257,13 +297,16 @@ class RussianDollNet(nn.Module):
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
 
-    def _run(self, x: Tensor | None, lo: int, hi: int, values: dict[str, Any], staged: bool) -> None:
-        """Compute groups lo..hi-1 of every tensor into ``values``.
+    def _run(
+        self, x: Tensor | None, lo: int, hi: int, values: dict[str, Any], staged: bool, region: tuple[int, int]
+    ) -> None:
+        """Compute groups lo..hi-1 of every tensor of the steps ``region`` = (first, stop) into ``values``.
 
         Prefix mode (``staged=False``, lo = 0): ``values[name]`` becomes the first ``offsets[hi]``
-        channels. Staged mode: ``values`` holds full-width buffers, the new groups are written into them.
+        channels. Staged mode: ``values`` holds full-width buffers, the new groups are written into
+        them. Inputs are always sliced to the channels read, so they may be prefixes or buffers.
         """
-        for step in self._steps:
+        for step in self._steps[region[0] : region[1]]:
             name, role = step.name, step.role
             if role == "input":
                 if not staged:
@@ -281,9 +324,9 @@ class RussianDollNet(nn.Module):
                 continue
             if role == "nested":
                 layer = self.layers[name]
-                source = values[step.inputs[0]]
+                source = values[step.inputs[0]][:, : layer.layout.in_offsets[hi]]
                 if staged:
-                    layer(source[:, : layer.layout.in_offsets[hi]], stages=(lo, hi), out=values[name])
+                    layer(source, stages=(lo, hi), out=values[name])
                 else:
                     values[name] = layer(source, stages=(0, hi))
                 continue
@@ -307,63 +350,106 @@ class RussianDollNet(nn.Module):
     def _space_of(self, name: str) -> ChannelSpace:
         return self._by_name[name].space
 
-    def _logits(self, s: int, features: Tensor) -> Tensor:
-        """Head of N_s on (a prefix of at least) its features (N, F_s...)."""
-        return self.classifier(self.heads[s - 1](features[:, : self._feature_space.offsets[s]]))
-
-    def forward(self, x: Tensor, subnet: int | None = None) -> list[Tensor] | Tensor:
-        """``subnet=None``: the K logits (N, num_classes) of N_1..N_K from one pass of N_K.
-        ``subnet=s``: the logits of N_s alone, computing only its groups.
-        """
-        if subnet is None:
-            values: dict[str, Any] = {}
-            self._run(x, 0, self.num_subnets, values, staged=False)
-            features = values[self._features]
-            return [self._logits(s, features) for s in range(1, self.num_subnets + 1)]
+    def _check_exit(self, subnet, depth) -> tuple[int, int]:
         s = self._check_subnet(subnet)
-        values = {}
-        self._run(x, 0, s, values, staged=False)
-        return self._logits(s, values[self._features])
+        if depth not in (0, 1) or isinstance(depth, bool):
+            raise ValueError(f"depth must be 0 (shallow exit) or 1 (full depth), got {depth!r}")
+        if depth == 0 and self._split is None:
+            raise ValueError("depth=0 needs a depth split: build the RDN with nest(..., depth_split=...)")
+        return s, depth
 
-    def start(self, x: Tensor) -> StagedState:
-        """Run N_1 and keep every tensor in a full-width buffer for :meth:`step`."""
+    def _exit_logits(self, s: int, depth: int, values: dict[str, Any]) -> Tensor:
+        """Head of exit (s, depth) on (buffers or prefixes holding at least) its features."""
+        if depth == 0:
+            split = values[self._split]
+            space = self._by_name[self._split].space
+            channels = len(space) if space.is_single_group else space.offsets[s]
+            return self.classifier(self.depth_heads[s - 1](split[:, :channels]))
+        return self.classifier(self.heads[s - 1](values[self._features][:, : self._feature_space.offsets[s]]))
+
+    def _depth_regions(self, depth: int) -> list[tuple[int, int]]:
+        return self._regions if self._split is None else self._regions[: depth + 1]
+
+    def forward(self, x: Tensor, subnet: int | None = None, depth: int = 1) -> list[Tensor] | Tensor:
+        """``subnet=None``: the logits (N, num_classes) of every exit (:attr:`exits` order: N_1..N_K,
+        or (N_1 shallow, N_1, N_2 shallow, ...) with a depth split), all from one pass of N_K.
+        ``subnet=s``: the logits of N_s alone at ``depth`` (0: shallow exit), computing only its groups.
+        """
         values: dict[str, Any] = {}
-        self._run(x, 0, 1, values, staged=False)
-        for step in self._steps:
+        if subnet is None:
+            self._run(x, 0, self.num_subnets, values, staged=False, region=(0, len(self._steps)))
+            return [self._exit_logits(s, d, values) for s, d in self.exits]
+        s, depth = self._check_exit(subnet, depth)
+        for region in self._depth_regions(depth):
+            self._run(x, 0, s, values, staged=False, region=region)
+        return self._exit_logits(s, depth, values)
+
+    def _to_buffers(self, values: dict[str, Any], region: tuple[int, int]) -> None:
+        for step in self._steps[region[0] : region[1]]:
             if step.role in ("nested", "grouped", "batchnorm", "channelwise"):
                 prefix = values[step.name]
                 buffer = prefix.new_zeros((prefix.shape[0], len(step.space), *prefix.shape[2:]))
                 buffer[:, : prefix.shape[1]] = prefix
                 values[step.name] = buffer
-        return StagedState(1, self._logits(1, values[self._features]), values)
+
+    def _advance(self, x: Tensor | None, state: StagedState, s: int, depth: int) -> StagedState:
+        for index, region in enumerate(self._depth_regions(depth)):
+            done = state.widths[index]
+            if done == 0:
+                self._run(x, 0, s, state.values, staged=False, region=region)
+                self._to_buffers(state.values, region)
+            elif done < s:
+                self._run(None, done, s, state.values, staged=True, region=region)
+            state.widths[index] = max(done, s)
+        state.subnet, state.depth = s, depth
+        state.logits = self._exit_logits(s, depth, state.values)
+        return state
+
+    def start(self, x: Tensor) -> StagedState:
+        """Run the first exit (N_1; its shallow exit with a depth split), keeping every tensor in a
+        full-width buffer for :meth:`step`."""
+        state = StagedState(0, 0, [0] * len(self._regions), x.new_empty(0), {})
+        return self._advance(x, state, *self.exits[0])
 
     def step(self, state: StagedState) -> StagedState:
-        """From N_s to N_{s+1}: compute group s+1 of every tensor from the cached groups 1..s."""
+        """To the next exit in :attr:`exits` order, computing only the new groups of every tensor
+        from the cached ones (from N_s to N_{s+1}: group s+1 of every layer)."""
         if not isinstance(state, StagedState):
             raise TypeError(f"state must be a StagedState from start(), got {type(state).__name__}")
-        if state.subnet >= self.num_subnets:
-            raise ValueError(f"state is already at the last sub-network N_{self.num_subnets}")
-        s = state.subnet
-        self._run(None, s, s + 1, state.values, staged=True)
-        return StagedState(s + 1, self._logits(s + 1, state.values[self._features]), state.values)
+        position = self.exits.index((state.subnet, state.depth))
+        if position + 1 >= len(self.exits):
+            raise ValueError(f"state is already at the last exit {self.exits[-1]}")
+        return self._advance(None, state, *self.exits[position + 1])
 
     # ------------------------------------------------------------------------------------------
     # Costs (per sample, at the calibration input size)
     # ------------------------------------------------------------------------------------------
 
-    def _channels(self, step: _Step, s: int) -> int:
-        return step.space.offsets[s] if step.space is not None and not step.space.is_single_group else step.shape[1]
+    def _exit_steps(self, s: int, depth: int) -> list[_Step]:
+        s, depth = self._check_exit(s, depth)
+        return [step for first, stop in self._depth_regions(depth) for step in self._steps[first:stop]]
 
-    def macs(self, s: int) -> int:
-        """Multiply-accumulates of N_s for one sample at the calibration input size.
+    def _head_costs(self, s: int, depth: int) -> tuple[int, int]:
+        """(MACs, params) of exit (s, depth)'s head and the shared classifier."""
+        classifier = self.classifier.weight.numel()
+        classifier_params = sum(p.numel() for p in self.classifier.parameters())
+        if depth == 1:
+            head = self.heads[s - 1].weight.numel()
+            return head + classifier, head + classifier_params
+        conv, norm = self.depth_heads[s - 1][0], self.depth_heads[s - 1][1]
+        pixels = math.prod(self._by_name[self._split].shape[2:])
+        params = conv.weight.numel() + sum(p.numel() for p in norm.parameters())
+        return conv.weight.numel() * pixels + classifier, params + classifier_params
+
+    def macs(self, s: int, depth: int = 1) -> int:
+        """Multiply-accumulates of exit (s, depth) for one sample at the calibration input size.
 
         Counts conv and linear layers only (BN, activations, adds and pooling are not MACs, as in
         the MobileNet papers): nested layers count only the blocks N_s computes; grouped convs the
-        channels N_s computes; un-nested layers in full; plus N_s's head and the shared classifier.
+        channels N_s computes; un-nested layers in full; plus the exit's head and the shared classifier.
         """
-        s = self._check_subnet(s, "s")
         total = 0
-        for step in self._steps:
+        for step in self._exit_steps(s, depth):
             spatial = math.prod(step.shape[2:]) if step.shape is not None else 1
             if step.role == "nested":
                 layer = self.layers[step.name]
@@ -374,13 +460,13 @@ class RussianDollNet(nn.Module):
                 total += step.space.offsets[s] * conv.weight.shape[1] * math.prod(conv.kernel_size) * spatial
             elif step.role == "fixed" and step.name in self.layers:
                 total += _conv_like_macs(self.layers[step.name], step.shape)
-        return total + self.heads[s - 1].weight.numel() + self.classifier.weight.numel()
+        return total + self._head_costs(s, depth)[0]
 
-    def params(self, s: int) -> int:
-        """Parameters N_s reads: its blocks, channel slices, un-nested layers, its head and the classifier."""
-        s = self._check_subnet(s, "s")
+    def params(self, s: int, depth: int = 1) -> int:
+        """Parameters exit (s, depth) reads: its blocks, channel slices, un-nested layers, its head
+        and the classifier."""
         total = 0
-        for step in self._steps:
+        for step in self._exit_steps(s, depth):
             layer = self.layers[step.name] if step.name in self.layers else None
             if step.role == "nested":
                 kernel = math.prod(layer.kernel_size) if isinstance(layer, NestedConv2d) else 1
@@ -391,27 +477,32 @@ class RussianDollNet(nn.Module):
                 total += step.space.offsets[s] * per_channel
             elif layer is not None:
                 total += sum(p.numel() for p in layer.parameters())
-        heads = self.heads[s - 1].weight.numel() + sum(p.numel() for p in self.classifier.parameters())
-        return total + heads
+        return total + self._head_costs(s, depth)[1]
 
-    def peak_activation_bytes(self, s: int, batch_size: int = 1) -> int:
-        """Estimated peak activation memory of running N_s alone (bytes).
+    def peak_activation_bytes(self, s: int, depth: int = 1, batch_size: int = 1) -> int:
+        """Estimated peak activation memory of running exit (s, depth) alone (bytes).
 
         Walks the graph in execution order: every node's output (its N_s channels × pixels × dtype
         size, at the calibration input size) is allocated when computed and freed after its last
-        reader; the peak of the live total is returned, times ``batch_size``. In-place ops and
-        allocator caching are ignored; the staged path keeps all buffers alive instead.
+        reader; the peak of the live total is returned, times ``batch_size``. In-place ops, the
+        head's own activations and allocator caching are ignored; the staged path keeps all
+        buffers alive instead.
         """
-        s = self._check_subnet(s, "s")
+        steps = self._exit_steps(s, depth)
         last_reader: dict[str, int] = {}
-        for index, step in enumerate(self._steps):
+        for index, step in enumerate(steps):
             for node in step.node.all_input_nodes:
                 last_reader[node.name] = index
-        last_reader[self._features] = len(self._steps)
+        last_reader[self._features if depth == 1 else self._split] = len(steps)
         live, peak, sizes = 0, 0, {}
-        for index, step in enumerate(self._steps):
+        for index, step in enumerate(steps):
             if step.shape is not None and step.role not in ("classifier", "output"):
-                sizes[step.name] = self._channels(step, s) * math.prod(step.shape[2:]) * step.itemsize
+                channels = (
+                    step.space.offsets[s]
+                    if step.space is not None and not step.space.is_single_group
+                    else step.shape[1]
+                )
+                sizes[step.name] = channels * math.prod(step.shape[2:]) * step.itemsize
                 live += sizes[step.name]
                 peak = max(peak, live)
             for node in step.node.all_input_nodes:
@@ -423,32 +514,40 @@ class RussianDollNet(nn.Module):
     # Export and rebuilding
     # ------------------------------------------------------------------------------------------
 
-    def export(self, s: int) -> fx.GraphModule:
-        """N_s as a plain ``torch.fx.GraphModule`` of stock layers with sliced weights.
+    def export(self, s: int, depth: int = 1) -> fx.GraphModule:
+        """Exit (s, depth) as a plain ``torch.fx.GraphModule`` of stock layers with sliced weights.
 
         Nested layers become ``nn.Conv2d`` / ``nn.Linear`` on the prefix channels (blocks outside
         the mask zero), BN and grouped convs are sliced, the head is ``nn.Sequential(alignment,
-        classifier)``. No custom op: it can be saved, ``torch.jit.trace``-d and ONNX-exported.
+        classifier)`` (or the shallow alignment block and the classifier). No custom op: it can be
+        saved, ``torch.jit.trace``-d and ONNX-exported (custom parameter-free layers of the base
+        model, such as TF "same" padding, are copied as they are).
         """
-        s = self._check_subnet(s, "s")
+        steps = self._exit_steps(s, depth)
+        head_name = "subnet_head"
+        while head_name in self._by_name:  # a node of the base model may have that name
+            head_name += "_"
         root: dict[str, nn.Module] = {}
         graph = fx.Graph()
         mapping: dict[fx.Node, fx.Node] = {}
-        for step in self._steps:
+        for step in steps:
             node = step.node
             if step.role == "classifier":
-                head_name = "subnet_head"
-                while head_name in self._by_name:  # a node of the base model may have that name
-                    head_name += "_"
                 root[head_name] = nn.Sequential(copy.deepcopy(self.heads[s - 1]), copy.deepcopy(self.classifier))
                 mapping[node] = graph.call_module(head_name, (mapping[node.args[0]],))
-                continue
-            if node.op == "call_module":
+            elif node.op == "call_module":
                 root[step.name] = self._export_layer(step, s)
                 mapping[node] = graph.call_module(step.name, *fx.node.map_arg((node.args, node.kwargs), mapping.get))
-                continue
-            mapping[node] = graph.node_copy(node, lambda n: mapping[n])
+            else:
+                mapping[node] = graph.node_copy(node, lambda n: mapping[n])
+        if depth == 0:
+            root[head_name] = nn.Sequential(*copy.deepcopy(self.depth_heads[s - 1]), copy.deepcopy(self.classifier))
+            graph.output(graph.call_module(head_name, (mapping[self._by_name[self._split].node],)))
         exported = fx.GraphModule(root, graph)
+        if depth == 0:  # drop what only fed the later blocks
+            exported.graph.eliminate_dead_code()
+            exported.delete_all_unused_submodules()
+            exported.recompile()
         return exported.train(self.training)
 
     def _export_layer(self, step: _Step, s: int) -> nn.Module:

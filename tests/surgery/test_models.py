@@ -73,13 +73,30 @@ def test_export_and_rebuild_from_config(model_and_rdn, images):
 
 
 def test_expand_beats_truncate_on_mobilenet_v2(images):
-    """P3 on a real model with the DESIGN construction (copies="sum"): N_K error expand < truncate."""
+    """P3 on a real model: N_K error expand < truncate (copies="latest": expand is exact)."""
     torch.manual_seed(0)
     model = create(**base_arguments("mobilenet_v2")).eval()
     with torch.no_grad():
         expected = model(images)
         errors = {
-            mode: relative_error(nest(model, k=4, mode=mode, copies="sum", calib=images).eval()(images)[-1], expected)
+            mode: relative_error(nest(model, k=4, mode=mode, calib=images).eval()(images)[-1], expected)
             for mode in ("expand", "truncate")
         }
     assert errors["expand"] < errors["truncate"]
+
+
+def test_depth_split_on_mobilenet_v2(images):
+    """7 → 14 exits: every shallow exit is computed by one pass, alone, and by the staged walk alike."""
+    torch.manual_seed(0)
+    model = create(**base_arguments("mobilenet_v2")).eval()
+    rdn = nest(model, k=4, calib=images, depth_split=8).eval()
+    assert rdn.num_exits == 14
+    with torch.no_grad():
+        logits = rdn(images)
+        state = rdn.start(images)
+        for index, exit_ in enumerate(rdn.exits):
+            if index:
+                state = rdn.step(state)
+            assert (state.subnet, state.depth) == exit_
+            torch.testing.assert_close(state.logits, logits[index], atol=ATOL, rtol=ATOL)
+    assert rdn.macs(1, depth=0) < rdn.macs(1) and rdn.macs(7, depth=0) < rdn.macs(7)

@@ -61,7 +61,7 @@ def test_staged_steps_equal_direct_subnets(images, mode, exact, copies):
             state = rdn.step(state)
             assert state.subnet == s
             torch.testing.assert_close(state.logits, rdn(images, subnet=s), atol=ATOL, rtol=ATOL)
-        with pytest.raises(ValueError, match="last sub-network"):
+        with pytest.raises(ValueError, match="last exit"):
             rdn.step(state)
 
 
@@ -299,7 +299,7 @@ def test_training_pass_gives_gradients():
         ({"calib": [torch.randn(2, 3, 10, 10), torch.randn(2, 3, 12, 12)]}, ValueError, "one sample shape"),
         ({"skip": ["nonexistent"]}, ValueError, "not a sub-module"),
         ({"skip": ["stem", "body"]}, ValueError, "no nestable layer"),
-        ({"depth_split": 2}, NotImplementedError, "depth-wise nesting"),
+        ({"depth_split": "nowhere"}, ValueError, "not a sub-module"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -318,7 +318,7 @@ def test_bad_models_and_calls(images):
         rdn(images, subnet=rdn.num_subnets + 1)
     with pytest.raises(TypeError, match="subnet must be an int"):
         rdn(images, subnet=1.0)
-    with pytest.raises(ValueError, match="s must satisfy"):
+    with pytest.raises(ValueError, match="subnet must satisfy"):
         rdn.macs(0)
     with pytest.raises(TypeError, match="state must be a StagedState"):
         rdn.step(images)
@@ -338,3 +338,40 @@ def test_channel_coupled_op_stays_outside():
     rdn = nest(model, k=2, calib=torch.randn(2, 3, 6, 6), skip=0)
     assert isinstance(rdn.layers["_2"], NestedConv2d)
     assert not isinstance(rdn.layers["_0"], NestedConv2d)
+
+
+def test_depth_split_doubles_the_exits(images):
+    """Depth-wise nesting: a shallow exit per width after body.2; one pass, separate passes, staged walk, export."""
+    rdn = nested_toy(depth_split="body.2")
+    assert rdn.num_exits == 2 * rdn.num_subnets
+    assert rdn.exits[:3] == [(1, 0), (1, 1), (2, 0)]
+    with torch.no_grad():
+        logits = rdn(images)
+        state = rdn.start(images)
+        for index, (s, depth) in enumerate(rdn.exits):
+            if index:
+                state = rdn.step(state)
+            assert (state.subnet, state.depth) == (s, depth)
+            alone = rdn(images, subnet=s, depth=depth)
+            torch.testing.assert_close(alone, logits[index], atol=ATOL, rtol=ATOL)
+            torch.testing.assert_close(state.logits, alone, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(
+            rdn.export(2, depth=0).eval()(images), rdn(images, subnet=2, depth=0), atol=ATOL, rtol=ATOL
+        )
+    rebuilt = RussianDollNet.from_config(rdn.rdn_config, model=toy())
+    rebuilt.load_state_dict(rdn.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(images, subnet=3, depth=0), rdn(images, subnet=3, depth=0))
+
+
+def test_depth_split_hand_counted_costs():
+    """Split after the BN of conv1 (8 channels at 8×8), k=2 truncate: the shallow head is a 1×1 conv to 6."""
+    rdn = nest(hand_count_net(), k=2, mode="truncate", calib=torch.randn(2, 3, 8, 8), skip=["0"], depth_split="3")
+    stem = 4 * 3 * 9 * 64
+    assert rdn.macs(1, depth=0) == stem + 4 * 4 * 64 + 4 * 6 * 64 + 6 * 5
+    assert rdn.macs(2, depth=0) == stem + 8 * 4 * 64 + 8 * 6 * 64 + 6 * 5
+    assert rdn.params(1, depth=0) == (4 * 3 * 9 + 4) + 4 * 4 + 2 * 4 + (4 * 6 + 2 * 6) + (6 * 5 + 5)
+    with pytest.raises(ValueError, match="depth must be 0"):
+        rdn.macs(1, depth=2)
+    with pytest.raises(ValueError, match="needs a depth split"):
+        nested_toy()(torch.randn(1, 3, 10, 10), subnet=1, depth=0)
