@@ -138,12 +138,15 @@ def compile_cuda_source(source: Path, targets: tuple[str, ...] = TARGETS, nvcc: 
     if obj.is_file() and log.is_file():
         return obj, log.read_text()
     entry.mkdir(parents=True, exist_ok=True)
-    partial = entry / f"{source.stem}.o.partial"
-    result = _run([*command, "-o", str(partial), str(source)], source.parent)
+    # Written under per-process names and renamed into place, object last: concurrent or interrupted
+    # runs never leave a half-written cache entry.
+    partial_obj, partial_log = (entry / f"{name}.{os.getpid()}.partial" for name in (obj.name, log.name))
+    result = _run([*command, "-o", str(partial_obj), str(source)], source.parent)
     if result.returncode != 0:
         raise CompileError(f"nvcc failed on {source.name}:\n{result.stdout}{result.stderr}")
-    log.write_text(result.stdout + result.stderr)
-    partial.replace(obj)  # last, so an interrupted run never leaves a half-written cache entry
+    partial_log.write_text(result.stdout + result.stderr)
+    partial_log.replace(log)
+    partial_obj.replace(obj)
     return obj, log.read_text()
 
 
@@ -294,8 +297,12 @@ def check_glue(nvcc: str | None = None) -> list[str]:
         raise FileNotFoundError("this torch ships no c10/cuda headers to check the glue against")
     stub_dir = _CACHE_DIR / "stub_include"
     stub = stub_dir / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
-    stub.parent.mkdir(parents=True, exist_ok=True)
-    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    stub_text = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"
+    if not stub.is_file() or stub.read_text() != stub_text:  # written once, atomically: runs may overlap
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        partial = stub.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(stub_text)
+        partial.replace(stub)
     includes = [*_torch_include_dirs(), *_cuda_include_dirs(nvcc), stub_dir, Path(sysconfig.get_paths()["include"])]
     base = [compiler, "-std=c++20", "-fsyntax-only", "-DRDN_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C"]
     base += [f"-isystem{path}" for path in includes]
