@@ -77,7 +77,7 @@ def greedy_order(layer: nn.Module, x: Tensor, input_groups: Tensor, unit: int, s
     for g, size in enumerate(sizes[:-1]):
         invisible = input_groups > g
         if invisible.any():
-            score = invisible_energy(layer, x, invisible).view(-1, unit).sum(1)[remaining]
+            score = invisible_energy(layer, x, invisible).cpu().view(-1, unit).sum(1)[remaining]
         else:
             score = torch.zeros(len(remaining), dtype=torch.float64)
         picked = torch.argsort(score, stable=True)[:size]

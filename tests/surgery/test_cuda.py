@@ -1,0 +1,41 @@
+"""Surgery on a CUDA device: the RDN runs there with the default kernel backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rdn.models import create
+from rdn.surgery import nest
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture
+def device() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch.device("cuda")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnext_small"])
+def test_rdn_on_cuda_matches_base_and_staged_path(device, name):
+    torch.manual_seed(0)
+    model = create(name, num_classes=10, input_size=32, width_mult=0.5).to(device).eval()
+    images = torch.randn(4, 3, 32, 32, device=device)
+    rdn = nest(model, k=4, calib=images, depth_split=4).eval()
+    with torch.no_grad():
+        expected = model(images)
+        logits = rdn(images)
+        assert all(out.device.type == "cuda" for out in logits)
+        deepest = logits[rdn.exits.index((rdn.num_subnets, 1))]
+        assert ((deepest - expected).norm() / expected.norm()).item() < 1e-3  # TF32 convs on the GPU
+        state = rdn.start(images)
+        for index, (s, depth) in enumerate(rdn.exits):
+            if index:
+                state = rdn.step(state)
+            alone = rdn(images, subnet=s, depth=depth)
+            torch.testing.assert_close(alone, logits[index], atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(state.logits, alone, atol=1e-3, rtol=1e-3)
+        exported = rdn.export(3).eval()
+        torch.testing.assert_close(exported(images), rdn(images, subnet=3), atol=1e-3, rtol=1e-3)
