@@ -3,12 +3,17 @@
 No GPU is needed: ``triton.compile`` lowers a kernel to PTX and a cubin for any target, and the
 ``cuobjdump`` shipped in Triton's wheel reads registers, stack and static shared memory from the
 cubin. For every kernel × tile configuration (``FORWARD_CONFIGS`` … of
-:mod:`rdn_kernels.nested_conv.triton`) × dtype it is offered for × target, a row passes when
+:mod:`rdn_kernels.nested_conv.triton`) × precision it is offered for (bf16, fp16, fp32, and fp32
+tensors with TF32 allowed) × channel alignment × target, a row passes when
 
 - nothing spills: stack and local memory are 0 bytes;
 - shared memory (Triton's dynamic allocation + the cubin's static shared) fits one block
   (227 KiB on sm_90, 163 KiB on sm_80);
-- fp16/bf16 tiles run on tensor cores: ``wgmma`` in the PTX on sm_90, ``mma`` on sm_80.
+- bf16/fp16/tf32 tiles run on tensor cores: ``wgmma`` in the PTX on sm_90, ``mma`` on sm_80.
+
+Channel alignment is the kernels' CHANNEL_ALIGN hint; a configuration is compiled at the smallest
+alignment it is offered for (``TileConfig.min_align``: unaligned layouts load unvectorised and
+unpipelined, which costs registers) and at 16 (vectorised, pipelined: more shared memory).
 
 A configuration that fails is removed from the lists in ``triton.py``; the check is not loosened.
 
@@ -42,7 +47,15 @@ from triton.backends.compiler import GPUTarget
 from rdn_kernels.nested_conv import triton as backend
 from rdn_kernels.nested_conv import triton_kernels
 
-DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# name → (pointer element type, tl.dot input precision, torch dtype the configs are offered for,
+# tensor cores required)
+PRECISIONS = {
+    "bf16": ("bf16", "ieee", "bfloat16", True),
+    "fp16": ("fp16", "ieee", "float16", True),
+    "fp32": ("fp32", "ieee", "float32", False),
+    "tf32": ("fp32", "tf32", "float32", True),
+}
+FULL_ALIGNMENT = 16
 # (compute capability, bytes of shared memory one block may use, tensor-core instruction prefix)
 TARGETS = {"sm_90": (90, 227 * 1024, "wgmma"), "sm_80": (80, 163 * 1024, "mma")}
 DEFAULT_OUTPUT = Path("benchmarks/results/triton_static_check.md")
@@ -53,11 +66,12 @@ _BATCH, _CHANNELS, _SIZE, _KERNEL, _GROUPS = 8, 256, 28, 3, 4
 
 @dataclass
 class CheckResult:
-    """One kernel × configuration × dtype × target compile and what it costs."""
+    """One kernel × configuration × precision × alignment × target compile and what it costs."""
 
     kernel: str
     config: str
-    dtype: str
+    precision: str
+    channel_align: int
     target: str
     num_warps: int
     num_stages: int
@@ -125,13 +139,14 @@ def _kernels():
     }
 
 
-def _source(kernel, sample: dict, dtype: str, config):
+def _source(kernel, sample: dict, precision: str, channel_align: int, config):
     """``ASTSource`` with the JIT's specialisation of ``sample``: ints == 1 are constants, ints
     divisible by 16 and pointers get ``tt.divisibility = 16``."""
+    element, input_precision, _, _ = PRECISIONS[precision]
     constants = {
-        "CHANNEL_ALIGN": 16,
+        "CHANNEL_ALIGN": channel_align,
         "ACC_DTYPE": tl.float32,
-        "INPUT_PRECISION": "ieee",
+        "INPUT_PRECISION": input_precision,
         "BLOCK_M": config.block_m,
         "BLOCK_N": config.block_n,
         "BLOCK_K": config.block_k,
@@ -139,8 +154,7 @@ def _source(kernel, sample: dict, dtype: str, config):
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in sample["pointers"]:
-            element = sample["pointers"][name]
-            signature[name] = "*" + (DTYPES[dtype] if element == "T" else element)
+            signature[name] = "*" + (element if sample["pointers"][name] == "T" else sample["pointers"][name])
             attrs[(index,)] = [["tt.divisibility", 16]]
             continue
         value = sample["values"].get(name, constants.get(name))
@@ -163,13 +177,17 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def check_one(kernel_name: str, config: backend.TileConfig, dtype: str, target_name: str) -> CheckResult:
+def check_one(
+    kernel_name: str, config: backend.TileConfig, precision: str, channel_align: int, target_name: str
+) -> CheckResult:
     """Compile one kernel configuration for one target and judge its resource usage."""
     kernel, _, sample = _kernels()[kernel_name]
     capability, shared_limit, tensor_core_op = TARGETS[target_name]
-    result = CheckResult(kernel_name, str(config), dtype, target_name, config.num_warps, config.num_stages)
+    result = CheckResult(
+        kernel_name, str(config), precision, channel_align, target_name, config.num_warps, config.num_stages
+    )
     compiled = triton.compile(
-        _source(kernel, sample, dtype, config),
+        _source(kernel, sample, precision, channel_align, config),
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )
@@ -192,25 +210,26 @@ def check_one(kernel_name: str, config: backend.TileConfig, dtype: str, target_n
         result.problems.append(f"spills ({registers} registers, {stack} B stack, {local} B local)")
     if result.shared_bytes > shared_limit:
         result.problems.append(f"{result.shared_bytes} B shared memory > {shared_limit} B")
-    if dtype != "float32" and result.tensor_core_op != tensor_core_op:
+    if PRECISIONS[precision][3] and result.tensor_core_op != tensor_core_op:
         result.problems.append(f"no {tensor_core_op} instruction (found {result.tensor_core_op})")
     return result
 
 
-def jobs() -> list[tuple[str, backend.TileConfig, str, str]]:
-    """Every (kernel, configuration, dtype, target) the check compiles."""
+def jobs() -> list[tuple[str, backend.TileConfig, str, int, str]]:
+    """Every (kernel, configuration, precision, channel alignment, target) the check compiles."""
     return [
-        (name, config, dtype, target)
+        (name, config, precision, channel_align, target)
         for name, (_, configs, _) in _kernels().items()
         for config in configs
-        for dtype in DTYPES
+        for precision, (_, _, dtype, _) in PRECISIONS.items()
         if dtype in config.dtypes
+        for channel_align in sorted({config.min_align, FULL_ALIGNMENT})
         for target in TARGETS
     ]
 
 
 def run_checks(workers: int | None = None) -> list[CheckResult]:
-    """Compile every kernel × configuration × dtype × target (in ``workers`` processes)."""
+    """Compile every job of :func:`jobs` (in ``workers`` processes)."""
     todo = jobs()
     workers = workers or min(len(todo), os.cpu_count() or 1)
     if workers == 1:
@@ -227,9 +246,11 @@ def format_table(results: list[CheckResult]) -> str:
         f"Generated by `python -m rdn_kernels.nested_conv.static_check` on "
         f"{datetime.date.today().isoformat()} with triton {triton.__version__} (no GPU needed). "
         "Specialisation: channels_last, 3×3, stride 1, padding 1, 8×256×28×28 in 4 groups; fp32 "
-        "uses IEEE `tl.dot` (TF32 off, torch's default). Shared = Triton's dynamic + static shared "
-        "memory per block. Limits: no stack/local (spills), shared ≤ 227 KiB (sm_90) / 163 KiB (sm_80), "
-        "fp16/bf16 on tensor cores (`wgmma` on sm_90, `mma` on sm_80).",
+        "uses IEEE `tl.dot` (torch's default), tf32 the same fp32 tensors with "
+        "`torch.backends.cuda.matmul.allow_tf32`. Align = the CHANNEL_ALIGN hint (power of two dividing "
+        "every channel offset; 1 = unvectorised loads). Shared = Triton's dynamic + static shared memory "
+        "per block. Limits: no stack/local (spills), shared ≤ 227 KiB (sm_90) / 163 KiB (sm_80), "
+        "bf16/fp16/tf32 on tensor cores (`wgmma` on sm_90, `mma` on sm_80).",
         "",
         "| kernel | configs | compiles | passing | registers (min–max) | max shared (KiB) |",
         "|---|---|---|---|---|---|",
@@ -243,14 +264,14 @@ def format_table(results: list[CheckResult]) -> str:
         )
     lines += [
         "",
-        "| kernel | config (M×N×K warps stages) | dtype | target | registers | stack B | shared KiB | "
-        "warps | stages | tensor cores | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | config (M×N×K warps stages) | precision | align | target | registers | stack B | "
+        "shared KiB | warps | stages | tensor cores | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         verdict = "ok" if row.ok else "FAIL: " + "; ".join(row.problems)
         lines.append(
-            f"| {row.kernel} | {row.config} | {DTYPES[row.dtype]} | {row.target} | {row.registers} | "
+            f"| {row.kernel} | {row.config} | {row.precision} | {row.channel_align} | {row.target} | {row.registers} | "
             f"{row.stack_bytes} | {row.shared_bytes / 1024:.1f} | {row.num_warps} | {row.num_stages} | "
             f"{row.tensor_core_op} | {verdict} |"
         )
@@ -267,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(format_table(results))
     failures = [row for row in results if not row.ok]
     for row in failures:
-        print(f"FAIL {row.kernel} {row.config} {row.dtype} {row.target}: {'; '.join(row.problems)}", file=sys.stderr)
+        where = f"{row.kernel} {row.config} {row.precision} align {row.channel_align} {row.target}"
+        print(f"FAIL {where}: {'; '.join(row.problems)}", file=sys.stderr)
     print(f"{len(results) - len(failures)}/{len(results)} compiles pass; table written to {args.output}")
     return 1 if failures else 0
 

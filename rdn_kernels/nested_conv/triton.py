@@ -37,6 +37,8 @@ class TileConfig:
     """One tile configuration: the dot is (block_m × block_k) @ (block_k × block_n).
 
     ``dtypes`` are the tensor dtypes (torch names) it is offered for; float64 uses the float32 ones.
+    ``min_align`` is the smallest CHANNEL_ALIGN (see ``triton_kernels``) it is offered for: some
+    tiles only fit in registers when their loads are vectorised.
     """
 
     block_m: int
@@ -45,6 +47,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     dtypes: tuple[str, ...] = _ALL
+    min_align: int = 1
 
     def to_triton(self) -> triton.Config:
         return triton.Config(
@@ -57,34 +60,47 @@ class TileConfig:
         return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
 
 
-# M = output pixels, N = output channels, K = input channels.
-# Pruned by the static check: 128x128x32 (8 warps) spills on both targets, and 64x64x32 (4 warps)
-# spills in fp32 on sm_80.
-FORWARD_CONFIGS: tuple[TileConfig, ...] = (
+# The forward and grad-input are the same GEMM shape (M = pixels, N and K = channels) and share
+# their bf16/fp16 tiles. Pruned by the static check: 128x128x32 (8 warps) spills on both targets,
+# and the 4-warp tiles with 32 KiB of operands spill unless their loads are vectorised.
+_HALF_PIXEL_TILES = (
     TileConfig(128, 64, 32, 8, 3, _HALF),
     TileConfig(64, 128, 32, 8, 3, _HALF),
-    TileConfig(128, 32, 32, 4, 4, _HALF),
-    TileConfig(128, 32, 64, 4, 3, _HALF),
-    TileConfig(64, 64, 64, 4, 3, _HALF),
+    TileConfig(128, 32, 32, 4, 4, _HALF, min_align=8),
+    TileConfig(128, 32, 64, 4, 3, _HALF, min_align=8),
+    TileConfig(64, 64, 64, 4, 3, _HALF, min_align=8),
     TileConfig(64, 64, 32, 4, 3, _HALF),
-    TileConfig(64, 32, 32, 4, 3),
-    TileConfig(64, 64, 16, 4, 3, ("float32",)),
-    TileConfig(128, 64, 16, 8, 2, ("float32",)),
+    TileConfig(64, 32, 32, 4, 3, _HALF),
 )
-# M = input pixels of one stride phase, N = input channels, K = output channels: the same GEMM
-# shape as the forward, and the same configurations pass the static check.
-GRAD_INPUT_CONFIGS: tuple[TileConfig, ...] = FORWARD_CONFIGS
+# fp32 (and TF32) tiles spill easily when unvectorised (align 1): these two only serve aligned
+# layouts, and each list ends with a tile that passes at every alignment for its kernel.
+_FP32 = ("float32",)
+_FP32_PIXEL_TILES = (
+    TileConfig(64, 64, 16, 4, 3, _FP32, min_align=8),
+    TileConfig(128, 64, 16, 8, 2, _FP32, min_align=8),
+)
+# M = output pixels, N = output channels, K = input channels.
+FORWARD_CONFIGS: tuple[TileConfig, ...] = (
+    *_HALF_PIXEL_TILES,
+    *_FP32_PIXEL_TILES,
+    TileConfig(64, 64, 16, 8, 2, _FP32),
+)
+# M = input pixels of one stride phase, N = input channels, K = output channels.
+GRAD_INPUT_CONFIGS: tuple[TileConfig, ...] = (
+    *_HALF_PIXEL_TILES,
+    *_FP32_PIXEL_TILES,
+    TileConfig(64, 32, 16, 4, 2, _FP32),
+)
 # M = output channels, N = input channels, K = output pixels (the long reduction). Pruned by the
-# static check: 64x64x64 with 4 warps spills on sm_80; 32x32 tiles get no wgmma on sm_90 (fp32 only).
+# static check: 64x64x64 with 4 warps spills on sm_80; 32x32 tiles get no wgmma on sm_90.
 GRAD_WEIGHT_CONFIGS: tuple[TileConfig, ...] = (
     TileConfig(128, 128, 32, 8, 3, _HALF),
     TileConfig(128, 64, 64, 8, 3, _HALF),
     TileConfig(64, 64, 64, 8, 3, _HALF),
     TileConfig(128, 64, 32, 4, 4, _HALF),
     TileConfig(64, 64, 32, 4, 3),
-    TileConfig(32, 32, 64, 4, 3, ("float32",)),
-    TileConfig(64, 64, 16, 4, 2, ("float32",)),
-    TileConfig(64, 64, 32, 8, 3, ("float32",)),
+    TileConfig(64, 64, 16, 4, 2, _FP32),
+    TileConfig(64, 64, 32, 8, 3, _FP32),
 )
 # The interpreter runs on CPU where timing is meaningless; tiles smaller than any channel group
 # of the tests make every kernel cross tile, run and chunk boundaries there.
@@ -92,20 +108,26 @@ INTERPRETER_CONFIG = TileConfig(16, 8, 8, 1, 1, (*_ALL, "float64"))
 
 
 def _autotuned(kernel: triton.JITFunction, configs: tuple[TileConfig, ...], key: list[str], operand: str):
-    """``triton.autotune`` over ``configs``, offering each only for its dtypes (of argument ``operand``)."""
+    """``triton.autotune`` over ``configs``, offering each only for its dtypes (of argument ``operand``)
+    and channel alignments."""
     if triton_interpreted():
         configs = (INTERPRETER_CONFIG,)
 
-    def offered_for_dtype(triton_configs, named_args, **_):
+    def offered(triton_configs, named_args, **kwargs):
         name = str(named_args[operand].dtype).removeprefix("torch.")
         name = "float32" if name == "float64" else name
-        # self.configs is the list built below, in the same order as ``configs``.
-        return [config for config, tile in zip(triton_configs, configs, strict=True) if name in tile.dtypes]
+        align = kwargs["CHANNEL_ALIGN"]
+        # The autotuner passes its configs: the list built below, in the order of ``configs``.
+        return [
+            config
+            for config, tile in zip(triton_configs, configs, strict=True)
+            if name in tile.dtypes and align >= tile.min_align
+        ]
 
     return triton.autotune(
         configs=[config.to_triton() for config in configs],
         key=key,
-        prune_configs_by={"early_config_prune": offered_for_dtype},
+        prune_configs_by={"early_config_prune": offered},
     )(kernel)
 
 

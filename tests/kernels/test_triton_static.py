@@ -27,11 +27,23 @@ def test_every_configuration_compiles_clean_for_sm90_and_sm80(tmp_path):
     table = output.read_text()
     expected = static_check.jobs()
     assert len(expected) == sum(1 for line in table.splitlines() if line.endswith("| ok |"))
-    # Every kernel is there, in bf16, fp16 and fp32, for both targets.
+    # Every kernel is there, in every precision, unaligned and aligned, for both targets.
     assert {job[0] for job in expected} == {"forward", "grad_input", "grad_weight"}
-    assert {(job[2], job[3]) for job in expected} == {
-        (dtype, target) for dtype in ("bfloat16", "float16", "float32") for target in ("sm_90", "sm_80")
+    assert {job[2:] for job in expected} >= {
+        (precision, align, target)
+        for precision in ("bf16", "fp16", "fp32", "tf32")
+        for align in (1, 16)
+        for target in ("sm_90", "sm_80")
     }
+
+
+def test_every_dtype_keeps_a_configuration_for_unaligned_channels():
+    """The autotuner must find a configuration for any layout: one with min_align 1 per dtype."""
+    from rdn_kernels.nested_conv import triton as backend
+
+    for configs in (backend.FORWARD_CONFIGS, backend.GRAD_INPUT_CONFIGS, backend.GRAD_WEIGHT_CONFIGS):
+        for dtype in ("bfloat16", "float16", "float32"):
+            assert any(dtype in config.dtypes and config.min_align == 1 for config in configs), dtype
 
 
 def test_check_catches_a_spilling_tile():
@@ -39,6 +51,6 @@ def test_check_catches_a_spilling_tile():
     from rdn_kernels.nested_conv import static_check
     from rdn_kernels.nested_conv.triton import TileConfig
 
-    result = static_check.check_one("forward", TileConfig(128, 128, 64, 4, 3), "bfloat16", "sm_90")
+    result = static_check.check_one("forward", TileConfig(128, 128, 64, 4, 3), "bf16", 16, "sm_90")
     assert not result.ok
     assert result.stack_bytes > 0 and any("spills" in problem for problem in result.problems)
