@@ -1,0 +1,526 @@
+"""Exit policy and accuracy–complexity calibration (DESIGN.md §7, paper §3.4).
+
+A small MLP reads the pooled features of the first sub-network N_1 and predicts, for every exit
+k = 1..K, p_k(x) ≈ Pr(N_k classifies x correctly). With r_k the fraction of N_K's MACs saved by
+stopping at N_k (r_K = 0), the Lagrangian of the paper's eq. 3 gives, for a fixed λ ≥ 0, the
+per-sample rule
+
+    exit(x) = argmax_k (r_k + λ) · p_k(x)
+
+λ = 0 maximises the expected saving alone, λ → ∞ the predicted accuracy alone. For a target
+accuracy 1 − ε, a binary search on a calibration split finds the smallest λ* whose accuracy
+reaches the target; the (ε, λ*) pairs are stored in the policy (``state_dict`` extra state, and
+:meth:`ExitPolicy.calibration_json`). The baseline is the MSDNet-style confidence rule: exit at
+the first k whose max softmax ≥ τ, τ calibrated by the same search.
+
+Everything here works on :class:`ExitOutputs`, the per-sample outputs of all exits collected in
+one pass of N_K over a split; :mod:`rdn.inference` runs the chosen exits for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ExitOutputs",
+    "ExitPolicy",
+    "OperatingPoint",
+    "calibrate_confidence",
+    "calibrate_lambda",
+    "capture_first_features",
+    "check_epsilon",
+    "collect_exit_outputs",
+    "confidence_exits",
+    "evaluate_exits",
+    "exit_macs",
+    "exit_savings",
+    "fit_policy",
+    "lagrangian_exits",
+]
+
+# Bisection steps of the calibration searches: the parameter lives in [0, 1], 2^-40 is far below
+# any change of a decision that float32 probabilities can express.
+_SEARCH_STEPS = 40
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample outputs of every exit
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExitOutputs:
+    """What every exit of an RDN does on one split (N samples, K exits).
+
+    Attributes:
+        features: (N, F_1) float32, the pooled features of N_1 (what N_1's head and the policy read).
+        correct: (N, K) bool, exit k's top-1 prediction is the label.
+        correct_top5: (N, K) bool, the label is in exit k's top 5 (top-C when C < 5 classes).
+        confidence: (N, K) float32, exit k's max softmax probability.
+        labels: (N,) int64.
+    """
+
+    features: Tensor
+    correct: Tensor
+    correct_top5: Tensor
+    confidence: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        n, k = self.correct.shape if self.correct.dim() == 2 else (None, None)
+        if n is None:
+            raise ValueError(f"correct must be (N, K), got shape {tuple(self.correct.shape)}")
+        for name in ("correct_top5", "confidence"):
+            if tuple(getattr(self, name).shape) != (n, k):
+                raise ValueError(f"{name} must be (N, K) = {(n, k)}, got {tuple(getattr(self, name).shape)}")
+        if self.features.dim() != 2 or self.features.shape[0] != n:
+            raise ValueError(f"features must be (N={n}, F_1), got {tuple(self.features.shape)}")
+        if tuple(self.labels.shape) != (n,):
+            raise ValueError(f"labels must be (N={n},), got {tuple(self.labels.shape)}")
+
+    @property
+    def num_samples(self) -> int:
+        return self.correct.shape[0]
+
+    @property
+    def num_exits(self) -> int:
+        return self.correct.shape[1]
+
+    @property
+    def feature_width(self) -> int:
+        return self.features.shape[1]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Plain tensors (``torch.save`` / ``torch.load(weights_only=True)`` round trip)."""
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> ExitOutputs:
+        names = {f.name for f in fields(cls)}
+        if set(state) != names:
+            raise ValueError(f"an ExitOutputs state needs exactly the keys {sorted(names)}, got {sorted(state)}")
+        return cls(**state)
+
+
+@contextlib.contextmanager
+def capture_first_features(net: nn.Module) -> Iterator[list[Tensor]]:
+    """Record the pooled features of N_1 every time the RDN computes N_1's logits.
+
+    N_1's head (``net.heads[0]``) reads exactly N_1's pooled feature prefix (N, F_1), in the
+    one-pass ``forward(x)``, in ``forward(x, subnet=1)`` and in ``start(x)`` alike, so a forward
+    hook on it is the one place to read them. Yields the list the captured tensors are appended to.
+    """
+    captured: list[Tensor] = []
+    handle = net.heads[0].register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _batches(data: Iterable, device: torch.device | None) -> Iterator[tuple[Tensor, Tensor]]:
+    for batch in data:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("data must yield (input, target) pairs")
+        x, y = batch[0], batch[1]
+        yield (x, y) if device is None else (x.to(device), y.to(device))
+
+
+@torch.no_grad()
+def collect_exit_outputs(
+    net: nn.Module, data: Iterable, device: torch.device | str | None = None, progress: bool = True
+) -> ExitOutputs:
+    """Run N_K once per batch (every exit's logits from one pass) and keep what the policy needs.
+
+    Args:
+        net: a :class:`rdn.surgery.RussianDollNet`; run in eval mode (restored afterwards).
+        data: an iterable of (input (B, C, H, W), target (B,)) batches, e.g. a DataLoader.
+        device: where to run; default: where the batches are.
+        progress: show a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    device = None if device is None else torch.device(device)
+    was_training = net.training
+    net.eval()
+    parts: dict[str, list[Tensor]] = {f.name: [] for f in fields(ExitOutputs)}
+    try:
+        with capture_first_features(net) as captured:
+            for x, y in tqdm(_batches(data, device), desc="exit outputs", disable=not progress, leave=False):
+                captured.clear()
+                logits = torch.stack(net(x), dim=1).float()  # (B, K, C)
+                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                parts["features"].append(captured[0].float().cpu())
+                parts["correct"].append((top[..., 0] == y[:, None]).cpu())
+                parts["correct_top5"].append((top == y[:, None, None]).any(-1).cpu())
+                parts["confidence"].append(logits.softmax(-1).amax(-1).cpu())
+                parts["labels"].append(y.cpu())
+    finally:
+        net.train(was_training)
+    if not parts["labels"]:
+        raise ValueError("data yielded no batches")
+    return ExitOutputs(**{name: torch.cat(chunks) for name, chunks in parts.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Costs
+# ----------------------------------------------------------------------------------------------
+
+
+def exit_macs(net: nn.Module) -> Tensor:
+    """(K,) float64 MACs per sample of N_1..N_K (``net.macs(k)``)."""
+    return torch.tensor([float(net.macs(k)) for k in range(1, net.num_subnets + 1)], dtype=torch.float64)
+
+
+def exit_savings(net: nn.Module) -> Tensor:
+    """(K,) float64 r_k = 1 − macs(k) / macs(K): the fraction of N_K's MACs saved by exiting at N_k."""
+    macs = exit_macs(net)
+    return 1.0 - macs / macs[-1]
+
+
+def check_epsilon(epsilon: float) -> float:
+    """ε as a float in the open interval (0, 1) (target accuracy 1 − ε), else ValueError."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        raise TypeError(f"epsilon must be a float in (0, 1), got {epsilon!r}")
+    if not 0.0 < epsilon < 1.0:
+        raise ValueError(f"epsilon must lie in the open interval (0, 1) (target accuracy 1 - epsilon), got {epsilon}")
+    return float(epsilon)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exit rules
+# ----------------------------------------------------------------------------------------------
+
+
+def lagrangian_exits(probabilities: Tensor, savings: Tensor, lam: float | None) -> Tensor:
+    """exit(x) = argmax_k (r_k + λ)·p_k(x), 1-based (N,) int64; ties go to the cheaper exit.
+
+    Args:
+        probabilities: (N, K) p_k(x).
+        savings: (K,) r_k.
+        lam: λ ≥ 0, or ``None`` for the fall-back "always N_K".
+    """
+    n, k = probabilities.shape
+    if lam is None:
+        return torch.full((n,), k, dtype=torch.long, device=probabilities.device)
+    if not lam >= 0.0:
+        raise ValueError(f"lam must be >= 0 (or None for always N_K), got {lam}")
+    # (r + λ)·p scaled by 1 / (1 + λ) = ((1 − t)·r + t)·p with t = λ / (1 + λ): the same argmax,
+    # and finite in float64 for any λ the calibration can return.
+    t = 1.0 if math.isinf(lam) else lam / (1.0 + lam)
+    scores = ((1.0 - t) * savings.to(probabilities.device, torch.float64) + t) * probabilities.double()
+    return scores.argmax(dim=1) + 1
+
+
+def confidence_exits(confidence: Tensor, threshold: float | None) -> Tensor:
+    """The first exit k whose max softmax is ≥ τ (the last exit otherwise), 1-based (N,) int64.
+
+    Args:
+        confidence: (N, K) max softmax of every exit.
+        threshold: τ, or ``None`` for "always N_K".
+    """
+    n, k = confidence.shape
+    if threshold is None:
+        return torch.full((n,), k, dtype=torch.long, device=confidence.device)
+    confident = confidence >= threshold
+    confident[:, -1] = True
+    return confident.int().argmax(dim=1) + 1  # argmax returns the first maximal index
+
+
+def _smallest_passing(decide: Callable[[float], Tensor], correct: Tensor, target: float) -> float | None:
+    """Smallest t in [0, 1] whose exits decide(t) reach accuracy ≥ target on ``correct`` (N, K).
+
+    One bisection, assuming accuracy grows with t (it does for both rules up to ties); ``None``
+    when even t = 1 misses the target.
+    """
+    rows = torch.arange(correct.shape[0])
+
+    def accuracy(t: float) -> float:
+        return correct[rows, decide(t) - 1].double().mean().item()
+
+    if accuracy(0.0) >= target:
+        return 0.0
+    if accuracy(1.0) < target:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(_SEARCH_STEPS):
+        middle = 0.5 * (low + high)
+        if accuracy(middle) >= target:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _unreachable(epsilon: float, what: str, correct: Tensor) -> None:
+    last = correct[:, -1].double().mean().item()
+    reach = "N_K reaches it" if last >= 1.0 - epsilon else f"not even N_K does (accuracy {last:.4f})"
+    warnings.warn(
+        f"epsilon={epsilon}: no {what} reaches accuracy {1.0 - epsilon:.4f} on the calibration split "
+        f"({reach}); falling back to always exiting at N_K",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def calibrate_confidence(outputs: ExitOutputs, epsilon: float) -> float | None:
+    """Smallest max-softmax threshold τ whose confidence-rule accuracy on ``outputs`` is ≥ 1 − ε.
+
+    ``None`` (always N_K) with a warning when no τ in [0, 1] reaches it.
+    """
+    epsilon = check_epsilon(epsilon)
+    tau = _smallest_passing(lambda t: confidence_exits(outputs.confidence, t), outputs.correct, 1.0 - epsilon)
+    if tau is None:
+        _unreachable(epsilon, "confidence threshold", outputs.correct)
+    return tau
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy network
+# ----------------------------------------------------------------------------------------------
+
+
+class ExitPolicy(nn.Module):
+    """MLP on N_1's pooled features → K logits of Pr(N_k is correct), plus the λ calibration.
+
+    Args:
+        feature_width: F_1, the width of N_1's pooled features (``net.heads[0].in_features``).
+        savings: (K,) r_k, see :func:`exit_savings`.
+        hidden: width of the two hidden layers.
+
+    Buffers ``feature_mean`` / ``feature_scale`` standardise the features (set by :func:`fit_policy`);
+    the (ε, λ*) pairs live in :attr:`lambdas` and travel in the ``state_dict`` as extra state.
+    """
+
+    def __init__(self, feature_width: int, savings: Sequence[float] | Tensor, hidden: int = 64) -> None:
+        super().__init__()
+        for name, value in (("feature_width", feature_width), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        savings = torch.as_tensor(savings, dtype=torch.float64).flatten()
+        if savings.numel() < 1 or not bool(((savings >= 0) & (savings <= 1)).all()):
+            raise ValueError(f"savings must be K >= 1 values r_k in [0, 1], got {savings.tolist()}")
+        self.register_buffer("savings", savings)
+        self.register_buffer("feature_mean", torch.zeros(feature_width))
+        self.register_buffer("feature_scale", torch.ones(feature_width))
+        self.mlp = nn.Sequential(
+            nn.Linear(feature_width, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, savings.numel()),
+        )
+        self.lambdas: dict[float, float | None] = {}
+
+    @classmethod
+    def for_network(cls, net: nn.Module, hidden: int = 64) -> ExitPolicy:
+        """A policy sized for ``net`` (a RussianDollNet): F_1 from N_1's head, r_k from ``net.macs``."""
+        return cls(net.heads[0].in_features, exit_savings(net), hidden)
+
+    @property
+    def feature_width(self) -> int:
+        return self.feature_mean.numel()
+
+    @property
+    def num_exits(self) -> int:
+        return self.savings.numel()
+
+    def macs(self) -> int:
+        """Multiply-accumulates of one policy evaluation (its linear layers)."""
+        return sum(layer.in_features * layer.out_features for layer in self.mlp if isinstance(layer, nn.Linear))
+
+    def check_outputs(self, outputs: ExitOutputs) -> None:
+        """ValueError unless ``outputs`` come from a network with this policy's exits and feature width."""
+        if outputs.num_exits != self.num_exits or outputs.feature_width != self.feature_width:
+            raise ValueError(
+                f"the data has {outputs.num_exits} exits and {outputs.feature_width}-wide N_1 features, but this "
+                f"policy was built for {self.num_exits} exits and {self.feature_width}-wide features: the data "
+                "comes from another model"
+            )
+
+    def check_network(self, net: nn.Module) -> None:
+        """ValueError unless ``net`` has this policy's number of exits and N_1 feature width."""
+        if net.num_subnets != self.num_exits or net.heads[0].in_features != self.feature_width:
+            raise ValueError(
+                f"the network has {net.num_subnets} sub-networks and {net.heads[0].in_features}-wide N_1 features, "
+                f"but this policy was built for {self.num_exits} exits and {self.feature_width}-wide features"
+            )
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(N, F_1) features → (N, K) logits of Pr(N_k is correct)."""
+        if features.dim() != 2 or features.shape[1] != self.feature_width:
+            raise ValueError(f"features must be (N, {self.feature_width}), got {tuple(features.shape)}")
+        features = features.to(self.feature_mean.dtype)
+        return self.mlp((features - self.feature_mean) / self.feature_scale)
+
+    def probabilities(self, features: Tensor) -> Tensor:
+        """(N, F_1) → (N, K) p_k(x)."""
+        return torch.sigmoid(self(features))
+
+    def exits(self, features: Tensor, lam: float | None) -> Tensor:
+        """(N, F_1) → (N,) 1-based exit of every sample under λ (``None``: always N_K)."""
+        return lagrangian_exits(self.probabilities(features), self.savings, lam)
+
+    def lambda_for(self, epsilon: float) -> float | None:
+        """The calibrated λ* of ε (``None``: fall back to N_K); KeyError if ε was not calibrated."""
+        epsilon = check_epsilon(epsilon)
+        if epsilon not in self.lambdas:
+            raise KeyError(f"epsilon={epsilon} was not calibrated; calibrated: {sorted(self.lambdas)}")
+        return self.lambdas[epsilon]
+
+    def get_extra_state(self) -> dict:
+        return {"lambdas": [[epsilon, lam] for epsilon, lam in sorted(self.lambdas.items())]}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.lambdas = {float(epsilon): (None if lam is None else float(lam)) for epsilon, lam in state["lambdas"]}
+
+    def calibration_json(self) -> str:
+        """The (ε, λ*) pairs and the rule's constants as JSON (λ* null = always N_K)."""
+        return json.dumps(
+            {
+                "rule": "exit = argmax_k (r_k + lambda) * p_k(x)",
+                "savings": self.savings.tolist(),
+                "pairs": [{"epsilon": e, "lambda": lam} for e, lam in sorted(self.lambdas.items())],
+            },
+            indent=2,
+        )
+
+
+def fit_policy(
+    policy: ExitPolicy,
+    outputs: ExitOutputs,
+    epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train ``policy`` with BCE against each exit's observed correctness on ``outputs``.
+
+    Standardises the features with their mean / std on ``outputs`` first. Returns the mean loss of
+    every epoch.
+    """
+    from tqdm.auto import tqdm
+
+    policy.check_outputs(outputs)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = policy.feature_mean.device
+    features = outputs.features.to(device, policy.feature_mean.dtype)
+    targets = outputs.correct.to(device, policy.feature_mean.dtype)
+    with torch.no_grad():
+        policy.feature_mean.copy_(features.mean(0))
+        policy.feature_scale.copy_(features.std(0, unbiased=False).clamp_min(1e-6))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(policy.mlp.parameters(), lr=lr, weight_decay=1e-4)
+    policy.train()
+    losses = []
+    for _ in tqdm(range(epochs), desc="policy", disable=not progress, leave=False):
+        order = torch.randperm(features.shape[0], generator=generator).to(device)
+        total = 0.0
+        for chunk in order.split(batch_size):
+            loss = F.binary_cross_entropy_with_logits(policy(features[chunk]), targets[chunk])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * chunk.numel()
+        losses.append(total / features.shape[0])
+    policy.eval()
+    return losses
+
+
+def calibrate_lambda(policy: ExitPolicy, outputs: ExitOutputs, epsilons: Iterable[float]) -> dict[float, float | None]:
+    """For every ε, the smallest λ* ≥ 0 whose accuracy on the calibration ``outputs`` is ≥ 1 − ε.
+
+    One bisection per ε over t = λ / (1 + λ) ∈ [0, 1]. An ε no λ reaches warns and stores ``None``
+    (always N_K). The pairs are stored in ``policy.lambdas`` and returned.
+    """
+    policy.check_outputs(outputs)
+    epsilons = [check_epsilon(epsilon) for epsilon in epsilons]
+    with torch.no_grad():
+        probabilities = policy.probabilities(outputs.features.to(policy.feature_mean.device)).cpu()
+    savings = policy.savings.cpu()
+
+    def decide(t: float) -> Tensor:
+        return lagrangian_exits(probabilities, savings, math.inf if t == 1.0 else t / (1.0 - t))
+
+    for epsilon in epsilons:
+        t = _smallest_passing(decide, outputs.correct, 1.0 - epsilon)
+        if t is None:
+            _unreachable(epsilon, "lambda", outputs.correct)
+            policy.lambdas[epsilon] = None
+        else:
+            policy.lambdas[epsilon] = math.inf if t == 1.0 else t / (1.0 - t)
+    return {epsilon: policy.lambdas[epsilon] for epsilon in epsilons}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of a rule on collected outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OperatingPoint:
+    """Accuracy and cost of one exit assignment on one split.
+
+    Attributes:
+        name: what produced it ("N_3", "policy", "confidence", ...).
+        epsilon: the target it was calibrated for (None for static sub-networks).
+        parameter: λ* or τ (None: static / fall-back).
+        accuracy, top5: fractions in [0, 1].
+        macs: average MACs per sample (exit MACs + the rule's own MACs).
+        saving: 1 − macs / macs(N_K).
+        exit_fractions: fraction of samples leaving at each exit (K values).
+    """
+
+    name: str
+    epsilon: float | None
+    parameter: float | None
+    accuracy: float
+    top5: float
+    macs: float
+    saving: float
+    exit_fractions: list[float]
+
+
+def evaluate_exits(
+    exits: Tensor,
+    outputs: ExitOutputs,
+    macs: Tensor,
+    name: str,
+    epsilon: float | None = None,
+    parameter: float | None = None,
+    extra_macs: float = 0.0,
+) -> OperatingPoint:
+    """Accuracy / top-5 / average MACs of sending sample i to exit ``exits[i]`` (1-based (N,)).
+
+    ``extra_macs``: per-sample cost of the rule itself (the policy MLP), added to every sample.
+    """
+    if exits.shape != (outputs.num_samples,):
+        raise ValueError(f"exits must be (N={outputs.num_samples},), got {tuple(exits.shape)}")
+    exits = exits.cpu()
+    rows = torch.arange(outputs.num_samples)
+    index = exits - 1
+    counts = torch.bincount(index, minlength=outputs.num_exits).double()
+    average = macs.double()[index].mean().item() + extra_macs
+    return OperatingPoint(
+        name=name,
+        epsilon=epsilon,
+        parameter=parameter,
+        accuracy=outputs.correct[rows, index].double().mean().item(),
+        top5=outputs.correct_top5[rows, index].double().mean().item(),
+        macs=average,
+        saving=1.0 - average / macs[-1].item(),
+        exit_fractions=(counts / outputs.num_samples).tolist(),
+    )

@@ -1,0 +1,267 @@
+"""Exit policy: decision rules, λ / τ calibration, training, storage, bad input, outputs of a tiny RDN."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from rdn.models import create
+from rdn.policy import (
+    ExitOutputs,
+    ExitPolicy,
+    calibrate_confidence,
+    calibrate_lambda,
+    check_epsilon,
+    collect_exit_outputs,
+    confidence_exits,
+    evaluate_exits,
+    exit_macs,
+    exit_savings,
+    fit_policy,
+    lagrangian_exits,
+)
+from rdn.surgery import nest
+
+
+def tiny_rdn(k: int = 2, seed: int = 0):
+    """A tiny MobileNetV2 RDN on 28×28 grey images (K = 2k − 1 exits), in eval mode."""
+    torch.manual_seed(seed)
+    model = create("mobilenet_v2", num_classes=10, input_size=28, in_chans=1, width_mult=0.25)
+    calib = torch.randn(8, 1, 28, 28)
+    return nest(model, k=k, mode="expand", select="greedy", calib=calib, seed=seed).eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs on a busy machine: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return tiny_rdn()
+
+
+def synthetic_outputs(n: int = 600, k: int = 3, width: int = 6, seed: int = 0) -> ExitOutputs:
+    """Exit k is correct when feature 0 exceeds a threshold that falls with k (later exits are better)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, width, generator=generator)
+    thresholds = torch.linspace(0.8, -1.5, k)
+    noise = 0.2 * torch.randn(n, k, generator=generator)
+    correct = features[:, :1] + noise > thresholds
+    confidence = torch.sigmoid(2 * (features[:, :1] - thresholds) + noise).clamp(0.1, 1.0)
+    return ExitOutputs(features, correct, correct | (noise > 0), confidence, torch.zeros(n, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules
+# ----------------------------------------------------------------------------------------------
+
+
+def test_lagrangian_rule_by_hand():
+    p = torch.tensor([[0.5, 0.9, 0.95], [0.99, 0.99, 0.99]])
+    r = torch.tensor([0.6, 0.3, 0.0], dtype=torch.float64)
+    # λ = 0: argmax r·p = (0.30, 0.27, 0) → exit 1 for both.
+    assert lagrangian_exits(p, r, 0.0).tolist() == [1, 1]
+    # λ = 1: (1.6·0.5, 1.3·0.9, 1·0.95) = (0.8, 1.17, 0.95) → exit 2; the second sample stays at 1.
+    assert lagrangian_exits(p, r, 1.0).tolist() == [2, 1]
+    # λ → ∞: argmax p, ties to the cheapest exit.
+    assert lagrangian_exits(p, r, math.inf).tolist() == [3, 1]
+    assert lagrangian_exits(p, r, None).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="lam"):
+        lagrangian_exits(p, r, -0.1)
+
+
+def test_confidence_rule_by_hand():
+    confidence = torch.tensor([[0.9, 0.95, 0.99], [0.2, 0.7, 0.6], [0.1, 0.1, 0.1]])
+    assert confidence_exits(confidence, 0.8).tolist() == [1, 3, 3]
+    assert confidence_exits(confidence, 0.5).tolist() == [1, 2, 3]
+    assert confidence_exits(confidence, 0.0).tolist() == [1, 1, 1]
+    assert confidence_exits(confidence, None).tolist() == [3, 3, 3]
+
+
+@pytest.mark.parametrize("epsilon", [0, 1, -0.1, 1.5, 0.0, 1.0])
+def test_epsilon_outside_open_interval(epsilon):
+    with pytest.raises(ValueError, match="open interval"):
+        check_epsilon(epsilon)
+
+
+@pytest.mark.parametrize("epsilon", ["0.1", None, True])
+def test_epsilon_type(epsilon):
+    with pytest.raises(TypeError, match="epsilon"):
+        check_epsilon(epsilon)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and calibration
+# ----------------------------------------------------------------------------------------------
+
+
+def trained_policy(outputs: ExitOutputs) -> ExitPolicy:
+    policy = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16)
+    fit_policy(policy, outputs, epochs=40, batch_size=64, lr=1e-2, progress=False)
+    return policy
+
+
+def test_fit_policy_learns_correctness():
+    train, held_out = synthetic_outputs(seed=0), synthetic_outputs(seed=1)
+    policy = trained_policy(train)
+    with torch.no_grad():
+        p = policy.probabilities(held_out.features)
+    # Held-out BCE well below the entropy of the marginal (what a constant predictor achieves).
+    targets = held_out.correct.float()
+    bce = torch.nn.functional.binary_cross_entropy(p, targets).item()
+    marginal = targets.mean(0).clamp(1e-6, 1 - 1e-6)
+    entropy = -(marginal * marginal.log() + (1 - marginal) * (1 - marginal).log()).mean().item()
+    assert bce < 0.5 * entropy
+    assert torch.allclose(policy.feature_mean, train.features.mean(0))
+
+
+def accuracy_of(exits, outputs):
+    return outputs.correct[torch.arange(outputs.num_samples), exits - 1].double().mean().item()
+
+
+@pytest.mark.parametrize("epsilon", [0.08, 0.15, 0.3])
+def test_calibrated_lambda_is_smallest_passing(epsilon):
+    outputs = synthetic_outputs()
+    policy = trained_policy(outputs)
+    lam = calibrate_lambda(policy, outputs, [epsilon])[epsilon]
+    assert policy.lambda_for(epsilon) == lam
+    with torch.no_grad():
+        p = policy.probabilities(outputs.features)
+    assert accuracy_of(lagrangian_exits(p, policy.savings, lam), outputs) >= 1 - epsilon
+    if lam > 0:
+        t = lam / (1 + lam)
+        smaller = (t - 1e-9) / (1 - t + 1e-9)
+        assert accuracy_of(lagrangian_exits(p, policy.savings, smaller), outputs) < 1 - epsilon
+    # A grid scan agrees: no grid λ noticeably below λ* passes (accuracy is monotone here).
+    for grid_lam in torch.linspace(0, lam, 50)[:-1].tolist():
+        if grid_lam < lam * (1 - 1e-6):
+            assert accuracy_of(lagrangian_exits(p, policy.savings, grid_lam), outputs) < 1 - epsilon
+
+
+def test_tighter_target_costs_more():
+    outputs = synthetic_outputs()
+    policy = trained_policy(outputs)
+    lambdas = calibrate_lambda(policy, outputs, [0.3, 0.15, 0.08])
+    macs = torch.tensor([3.0, 6.0, 10.0], dtype=torch.float64)
+    with torch.no_grad():
+        p = policy.probabilities(outputs.features)
+    costs = [evaluate_exits(lagrangian_exits(p, policy.savings, lambdas[e]), outputs, macs, "p").macs
+             for e in (0.3, 0.15, 0.08)]
+    assert costs == sorted(costs)
+    assert lambdas[0.3] <= lambdas[0.15] <= lambdas[0.08]
+
+
+def test_unreachable_epsilon_warns_and_falls_back_to_last_exit():
+    outputs = synthetic_outputs()
+    policy = trained_policy(outputs)
+    best = outputs.correct.any(1).double().mean().item()  # an oracle's accuracy: nothing reaches above it
+    epsilon = (1 - best) / 2
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        lambdas = calibrate_lambda(policy, outputs, [epsilon])
+    assert lambdas[epsilon] is None
+    assert policy.exits(outputs.features, policy.lambda_for(epsilon)).eq(3).all()
+
+
+def test_confidence_threshold_is_smallest_passing():
+    outputs = synthetic_outputs()
+    for epsilon in (0.08, 0.2):
+        tau = calibrate_confidence(outputs, epsilon)
+        assert accuracy_of(confidence_exits(outputs.confidence, tau), outputs) >= 1 - epsilon
+        assert accuracy_of(confidence_exits(outputs.confidence, tau - 1e-9), outputs) < 1 - epsilon
+    with pytest.warns(RuntimeWarning, match="confidence threshold"):
+        assert calibrate_confidence(outputs, 1e-6) is None
+
+
+def test_calibration_of_another_model_is_rejected():
+    outputs = synthetic_outputs()
+    policy = trained_policy(outputs)
+    other_exits = synthetic_outputs(k=5)
+    other_width = synthetic_outputs(width=7)
+    for other in (other_exits, other_width):
+        with pytest.raises(ValueError, match="another model"):
+            calibrate_lambda(policy, other, [0.1])
+        with pytest.raises(ValueError, match="another model"):
+            fit_policy(policy, other, epochs=1, progress=False)
+
+
+def test_calibration_travels_with_the_state_dict(tmp_path):
+    outputs = synthetic_outputs()
+    policy = trained_policy(outputs)
+    with pytest.warns(RuntimeWarning):
+        calibrate_lambda(policy, outputs, [0.08, 0.2, 1e-6])
+    torch.save(policy.state_dict(), tmp_path / "policy.pt")
+    loaded = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16)
+    loaded.load_state_dict(torch.load(tmp_path / "policy.pt", weights_only=True))
+    assert loaded.lambdas == policy.lambdas
+    assert torch.equal(loaded.exits(outputs.features, loaded.lambda_for(0.2)),
+                       policy.exits(outputs.features, policy.lambda_for(0.2)))
+    pairs = json.loads(policy.calibration_json())["pairs"]
+    assert [(pair["epsilon"], pair["lambda"]) for pair in pairs] == sorted(policy.lambdas.items())
+    with pytest.raises(KeyError, match="not calibrated"):
+        policy.lambda_for(0.5)
+
+
+def test_policy_constructor_checks():
+    with pytest.raises(ValueError, match="feature_width"):
+        ExitPolicy(0, [0.5, 0.0])
+    with pytest.raises(ValueError, match="savings"):
+        ExitPolicy(4, [1.5, 0.0])
+    policy = ExitPolicy(4, [0.5, 0.0], hidden=8)
+    assert policy.macs() == 4 * 8 + 8 * 8 + 8 * 2
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        policy(torch.zeros(3, 5))
+
+
+def test_evaluate_exits_by_hand():
+    correct = torch.tensor([[False, True], [True, True], [False, False], [True, False]])
+    labels = torch.zeros(4, dtype=torch.long)
+    outputs = ExitOutputs(torch.zeros(4, 2), correct, correct | True, torch.ones(4, 2), labels)
+    point = evaluate_exits(torch.tensor([2, 1, 2, 1]), outputs, torch.tensor([1.0, 4.0]), "x", extra_macs=0.5)
+    assert point.accuracy == 0.75 and point.top5 == 1.0
+    assert point.macs == pytest.approx(2.5 + 0.5)
+    assert point.saving == pytest.approx(1 - 3.0 / 4.0)
+    assert point.exit_fractions == [0.5, 0.5]
+
+
+# ----------------------------------------------------------------------------------------------
+# On a real (tiny) RDN
+# ----------------------------------------------------------------------------------------------
+
+
+def test_savings_from_macs(net):
+    macs = exit_macs(net)
+    savings = exit_savings(net)
+    assert macs.tolist() == [float(net.macs(k)) for k in range(1, net.num_subnets + 1)]
+    assert savings[-1] == 0 and bool((savings[:-1] > savings[1:]).all()) and bool((savings >= 0).all())
+
+
+def test_collected_outputs_match_each_subnet(net):
+    torch.manual_seed(1)
+    x, y = torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    outputs = collect_exit_outputs(net, [(x[:5], y[:5]), (x[5:], y[5:])], progress=False)
+    assert outputs.num_exits == net.num_subnets and outputs.feature_width == net.heads[0].in_features
+    with torch.no_grad():
+        first = net(x, subnet=1)
+        # The captured features are what N_1's head reads: they reproduce N_1's logits.
+        torch.testing.assert_close(net.classifier(net.heads[0](outputs.features)), first, rtol=1e-4, atol=1e-4)
+        for k in range(1, net.num_subnets + 1):
+            logits = net(x, subnet=k)
+            assert torch.equal(outputs.correct[:, k - 1], logits.argmax(1) == y)
+            torch.testing.assert_close(outputs.confidence[:, k - 1], logits.softmax(1).amax(1))
+            assert torch.equal(outputs.correct_top5[:, k - 1], (logits.topk(5, 1).indices == y[:, None]).any(1))
+    restored = ExitOutputs.from_state_dict(outputs.state_dict())
+    assert torch.equal(restored.features, outputs.features)
+
+
+def test_policy_for_network(net):
+    policy = ExitPolicy.for_network(net, hidden=8)
+    assert policy.num_exits == net.num_subnets and policy.feature_width == net.heads[0].in_features
+    policy.check_network(net)
+    with pytest.raises(ValueError, match="sub-networks"):
+        ExitPolicy(policy.feature_width + 1, policy.savings).check_network(net)
