@@ -30,12 +30,14 @@ constexpr int kStages = 3;
 constexpr int kChunk = 8;  // 16-bit elements per 16-byte copy
 constexpr int kChunksPerRow = kBlockK / kChunk;
 // Row pitch of the shared tiles: 8 extra elements (16 bytes) move each row 4 banks further, so
-// the 8 row addresses of an ldmatrix phase fall in 8 distinct 4-bank groups (no conflicts).
+// 8 consecutive rows at one column fall in 8 distinct 4-bank groups: the 8 row addresses of an
+// ldmatrix phase, and the 8 chunks of a 16-byte store phase (see load_tile), are conflict-free.
 constexpr int kPitch = kBlockK + kChunk;
 
 static_assert(kMmaTilesN % 2 == 0, "B fragments are read two n-tiles per ldmatrix.x4");
 static_assert((kBlockM * kChunksPerRow) % kThreads == 0 && (kBlockN * kChunksPerRow) % kThreads == 0,
               "every thread copies the same number of chunks");
+static_assert(kThreads % (8 * kChunksPerRow) == 0, "a warp's chunks cover whole groups of 8 rows");
 
 template <typename T>
 __device__ void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
@@ -105,9 +107,12 @@ __device__ __forceinline__ void load_tile(SharedTile* tile, const uint16_t* base
                                           int32_t channel_limit) {
 #pragma unroll
   for (int step = 0; step < Rows * kChunksPerRow / kThreads; ++step) {
+    // 8 consecutive chunks (one 16-byte store phase) go down 8 rows at one column: with the padded
+    // pitch their shared addresses fall in 8 distinct bank groups. A warp still reads whole 64-byte
+    // row segments from global memory.
     const int chunk = static_cast<int>(threadIdx.x) + step * kThreads;
-    const int row = chunk / kChunksPerRow;
-    const int column = (chunk % kChunksPerRow) * kChunk;
+    const int row = (chunk / (8 * kChunksPerRow)) * 8 + chunk % 8;
+    const int column = ((chunk / 8) % kChunksPerRow) * kChunk;
     const int64_t global_row = first_row + row;
     const int32_t first = channel + column;
     const int valid = global_row < row_limit ? max(0, min(kChunk, channel_limit - first)) : 0;
