@@ -244,52 +244,74 @@ void pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weigh
                    grad_input.size(1), weight.data_ptr<T>(), 1, channels, plan, nullptr);
 }
 
-// grad_weight[j-block, run] = Σ_pixels grad_output[:, j]ᵀ · input[:, run]: one accumulator per
-// thread, summed at the end. Blocks outside the mask are never touched and stay exactly zero.
+// buffer[p][c] = source[p][c] for a (pixels × channels) block: channels contiguous, rows `ld` apart.
+template <typename T>
+void pack_rows(const Matrix<const T>& source, T* buffer, int64_t ld) {
+  if (source.col_stride == 1) {  // NHWC: each pixel's channels are contiguous
+    for (int64_t p = 0; p < source.rows; ++p) {
+      std::memcpy(buffer + p * ld, source.data + p * source.row_stride, source.cols * sizeof(T));
+    }
+  } else {  // NCHW: a transpose
+    kernels<T>().transpose(source.data, source.col_stride, source.cols, source.rows, buffer, ld, nullptr);
+  }
+}
+
+// grad_weight[o, c] = Σ_p grad_output[p, o] · input[p, c] over the blocks in the mask, as the same
+// register-blocked product with the roles turned: vectors run along input channels c, the
+// reduction along pixels. Per pixel tile: grad_output packed pixel-major (o rows), input packed
+// channel-contiguous (p rows); each (group, run) block goes to a scratch tile and is added into
+// this thread's accumulator. Blocks outside the mask are never touched and stay exactly zero.
 template <typename T>
 at::Tensor pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                                  const BlockLayout& layout, int64_t lo, int64_t hi) {
-  const int64_t base = layout.out_offsets[lo], read = layout.in_offsets[hi];
-  std::vector<std::vector<pm::DotRun>> runs;
-  std::vector<pm::DotBlock> blocks;
-  for (int64_t j = lo; j < hi; ++j) {
-    if (layout.out_splits(j) == 0) continue;
-    std::vector<pm::DotRun> block_runs;
-    for (const auto& [start, stop] : input_runs(layout, j)) block_runs.push_back({start, start, stop - start});
-    runs.push_back(std::move(block_runs));
-    blocks.push_back({layout.out_offsets[j] - base, layout.out_offsets[j], layout.out_splits(j), nullptr, 0});
-  }
-  for (size_t b = 0; b < blocks.size(); ++b) {
-    blocks[b].runs = runs[b].data();
-    blocks[b].num_runs = static_cast<int64_t>(runs[b].size());
-  }
+  const int64_t base = layout.out_offsets[lo], read = layout.in_offsets[hi], channels = weight.size(1);
   auto gradient = PixelMatrix<const T>::of(grad_output);
   auto activation = PixelMatrix<const T>::of(input);
   flatten_together(gradient, activation);
   const auto& kernel = kernels<T>();
+  const int64_t multiple = kernel.pixel_multiple;
   const int64_t gradient_cols = grad_output.size(1), total_rows = gradient.samples * gradient.rows;
-  const Tiling tiling(total_rows, gradient_cols + read, sizeof(T), kernel.pixel_multiple);
+  // Room past the last channel: the kernel computes whole vectors, the excess is discarded.
+  const int64_t activation_ld = read + multiple;
+  const Tiling tiling(total_rows, gradient_cols + activation_ld, sizeof(T), multiple);
+  struct Block {
+    int64_t gradient_row, out_row, rows, col, cols;
+  };
+  std::vector<Block> blocks;
+  for (int64_t j = lo; j < hi; ++j) {
+    for (const auto& [start, stop] : input_runs(layout, j)) {
+      blocks.push_back({layout.out_offsets[j] - base, layout.out_offsets[j], layout.out_splits(j), start, stop - start});
+    }
+  }
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), tiling.tasks);
-  at::Tensor partial = at::zeros({slots, weight.size(0), weight.size(1)}, weight.options());
+  at::Tensor partial = at::zeros({slots, weight.size(0), channels}, weight.options());
   at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> gradient_tile(gradient_cols * tiling.padded_rows), activation_tile(read * tiling.padded_rows);
+    std::vector<T> gradient_tile(gradient_cols * tiling.padded_rows), activation_tile(activation_ld * tiling.padded_rows);
+    std::vector<T> scratch(weight.size(0) * activation_ld);
     for (int64_t slot = begin; slot < end; ++slot) {
-      const pm::Dot<T> problem{gradient_tile.data(), tiling.padded_rows, activation_tile.data(), tiling.padded_rows,
-                               partial.data_ptr<T>() + slot * weight.size(0) * weight.size(1), weight.size(1),
-                               tiling.padded_rows, blocks.data(), static_cast<int64_t>(blocks.size())};
+      T* accumulator = partial.data_ptr<T>() + slot * weight.size(0) * channels;
       for (int64_t task = slot; task < tiling.tasks; task += slots) {
         const int64_t row = task * tiling.rows, rows = std::min(tiling.rows, total_rows - row);
-        if (rows < tiling.rows) {  // the padding of the last tile must be zero in both operands
-          std::fill(gradient_tile.begin(), gradient_tile.end(), T(0));
-          std::fill(activation_tile.begin(), activation_tile.end(), T(0));
-        }
         for_each_piece(gradient, row, rows, gradient_cols, 0, [&](const Matrix<const T>& piece, int64_t offset) {
           pack_tile(piece, gradient_tile.data() + offset, tiling.padded_rows);
         });
         for_each_piece(activation, row, rows, read, 0, [&](const Matrix<const T>& piece, int64_t offset) {
-          pack_tile(piece, activation_tile.data() + offset, tiling.padded_rows);
+          pack_rows(piece, activation_tile.data() + offset * activation_ld, activation_ld);
         });
-        kernel.dot(problem);
+        for (const Block& block : blocks) {
+          const pm::Run run{0, 0, rows};
+          const pm::DestinationBlock dest{0, 0, block.rows, &run, 1};
+          const pm::Product<T> problem{activation_tile.data() + block.col, activation_ld,
+                                       gradient_tile.data() + block.gradient_row * tiling.padded_rows,
+                                       tiling.padded_rows, 1, scratch.data(), activation_ld,
+                                       (block.cols + multiple - 1) / multiple * multiple, &dest, 1};
+          kernel.product(problem);
+          for (int64_t r = 0; r < block.rows; ++r) {
+            T* out = accumulator + (block.out_row + r) * channels + block.col;
+            const T* values = scratch.data() + r * activation_ld;
+            for (int64_t c = 0; c < block.cols; ++c) out[c] += values[c];
+          }
+        }
       }
     }
   });

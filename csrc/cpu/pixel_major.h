@@ -37,33 +37,9 @@ struct Product {
   int64_t num_destinations;
 };
 
-// out[out_row + r][run.out_col + s] += Σ_p a[a_row + r][p] · b[run.b_row + s][p]
-struct DotRun {
-  int64_t b_row, out_col, length;
-};
-struct DotBlock {
-  int64_t a_row, out_row, rows;
-  const DotRun* runs;
-  int64_t num_runs;
-};
-
-template <typename T>
-struct Dot {
-  const T* a;
-  int64_t a_stride;
-  const T* b;
-  int64_t b_stride;
-  T* out;
-  int64_t out_stride;
-  int64_t pixels;
-  const DotBlock* blocks;
-  int64_t num_blocks;
-};
-
 template <typename T>
 struct Kernels {
   void (*product)(const Product<T>&);
-  void (*dot)(const Dot<T>&);
   // dst[c][r] = src[r][c] (+ src_row_bias[r]): packs NHWC tiles pixel-major and back.
   void (*transpose)(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride,
                     const T* src_row_bias);

@@ -107,62 +107,6 @@ void product(const Product<T>& problem) {
   }
 }
 
-// acc[a_row + r][b_row + s] += Σ_p a[r][p] · b[s][p] for an (AR × BS) block of rows.
-template <typename T, int AR, int BS>
-void dot_block(const Dot<T>& problem, int64_t a_row, int64_t b_row, T* out) {
-  using V = Vec<T>;
-  using vec = typename V::type;
-  vec acc[AR][BS];
-#pragma GCC unroll 16
-  for (int r = 0; r < AR; ++r)
-#pragma GCC unroll 16
-    for (int s = 0; s < BS; ++s) acc[r][s] = vec{};
-  const T* a = problem.a + a_row * problem.a_stride;
-  const T* b = problem.b + b_row * problem.b_stride;
-  for (int64_t p = 0; p < problem.pixels; p += V::lanes) {
-    vec av[AR], bv[BS];
-#pragma GCC unroll 16
-    for (int r = 0; r < AR; ++r) av[r] = V::load(a + r * problem.a_stride + p);
-#pragma GCC unroll 16
-    for (int s = 0; s < BS; ++s) bv[s] = V::load(b + s * problem.b_stride + p);
-#pragma GCC unroll 16
-    for (int r = 0; r < AR; ++r)
-#pragma GCC unroll 16
-      for (int s = 0; s < BS; ++s) acc[r][s] += av[r] * bv[s];
-  }
-  for (int r = 0; r < AR; ++r) {
-    for (int s = 0; s < BS; ++s) {
-      T sum = 0;
-      for (int64_t lane = 0; lane < V::lanes; ++lane) sum += acc[r][s][lane];
-      out[r * problem.out_stride + s] += sum;
-    }
-  }
-}
-
-template <typename T, int AR>
-void dot_rows(const Dot<T>& problem, int64_t a_row, const DotBlock& block) {
-  constexpr int BS = 4;
-  for (int64_t run_index = 0; run_index < block.num_runs; ++run_index) {
-    const DotRun& run = block.runs[run_index];
-    T* out = problem.out + (block.out_row + a_row - block.a_row) * problem.out_stride + run.out_col;
-    int64_t s = 0;
-    for (; s + BS <= run.length; s += BS) dot_block<T, AR, BS>(problem, a_row, run.b_row + s, out + s);
-    for (; s < run.length; ++s) dot_block<T, AR, 1>(problem, a_row, run.b_row + s, out + s);
-  }
-}
-
-template <typename T>
-void dot(const Dot<T>& problem) {
-  constexpr int AR = 4;
-  for (int64_t index = 0; index < problem.num_blocks; ++index) {
-    const DotBlock& block = problem.blocks[index];
-    int64_t row = block.a_row;
-    const int64_t stop = block.a_row + block.rows;
-    for (; row + AR <= stop; row += AR) dot_rows<T, AR>(problem, row, block);
-    for (; row < stop; ++row) dot_rows<T, 1>(problem, row, block);
-  }
-}
-
 // dst[c][r] = src[r][c] (+ src_row_bias[r]) for a rows × cols block, element by element.
 template <typename T>
 void transpose_scalar(const T* src, int64_t src_stride, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
@@ -218,9 +162,9 @@ void transpose(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* 
 
 }  // namespace
 
-Kernels<float> float_kernels() { return {&product<float>, &dot<float>, &transpose<float>, 2 * Vec<float>::lanes}; }
+Kernels<float> float_kernels() { return {&product<float>, &transpose<float>, 2 * Vec<float>::lanes}; }
 Kernels<double> double_kernels() {
-  return {&product<double>, &dot<double>, &transpose<double>, 2 * Vec<double>::lanes};
+  return {&product<double>, &transpose<double>, 2 * Vec<double>::lanes};
 }
 
 }  // namespace rdn::cpu::pixel_major::RDN_ISA_NAMESPACE
