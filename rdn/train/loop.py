@@ -1,0 +1,358 @@
+"""The training loop: pretraining a base model and jointly fine-tuning all exits of an RDN.
+
+One loop serves both: a model returning one logits tensor is a model with one exit; a
+:class:`~rdn.surgery.RussianDollNet` returns its K exits' logits from one forward pass of N_K,
+and one backward pass of the joint loss (:class:`~rdn.train.loss.JointLoss`) trains all of them.
+
+The same code runs single-process (CPU or one GPU) and under ``torchrun`` (DDP, one process per
+GPU or several gloo processes on a CPU): ``config.batch_size`` is the global batch, split evenly
+over the processes; rank 0 alone draws the progress bar and writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from rdn.data import BatchTransform, DataSpec, DataSplits, ImageDataset, eval_loader, train_loader
+from rdn.train.checkpoint import (
+    check_model_config,
+    get_rng_state,
+    load_checkpoint,
+    load_state_strict,
+    model_config_of,
+    save_checkpoint,
+    set_rng_state,
+)
+from rdn.train.config import TrainConfig
+from rdn.train.distributed import DistContext, all_reduce_sum
+from rdn.train.log import RunLog
+from rdn.train.loss import JointLoss, exit_weights
+from rdn.train.optim import ModelEma, build_optimizer, build_scheduler
+
+__all__ = ["EvalResult", "FitResult", "NonFiniteLossError", "StepInfo", "evaluate", "fit", "num_exits"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# Settings that may change between a run and its resumption: they do not change what is computed.
+_RESUMABLE_CHANGES = {"progress", "num_workers", "eval_batch_size", "checkpoint_every"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN / inf; the last good checkpoint is left on disk."""
+
+
+@dataclass
+class EvalResult:
+    """Per-exit accuracy (%) on a split: ``top1[s - 1]`` / ``top5[s - 1]`` of exit s; ``loss`` of the largest exit."""
+
+    top1: list[float]
+    top5: list[float]
+    loss: float
+    samples: int
+
+    def as_row(self, prefix: str) -> dict[str, float]:
+        row = {}
+        for s, (top1, top5) in enumerate(zip(self.top1, self.top5, strict=True), start=1):
+            row[f"{prefix}top1_{s}"] = round(top1, 4)
+            row[f"{prefix}top5_{s}"] = round(top5, 4)
+        return row
+
+
+@dataclass
+class StepInfo:
+    """What a step callback sees after every optimisation step."""
+
+    epoch: int
+    step: int  # optimisation steps done so far (global count)
+    loss: float  # mean over all processes
+    exit_losses: list[float]  # per-exit cross-entropy, mean over all processes
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    ema: ModelEma | None
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+
+
+def num_exits(model: nn.Module) -> int:
+    """K for an RDN (``num_subnets``), 1 for any other classifier."""
+    return int(getattr(model, "num_subnets", 1))
+
+
+def _as_list(outputs: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [outputs] if isinstance(outputs, Tensor) else list(outputs)
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision only on GPU: CPU autocast is slower than fp32 for these convs and changes numerics."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: ImageDataset,
+    spec: DataSpec,
+    *,
+    batch_size: int = 512,
+    context: DistContext | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> EvalResult:
+    """Top-1 / top-5 accuracy of every exit on ``dataset`` (each process evaluates its stride, counts are summed)."""
+    context = context or DistContext(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    transform = BatchTransform(spec, train=False)
+    k_top = min(5, spec.num_classes)
+    counts = None  # (K + K + 2,): top-1 hits per exit, top-5 hits per exit, summed loss, samples
+    try:
+        for images, labels, keys in eval_loader(dataset, batch_size, rank=context.rank, world_size=context.world_size):
+            x = transform(images.to(context.device), keys)
+            y = labels.to(context.device)
+            with _autocast(context.device, amp_dtype):
+                logits = [z.float() for z in _as_list(model(x))]
+            top = torch.stack([z.topk(k_top, dim=1).indices for z in logits])  # (K, N, k)
+            hits = top == y[None, :, None]
+            batch_counts = torch.cat([
+                hits[:, :, 0].sum(1), hits.any(2).sum(1),
+                torch.stack([nn.functional.cross_entropy(logits[-1], y, reduction="sum"),
+                             torch.tensor(float(len(y)), device=y.device)]),
+            ]).double()  # fmt: skip
+            counts = batch_counts if counts is None else counts + batch_counts
+    finally:
+        model.train(was_training)
+    if counts is None:  # this process had no samples (more processes than samples)
+        counts = torch.zeros(2 * num_exits(model) + 2, dtype=torch.float64, device=context.device)
+    counts = all_reduce_sum(counts, context).cpu()
+    k, samples = (len(counts) - 2) // 2, counts[-1].item()
+    scale = 100.0 / max(samples, 1)
+    return EvalResult((counts[:k] * scale).tolist(), (counts[k : 2 * k] * scale).tolist(),
+                      counts[-2].item() / max(samples, 1), int(samples))  # fmt: skip
+
+
+def _set_bn_momentum(model: nn.Module, momentum: float | None) -> None:
+    if momentum is None:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
+def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    current = config.to_dict()
+    changed = sorted(key for key in current if key not in _RESUMABLE_CHANGES and saved.get(key) != current[key])
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+        raise ValueError(f"cannot resume {path} with different training settings ({details}); use a fresh --out folder")
+
+
+def fit(
+    model: nn.Module,
+    data: DataSplits,
+    config: TrainConfig,
+    *,
+    out: str | os.PathLike | None = None,
+    model_config: dict | None = None,
+    resume: bool = False,
+    context: DistContext | None = None,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+) -> FitResult:
+    """Train ``model`` on ``data.train``, evaluating every exit on ``data.test`` after each epoch.
+
+    Args:
+        model: a base classifier (one exit) or a RussianDollNet (K exits).
+        data: splits and spec from :func:`rdn.data.load_dataset`.
+        config: the run's settings.
+        out: run folder for ``checkpoint.pt`` and the logs (``None``: nothing written).
+        model_config: how to rebuild the model (see :func:`~rdn.train.checkpoint.model_config_of`);
+            default: derived from the model (RDNs carry their ``rdn_config``).
+        resume: continue from ``out/checkpoint.pt`` if it exists (exactly where it stopped,
+            mid-epoch included).
+        context: the process group (:func:`~rdn.train.distributed.setup_distributed`); default: one
+            process on the model's device.
+        callbacks: called with a :class:`StepInfo` after every optimisation step.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN / inf (before the step that would apply it).
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if resume and out is None:
+        raise ValueError("resume=True needs out, the run folder holding checkpoint.pt")
+    context = context or DistContext(device=next(model.parameters()).device)
+    device = context.device
+    if config.batch_size % context.world_size:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {context.world_size} processes")
+    batch_per_rank = config.batch_size // context.world_size
+    full_steps = len(data.train) // context.world_size // batch_per_rank
+    if full_steps == 0:
+        raise ValueError(
+            f"batch_size {config.batch_size} is larger than the {len(data.train)} training samples "
+            f"({context.world_size} process(es)); use a batch size <= {len(data.train)}"
+        )
+    steps_per_epoch = min(full_steps, config.steps_per_epoch or full_steps)
+    total_steps = steps_per_epoch * config.epochs
+
+    model_config = model_config or model_config_of(model)
+    model.to(device)
+    _set_bn_momentum(model, config.bn_momentum)
+    weights = exit_weights(num_exits(model), config.exits, config.exit_weights)
+    loss_fn = JointLoss(weights, config.label_smoothing, config.distill, config.distill_temperature)
+    optimizer = build_optimizer(model, config.peak_lr, config.momentum, config.nesterov, config.weight_decay)
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, config.peak_lr, config.min_lr)
+    amp_dtype = _amp_dtype(config.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = ModelEma(model, config.ema_decay) if config.ema_decay is not None else None
+    torch.manual_seed(config.seed)  # dropout; data order and augmentation are keyed on the seed separately
+
+    out = Path(out) if out is not None else None
+    checkpoint_path = out / CHECKPOINT_NAME if out is not None else None
+    step = 0
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        check_model_config(model_config, state["model_config"], checkpoint_path)
+        _check_resumable(state["train_config"], config, checkpoint_path)
+        load_state_strict(model, state["model"], checkpoint_path)
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+    log = RunLog(out) if out is not None and context.is_main else None
+
+    def save(epoch: int, metrics: dict | None = None) -> None:
+        if checkpoint_path is None or not context.is_main:
+            return
+        save_checkpoint(checkpoint_path, {
+            "model_config": model_config, "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": get_rng_state(), "epoch": epoch, "step": step,
+            "data": {"seed": config.seed, "epoch": epoch, "batch": step - epoch * steps_per_epoch},
+            "train_config": config.to_dict(), "metrics": metrics,
+        })  # fmt: skip
+
+    trained = model
+    if context.distributed:
+        # Exits with weight 0 still run forward but get no gradient: DDP must be told.
+        trained = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not all(weights),
+        )
+    transform = BatchTransform(data.spec, train=True, seed=config.seed)
+    history = list(log.rows) if log is not None else []
+    for epoch in range(step // steps_per_epoch, config.epochs):
+        skip = step - epoch * steps_per_epoch
+        trained.train()
+        loader = train_loader(
+            data.train, batch_per_rank, seed=config.seed, epoch=epoch, rank=context.rank,
+            world_size=context.world_size, skip_batches=skip, num_workers=config.num_workers,
+        )  # fmt: skip
+        totals = torch.zeros(3, dtype=torch.float64)  # summed loss, top-1 hits of the largest exit, samples
+        started = time.perf_counter()
+        bar = _progress_bar(config, context, epoch, steps_per_epoch, skip)
+        for batch_index, (images, labels, keys) in enumerate(loader, start=skip):
+            if batch_index >= steps_per_epoch:
+                break
+            x = transform(images.to(device, non_blocking=True), keys, epoch)
+            y = labels.to(device, non_blocking=True)
+            with _autocast(device, amp_dtype):
+                logits = _as_list(trained(x))
+            loss, exit_ce = loss_fn(logits, y)
+            correct = (logits[-1].detach().argmax(1) == y).sum()
+            reduced = torch.cat([loss.detach().reshape(1), correct.reshape(1).to(loss.dtype), exit_ce])
+            reduced = all_reduce_sum(reduced, context) / context.world_size  # one sync per step, also the NaN check
+            mean_loss = reduced[0].item()
+            if not math.isfinite(mean_loss):
+                where = f"last good checkpoint: {checkpoint_path}" if checkpoint_path is not None else "no checkpoint"
+                raise NonFiniteLossError(
+                    f"training loss is {mean_loss} at epoch {epoch}, step {step + 1} (before applying it; {where}). "
+                    "Lower --lr, enable --grad-clip or --amp off, then resume."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            global_batch = config.batch_size
+            totals += torch.tensor([mean_loss * global_batch, reduced[1].item() * context.world_size, global_batch],
+                                   dtype=torch.float64)  # fmt: skip
+            if bar is not None:
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{100 * totals[1] / totals[2]:.1f}%",
+                                img_s=f"{totals[2] / elapsed:.0f}", refresh=False)  # fmt: skip
+                bar.update(1)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_index + 1 < steps_per_epoch:
+                save(epoch)
+            info = StepInfo(epoch, step, mean_loss, reduced[2:].tolist())
+            for callback in callbacks:
+                callback(info)
+        if bar is not None:
+            bar.close()
+        epoch_s = time.perf_counter() - started
+        row = {
+            "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+            "train_loss": round(float(totals[0] / max(totals[2], 1)), 5),
+            "train_top1": round(float(100 * totals[1] / max(totals[2], 1)), 3),
+            "images_per_s": round(float(totals[2] / epoch_s), 1), "epoch_s": round(epoch_s, 2),
+        }  # fmt: skip
+        eval_batch = config.eval_batch_size
+        result = evaluate(model, data.test, data.spec, batch_size=eval_batch, context=context, amp_dtype=amp_dtype)
+        row |= {"test_loss": round(result.loss, 5), **result.as_row("test_")}
+        if ema is not None:
+            ema_result = evaluate(ema.module, data.test, data.spec, batch_size=eval_batch, context=context,
+                                  amp_dtype=amp_dtype)  # fmt: skip
+            row |= ema_result.as_row("ema_test_")
+        history = [r for r in history if r["epoch"] != row["epoch"]] + [row]
+        if log is not None:
+            log.append(row)
+            _print_epoch(row, num_exits(model), config)
+        save(epoch + 1, row)
+    return FitResult(model, ema, history, step)
+
+
+def _progress_bar(config: TrainConfig, context: DistContext, epoch: int, steps: int, done: int):
+    if not (config.progress and context.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", dynamic_ncols=True)
+
+
+def _print_epoch(row: dict, exits: int, config: TrainConfig) -> None:
+    if not config.progress:
+        return
+    ema = "ema_test_top1_1" in row
+    prefix = "ema_test_top1_" if ema else "test_top1_"
+    accuracies = " ".join(f"{row[f'{prefix}{s}']:.2f}" for s in range(1, exits + 1))
+    print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, test top-1 per exit{' (EMA)' if ema else ''} "
+          f"[{accuracies}] %, {row['images_per_s']:.0f} img/s", flush=True)
