@@ -1,0 +1,188 @@
+"""Dynamic inference: real per-sample early exit through an RDN's stages (DESIGN.md §8).
+
+:func:`dynamic_forward` runs a batch through N_1 (``net.start``), lets the policy pick every
+sample's exit from N_1's pooled features, and then, stage by stage, drops the samples that exit
+(``StagedState.index_select``) and advances the rest to the next sub-network computing only the
+new channel groups of every layer from the cached prefixes (``net.step``: the kernels'
+``stages=`` / ``out=`` path). Each sample's logits are those of N_{exit(x)}.
+
+:func:`evaluate_dynamic` measures accuracy and average MACs over a split with it, and
+:func:`measure_throughput` / :func:`measure_peak_memory` time it (median of repeats) and measure
+its peak memory against any static callable (N_K, N_s, the base model).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rdn.policy import ExitPolicy, OperatingPoint, capture_first_features, exit_macs
+
+__all__ = [
+    "DynamicOutput",
+    "Measurement",
+    "dynamic_forward",
+    "evaluate_dynamic",
+    "measure",
+    "measure_peak_memory",
+    "measure_throughput",
+]
+
+
+@dataclass
+class DynamicOutput:
+    """Result of :func:`dynamic_forward` on a batch of N samples.
+
+    Attributes:
+        logits: (N, num_classes), row i from sub-network N_{exits[i]}.
+        exits: (N,) int64, 1-based exit of every sample.
+    """
+
+    logits: Tensor
+    exits: Tensor
+
+
+@torch.no_grad()
+def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | None) -> DynamicOutput:
+    """Early-exit inference of one batch ``x`` (N, C, H, W) under the rule of ``policy`` at λ = ``lam``.
+
+    ``net`` (a RussianDollNet) and ``policy`` should be in eval mode. Samples exiting at N_s leave
+    the batch before N_{s+1} is computed; the loop stops as soon as no sample goes on.
+    """
+    policy.check_network(net)
+    with capture_first_features(net) as captured:
+        state = net.start(x)
+    exits = policy.exits(captured[-1], lam).to(x.device)
+    logits = torch.empty_like(state.logits)
+    rows = torch.arange(x.shape[0], device=x.device)  # original index of every row still in the batch
+    row_exits = exits
+    while True:
+        leaving = row_exits == state.subnet
+        logits[rows[leaving]] = state.logits[leaving]
+        going_on = ~leaving
+        if not bool(going_on.any()):
+            break
+        if not bool(going_on.all()):
+            keep = going_on.nonzero().squeeze(1)
+            state, rows, row_exits = state.index_select(keep), rows[keep], row_exits[keep]
+        state = net.step(state)
+    return DynamicOutput(logits, exits)
+
+
+@torch.no_grad()
+def evaluate_dynamic(
+    net: nn.Module,
+    policy: ExitPolicy,
+    lam: float | None,
+    data: Iterable,
+    device: torch.device | str | None = None,
+    epsilon: float | None = None,
+    progress: bool = True,
+) -> OperatingPoint:
+    """Accuracy, top-5 and average MACs of :func:`dynamic_forward` over ``data`` ((x, y) batches).
+
+    The MACs of a sample are ``net.macs(exit)`` of its exit plus the policy's own MACs.
+    """
+    from tqdm.auto import tqdm
+
+    macs = exit_macs(net)
+    correct = top5 = total = 0
+    total_macs = 0.0
+    counts = torch.zeros(net.num_subnets, dtype=torch.float64)
+    for x, y in tqdm(data, desc=f"dynamic λ={lam}", disable=not progress, leave=False):
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        output = dynamic_forward(net, policy, x, lam)
+        top = output.logits.topk(min(5, output.logits.shape[1]), dim=1).indices
+        correct += int((top[:, 0] == y).sum())
+        top5 += int((top == y[:, None]).any(1).sum())
+        exits = output.exits.cpu()
+        total_macs += macs[exits - 1].sum().item()
+        counts += torch.bincount(exits - 1, minlength=net.num_subnets).double()
+        total += y.shape[0]
+    if total == 0:
+        raise ValueError("data yielded no samples")
+    average = total_macs / total + policy.macs()
+    return OperatingPoint(
+        name="dynamic",
+        epsilon=epsilon,
+        parameter=lam,
+        accuracy=correct / total,
+        top5=top5 / total,
+        macs=average,
+        saving=1.0 - average / macs[-1].item(),
+        exit_fractions=(counts / total).tolist(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Wall clock and memory
+# ----------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_throughput(fn: Callable[[Tensor], object], x: Tensor, repeats: int = 5, warmup: int = 1) -> float:
+    """Images per second of ``fn(x)``: batch size / median wall-clock seconds over ``repeats`` runs."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        fn(x)
+    seconds = []
+    for _ in range(repeats):
+        _synchronize(x.device)
+        begin = time.perf_counter()
+        fn(x)
+        _synchronize(x.device)
+        seconds.append(time.perf_counter() - begin)
+    return x.shape[0] / statistics.median(seconds)
+
+
+@torch.no_grad()
+def measure_peak_memory(fn: Callable[[Tensor], object], x: Tensor) -> int:
+    """Peak bytes allocated by ``fn(x)`` above what was allocated before it (``x`` excluded).
+
+    GPU: ``torch.cuda.max_memory_allocated``. CPU: the allocation / free events of the torch
+    profiler (``profile_memory=True``) replayed in time order; temporaries allocated and freed
+    inside one op count at their net size, so this is a lower bound on the true peak.
+    """
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        fn(x)
+        torch.cuda.synchronize(x.device)
+        return torch.cuda.max_memory_allocated(x.device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(x)
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class Measurement:
+    """Wall clock and memory of one way of running a batch."""
+
+    name: str
+    batch_size: int
+    images_per_second: float
+    peak_bytes: int
+
+
+def measure(name: str, fn: Callable[[Tensor], object], x: Tensor, repeats: int = 5) -> Measurement:
+    """Throughput (median of ``repeats``) and peak memory of ``fn`` on the batch ``x``."""
+    return Measurement(name, x.shape[0], measure_throughput(fn, x, repeats), measure_peak_memory(fn, x))

@@ -1,0 +1,137 @@
+"""Dynamic inference: real early exit equals each sample's own sub-network, exited samples leave the
+batch, measured accuracy / MACs agree with the exits, timing and memory helpers."""
+
+import pytest
+import torch
+
+from rdn.inference import dynamic_forward, evaluate_dynamic, measure, measure_peak_memory, measure_throughput
+from rdn.policy import ExitPolicy, capture_first_features, collect_exit_outputs, evaluate_exits, exit_macs
+from tests.test_policy import one_thread, tiny_rdn  # noqa: F401  (one_thread: autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return tiny_rdn(k=3)  # K = 5 exits
+
+
+def spread_policy(net, x, seed: int = 0) -> ExitPolicy:
+    """An untrained policy with sharp random probabilities on features standardised over ``x``, so
+    that the samples of ``x`` spread over the exits."""
+    torch.manual_seed(seed)
+    policy = ExitPolicy.for_network(net, hidden=16).eval()
+    with torch.no_grad(), capture_first_features(net) as captured:
+        net(x, subnet=1)
+        policy.feature_mean.copy_(captured[0].mean(0))
+        policy.feature_scale.copy_(captured[0].std(0).clamp_min(1e-6))
+        # Centre and sharpen every exit's logit over x: each exit is likely for about half the samples.
+        hidden = policy.mlp[:-1]((captured[0] - policy.feature_mean) / policy.feature_scale)
+        logits = policy.mlp[-1](hidden)
+        scale = 10 / logits.std(0).clamp_min(1e-6)
+        policy.mlp[-1].weight.mul_(scale[:, None])
+        policy.mlp[-1].bias.copy_(-(logits - policy.mlp[-1].bias).mean(0) * scale)
+    return policy
+
+
+def forced_policy(net, exit: int) -> ExitPolicy:
+    """p_k = 1 at ``exit`` and 0 elsewhere: every sample leaves there (any λ)."""
+    policy = ExitPolicy.for_network(net, hidden=4).eval()
+    with torch.no_grad():
+        policy.mlp[-1].weight.zero_()
+        policy.mlp[-1].bias.fill_(-50.0)
+        policy.mlp[-1].bias[exit - 1] = 50.0
+    return policy
+
+
+def record_steps(net, monkeypatch) -> list[int]:
+    """Batch size of every ``net.step`` call."""
+    sizes: list[int] = []
+    step = net.step
+
+    def recording_step(state):
+        sizes.append(state.logits.shape[0])
+        return step(state)
+
+    monkeypatch.setattr(net, "step", recording_step)
+    return sizes
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 2.0])
+def test_each_sample_gets_its_own_subnetworks_prediction(net, lam, monkeypatch):
+    torch.manual_seed(2)
+    x = torch.randn(24, 1, 28, 28)
+    policy = spread_policy(net, x)
+    sizes = record_steps(net, monkeypatch)
+    output = dynamic_forward(net, policy, x, lam)
+    exits = output.exits
+    assert exits.shape == (24,) and int(exits.min()) >= 1 and int(exits.max()) <= net.num_subnets
+    with torch.no_grad():
+        for s in exits.unique().tolist():
+            rows = (exits == s).nonzero().squeeze(1)
+            alone = net(x[rows], subnet=s)
+            torch.testing.assert_close(output.logits[rows], alone, rtol=1e-4, atol=1e-4)
+            assert torch.equal(output.logits[rows].argmax(1), alone.argmax(1))
+    # Real early exit: step s → s+1 runs exactly the samples whose exit is beyond s, and stops
+    # after the deepest exit.
+    expected = [int((exits > s).sum()) for s in range(1, int(exits.max()))]
+    assert sizes == expected
+
+
+def test_samples_spread_over_several_exits(net):
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    exits = dynamic_forward(net, spread_policy(net, x), x, 0.3).exits
+    assert exits.unique().numel() >= 2
+
+
+def test_all_exit_at_first_stage_never_steps(net, monkeypatch):
+    sizes = record_steps(net, monkeypatch)
+    x = torch.randn(6, 1, 28, 28)
+    output = dynamic_forward(net, forced_policy(net, 1), x, 0.0)
+    assert sizes == [] and output.exits.eq(1).all()
+    with torch.no_grad():
+        torch.testing.assert_close(output.logits, net(x, subnet=1), rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_runs_every_stage_for_everyone(net, monkeypatch):
+    sizes = record_steps(net, monkeypatch)
+    x = torch.randn(5, 1, 28, 28)
+    output = dynamic_forward(net, forced_policy(net, 1), x, None)  # None: always N_K
+    assert sizes == [5] * (net.num_subnets - 1) and output.exits.eq(net.num_subnets).all()
+    with torch.no_grad():
+        torch.testing.assert_close(output.logits, net(x, subnet=net.num_subnets), rtol=1e-4, atol=1e-4)
+
+
+def test_measured_accuracy_and_macs_agree_with_the_exits(net):
+    generator = torch.Generator().manual_seed(4)
+    x, y = torch.randn(20, 1, 28, 28, generator=generator), torch.randint(0, 10, (20,), generator=generator)
+    data = [(x[:8], y[:8]), (x[8:], y[8:])]
+    policy = spread_policy(net, x)
+    measured = evaluate_dynamic(net, policy, 0.3, data, epsilon=0.1, progress=False)
+    outputs = collect_exit_outputs(net, data, progress=False)
+    exits = policy.exits(outputs.features, 0.3)
+    expected = evaluate_exits(exits, outputs, exit_macs(net), "policy", extra_macs=policy.macs())
+    assert measured.accuracy == pytest.approx(expected.accuracy)
+    assert measured.top5 == pytest.approx(expected.top5)
+    assert measured.macs == pytest.approx(expected.macs)
+    assert measured.exit_fractions == pytest.approx(expected.exit_fractions)
+    assert measured.epsilon == 0.1 and measured.parameter == 0.3
+
+
+def test_policy_of_another_network_is_rejected(net):
+    other = ExitPolicy(net.heads[0].in_features, [0.5, 0.0])
+    with pytest.raises(ValueError, match="sub-networks"):
+        dynamic_forward(net, other, torch.randn(2, 1, 28, 28), 0.1)
+
+
+def test_measurement_helpers():
+    x = torch.randn(4, 8)
+    allocated = 1_000_000 * 4  # bytes of a (1e6,) float32 temporary
+
+    def allocate(batch):
+        return torch.ones(1_000_000) + batch.sum()
+
+    assert measure_peak_memory(allocate, x) >= allocated
+    assert measure_throughput(allocate, x, repeats=2) > 0
+    result = measure("ones", allocate, x, repeats=1)
+    assert result.batch_size == 4 and result.peak_bytes >= allocated
+    with pytest.raises(ValueError, match="repeats"):
+        measure_throughput(allocate, x, repeats=0)
