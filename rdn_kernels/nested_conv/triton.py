@@ -14,6 +14,7 @@ memory or misses the tensor cores there is removed from these lists, not tolerat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -246,6 +247,11 @@ def _kernel_options(layout: NestedLayout, dtype: torch.dtype, device: torch.devi
     }
 
 
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_int32_extent(name: str, tensor: torch.Tensor, first_dim: int = 1) -> None:
     """Kernels address one image (dims 1..3) and the whole weight (first_dim=0) in int32; batch offsets are int64."""
     dims = range(first_dim, tensor.dim())
@@ -305,16 +311,17 @@ def forward(
         channel_tiles = sum(triton.cdiv(size, meta["BLOCK_N"]) for size in group_sizes)
         return (triton.cdiv(num_pixels, meta["BLOCK_M"]) * channel_tiles,)
 
-    _forward[grid](
-        input, weight, input if bias is None else bias, result, segments, runs,
-        len(group_sizes), num_pixels, height, width, height_out, width_out, kernel_h, kernel_w,
-        *geometry.stride, *geometry.padding, *geometry.dilation,
-        *input.stride(), *weight.stride(), *result.stride(), channel_base,
-        layout.in_offsets[hi], layout.out_offsets[hi] - layout.out_offsets[lo],
-        HAS_BIAS=bias is not None,
-        POINTWISE=(kernel_h, kernel_w) == (1, 1) and geometry.is_pointwise_identity,
-        **_kernel_options(layout, input.dtype, input.device),
-    )  # fmt: skip
+    with _device_guard(input.device):
+        _forward[grid](
+            input, weight, input if bias is None else bias, result, segments, runs,
+            len(group_sizes), num_pixels, height, width, height_out, width_out, kernel_h, kernel_w,
+            *geometry.stride, *geometry.padding, *geometry.dilation,
+            *input.stride(), *weight.stride(), *result.stride(), channel_base,
+            layout.in_offsets[hi], layout.out_offsets[hi] - layout.out_offsets[lo],
+            HAS_BIAS=bias is not None,
+            POINTWISE=(kernel_h, kernel_w) == (1, 1) and geometry.is_pointwise_identity,
+            **_kernel_options(layout, input.dtype, input.device),
+        )  # fmt: skip
     return result
 
 
@@ -348,14 +355,15 @@ def grad_input(
         channel_tiles = sum(triton.cdiv(size, meta["BLOCK_N"]) for size in group_sizes)
         return (triton.cdiv(num_phase_pixels, meta["BLOCK_M"]) * channel_tiles, stride_h * stride_w)
 
-    _grad_input[grid](
-        grad_output, weight, result, segments, runs, phases,
-        len(group_sizes), num_phase_pixels, height, width, height_out, width_out, phase_height, phase_width,
-        *geometry.stride, *geometry.padding, *geometry.dilation, tap_step_h, tap_step_w,
-        *grad_output.stride(), layout.out_offsets[lo], *weight.stride(), *result.stride(),
-        channels, grad_output.shape[1], kernel_h, kernel_w,
-        **_kernel_options(layout, input.dtype, input.device),
-    )  # fmt: skip
+    with _device_guard(input.device):
+        _grad_input[grid](
+            grad_output, weight, result, segments, runs, phases,
+            len(group_sizes), num_phase_pixels, height, width, height_out, width_out, phase_height, phase_width,
+            *geometry.stride, *geometry.padding, *geometry.dilation, tap_step_h, tap_step_w,
+            *grad_output.stride(), layout.out_offsets[lo], *weight.stride(), *result.stride(),
+            channels, grad_output.shape[1], kernel_h, kernel_w,
+            **_kernel_options(layout, input.dtype, input.device),
+        )  # fmt: skip
     return result
 
 
@@ -420,15 +428,16 @@ def grad_weight(
         )
         return (tiles, kernel_h * kernel_w, num_splits)
 
-    _grad_weight[grid](
-        input, grad_output, target, blocks,
-        len(rows), num_pixels, triton.cdiv(num_pixels, num_splits), height, width, height_out, width_out, kernel_w,
-        *geometry.stride, *geometry.padding, *geometry.dilation,
-        *input.stride(), *grad_output.stride(), layout.out_offsets[lo],
-        split_stride, *split_strides,
-        input.shape[1], grad_output.shape[1], kernel_h,
-        **_kernel_options(layout, input.dtype, input.device),
-    )  # fmt: skip
+    with _device_guard(input.device):
+        _grad_weight[grid](
+            input, grad_output, target, blocks,
+            len(rows), num_pixels, triton.cdiv(num_pixels, num_splits), height, width, height_out, width_out, kernel_w,
+            *geometry.stride, *geometry.padding, *geometry.dilation,
+            *input.stride(), *grad_output.stride(), layout.out_offsets[lo],
+            split_stride, *split_strides,
+            input.shape[1], grad_output.shape[1], kernel_h,
+            **_kernel_options(layout, input.dtype, input.device),
+        )  # fmt: skip
     return target if num_splits == 1 else target.sum(0).to(weight.dtype)
 
 

@@ -92,6 +92,8 @@ CASES = [
     Case("k3_empty_output_group", (3, 4, 6), (5, 0, 8), None, 3, 1, 1, 1, 2, (5, 5), (1, 3)),
     Case("k4_sparse_dilated", (2, 3, 0, 8), (4, 3, 5, 4), _SPARSE, 3, (1, 2), (2, 1), 2, 1, (6, 7), (1, 4)),
     Case("k4_1x1_strided_padded", (1, 2, 3, 1), (2, 2, 1, 2), None, 1, 2, 1, 1, 2, (5, 5), (2, 4)),
+    # Channel offsets all multiples of 8: the kernels get CHANNEL_ALIGN = 8 (vectorised on a GPU).
+    Case("k2_aligned_pointwise", (8, 16), (16, 8), None, 1, 1, 0, 1, 1, (3, 3), (1, 2)),
 ]
 
 
@@ -283,3 +285,23 @@ def test_public_op_forward_backward_and_out():
     nested_conv2d(x, weight, bias, **kwargs, stages=(0, 1), out=out, backend="triton")
     nested_conv2d(x, weight, bias, **kwargs, stages=(1, 4), out=out, backend="triton")
     assert_close(out, reference.detach(), torch.float64, "output assembled from two stages")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@interpreter_only
+def test_channel_alignment_hint_divides_every_offset():
+    backend = _backend()
+    assert backend._channel_alignment(make_layout((8, 16), (16, 8))) == 8
+    assert backend._channel_alignment(make_layout((32, 64), (16, 48))) == 16
+    assert backend._channel_alignment(make_layout((3, 4, 6), (5, 0, 8))) == 1
+
+
+@interpreter_only
+def test_tensors_beyond_int32_addressing_are_refused():
+    huge = torch.empty((1, 2, 1 << 16, 1 << 15), device="meta")  # 2**32 elements per sample, no memory
+    with pytest.raises(ValueError, match="int32"):
+        _backend()._check_int32_extent("input", huge)
