@@ -7,7 +7,8 @@
 //
 // for the output channels o of every group in the table. One launch covers all its groups: a
 // block computes one (pixel tile, output-channel tile) pair, and the tile's reduction loop walks
-// only the input-channel runs of the tile's group.
+// only the input-channel runs of the tile's group. The backward's grad_input is the same product
+// with X = grad_output, W = Wᵀ and the transposed runs (see nested_conv_cuda.cpp).
 #pragma once
 
 #include <cuda_runtime_api.h>

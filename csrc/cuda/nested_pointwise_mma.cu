@@ -11,7 +11,8 @@
 // the row strides and base pointers are 16-byte aligned, the kernel runs with vector loads;
 // otherwise the same kernel is instantiated with guarded element loads (ragged channel offsets
 // such as groups of 7 channels). Out-of-range pixels, channels past a run's end and output
-// channels past the group's end are zero-filled in shared memory, so the MMA loop has no guards.
+// channels past the group's end are zero-filled in shared memory, so the MMA loop needs no bounds
+// checks; a warp only skips the MMA tiles that lie wholly past the last pixel or channel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
