@@ -35,7 +35,9 @@ constexpr int kChunksPerRow = kBlockK / kChunk;
 // ldmatrix phase, and the 8 chunks of a 16-byte store phase (see load_tile), are conflict-free.
 constexpr int kPitch = kBlockK + kChunk;
 
+static_assert(kWarpM % kMmaM == 0 && kWarpN % kMmaN == 0 && kBlockK % kMmaK == 0, "warp tiles are whole MMAs");
 static_assert(kMmaTilesN % 2 == 0, "B fragments are read two n-tiles per ldmatrix.x4");
+static_assert(kStages >= 2, "the ring needs a stage in flight beside the one multiplied");
 static_assert((kBlockM * kChunksPerRow) % kThreads == 0 && (kBlockN * kChunksPerRow) % kThreads == 0,
               "every thread copies the same number of chunks");
 static_assert(kThreads % (8 * kChunksPerRow) == 0, "a warp's chunks cover whole groups of 8 rows");
