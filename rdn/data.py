@@ -34,7 +34,7 @@ import os
 import pickle
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -525,8 +525,3 @@ def eval_loader(
     _check_batch_size(batch_size)
     sampler = _StridedSampler(len(dataset), rank, world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
-
-
-def with_spec(splits: DataSplits, **changes) -> DataSplits:
-    """The same splits with some :class:`DataSpec` fields changed (e.g. ``flip=False``)."""
-    return DataSplits(splits.train, splits.calib, splits.test, replace(splits.spec, **changes))
