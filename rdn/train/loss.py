@@ -53,24 +53,36 @@ class JointLoss:
         self.weights = list(weights)
         self.label_smoothing, self.distill, self.temperature = label_smoothing, distill, temperature
 
-    def __call__(self, logits: Sequence[Tensor], target: Tensor) -> tuple[Tensor, Tensor]:
-        """logits: K tensors (N, num_classes); target (N,). Returns (loss, per-exit CE (K,) detached)."""
-        if len(logits) != len(self.weights):
-            raise ValueError(f"got {len(logits)} exits' logits for {len(self.weights)} exit weights")
-        stacked = torch.stack([z.float() for z in logits])  # (K, N, C): one fused cross-entropy for all exits
-        num_exits, batch, classes = stacked.shape
-        ce = F.cross_entropy(
+    def _cross_entropy(self, stacked: Tensor, target: Tensor) -> Tensor:
+        """(E, N, C) logits of E exits → (E,) mean CE of each, in one fused call."""
+        exits, batch, classes = stacked.shape
+        return F.cross_entropy(
             stacked.reshape(-1, classes),
-            target.repeat(num_exits),
+            target.repeat(exits),
             label_smoothing=self.label_smoothing,
             reduction="none",
-        ).view(num_exits, batch).mean(1)
-        per_exit = ce
-        if self.distill > 0 and num_exits > 1:
+        ).view(exits, batch).mean(1)
+
+    def __call__(self, logits: Sequence[Tensor], target: Tensor) -> tuple[Tensor, Tensor]:
+        """logits: K tensors (N, num_classes); target (N,). Returns (loss, per-exit CE (K,) detached).
+
+        Exits with weight 0 stay out of the graph, so their heads get no gradient at all (and no
+        weight decay): the ablations train exactly the chosen exits.
+        """
+        if len(logits) != len(self.weights):
+            raise ValueError(f"got {len(logits)} exits' logits for {len(self.weights)} exit weights")
+        with torch.no_grad():
+            per_exit = self._cross_entropy(torch.stack([z.float() for z in logits]), target)
+        trained = [s for s, w in enumerate(self.weights) if w > 0]
+        ce = self._cross_entropy(torch.stack([logits[s].float() for s in trained]), target)
+        last = len(logits) - 1
+        students = [i for i, s in enumerate(trained) if s != last]
+        if self.distill > 0 and students:
             t = self.temperature
-            teacher = F.softmax(stacked[-1].detach() / t, dim=-1)
-            student = F.log_softmax(stacked[:-1] / t, dim=-1)
+            teacher = F.softmax(logits[last].detach().float() / t, dim=-1)
+            student = F.log_softmax(torch.stack([logits[trained[i]].float() for i in students]) / t, dim=-1)
             kl = F.kl_div(student, teacher.expand_as(student), reduction="none").sum(-1).mean(-1) * t * t
-            per_exit = torch.cat([(1 - self.distill) * ce[:-1] + self.distill * kl, ce[-1:]])
-        weights = torch.tensor(self.weights, dtype=per_exit.dtype, device=per_exit.device)
-        return (weights * per_exit).sum(), ce.detach()
+            mixed = (1 - self.distill) * ce[students] + self.distill * kl
+            ce = ce.index_put((torch.tensor(students, device=ce.device),), mixed)
+        weights = torch.tensor([self.weights[s] for s in trained], dtype=ce.dtype, device=ce.device)
+        return (weights * ce).sum(), per_exit
