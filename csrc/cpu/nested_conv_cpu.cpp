@@ -182,28 +182,28 @@ struct DestinationPlan {
   }
 };
 
-// dest[:, dest_col .. dest_col + dest_cols) = product of `source`'s first `source_cols` channels
-// with the weight, as the plan says, tile by tile in parallel.
-template <typename T>
-void tiled_product(PixelMatrix<const T> source, int64_t source_cols, PixelMatrix<T> dest, int64_t dest_col,
-                   int64_t dest_cols, const T* weight, int64_t weight_dest_stride, int64_t weight_source_stride,
-                   DestinationPlan& plan, const T* bias) {
+// dest[:, dest_col .. dest_col + dest_cols) = Σ weight · (source tile), as the plan says, tile by
+// tile in parallel. `pack(row, rows, tile, ld, staging)` fills the `source_rows` pixel-major rows of
+// the source tile for global destination pixels [row, row + rows); `staging_per_pixel` is how much
+// scratch it wants per pixel.
+template <typename T, typename Pack>
+void tiled_product(int64_t source_rows, int64_t staging_per_pixel, Pack&& pack, PixelMatrix<T> dest,
+                   int64_t dest_col, int64_t dest_cols, const T* weight, int64_t weight_dest_stride,
+                   int64_t weight_source_stride, DestinationPlan& plan, const T* bias) {
   plan.finalize();
-  flatten_together(source, dest);
   const auto& kernel = kernels<T>();
   const int64_t total_rows = dest.samples * dest.rows;
-  const Tiling tiling(total_rows, source_cols + dest_cols, sizeof(T), kernel.pixel_multiple);
+  const Tiling tiling(total_rows, source_rows + staging_per_pixel + dest_cols, sizeof(T), kernel.pixel_multiple);
   at::parallel_for(0, tiling.tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> source_tile(source_cols * tiling.padded_rows), dest_tile(dest_cols * tiling.padded_rows);
+    std::vector<T> source_tile(source_rows * tiling.padded_rows), dest_tile(dest_cols * tiling.padded_rows);
+    std::vector<T> staging(staging_per_pixel * tiling.padded_rows);
     const pm::Product<T> problem{source_tile.data(), tiling.padded_rows, weight, weight_dest_stride,
                                  weight_source_stride, dest_tile.data(), tiling.padded_rows, tiling.padded_rows,
                                  plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task * tiling.rows, rows = std::min(tiling.rows, total_rows - row);
       if (rows < tiling.rows) std::fill(source_tile.begin(), source_tile.end(), T(0));  // last tile: no garbage
-      for_each_piece(source, row, rows, source_cols, 0, [&](const Matrix<const T>& piece, int64_t offset) {
-        pack_tile(piece, source_tile.data() + offset, tiling.padded_rows);
-      });
+      pack(row, rows, source_tile.data(), tiling.padded_rows, staging.data());
       kernel.product(problem);
       for_each_piece(dest, row, rows, dest_cols, dest_col, [&](const Matrix<T>& piece, int64_t offset) {
         unpack_tile<T>(dest_tile.data() + offset, tiling.padded_rows, piece, bias);
@@ -212,18 +212,138 @@ void tiled_product(PixelMatrix<const T> source, int64_t source_cols, PixelMatrix
   });
 }
 
+// tiled_product over a pixel matrix's first `source_cols` channels (1×1 convs, linear layers).
 template <typename T>
-void pointwise_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                       const BlockLayout& layout, int64_t lo, int64_t hi, at::Tensor& output, int64_t out_base) {
-  const int64_t first = layout.out_offsets[lo], channels = weight.size(1);
+void pointwise_product(PixelMatrix<const T> source, int64_t source_cols, PixelMatrix<T> dest, int64_t dest_col,
+                       int64_t dest_cols, const T* weight, int64_t weight_dest_stride, int64_t weight_source_stride,
+                       DestinationPlan& plan, const T* bias) {
+  flatten_together(source, dest);
+  auto pack = [&](int64_t row, int64_t rows, T* tile, int64_t ld, T*) {
+    for_each_piece(source, row, rows, source_cols, 0, [&](const Matrix<const T>& piece, int64_t offset) {
+      pack_tile(piece, tile + offset, ld);
+    });
+  };
+  tiled_product<T>(source_cols, 0, pack, dest, dest_col, dest_cols, weight, weight_dest_stride, weight_source_stride,
+                   plan, bias);
+}
+
+// Output groups lo..hi-1 as runs of input channels (weight source stride 1 along channels).
+DestinationPlan forward_plan(const BlockLayout& layout, int64_t lo, int64_t hi, int64_t taps) {
+  const int64_t first = layout.out_offsets[lo], read = layout.in_offsets[hi];
   DestinationPlan plan;
   for (int64_t j = lo; j < hi; ++j) {
     std::vector<pm::Run> runs;
-    for (const auto& [start, stop] : input_runs(layout, j)) runs.push_back({start, start, stop - start});
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      // Tile row tap·read + c holds input channel c at kernel tap `tap`; weight (D, C, kh, kw).
+      for (const auto& [start, stop] : input_runs(layout, j)) {
+        runs.push_back({tap * read + start, start * taps + tap, stop - start});
+      }
+    }
     plan.add(layout.out_offsets[j] - first, layout.out_offsets[j], layout.out_splits(j), std::move(runs));
   }
-  tiled_product<T>(PixelMatrix<const T>::of(input), layout.in_offsets[hi], PixelMatrix<T>::of(output),
-                   first - out_base, layout.out_offsets[hi] - first, weight.data_ptr<T>(), channels, 1, plan,
+  return plan;
+}
+
+template <typename T>
+void pointwise_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       const BlockLayout& layout, int64_t lo, int64_t hi, at::Tensor& output, int64_t out_base) {
+  const int64_t first = layout.out_offsets[lo];
+  DestinationPlan plan = forward_plan(layout, lo, hi, 1);
+  pointwise_product<T>(PixelMatrix<const T>::of(input), layout.in_offsets[hi], PixelMatrix<T>::of(output),
+                       first - out_base, layout.out_offsets[hi] - first, weight.data_ptr<T>(), weight.size(1), 1, plan,
+                       bias ? bias->data_ptr<T>() + first : nullptr);
+}
+
+// Implicit GEMM of a k×k (strided, padded, dilated) convolution: each tile of output pixels is
+// unfolded (im2col) into pixel-major rows (tap, input channel) and goes through the same product.
+template <typename T>
+struct Unfold {
+  const T* data;
+  int64_t channels, height, width, stride_n, stride_c, stride_h, stride_w;
+  int64_t out_height, out_width, kernel_h, kernel_w;
+  const Geometry& geometry;
+  bool channels_contiguous;  // NHWC: unfold through a staging buffer and one transpose
+
+  // [first, last) of output columns ow whose input column ow·s − p + kw·d lies inside the image.
+  std::pair<int64_t, int64_t> valid_columns(int64_t kw, int64_t ow_begin, int64_t ow_end) const {
+    const int64_t s = geometry.stride[1], offset = kw * geometry.dilation[1] - geometry.padding[1];
+    auto ceil_div = [](int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); };
+    const int64_t first = std::min(ow_end, std::max(ow_begin, ceil_div(-offset, s)));
+    const int64_t last = std::min(ow_end, ceil_div(width - offset, s));
+    return {first, std::max(first, last)};
+  }
+
+  // Calls visit(n, oh, ow_begin, ow_end, column) for each output-row segment of pixels [row, row + rows).
+  template <typename Visit>
+  void for_each_segment(int64_t row, int64_t rows, Visit&& visit) const {
+    int64_t column = 0;
+    while (column < rows) {
+      const int64_t pixel = row + column, per_sample = out_height * out_width;
+      const int64_t n = pixel / per_sample, oh = (pixel % per_sample) / out_width, ow = pixel % out_width;
+      const int64_t count = std::min(rows - column, out_width - ow);
+      visit(n, oh, ow, ow + count, column);
+      column += count;
+    }
+  }
+
+  void pack(int64_t row, int64_t rows, T* tile, int64_t ld, T* staging) const {
+    const int64_t taps = kernel_h * kernel_w;
+    for_each_segment(row, rows, [&](int64_t n, int64_t oh, int64_t ow_begin, int64_t ow_end, int64_t column) {
+      for (int64_t kh = 0; kh < kernel_h; ++kh) {
+        const int64_t ih = oh * geometry.stride[0] - geometry.padding[0] + kh * geometry.dilation[0];
+        for (int64_t kw = 0; kw < kernel_w; ++kw) {
+          const int64_t tap = kh * kernel_w + kw;
+          const auto [first, last] = ih >= 0 && ih < height ? valid_columns(kw, ow_begin, ow_end)
+                                                              : std::pair<int64_t, int64_t>{ow_begin, ow_begin};
+          const int64_t iw0 = kw * geometry.dilation[1] - geometry.padding[1];
+          if (channels_contiguous) {  // NHWC: rows of `channels` values into staging (pixels × taps·channels)
+            for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+              T* out = staging + (column + ow - ow_begin) * taps * channels + tap * channels;
+              if (ow < first || ow >= last) {
+                std::fill(out, out + channels, T(0));
+              } else {
+                const T* in = data + n * stride_n + ih * stride_h + (ow * geometry.stride[1] + iw0) * stride_w;
+                std::memcpy(out, in, channels * sizeof(T));
+              }
+            }
+          } else {  // NCHW: straight into the pixel-major tile
+            for (int64_t c = 0; c < channels; ++c) {
+              T* out = tile + (tap * channels + c) * ld + column - ow_begin;
+              const T* in = data + n * stride_n + c * stride_c + ih * stride_h;
+              for (int64_t ow = ow_begin; ow < first; ++ow) out[ow] = T(0);
+              if (geometry.stride[1] == 1 && stride_w == 1) {
+                std::memcpy(out + first, in + first + iw0, (last - first) * sizeof(T));
+              } else {
+                for (int64_t ow = first; ow < last; ++ow) out[ow] = in[(ow * geometry.stride[1] + iw0) * stride_w];
+              }
+              for (int64_t ow = last; ow < ow_end; ++ow) out[ow] = T(0);
+            }
+          }
+        }
+      }
+    });
+    if (channels_contiguous) kernels<T>().transpose(staging, taps * channels, rows, taps * channels, tile, ld, nullptr);
+  }
+};
+
+template <typename T>
+void unfolded_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                      const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi, at::Tensor& output,
+                      int64_t out_base) {
+  const int64_t first = layout.out_offsets[lo], read = layout.in_offsets[hi];
+  const int64_t taps = weight.size(2) * weight.size(3);
+  const bool channels_last = input.stride(1) == 1;
+  const Unfold<T> unfold{input.data_ptr<T>(), read, input.size(2), input.size(3), input.stride(0), input.stride(1),
+                         input.stride(2), input.stride(3), output.size(2), output.size(3), weight.size(2),
+                         weight.size(3), geometry, channels_last};
+  DestinationPlan plan = forward_plan(layout, lo, hi, taps);
+  auto pack = [&](int64_t row, int64_t rows, T* tile, int64_t ld, T* staging) {
+    unfold.pack(row, rows, tile, ld, staging);
+  };
+  auto dest = PixelMatrix<T>::of(output);
+  if (dest.flattenable()) dest = dest.flattened();
+  tiled_product<T>(taps * read, channels_last ? taps * read : 0, pack, dest, first - out_base,
+                   layout.out_offsets[hi] - first, weight.data_ptr<T>(), weight.size(1) * taps, taps, plan,
                    bias ? bias->data_ptr<T>() + first : nullptr);
 }
 
@@ -234,14 +354,16 @@ void pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weigh
   DestinationPlan plan;
   for (int64_t i = 0; i < hi; ++i) {
     std::vector<pm::Run> runs;
-    for (const auto& [start, stop] : output_runs(layout, i, lo, hi)) runs.push_back({start - base, start, stop - start});
+    for (const auto& [start, stop] : output_runs(layout, i, lo, hi)) {
+      runs.push_back({start - base, start * channels, stop - start});
+    }
     plan.add(layout.in_offsets[i], layout.in_offsets[i], layout.in_splits(i), std::move(runs));
   }
   // Input channels of groups ≥ hi are not read by these stages: their gradient is zero.
   const int64_t prefix = layout.in_offsets[hi];
   plan.add(prefix, prefix, grad_input.size(1) - prefix, {});
-  tiled_product<T>(PixelMatrix<const T>::of(grad_output), grad_output.size(1), PixelMatrix<T>::of(grad_input), 0,
-                   grad_input.size(1), weight.data_ptr<T>(), 1, channels, plan, nullptr);
+  pointwise_product<T>(PixelMatrix<const T>::of(grad_output), grad_output.size(1), PixelMatrix<T>::of(grad_input), 0,
+                       grad_input.size(1), weight.data_ptr<T>(), 1, channels, plan, nullptr);
 }
 
 // buffer[p][c] = source[p][c] for a (pixels × channels) block: channels contiguous, rows `ld` apart.
@@ -343,38 +465,6 @@ std::vector<int64_t> output_shape(const at::Tensor& input, const at::Tensor& wei
   return shape;
 }
 
-// k×k (or strided) convolution: per output group, ATen convolutions over its input runs.
-void general_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                     const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi, at::Tensor& output,
-                     int64_t out_base) {
-  for (int64_t j = lo; j < hi; ++j) {
-    const int64_t out_start = layout.out_offsets[j], width = layout.out_splits(j);
-    if (width == 0) continue;
-    at::Tensor target = output.narrow(1, out_start - out_base, width);
-    const auto runs = input_runs(layout, j);
-    c10::optional<at::Tensor> group_bias;
-    if (bias) group_bias = bias->narrow(0, out_start, width);
-    if (runs.empty()) {
-      if (group_bias) {
-        target.copy_(group_bias->view({1, width, 1, 1}).expand_as(target));
-      } else {
-        target.zero_();
-      }
-      continue;
-    }
-    at::Tensor sum;
-    for (size_t r = 0; r < runs.size(); ++r) {
-      const auto [start, stop] = runs[r];
-      at::Tensor term = at::conv2d(input.narrow(1, start, stop - start),
-                                   weight.narrow(0, out_start, width).narrow(1, start, stop - start),
-                                   r == 0 ? group_bias : c10::nullopt, geometry.stride, geometry.padding,
-                                   geometry.dilation);
-      sum = r == 0 ? term : sum.add_(term);
-    }
-    target.copy_(sum);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                                     const at::Tensor& weight, const BlockLayout& layout,
                                                     const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input,
@@ -414,7 +504,9 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
       pointwise_forward<scalar_t>(input, weight_c, bias, layout, lo, hi, output, out_base);
     });
   } else {
-    general_forward(input, weight_c, bias, layout, geometry, lo, hi, output, out_base);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rdn_unfolded_forward", [&] {
+      unfolded_forward<scalar_t>(input, weight_c, bias, layout, geometry, lo, hi, output, out_base);
+    });
   }
   return output;
 }

@@ -8,10 +8,11 @@
 
 namespace rdn::cpu::pixel_major {
 
-// Source rows [source_row, source_row + length) of the tile, paired with the weight's source
-// indices [weight_index, weight_index + length).
+// Source rows [source_row, source_row + length) of the tile; source row source_row + c is
+// multiplied by the weight element at weight_offset + c · weight_source_stride (plus the
+// destination row's offset).
 struct Run {
-  int64_t source_row, weight_index, length;
+  int64_t source_row, weight_offset, length;
 };
 
 // Destination rows [dest_row, dest_row + rows), weight destination indices [weight_index, ...):
@@ -22,8 +23,8 @@ struct DestinationBlock {
   int64_t num_runs;
 };
 
-// dest[row][p] = Σ w(weight_index + r, run.weight_index + c) · source[run.source_row + c][p]
-// with w(i, k) = weight[i · weight_dest_stride + k · weight_source_stride].
+// dest[dest_row + r][p] = Σ_runs Σ_c weight[(weight_index + r) · weight_dest_stride + run.weight_offset
+//                                           + c · weight_source_stride] · source[run.source_row + c][p]
 template <typename T>
 struct Product {
   const T* source;

@@ -62,7 +62,7 @@ void rows_times_tile(const Product<T>& problem, const DestinationBlock& dest, in
     for (int64_t run_index = 0; run_index < dest.num_runs; ++run_index) {
       const Run& run = dest.runs[run_index];
       const T* x = problem.source + run.source_row * problem.source_stride + p;
-      const T* w = w_rows + run.weight_index * problem.weight_source_stride;
+      const T* w = w_rows + run.weight_offset;
       for (int64_t c = 0; c < run.length; ++c) {
         const vec x0 = V::load(x), x1 = V::load(x + V::lanes);
 #pragma GCC unroll 16

@@ -10,11 +10,13 @@ from rdn_kernels.layout import NestedLayout
 from .geometry import ConvGeometry
 
 
+def _is_pixel_layout(tensor: torch.Tensor) -> bool:
+    return tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last)
+
+
 def _pixel_layout(tensor: torch.Tensor) -> torch.Tensor:
     # The kernels take NCHW- or NHWC-contiguous tensors (no copy then); anything else is copied once.
-    if tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last):
-        return tensor
-    return tensor.contiguous()
+    return tensor if _is_pixel_layout(tensor) else tensor.contiguous()
 
 
 def _layout_args(layout: NestedLayout, geometry: ConvGeometry) -> tuple:
@@ -30,9 +32,13 @@ def _layout_args(layout: NestedLayout, geometry: ConvGeometry) -> tuple:
 
 def forward(input, weight, bias, layout: NestedLayout, geometry: ConvGeometry, lo: int, hi: int, out):
     bias = None if bias is None else bias.contiguous()
-    return extension().nested_conv2d_forward_cpu(
-        _pixel_layout(input), weight, bias, *_layout_args(layout, geometry), lo, hi, out
-    )
+    arguments = (_pixel_layout(input), weight, bias, *_layout_args(layout, geometry), lo, hi)
+    if out is None or _is_pixel_layout(out):
+        return extension().nested_conv2d_forward_cpu(*arguments, out)
+    # The kernels write NCHW or NHWC buffers; any other `out` gets the result copied in.
+    result = extension().nested_conv2d_forward_cpu(*arguments, None)
+    out.narrow(1, layout.out_offsets[lo], result.shape[1]).copy_(result)
+    return out
 
 
 def backward(grad_output, input, weight, has_bias, layout, geometry, lo, hi, needs_input, needs_weight):

@@ -81,6 +81,10 @@ CASES = [
     Case((3, 4), (4, 3), kernel=5, padding=2, batch=1, size=(5, 5)),
     Case((4, 4, 4, 4), (6, 6, 6, 6), kernel=1, stride=2, size=(7, 7)),
     Case((2, 3, 1, 4), (3, 1, 4, 2), kernel=3, padding=1, block_mask=SPARSE_4),
+    # Many pixel tiles, tiles that straddle samples and rows, padding wider than the kernel's reach.
+    Case((5, 6, 4), (7, 3, 6), kernel=3, stride=2, padding=1, batch=3, size=(13, 11)),
+    Case((3, 4), (4, 5), kernel=3, padding=3, dilation=1, batch=2, size=(4, 5)),
+    Case((6, 6, 5), (9, 8, 7), batch=3, size=(9, 13)),
 ]
 
 
