@@ -26,7 +26,7 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -13,9 +13,9 @@ wide GEMMs instead of K² narrow ones.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Sequence
 
 import torch
 
@@ -47,7 +47,6 @@ class NestedLayout:
     def flat_mask(self) -> list[bool]:
         return [bool(m) for row in self.mask for m in row]
 
-    @functools.lru_cache(maxsize=None)
     def input_runs(self, j: int) -> tuple[Run, ...]:
         """Contiguous input-channel ranges read by output group ``j`` (empty groups dropped)."""
         return _coalesce(
@@ -56,7 +55,6 @@ class NestedLayout:
             if self.mask[j][i] and self.in_splits[i] > 0
         )
 
-    @functools.lru_cache(maxsize=None)
     def output_runs(self, i: int, lo: int, hi: int) -> tuple[Run, ...]:
         """Contiguous output-channel ranges of groups ``lo <= j < hi`` that read input group ``i``.
 
@@ -146,6 +144,25 @@ def _as_mask(block_mask, num_groups: int) -> tuple[tuple[bool, ...], ...]:
 
 def make_layout(in_splits, out_splits, block_mask=None) -> NestedLayout:
     """Validate splits and mask and return the (cached) layout."""
+    if _exact_int_tuple(in_splits) and _exact_int_tuple(out_splits) and _exact_bool_rows(block_mask):
+        # Hot path (modules call with tuples): validated once per distinct layout.
+        return _validated_layout(in_splits, out_splits, block_mask)
+    return _validated_layout.__wrapped__(in_splits, out_splits, block_mask)
+
+
+def _exact_int_tuple(value) -> bool:
+    # Exact types only: 2 == 2.0 == True hash alike, and a cache hit must not skip a TypeError.
+    return type(value) is tuple and all(type(v) is int for v in value)
+
+
+def _exact_bool_rows(mask) -> bool:
+    return mask is None or (
+        type(mask) is tuple and all(type(row) is tuple and all(type(v) is bool for v in row) for row in mask)
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _validated_layout(in_splits, out_splits, block_mask) -> NestedLayout:
     in_splits = _as_splits("in_splits", in_splits)
     out_splits = _as_splits("out_splits", out_splits)
     if len(in_splits) != len(out_splits):
@@ -153,10 +170,4 @@ def make_layout(in_splits, out_splits, block_mask=None) -> NestedLayout:
             f"in_splits and out_splits must have the same number of groups K, got "
             f"{len(in_splits)} and {len(out_splits)}"
         )
-    mask = _as_mask(block_mask, len(in_splits))
-    return _cached_layout(in_splits, out_splits, mask)
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_layout(in_splits, out_splits, mask) -> NestedLayout:
-    return NestedLayout(in_splits, out_splits, mask)
+    return NestedLayout(in_splits, out_splits, _as_mask(block_mask, len(in_splits)))

@@ -13,7 +13,9 @@ TOLERANCES = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, what: str = "") -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, what: str = ""
+) -> None:
     atol, rtol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(
         actual.to(expected.dtype), expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}" if what else m

@@ -17,7 +17,7 @@ needs_weight)``.
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ def _backend(name: str):
 def nested_conv2d(
     input: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
     in_splits: Sequence[int],
     out_splits: Sequence[int],
@@ -53,8 +53,8 @@ def nested_conv2d(
     padding=0,
     dilation=1,
     block_mask=None,
-    stages: Optional[tuple[int, int]] = None,
-    out: Optional[Tensor] = None,
+    stages: tuple[int, int] | None = None,
+    out: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Block-lower-triangular 2-D convolution.
@@ -115,13 +115,13 @@ def nested_conv2d(
 def nested_linear(
     input: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
     in_splits: Sequence[int],
     out_splits: Sequence[int],
     block_mask=None,
-    stages: Optional[tuple[int, int]] = None,
-    out: Optional[Tensor] = None,
+    stages: tuple[int, int] | None = None,
+    out: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Block-lower-triangular linear layer: ``input`` (N, C), ``weight`` (D, C) → (N, D_stages).
@@ -178,7 +178,7 @@ def _check_stages(stages, num_groups: int) -> tuple[int, int]:
     return lo, hi
 
 
-def _check_operands(input: Tensor, weight: Tensor, bias: Optional[Tensor], layout: NestedLayout, hi: int) -> None:
+def _check_operands(input: Tensor, weight: Tensor, bias: Tensor | None, layout: NestedLayout, hi: int) -> None:
     channels, out_channels = layout.in_offsets[-1], layout.out_offsets[-1]
     if weight.shape[0] != out_channels:
         raise ValueError(f"weight has {weight.shape[0]} output channels but sum(out_splits) = {out_channels}")
@@ -224,8 +224,8 @@ def _check_out(out, input: Tensor, shape: tuple[int, ...]) -> None:
 
 def _unpack(in_splits, out_splits, flat_mask, stride, padding, dilation) -> tuple[NestedLayout, ConvGeometry]:
     num_groups = len(in_splits)
-    mask = [flat_mask[j * num_groups : (j + 1) * num_groups] for j in range(num_groups)]
-    layout = make_layout(list(in_splits), list(out_splits), mask)
+    mask = tuple(tuple(flat_mask[j * num_groups : (j + 1) * num_groups]) for j in range(num_groups))
+    layout = make_layout(tuple(in_splits), tuple(out_splits), mask)
     return layout, ConvGeometry(tuple(stride), tuple(padding), tuple(dilation))
 
 
@@ -233,7 +233,7 @@ def _unpack(in_splits, out_splits, flat_mask, stride, padding, dilation) -> tupl
 def _nested_conv2d_op(
     input: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     in_splits: list[int],
     out_splits: list[int],
     block_mask: list[bool],
@@ -262,7 +262,7 @@ def _(input, weight, bias, in_splits, out_splits, block_mask, stride, padding, d
 def _nested_conv2d_out_op(
     input: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     in_splits: list[int],
     out_splits: list[int],
     block_mask: list[bool],
@@ -279,7 +279,8 @@ def _nested_conv2d_out_op(
 
 
 @_nested_conv2d_out_op.register_fake
-def _(input, weight, bias, in_splits, out_splits, block_mask, stride, padding, dilation, stage_lo, stage_hi, backend, out):
+def _(input, weight, bias, in_splits, out_splits, block_mask, stride, padding, dilation, stage_lo, stage_hi, backend,
+      out):
     return None
 
 

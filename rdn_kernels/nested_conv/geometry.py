@@ -28,7 +28,7 @@ class ConvGeometry:
     dilation: tuple[int, int] = (1, 1)
 
     @classmethod
-    def from_args(cls, stride=1, padding=0, dilation=1) -> "ConvGeometry":
+    def from_args(cls, stride=1, padding=0, dilation=1) -> ConvGeometry:
         if isinstance(padding, str):
             raise ValueError(
                 f"padding must be an int or a pair of ints, got the string {padding!r}; "

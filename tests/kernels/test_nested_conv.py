@@ -91,11 +91,7 @@ CASES = [
 def masked_dense(input, weight, bias, case: Case):
     """One F.conv2d with the weight multiplied by the block mask: the other independent oracle."""
     layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
-    mask = torch.zeros(weight.shape[:2], dtype=weight.dtype)
-    for j in range(layout.num_groups):
-        for i in range(layout.num_groups):
-            if layout.mask[j][i]:
-                mask[layout.out_offsets[j] : layout.out_offsets[j + 1], layout.in_offsets[i] : layout.in_offsets[i + 1]] = 1
+    mask = _read_blocks(layout, 0, layout.num_groups, weight.shape[:2]).to(weight.dtype)
     return F.conv2d(input, weight * mask[:, :, None, None], bias, case.stride, case.padding, case.dilation)
 
 
@@ -150,7 +146,9 @@ def test_stages_write_into_out_slice(backend, case, channels_last):
     # Fill the buffer one stage at a time, as dynamic inference does; each call leaves the rest alone.
     for stage in range(layout.num_groups):
         before = out.clone()
-        result = nested_conv2d(input, weight, bias, **case.conv_kwargs, stages=(stage, stage + 1), out=out, backend=backend)
+        result = nested_conv2d(
+            input, weight, bias, **case.conv_kwargs, stages=(stage, stage + 1), out=out, backend=backend
+        )
         assert result is out
         start, stop = layout.out_offsets[stage], layout.out_offsets[stage + 1]
         torch.testing.assert_close(out[:, :start], before[:, :start], equal_nan=True, atol=0, rtol=0)
@@ -175,7 +173,7 @@ def test_backward_matches_reference(backend, case, dtype, channels_last):
         leaves64 = [t.detach().double().requires_grad_(True) for t in (input, weight, bias)]
         expected_output = nested_conv2d(*leaves64, **case.conv_kwargs, stages=stages, backend="torch")
         expected = torch.autograd.grad(expected_output, leaves64, grad_output.double())
-        for name, grad, want in zip(("input", "weight", "bias"), grads, expected):
+        for name, grad, want in zip(("input", "weight", "bias"), grads, expected, strict=True):
             assert_close(grad, want, dtype, what=f"grad {name}, stages={stages}")
         # Blocks outside the mask (and rows outside the stages) get exactly zero gradient.
         lo, hi = stages or (0, layout.num_groups)
@@ -184,11 +182,13 @@ def test_backward_matches_reference(backend, case, dtype, channels_last):
 
 
 def _read_blocks(layout, lo: int, hi: int, weight_shape) -> torch.Tensor:
+    """Bool mask over the weight: True on the blocks that output groups lo..hi-1 read."""
     read = torch.zeros(weight_shape, dtype=torch.bool)
     for j in range(lo, hi):
+        rows = slice(layout.out_offsets[j], layout.out_offsets[j + 1])
         for i in range(j + 1):
             if layout.mask[j][i]:
-                read[layout.out_offsets[j] : layout.out_offsets[j + 1], layout.in_offsets[i] : layout.in_offsets[i + 1]] = True
+                read[rows, layout.in_offsets[i] : layout.in_offsets[i + 1]] = True
     return read
 
 
@@ -205,7 +205,7 @@ def test_gradcheck_float64(backend, case, channels_last):
     for stages in (None, (1, num_groups) if num_groups > 1 else None):
         leaves = [t.detach().clone().requires_grad_(True) for t in (input, weight, bias)]
         assert torch.autograd.gradcheck(
-            lambda x, w, b: nested_conv2d(x, w, b, **case.conv_kwargs, stages=stages, backend=backend),
+            lambda x, w, b, stages=stages: nested_conv2d(x, w, b, **case.conv_kwargs, stages=stages, backend=backend),
             leaves,
             fast_mode=True,
         )
@@ -223,13 +223,13 @@ def test_nested_linear(backend):
     expected = masked_dense(input[:, :, None, None], weight[:, :, None, None], bias, case)[:, :, 0, 0]
     output = nested_linear(input, weight, bias, in_splits=in_splits, out_splits=out_splits, backend=backend)
     assert_close(output, expected)
+    splits = dict(in_splits=in_splits, out_splits=out_splits)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: nested_linear(x, w, b, in_splits=in_splits, out_splits=out_splits, stages=(1, 3), backend=backend),
-        (input, weight, bias),
+        lambda x, w, b: nested_linear(x, w, b, **splits, stages=(1, 3), backend=backend), (input, weight, bias)
     )
     out = torch.zeros(6, 10, dtype=torch.float64)
     with torch.no_grad():
-        nested_linear(input, weight, bias, in_splits=in_splits, out_splits=out_splits, stages=(1, 3), out=out, backend=backend)
+        nested_linear(input, weight, bias, **splits, stages=(1, 3), out=out, backend=backend)
     assert_close(out[:, 4:10], expected[:, 4:10])
     assert torch.all(out[:, :4] == 0)
 
@@ -250,7 +250,9 @@ def test_prefix_never_reads_later_groups(backend):
         poisoned_input, poisoned_weight = input.clone(), weight.clone()
         poisoned_input[:, layout.in_offsets[s] :] = float("nan")
         poisoned_weight[: layout.out_offsets[s], layout.in_offsets[s] :] = float("nan")
-        poisoned = nested_conv2d(poisoned_input, poisoned_weight, bias, **case.conv_kwargs, stages=(0, s), backend=backend)
+        poisoned = nested_conv2d(
+            poisoned_input, poisoned_weight, bias, **case.conv_kwargs, stages=(0, s), backend=backend
+        )
         torch.testing.assert_close(poisoned, prefix, atol=0, rtol=0)
 
 
@@ -265,7 +267,7 @@ def test_out_with_autograd(backend):
     result.sum().backward()
     direct = [t.detach().clone().requires_grad_(True) for t in (input, weight, bias)]
     nested_conv2d(*direct, **case.conv_kwargs, stages=(1, 3), backend=backend).sum().backward()
-    for leaf, twin in zip((input, weight, bias), direct):
+    for leaf, twin in zip((input, weight, bias), direct, strict=True):
         assert_close(leaf.grad, twin.grad)
 
 
@@ -331,7 +333,8 @@ def test_bad_input_raises_clear_error(overrides, error, pattern):
 def test_cpp_rejects_unsupported_dtype():
     _skip_unavailable("cpp")
     with pytest.raises(TypeError, match="backend 'cpp' supports"):
-        _call(input=torch.randn(1, 4, 5, 5, dtype=torch.bfloat16), weight=torch.randn(6, 4, 3, 3, dtype=torch.bfloat16), backend="cpp")
+        bf16 = dict(dtype=torch.bfloat16)
+        _call(input=torch.randn(1, 4, 5, 5, **bf16), weight=torch.randn(6, 4, 3, 3, **bf16), backend="cpp")
 
 
 def test_nested_linear_bad_input():
@@ -357,7 +360,9 @@ def test_opcheck(backend):
     weight.requires_grad_(True)
     torch.library.opcheck(torch.ops.rdn.nested_conv2d.default, (input, weight, bias, *options))
     out = torch.zeros(2, sum(case.out_splits), 5, 6, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.rdn.nested_conv2d_out.default, (input.detach(), weight.detach(), bias, *options, out))
+    torch.library.opcheck(
+        torch.ops.rdn.nested_conv2d_out.default, (input.detach(), weight.detach(), bias, *options, out)
+    )
     grad_output = torch.randn(2, sum(case.out_splits[1:3]), 5, 6, dtype=torch.float64)
     torch.library.opcheck(
         torch.ops.rdn.nested_conv2d_backward.default,
