@@ -222,10 +222,10 @@ class SurgeryGraph:
         permutation = torch.randperm(count, generator=generator)
         prefix = max(count // 2, 1)
         try:
-            with torch.no_grad():
-                full = self._call(node, probes)
-                permuted = self._call(node, {name: t[:, permutation] for name, t in probes.items()})
-                cut = self._call(node, {name: t[:, :prefix] for name, t in probes.items()})
+            with torch.no_grad():  # fresh copies for every call: in-place activations overwrite their input
+                full = self._call(node, {name: t.clone() for name, t in probes.items()})
+                permuted = self._call(node, {name: t[:, permutation].clone() for name, t in probes.items()})
+                cut = self._call(node, {name: t[:, :prefix].clone() for name, t in probes.items()})
         except Exception:
             return False
         if not all(isinstance(t, Tensor) for t in (full, permuted, cut)) or full.dim() < 2 or full.shape[1] != count:

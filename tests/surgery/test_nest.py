@@ -12,7 +12,7 @@ from torch import nn
 from rdn.nn import NestedConv2d
 from rdn.surgery import RussianDollNet, nest
 from rdn.surgery.select import greedy_order, invisible_energy
-from tests.surgery.toys import hand_count_net, toy
+from tests.surgery.toys import hand_count_net, squeeze_excite_net, toy
 
 ATOL = 1e-5
 # (mode, exact, copies)
@@ -375,3 +375,16 @@ def test_depth_split_hand_counted_costs():
         rdn.macs(1, depth=2)
     with pytest.raises(ValueError, match="needs a depth split"):
         nested_toy()(torch.randn(1, 3, 10, 10), subnet=1, depth=0)
+
+
+def test_squeeze_excite_and_in_place_activations(images):
+    """In-place non-idempotent activations are recognised as per channel; the SE gate's conv writes x's space."""
+    model = squeeze_excite_net()
+    rdn = nest(model, k=2, calib=images, skip=["0"]).eval()
+    nested = [name for name, layer in rdn.layers.items() if isinstance(layer, NestedConv2d)]
+    assert len(nested) == 4  # conv 8→16, SE reduce, SE expand, conv 16→12
+    with torch.no_grad():
+        logits = rdn(images)
+        assert relative_error(logits[-1], model(images)) < 1e-5
+        for s, one_pass in enumerate(logits, start=1):
+            torch.testing.assert_close(rdn(images, subnet=s), one_pass, atol=ATOL, rtol=ATOL)

@@ -79,3 +79,38 @@ def randomize_batch_norm(model: nn.Module, generator: torch.Generator) -> nn.Mod
 def toy(act: type[nn.Module] = nn.ReLU, seed: int = 0, **kwargs) -> ToyNet:
     torch.manual_seed(seed)
     return randomize_batch_norm(ToyNet(act, **kwargs), torch.Generator().manual_seed(seed))
+
+
+class SqueezeExcite(nn.Module):
+    """x * hardsigmoid(conv(relu(conv(pool(x))))): the gate's last conv must write x's channel space."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+        self.gate = nn.Hardsigmoid(inplace=True)
+
+    def forward(self, x):
+        return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
+
+
+def squeeze_excite_net() -> nn.Module:
+    """MobileNetV3-like: in-place Hardswish / SiLU (not idempotent) and an SE gate inside the nested part."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Hardswish(inplace=True),
+        nn.Conv2d(8, 16, 1),
+        nn.BatchNorm2d(16),
+        nn.SiLU(inplace=True),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        SqueezeExcite(16, 4),
+        nn.Conv2d(16, 12, 1),
+        nn.Hardswish(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 5),
+    )
+    return randomize_batch_norm(model, torch.Generator().manual_seed(0))
