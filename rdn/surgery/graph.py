@@ -6,7 +6,9 @@ Every node of the graph gets a role by the *type* of what it calls, never by att
 
 - ``nested``: ``nn.Conv2d`` with groups = 1 and ``nn.Linear`` (except the classifier) — nested;
 - ``grouped``: ``nn.Conv2d`` with groups > 1 (depthwise included) — acts per conv group;
-- ``batchnorm``: ``nn.BatchNorm1d/2d`` — per channel;
+- ``channel_params``: modules whose parameters and buffers are all per channel (1-D of the
+  channel count, or 0-d) and which the probe below shows act per channel: BatchNorm, timm's
+  BatchNorm + activation, ... — applied to a channel slice through a view of their tensors;
 - ``channelwise``: any other parameter-free module, function or method whose output has the
   input's channels and which a probe shows acts per channel (permuting the input channels permutes
   the output the same way, and a channel prefix in gives the prefix out): activations, pooling,
@@ -16,7 +18,7 @@ Every node of the graph gets a role by the *type* of what it calls, never by att
 - ``meta``: nodes that make no tensor (``x.size(0)``); ``classifier``: the ``nn.Linear`` whose
   result is the model's output (replaced by the RDN heads).
 
-Channel spaces. Channel-wise and batchnorm nodes share their inputs' space (a union-find over
+Channel spaces. Channel-wise and channel_params nodes share their inputs' space (a union-find over
 nodes); so do the operands of an add or product: the residual stream of a stage is *one* space,
 whose layout is decided once, by the first nested layer writing it (its *definer*, in graph
 order), and every other layer writing it (later blocks' projections, the downsampling shortcut)
@@ -45,14 +47,28 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from rdn.nn import split_channels
-from rdn.surgery.spaces import ChannelSpace, ladder, num_groups_for
+from rdn.surgery.spaces import ChannelSpace, channel_view, ladder, num_groups_for
+
+
+def _has_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _per_channel_tensors(module: nn.Module, channels: int) -> bool:
+    """All tensors are the module's own, per channel (1-D of ``channels``) or 0-d; children hold none."""
+    if any(_has_tensors(child) for child in module.children()):
+        return False
+    tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    return all(t.dim() == 0 or (t.dim() == 1 and t.shape[0] == channels) for t in tensors)
 
 
 class _LeafTracer(fx.Tracer):
-    """Keeps every module without children as one node (custom padding layers with shape maths)."""
+    """Keeps whole every module without children (custom padding layers with shape maths) and every
+    module with tensors of its own (timm's BatchNorm + activation, which reads them functionally)."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return super().is_leaf_module(module, qualified_name) or not any(True for _ in module.children())
+        own_tensors = any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
+        return super().is_leaf_module(module, qualified_name) or own_tensors or not any(True for _ in module.children())
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -189,10 +205,9 @@ class SurgeryGraph:
                 info.role = "nested" if module.groups == 1 else "grouped"
             elif isinstance(module, nn.Linear):
                 info.role = "nested"
-            elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                info.role = "batchnorm"
-            elif any(True for _ in module.parameters()):
-                info.role = "opaque"
+            elif _has_tensors(module):
+                per_channel = _per_channel_tensors(module, info.shape[1]) and self._acts_per_channel(node, info)
+                info.role = "channel_params" if per_channel else "opaque"
             else:
                 info.role = "channelwise" if self._acts_per_channel(node, info) else "opaque"
         else:
@@ -221,11 +236,21 @@ class SurgeryGraph:
         }
         permutation = torch.randperm(count, generator=generator)
         prefix = max(count // 2, 1)
+        module = self.modules[node.target] if node.op == "call_module" else None
+        has_tensors = module is not None and _has_tensors(module)
         try:
             with torch.no_grad():  # fresh copies for every call: in-place activations overwrite their input
-                full = self._call(node, {name: t.clone() for name, t in probes.items()})
-                permuted = self._call(node, {name: t[:, permutation].clone() for name, t in probes.items()})
-                cut = self._call(node, {name: t[:, :prefix].clone() for name, t in probes.items()})
+                full = self._call(node, {name: t.clone() for name, t in probes.items()}, module)
+                permuted = self._call(
+                    node,
+                    {name: t[:, permutation].clone() for name, t in probes.items()},
+                    channel_view(module, permutation) if has_tensors else module,
+                )
+                cut = self._call(
+                    node,
+                    {name: t[:, :prefix].clone() for name, t in probes.items()},
+                    channel_view(module, slice(0, prefix)) if has_tensors else module,
+                )
         except Exception:
             return False
         if not all(isinstance(t, Tensor) for t in (full, permuted, cut)) or full.dim() < 2 or full.shape[1] != count:
@@ -236,8 +261,8 @@ class SurgeryGraph:
             cut, full[:, :prefix], atol=1e-6
         )
 
-    def _call(self, node: fx.Node, tensors: dict[str, Tensor]):
-        """Run one node with the given values for its channel inputs (others left as traced)."""
+    def _call(self, node: fx.Node, tensors: dict[str, Tensor], module: nn.Module | None = None):
+        """Run one node with the given values for its channel inputs (``module`` replaces its layer)."""
 
         def value(arg: fx.Node):
             if arg.name in tensors:
@@ -249,7 +274,7 @@ class SurgeryGraph:
         args = fx.node.map_arg(node.args, value)
         kwargs = fx.node.map_arg(node.kwargs, value)
         if node.op == "call_module":
-            return self.modules[node.target](*args, **kwargs)
+            return (self.modules[node.target] if module is None else module)(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
@@ -316,7 +341,7 @@ class SurgeryGraph:
         for info in carriers:
             self._parent[info.node.name] = info.node.name
         for info in carriers:
-            if info.role in ("batchnorm", "channelwise"):
+            if info.role in ("channel_params", "channelwise"):
                 for name in info.inputs:
                     self._union(info.node.name, name)
         for info in carriers:

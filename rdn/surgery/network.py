@@ -38,7 +38,8 @@ from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.spaces import (
     ChannelSpace,
     alignment_weight,
-    inflate_batch_norm,
+    channel_view,
+    inflate_channel_module,
     inflate_grouped_conv,
     nested_parameters,
 )
@@ -51,7 +52,7 @@ class _Step:
     """One node of the graph as the RDN runs it."""
 
     node: fx.Node
-    role: str  # input, meta, fixed, nested, grouped, batchnorm, channelwise, classifier, output
+    role: str  # input, meta, fixed, nested, grouped, channel_params, channelwise, classifier, output
     space: ChannelSpace | None  # of the output (None: not a channel tensor)
     shape: tuple[int, ...] | None  # output shape at the calibration batch (batch dim included)
     itemsize: int
@@ -90,31 +91,6 @@ class StagedState:
 
         values = {name: select(value) for name, value in self.values.items()}
         return StagedState(self.subnet, self.depth, list(self.widths), self.logits.index_select(0, index), values)
-
-
-def batch_norm_channels(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, start: int, stop: int) -> Tensor:
-    """``bn`` applied to its channels ``start:stop`` (x holds exactly those channels).
-
-    In training mode the running statistics of those channels are updated in place, with the
-    momentum rule of ``nn.BatchNorm``; ``num_batches_tracked`` counts the passes that reach channel 0.
-    """
-    use_batch_stats = bn.training or bn.running_mean is None
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats:
-        if start == 0:
-            bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    return F.batch_norm(
-        x,
-        None if bn.running_mean is None else bn.running_mean[start:stop],
-        None if bn.running_var is None else bn.running_var[start:stop],
-        None if bn.weight is None else bn.weight[start:stop],
-        None if bn.bias is None else bn.bias[start:stop],
-        use_batch_stats,
-        momentum,
-        bn.eps,
-    )
 
 
 def grouped_conv_channels(conv: nn.Conv2d, x: Tensor, start: int, stop: int) -> Tensor:
@@ -165,7 +141,7 @@ class RussianDollNet(nn.Module):
         for name, info in graph.infos.items():
             space = graph.space(info.space_key, orders) if info.space_key is not None else None
             role = info.role
-            if role in ("nested", "grouped", "batchnorm", "channelwise", "opaque") and space.is_single_group:
+            if role in ("nested", "grouped", "channel_params", "channelwise", "opaque") and space.is_single_group:
                 role = "fixed"
             if role == "opaque":
                 raise AssertionError(f"opaque node {name} outside the un-nested region")  # graph._pin forbids it
@@ -272,8 +248,8 @@ class RussianDollNet(nn.Module):
             if module.padding_mode != "zeros":
                 raise ValueError(f"grouped conv {node.target} has padding_mode {module.padding_mode!r}; only 'zeros'")
             return inflate_grouped_conv(module, in_space, space, copies)
-        if role == "batchnorm":
-            return inflate_batch_norm(module, space, copies)
+        if role == "channel_params":
+            return inflate_channel_module(module, space, copies)
         return copy.deepcopy(module)
 
     # ------------------------------------------------------------------------------------------
@@ -287,12 +263,13 @@ class RussianDollNet(nn.Module):
             raise ValueError(f"{name} must satisfy 1 <= {name} <= K={self.num_subnets}, got {s}")
         return s
 
-    def _call(self, step: _Step, fetch) -> Any:
+    def _call(self, step: _Step, fetch, module: nn.Module | None = None) -> Any:
+        """Run one node on the values ``fetch`` gives for its inputs (``module`` replaces its layer)."""
         node = step.node
         args = fx.node.map_arg(node.args, fetch)
         kwargs = fx.node.map_arg(node.kwargs, fetch)
         if node.op == "call_module":
-            return self.layers[step.name](*args, **kwargs)
+            return (self.layers[step.name] if module is None else module)(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
@@ -334,8 +311,9 @@ class RussianDollNet(nn.Module):
                 in_space = self._space_of(step.inputs[0])
                 source = values[step.inputs[0]][:, in_space.offsets[lo] : in_space.offsets[hi]]
                 result = grouped_conv_channels(self.layers[name], source, start, stop)
-            elif role == "batchnorm":
-                result = batch_norm_channels(self.layers[name], values[step.inputs[0]][:, start:stop], start, stop)
+            elif role == "channel_params":
+                view = channel_view(self.layers[name], slice(start, stop))
+                result = self._call(step, lambda n, a=start, b=stop: self._slice(values, n.name, a, b), module=view)
             else:
                 result = self._call(step, lambda n, a=start, b=stop: self._slice(values, n.name, a, b))
             if staged:
@@ -386,7 +364,7 @@ class RussianDollNet(nn.Module):
 
     def _to_buffers(self, values: dict[str, Any], region: tuple[int, int]) -> None:
         for step in self._steps[region[0] : region[1]]:
-            if step.role in ("nested", "grouped", "batchnorm", "channelwise"):
+            if step.role in ("nested", "grouped", "channel_params", "channelwise"):
                 prefix = values[step.name]
                 buffer = prefix.new_zeros((prefix.shape[0], len(step.space), *prefix.shape[2:]))
                 buffer[:, : prefix.shape[1]] = prefix
@@ -472,9 +450,8 @@ class RussianDollNet(nn.Module):
                 kernel = math.prod(layer.kernel_size) if isinstance(layer, NestedConv2d) else 1
                 total += layer.layout.useful_macs_per_pixel(0, s) * kernel
                 total += 0 if layer.bias is None else layer.layout.out_offsets[s]
-            elif step.role in ("grouped", "batchnorm"):
-                per_channel = sum(p[0].numel() for p in layer.parameters())
-                total += step.space.offsets[s] * per_channel
+            elif step.role in ("grouped", "channel_params"):  # tensors with the channels on dim 0
+                total += sum(p[0].numel() * step.space.offsets[s] if p.dim() else 1 for p in layer.parameters())
             elif layer is not None:
                 total += sum(p.numel() for p in layer.parameters())
         return total + self._head_costs(s, depth)[1]
@@ -574,13 +551,8 @@ class RussianDollNet(nn.Module):
                 if layer.bias is not None:
                     sliced.bias.copy_(layer.bias[:out_channels])
             return sliced
-        if step.role == "batchnorm":
-            channels = step.space.offsets[s]
-            sliced = type(layer)(channels, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
-            sliced.to(layer.weight.device if layer.weight is not None else None)
-            state = {key: value[:channels] if value.dim() else value for key, value in layer.state_dict().items()}
-            sliced.load_state_dict(state)
-            return sliced
+        if step.role == "channel_params":
+            return copy.deepcopy(channel_view(layer, slice(0, step.space.offsets[s]), copy_values=True))
         return copy.deepcopy(layer)
 
     @classmethod

@@ -47,6 +47,7 @@ skipped blocks; N_1 already computes all of it.
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from itertools import accumulate
@@ -236,24 +237,54 @@ def offsets_on_copies(values: Tensor | None, space: ChannelSpace, copies: str) -
     return values * (space.rung == 0).to(values.device, values.dtype)
 
 
-@torch.no_grad()
-def inflate_batch_norm(
-    bn: nn.modules.batchnorm._BatchNorm, space: ChannelSpace, copies: str
-) -> nn.modules.batchnorm._BatchNorm:
-    """BN over the space's channels: scale on every copy, shift (β, mean) per :func:`offsets_on_copies`.
+def channel_view(module: nn.Module, index: slice | Tensor, copy_values: bool = False) -> nn.Module:
+    """A shallow copy of a per-channel module (BN, BN + activation, ...) restricted to channels ``index``.
 
-    In eval mode, ``"sum"``: ``Σ copies BN'(x̃) = BN(Σ copies x̃)``; ``"latest"``: every copy is BN of itself.
+    Every direct parameter and buffer (1-D per channel; 0-d ones such as ``num_batches_tracked``
+    stay shared) is indexed. With a slice and ``copy_values=False`` they are views: gradients and
+    running-statistic updates reach the original module. ``copy_values=True`` gives new leaf
+    parameters (export). Children (parameter-free activations) are shared.
     """
-    inflated = type(bn)(len(space), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    inflated.to(device=_device_of(bn), dtype=_dtype_of(bn))
-    if bn.affine:
-        inflated.weight.copy_(bn.weight[space.source])
-        inflated.bias.copy_(offsets_on_copies(bn.bias, space, copies))
-    if bn.track_running_stats:
-        inflated.running_mean.copy_(offsets_on_copies(bn.running_mean, space, copies))
-        inflated.running_var.copy_(bn.running_var[space.source])
-        inflated.num_batches_tracked.copy_(bn.num_batches_tracked)
-    inflated.train(bn.training)
+    view = copy.copy(module)
+
+    def take(tensor: Tensor | None) -> Tensor | None:
+        if tensor is None or tensor.dim() == 0:
+            return tensor
+        return tensor[index].detach().clone() if copy_values else tensor[index]
+
+    view._parameters = {
+        name: nn.Parameter(take(p), p.requires_grad) if copy_values and p is not None else take(p)
+        for name, p in module._parameters.items()
+    }
+    view._buffers = {name: take(b) for name, b in module._buffers.items()}
+    if hasattr(module, "num_features"):
+        view.num_features = len(range(module.num_features)[index]) if isinstance(index, slice) else len(index)
+    return view
+
+
+# BN's additive per-channel tensors: with "sum" copies they go on the primary copy only.
+_BATCH_NORM_OFFSETS = ("bias", "running_mean")
+
+
+@torch.no_grad()
+def inflate_channel_module(module: nn.Module, space: ChannelSpace, copies: str) -> nn.Module:
+    """A per-channel module over the space's channels: every copy gets its channel's parameters.
+
+    ``"sum"`` copies (BN only): scale on every copy, shift (β and the mean) on primaries only, so in
+    eval mode ``Σ copies BN'(x̃) = BN(Σ copies x̃)``. ``"latest"``: every copy is its channel's BN.
+    """
+    is_batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+    if copies == "sum" and not is_batch_norm:
+        raise ValueError(
+            f"{type(module).__name__} has per-channel parameters whose role (scale or offset) surgery cannot "
+            "tell; with copies='sum' only BatchNorm layers are supported, use copies='latest'"
+        )
+    inflated = channel_view(module, space.source.to(_device_of(module)), copy_values=True)
+    if copies == "sum":
+        for name in _BATCH_NORM_OFFSETS:
+            tensors = inflated._parameters if name in inflated._parameters else inflated._buffers
+            if tensors.get(name) is not None:
+                tensors[name].copy_(offsets_on_copies(getattr(module, name), space, copies))
     return inflated
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from rdn.nn import NestedConv2d
 from rdn.surgery import RussianDollNet, nest
 from rdn.surgery.select import greedy_order, invisible_energy
-from tests.surgery.toys import hand_count_net, squeeze_excite_net, toy
+from tests.surgery.toys import fused_norm_net, hand_count_net, squeeze_excite_net, toy
 
 ATOL = 1e-5
 # (mode, exact, copies)
@@ -388,3 +388,23 @@ def test_squeeze_excite_and_in_place_activations(images):
         assert relative_error(logits[-1], model(images)) < 1e-5
         for s, one_pass in enumerate(logits, start=1):
             torch.testing.assert_close(rdn(images, subnet=s), one_pass, atol=ATOL, rtol=ATOL)
+
+
+def test_per_channel_modules_with_their_own_tensors(images):
+    """A fused BN + activation and a learned channel scale are sliced per channel; "sum" needs to know
+    which tensors are offsets, so it accepts only BatchNorm."""
+    model = fused_norm_net()
+    rdn = nest(model, k=2, calib=images, skip=["0"]).eval()
+    assert rdn.params(3) > rdn.params(1)
+    with torch.no_grad():
+        logits = rdn(images)
+        assert relative_error(logits[-1], model(images)) < 1e-5
+        state = rdn.start(images)
+        for s in range(1, rdn.num_subnets + 1):
+            if s > 1:
+                state = rdn.step(state)
+            torch.testing.assert_close(rdn(images, subnet=s), logits[s - 1], atol=ATOL, rtol=ATOL)
+            torch.testing.assert_close(state.logits, logits[s - 1], atol=ATOL, rtol=ATOL)
+            torch.testing.assert_close(rdn.export(s).eval()(images), logits[s - 1], atol=ATOL, rtol=ATOL)
+    with pytest.raises(ValueError, match="ChannelScale .* use copies='latest'"):
+        nest(model, k=2, calib=images, skip=["0"], copies="sum")

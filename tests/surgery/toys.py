@@ -114,3 +114,42 @@ def squeeze_excite_net() -> nn.Module:
         nn.Linear(12, 5),
     )
     return randomize_batch_norm(model, torch.Generator().manual_seed(0))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm-style fused BN + activation: reads its own tensors through ``F.batch_norm``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        statistics = (None, None) if self.training else (self.running_mean, self.running_var)
+        x = nn.functional.batch_norm(x, *statistics, self.weight, self.bias, self.training, 0.1, self.eps)
+        return self.act(x)
+
+
+class ChannelScale(nn.Module):
+    """A learned per-channel scale (layer-scale style): per-channel tensors of unknown role."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+def fused_norm_net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(8, 16, 1),
+        BatchNormAct(16),
+        nn.Conv2d(16, 12, 1),
+        ChannelScale(12),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 5),
+    )
+    return randomize_batch_norm(model, torch.Generator().manual_seed(0))
