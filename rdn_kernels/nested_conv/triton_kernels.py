@@ -20,7 +20,8 @@ CHANNEL_ALIGN is a power of two dividing every channel offset of the layout (and
 base): the ``tl.multiple_of`` hints it gives let channels_last tiles load as 16-byte vectors,
 which is what allows the loads to be pipelined through shared memory (cp.async). Without the
 hint the loads stay scalar and unpipelined (measured on sm_90: 240 instead of 80 registers for a
-64×32×32 bf16 forward tile).
+64×32×32 bf16 forward tile). The hints sit on the channel-offset vectors themselves: on a scalar
+tile start that comes out of the table scan they are lost (grad-weight was unpipelined so).
 
 Offsets: a pixel's batch term ``n * stride_n`` is computed in int64 (the launchers check that one
 image fits in int32), so tensors larger than 2**31 elements are addressed correctly.
@@ -96,7 +97,6 @@ def nested_conv_forward_kernel(
     channel_tile = pid % num_channel_tiles
     pixel_tile = pid // num_channel_tiles
     segment, co_start, _ = _locate_tile(channel_tile, segments_ptr, num_segments, BLOCK_N, 1, False)
-    co_start = tl.multiple_of(co_start, CHANNEL_ALIGN)
     co_stop = tl.multiple_of(tl.load(segments_ptr + 4 * segment + 1), CHANNEL_ALIGN)
     y_channel_base = tl.multiple_of(y_channel_base, CHANNEL_ALIGN)
     run_first = tl.load(segments_ptr + 4 * segment + 2)
@@ -110,7 +110,7 @@ def nested_conv_forward_kernel(
     x_image = n.to(tl.int64) * x_stride_n
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    offs_n = co_start + tl.arange(0, BLOCK_N)
+    offs_n = tl.multiple_of(co_start + tl.arange(0, BLOCK_N), CHANNEL_ALIGN)
     co_valid = offs_n < co_stop
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -124,7 +124,7 @@ def nested_conv_forward_kernel(
             tap = step // num_chunks
             r = tap // kernel_w
             s = tap % kernel_w
-            ci = ci_start + (step % num_chunks) * BLOCK_K + offs_k
+            ci = tl.multiple_of(ci_start + (step % num_chunks) * BLOCK_K + offs_k, CHANNEL_ALIGN)
             ci_valid = ci < ci_stop
             if POINTWISE:
                 ih = oh
@@ -185,7 +185,6 @@ def nested_conv_grad_input_kernel(
     channel_tile = pid % num_channel_tiles
     pixel_tile = pid // num_channel_tiles
     segment, ci_start, _ = _locate_tile(channel_tile, segments_ptr, num_segments, BLOCK_N, 1, False)
-    ci_start = tl.multiple_of(ci_start, CHANNEL_ALIGN)
     ci_stop = tl.multiple_of(tl.load(segments_ptr + 4 * segment + 1), CHANNEL_ALIGN)
     go_channel_base = tl.multiple_of(go_channel_base, CHANNEL_ALIGN)
     run_first = tl.load(segments_ptr + 4 * segment + 2)
@@ -205,7 +204,7 @@ def nested_conv_grad_input_kernel(
     iw = qw * stride_w + phase_w
     pixel_valid = (offs_m < num_phase_pixels) & (ih < height) & (iw < width)
     go_image = n.to(tl.int64) * go_stride_n
-    offs_n = ci_start + tl.arange(0, BLOCK_N)
+    offs_n = tl.multiple_of(ci_start + tl.arange(0, BLOCK_N), CHANNEL_ALIGN)
     ci_valid = offs_n < ci_stop
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -222,7 +221,7 @@ def nested_conv_grad_input_kernel(
             oh = qh + (phase_h + pad_h - r * dil_h) // stride_h
             ow = qw + (phase_w + pad_w - s * dil_w) // stride_w
             go_valid = pixel_valid & (oh >= 0) & (oh < height_out) & (ow >= 0) & (ow < width_out)
-            co = co_start + (step % num_chunks) * BLOCK_K + offs_k
+            co = tl.multiple_of(co_start + (step % num_chunks) * BLOCK_K + offs_k, CHANNEL_ALIGN)
             co_valid = co < co_stop
             go_pixel = go_image + oh * go_stride_h + ow * go_stride_w
             go_tile = tl.load(
@@ -268,17 +267,15 @@ def nested_conv_grad_weight_kernel(
     tap = tl.program_id(1)
     split = tl.program_id(2)
     block, co_start, ci_start = _locate_tile(tl.program_id(0), blocks_ptr, num_blocks, BLOCK_M, BLOCK_N, True)
-    co_start = tl.multiple_of(co_start, CHANNEL_ALIGN)
-    ci_start = tl.multiple_of(ci_start, CHANNEL_ALIGN)
     co_stop = tl.multiple_of(tl.load(blocks_ptr + 4 * block + 1), CHANNEL_ALIGN)
     ci_stop = tl.multiple_of(tl.load(blocks_ptr + 4 * block + 3), CHANNEL_ALIGN)
     go_channel_base = tl.multiple_of(go_channel_base, CHANNEL_ALIGN)
     r = tap // kernel_w
     s = tap % kernel_w
 
-    offs_m = co_start + tl.arange(0, BLOCK_M)
+    offs_m = tl.multiple_of(co_start + tl.arange(0, BLOCK_M), CHANNEL_ALIGN)
     co_valid = offs_m < co_stop
-    offs_n = ci_start + tl.arange(0, BLOCK_N)
+    offs_n = tl.multiple_of(ci_start + tl.arange(0, BLOCK_N), CHANNEL_ALIGN)
     ci_valid = offs_n < ci_stop
     pixel_start = split * pixels_per_split
     pixel_stop = tl.minimum(pixel_start + pixels_per_split, num_pixels)
