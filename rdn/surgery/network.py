@@ -12,7 +12,17 @@ Three ways to run it:
   heads give the K logits from that single pass (what joint training uses);
 - ``forward(x, subnet=s)``: N_s alone;
 - ``start(x)`` / ``step(state)``: N_1, then N_2, ... computing only the new group of every tensor
-  from the cached prefixes (``stages=(s, s+1)``, ``out=`` the cached full-width buffers).
+  from the cached prefixes (``stages=(s, s+1)``, ``out=`` the cached full-width buffers);
+  ``state.index_select(kept)`` drops the samples that exited.
+
+Depth split (``nest(..., depth_split=...)``): the steps up to the split block form the shallow
+part; every width s gets a second exit there (a light alignment block into the shared
+classifier), so there are 2K exits, listed in :attr:`RussianDollNet.exits` as (s, depth) pairs
+in the order (1, 0), (1, 1), (2, 0), ... that ``forward(x)`` and ``step`` follow. N_{s,0}'s
+features are never updated by N_{s,1}, which reads them.
+
+Costs (:meth:`macs`, :meth:`params`, :meth:`peak_activation_bytes`) are per sample at the
+calibration input size and count only what the exit computes (its blocks, slices and head).
 
 Heads (DESIGN.md §4.5): sub-network s pools its own feature prefix (F_s channels) and maps it with
 an alignment ``nn.Linear(F_s, F, bias=False)`` to the base feature width F; the last layer, the base
