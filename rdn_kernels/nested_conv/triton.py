@@ -127,7 +127,8 @@ def _autotuned(kernel: triton.JITFunction, configs: tuple[TileConfig, ...], key:
 
     return triton.autotune(
         configs=[config.to_triton() for config in configs],
-        key=key,
+        # The offered configs depend on the alignment: it must be part of the cache key.
+        key=[*key, "CHANNEL_ALIGN", "INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": offered},
     )(kernel)
 

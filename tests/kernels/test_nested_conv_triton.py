@@ -55,6 +55,17 @@ def test_interpreter_suite():
     assert " passed" in completed.stdout, report
 
 
+@pytest.mark.skipif(INTERPRETED, reason="checks the plain (compiled-Triton) process")
+def test_cpu_tensors_need_the_interpreter():
+    import rdn_kernels
+    from rdn_kernels.backends import BackendUnavailableError
+
+    assert "triton" not in rdn_kernels.available_backends("cpu")
+    x, weight = torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1)
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        nested_conv2d(x, weight, in_splits=(1, 1), out_splits=(1, 1), backend="triton")
+
+
 def _backend():
     from rdn_kernels.nested_conv import triton as triton_backend
 
