@@ -298,6 +298,21 @@ def test_public_op_forward_backward_and_out():
     assert_close(out, reference.detach(), torch.float64, "output assembled from two stages")
 
 
+@interpreter_only
+def test_gradcheck_fp64_through_the_op():
+    generator = torch.Generator().manual_seed(3)
+    leaves = [
+        torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_()
+        for shape in ((1, 3, 4, 4), (3, 3, 3, 3), (3,))
+    ]
+
+    def conv(x, weight, bias):
+        return nested_conv2d(
+            x, weight, bias, in_splits=(1, 2), out_splits=(2, 1), stride=2, padding=1, backend="triton"
+        )
+
+    assert torch.autograd.gradcheck(conv, leaves, fast_mode=True)
+
 # ----------------------------------------------------------------------------------------------
 # Launcher helpers
 # ----------------------------------------------------------------------------------------------
@@ -316,3 +331,4 @@ def test_tensors_beyond_int32_addressing_are_refused():
     huge = torch.empty((1, 2, 1 << 16, 1 << 15), device="meta")  # 2**32 elements per sample, no memory
     with pytest.raises(ValueError, match="int32"):
         _backend()._check_int32_extent("input", huge)
+
