@@ -291,7 +291,8 @@ def nested_conv_grad_weight_kernel(
         iw = ow * stride_w - pad_w + s * dil_w
         x_valid = pixel_valid & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
         go_tile = tl.load(
-            go_ptr + ((offs_m - go_channel_base) * go_stride_c)[:, None]
+            go_ptr
+            + ((offs_m - go_channel_base) * go_stride_c)[:, None]
             + (n * go_stride_n + oh * go_stride_h + ow * go_stride_w)[None, :],
             mask=co_valid[:, None] & pixel_valid[None, :],
             other=0.0,

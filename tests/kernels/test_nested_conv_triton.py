@@ -313,6 +313,7 @@ def test_gradcheck_fp64_through_the_op():
 
     assert torch.autograd.gradcheck(conv, leaves, fast_mode=True)
 
+
 # ----------------------------------------------------------------------------------------------
 # Launcher helpers
 # ----------------------------------------------------------------------------------------------
@@ -331,4 +332,3 @@ def test_tensors_beyond_int32_addressing_are_refused():
     huge = torch.empty((1, 2, 1 << 16, 1 << 15), device="meta")  # 2**32 elements per sample, no memory
     with pytest.raises(ValueError, match="int32"):
         _backend()._check_int32_extent("input", huge)
-
