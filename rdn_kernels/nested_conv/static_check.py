@@ -18,9 +18,10 @@ unpipelined, which costs registers) and at 16 (vectorised, pipelined: more share
 A configuration that fails is removed from the lists in ``triton.py``; the check is not loosened.
 
 Kernels are compiled with the argument specialisation the JIT gives a representative call
-(channels_last activations and weights, 3×3, stride 1, padding 1, 8×256×28×28, channel offsets
-multiples of 16): integer arguments
-equal to 1 become constants, those divisible by 16 and all pointers carry the divisibility hint.
+(channels_last activations and weights, 3×3, stride 1, padding 1, 8×256×28×28 in 4 groups):
+integer arguments equal to 1 become constants, those divisible by 16 and all pointers carry the
+divisibility hint (``triton.runtime.jit``'s binder does the same). Not covered: other
+specialisations (1×1 kernels, odd strides), and float64, which reuses the fp32 tiles.
 
 Run ``python -m rdn_kernels.nested_conv.static_check`` to write the table to
 ``benchmarks/results/triton_static_check.md``; the exit status is 1 when a row fails.

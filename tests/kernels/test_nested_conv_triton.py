@@ -239,6 +239,7 @@ def _check_backward(case: Case, dtype: torch.dtype, channels_last: bool) -> None
 @interpreter_only
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_backward_fp64(case):
+    # Both layouts across the cases: the batch-1 cases run channels_last.
     _check_backward(case, torch.float64, channels_last=case.batch == 1)
 
 
