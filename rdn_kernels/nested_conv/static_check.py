@@ -62,7 +62,7 @@ TARGETS = {"sm_90": (90, 227 * 1024, "wgmma"), "sm_80": (80, 163 * 1024, "mma")}
 DEFAULT_OUTPUT = Path("benchmarks/results/triton_static_check.md")
 
 # The representative problem the argument specialisation is taken from (see module docstring).
-_BATCH, _CHANNELS, _SIZE, _KERNEL, _GROUPS = 8, 256, 28, 3, 4
+_BATCH, _CHANNELS, _SIZE, _GROUPS = 8, 256, 28, 4
 
 
 @dataclass
@@ -70,6 +70,7 @@ class CheckResult:
     """One kernel × configuration × precision × alignment × target compile and what it costs."""
 
     kernel: str
+    kernel_size: int
     config: str
     precision: str
     channel_align: int
@@ -89,43 +90,60 @@ class CheckResult:
 
 
 def _kernels():
-    """(name, JIT function, configs, sample argument values) of every Triton kernel of the package."""
+    """name → (JIT function, tile configurations) of every Triton kernel of the package."""
     if not isinstance(triton_kernels.nested_conv_forward_kernel, triton.runtime.JITFunction):
         raise RuntimeError(
             "the Triton kernels were imported in interpreter mode (TRITON_INTERPRET=1); "
             "run the static check in a process without it"
         )
-    n, c, size, k = _BATCH, _CHANNELS, _SIZE, _KERNEL
+    return {
+        "forward": (triton_kernels.nested_conv_forward_kernel, backend.FORWARD_CONFIGS),
+        "grad_input": (triton_kernels.nested_conv_grad_input_kernel, backend.GRAD_INPUT_CONFIGS),
+        "grad_weight": (triton_kernels.nested_conv_grad_weight_kernel, backend.GRAD_WEIGHT_CONFIGS),
+    }
+
+
+# Kernel sizes each kernel is checked at: the forward's 1×1 is its own (POINTWISE) code path and
+# the hot path of MobileNet-style networks.
+KERNEL_SIZES = {"forward": (3, 1), "grad_input": (3,), "grad_weight": (3,)}
+
+
+def _sample(kernel_name: str, k: int) -> dict:
+    """Pointer element types and argument values of a representative k×k call (``T`` = the dtype)."""
+    n, c, size = _BATCH, _CHANNELS, _SIZE
     pixels = n * size * size
     # channels_last strides of (N, C, H, W) activations and (D, C, kh, kw) weights.
     act = {"n": size * size * c, "c": 1, "h": size * c, "w": c}
     wgt = {"o": k * k * c, "i": 1, "h": k * c, "w": c}
-    geometry = {"stride_h": 1, "stride_w": 1, "pad_h": 1, "pad_w": 1, "dil_h": 1, "dil_w": 1}
+    pad = k // 2
+    geometry = {"stride_h": 1, "stride_w": 1, "pad_h": pad, "pad_w": pad, "dil_h": 1, "dil_w": 1}
     shape = {"height": size, "width": size, "height_out": size, "width_out": size, "kernel_h": k, "kernel_w": k}
     common = {**geometry, **shape, "in_channels": c, "out_channels": c}
 
     def strides(prefix: str, names: dict) -> dict:
         return {f"{prefix}_stride_{axis}": value for axis, value in names.items()}
 
-    forward = {
-        "pointers": {"x_ptr": "T", "w_ptr": "T", "bias_ptr": "T", "y_ptr": "T", "segments_ptr": "i32",
-                     "runs_ptr": "i32"},
-        "values": {
-            **common, **strides("x", act), **strides("w", wgt), **strides("y", act),
-            "num_segments": _GROUPS, "num_pixels": pixels, "y_channel_base": 0,
-            "HAS_BIAS": True, "POINTWISE": False,
-        },
-    }  # fmt: skip
-    grad_input = {
-        "pointers": {"go_ptr": "T", "w_ptr": "T", "gx_ptr": "T", "segments_ptr": "i32", "runs_ptr": "i32",
-                     "phases_ptr": "i32"},
-        "values": {
-            **common, **strides("go", act), **strides("w", wgt), **strides("gx", act),
-            "num_segments": _GROUPS, "num_phase_pixels": pixels, "phase_height": size, "phase_width": size,
-            "tap_step_h": 1, "tap_step_w": 1, "go_channel_base": 0,
-        },
-    }  # fmt: skip
-    grad_weight = {
+    if kernel_name == "forward":
+        return {
+            "pointers": {"x_ptr": "T", "w_ptr": "T", "bias_ptr": "T", "y_ptr": "T", "segments_ptr": "i32",
+                         "runs_ptr": "i32"},
+            "values": {
+                **common, **strides("x", act), **strides("w", wgt), **strides("y", act),
+                "num_segments": _GROUPS, "num_pixels": pixels, "y_channel_base": 0,
+                "HAS_BIAS": True, "POINTWISE": k == 1,
+            },
+        }  # fmt: skip
+    if kernel_name == "grad_input":
+        return {
+            "pointers": {"go_ptr": "T", "w_ptr": "T", "gx_ptr": "T", "segments_ptr": "i32", "runs_ptr": "i32",
+                         "phases_ptr": "i32"},
+            "values": {
+                **common, **strides("go", act), **strides("w", wgt), **strides("gx", act),
+                "num_segments": _GROUPS, "num_phase_pixels": pixels, "phase_height": size, "phase_width": size,
+                "tap_step_h": 1, "tap_step_w": 1, "go_channel_base": 0,
+            },
+        }  # fmt: skip
+    return {
         "pointers": {"x_ptr": "T", "go_ptr": "T", "gw_ptr": "T", "blocks_ptr": "i32"},
         "values": {
             **common, **strides("x", act), **strides("go", act), **strides("gw", wgt),
@@ -133,11 +151,6 @@ def _kernels():
             "gw_stride_split": 0,
         },
     }  # fmt: skip
-    return {
-        "forward": (triton_kernels.nested_conv_forward_kernel, backend.FORWARD_CONFIGS, forward),
-        "grad_input": (triton_kernels.nested_conv_grad_input_kernel, backend.GRAD_INPUT_CONFIGS, grad_input),
-        "grad_weight": (triton_kernels.nested_conv_grad_weight_kernel, backend.GRAD_WEIGHT_CONFIGS, grad_weight),
-    }
 
 
 def _source(kernel, sample: dict, precision: str, channel_align: int, config):
@@ -179,16 +192,28 @@ def _cuobjdump() -> str:
 
 
 def check_one(
-    kernel_name: str, config: backend.TileConfig, precision: str, channel_align: int, target_name: str
+    kernel_name: str,
+    kernel_size: int,
+    config: backend.TileConfig,
+    precision: str,
+    channel_align: int,
+    target_name: str,
 ) -> CheckResult:
     """Compile one kernel configuration for one target and judge its resource usage."""
-    kernel, _, sample = _kernels()[kernel_name]
+    kernel, _ = _kernels()[kernel_name]
     capability, shared_limit, tensor_core_op = TARGETS[target_name]
     result = CheckResult(
-        kernel_name, str(config), precision, channel_align, target_name, config.num_warps, config.num_stages
+        kernel_name,
+        kernel_size,
+        str(config),
+        precision,
+        channel_align,
+        target_name,
+        config.num_warps,
+        config.num_stages,
     )
     compiled = triton.compile(
-        _source(kernel, sample, precision, channel_align, config),
+        _source(kernel, _sample(kernel_name, kernel_size), precision, channel_align, config),
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )
@@ -216,11 +241,12 @@ def check_one(
     return result
 
 
-def jobs() -> list[tuple[str, backend.TileConfig, str, int, str]]:
-    """Every (kernel, configuration, precision, channel alignment, target) the check compiles."""
+def jobs() -> list[tuple[str, int, backend.TileConfig, str, int, str]]:
+    """Every (kernel, kernel size, configuration, precision, channel alignment, target) the check compiles."""
     return [
-        (name, config, precision, channel_align, target)
-        for name, (_, configs, _) in _kernels().items()
+        (name, kernel_size, config, precision, channel_align, target)
+        for name, (_, configs) in _kernels().items()
+        for kernel_size in KERNEL_SIZES[name]
         for config in configs
         for precision, (_, _, dtype, _) in PRECISIONS.items()
         if dtype in config.dtypes
@@ -246,7 +272,8 @@ def format_table(results: list[CheckResult]) -> str:
         "",
         f"Generated by `python -m rdn_kernels.nested_conv.static_check` on "
         f"{datetime.date.today().isoformat()} with triton {triton.__version__} (no GPU needed). "
-        "Specialisation: channels_last, 3×3, stride 1, padding 1, 8×256×28×28 in 4 groups; fp32 "
+        "Specialisation: channels_last, 3×3 (padding 1) and, for the forward, 1×1 (padding 0), stride 1, "
+        "8×256×28×28 in 4 groups; fp32 "
         "uses IEEE `tl.dot` (torch's default), tf32 the same fp32 tensors with "
         "`torch.backends.cuda.matmul.allow_tf32`. Align = the CHANNEL_ALIGN hint (power of two dividing "
         "every channel offset; 1 = unvectorised loads). Shared = Triton's dynamic + static shared memory "
@@ -265,14 +292,15 @@ def format_table(results: list[CheckResult]) -> str:
         )
     lines += [
         "",
-        "| kernel | config (M×N×K warps stages) | precision | align | target | registers | stack B | "
+        "| kernel | k×k | config (M×N×K warps stages) | precision | align | target | registers | stack B | "
         "shared KiB | warps | stages | tensor cores | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         verdict = "ok" if row.ok else "FAIL: " + "; ".join(row.problems)
         lines.append(
-            f"| {row.kernel} | {row.config} | {row.precision} | {row.channel_align} | {row.target} | {row.registers} | "
+            f"| {row.kernel} | {row.kernel_size}×{row.kernel_size} | {row.config} | {row.precision} | "
+            f"{row.channel_align} | {row.target} | {row.registers} | "
             f"{row.stack_bytes} | {row.shared_bytes / 1024:.1f} | {row.num_warps} | {row.num_stages} | "
             f"{row.tensor_core_op} | {verdict} |"
         )
@@ -289,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(format_table(results))
     failures = [row for row in results if not row.ok]
     for row in failures:
-        where = f"{row.kernel} {row.config} {row.precision} align {row.channel_align} {row.target}"
+        where = f"{row.kernel} {row.kernel_size}x{row.kernel_size} {row.config} {row.precision} " + (
+            f"align {row.channel_align} {row.target}"
+        )
         print(f"FAIL {where}: {'; '.join(row.problems)}", file=sys.stderr)
     print(f"{len(results) - len(failures)}/{len(results)} compiles pass; table written to {args.output}")
     return 1 if failures else 0

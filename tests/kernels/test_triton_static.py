@@ -28,8 +28,8 @@ def test_every_configuration_compiles_clean_for_sm90_and_sm80(tmp_path):
     expected = static_check.jobs()
     assert len(expected) == sum(1 for line in table.splitlines() if line.endswith("| ok |"))
     # Every kernel is there, in every precision, unaligned and aligned, for both targets.
-    assert {job[0] for job in expected} == {"forward", "grad_input", "grad_weight"}
-    assert {job[2:] for job in expected} >= {
+    assert {job[:2] for job in expected} == {("forward", 3), ("forward", 1), ("grad_input", 3), ("grad_weight", 3)}
+    assert {job[3:] for job in expected} >= {
         (precision, align, target)
         for precision in ("bf16", "fp16", "fp32", "tf32")
         for align in (1, 16)
@@ -51,6 +51,6 @@ def test_check_catches_a_spilling_tile():
     from rdn_kernels.nested_conv import static_check
     from rdn_kernels.nested_conv.triton import TileConfig
 
-    result = static_check.check_one("forward", TileConfig(128, 128, 64, 4, 3), "bf16", 16, "sm_90")
+    result = static_check.check_one("forward", 3, TileConfig(128, 128, 64, 4, 3), "bf16", 16, "sm_90")
     assert not result.ok
     assert result.stack_bytes > 0 and any("spills" in problem for problem in result.problems)
