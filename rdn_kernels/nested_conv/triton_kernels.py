@@ -21,7 +21,7 @@ base): the ``tl.multiple_of`` hints it gives let channels_last tiles load as 16-
 which is what allows the loads to be pipelined through shared memory (cp.async). Without the
 hint the loads stay scalar and unpipelined (measured on sm_90: 240 instead of 80 registers for a
 64×32×32 bf16 forward tile). The hints sit on the channel-offset vectors themselves: on a scalar
-tile start that comes out of the table scan they are lost (grad-weight was unpipelined so).
+tile start that comes out of the table scan they are lost (which left grad-weight unpipelined).
 
 Offsets: a pixel's batch term ``n * stride_n`` is computed in int64 (the launchers check that one
 image fits in int32), so tensors larger than 2**31 elements are addressed correctly.
