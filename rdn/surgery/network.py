@@ -17,9 +17,10 @@ Three ways to run it:
 
 Depth split (``nest(..., depth_split=...)``): the steps up to the split block form the shallow
 part; every width s gets a second exit there (a light alignment block into the shared
-classifier), so there are 2K exits, listed in :attr:`RussianDollNet.exits` as (s, depth) pairs
-in the order (1, 0), (1, 1), (2, 0), ... that ``forward(x)`` and ``step`` follow. N_{s,0}'s
-features are never updated by N_{s,1}, which reads them.
+classifier), so there are 2K sub-networks ("exits"). Every method indexes sub-networks by their
+exit number e = 1..``num_subnets``; :attr:`RussianDollNet.exits` maps it to (width s, depth),
+in the order (1, 0), (1, 1), (2, 0), ... that ``forward(x)`` and ``step`` follow (without a split,
+exit e is N_e at full depth). N_{s,0}'s features are never updated by N_{s,1}, which reads them.
 
 Costs (:meth:`macs`, :meth:`params`, :meth:`peak_activation_bytes`) are per sample at the
 calibration input size and count only what the exit computes (its blocks, slices and head).
@@ -78,14 +79,13 @@ class StagedState:
     """What :meth:`RussianDollNet.step` needs to go from one exit to the next.
 
     Attributes:
-        subnet, depth: the exit computed so far (width s, 1-based; depth 0 = shallow, 1 = full).
+        subnet: the exit computed so far (1-based, :attr:`RussianDollNet.exits` order).
         widths: groups computed so far in each depth region (shallow part, rest).
         logits: (N, num_classes) of that exit.
         values: every node's value; nested tensors as full-width buffers whose first groups are valid.
     """
 
     subnet: int
-    depth: int
     widths: list[int]
     logits: Tensor
     values: dict[str, Any]
@@ -100,7 +100,7 @@ class StagedState:
             return value
 
         values = {name: select(value) for name, value in self.values.items()}
-        return StagedState(self.subnet, self.depth, list(self.widths), self.logits.index_select(0, index), values)
+        return StagedState(self.subnet, list(self.widths), self.logits.index_select(0, index), values)
 
 
 def grouped_conv_channels(conv: nn.Conv2d, x: Tensor, start: int, stop: int) -> Tensor:
@@ -145,7 +145,7 @@ class RussianDollNet(nn.Module):
         super().__init__()
         self.rdn_config = copy.deepcopy(config)
         copies = config["copies"]
-        self.num_subnets = graph.num_groups
+        self.num_groups = graph.num_groups
         self.layers = nn.ModuleDict()
         self._steps: list[_Step] = []
         for name, info in graph.infos.items():
@@ -166,7 +166,7 @@ class RussianDollNet(nn.Module):
         self._feature_space = graph.space(graph.space_of(self._features), orders)
         self.classifier = copy.deepcopy(classifier)
         self.heads = nn.ModuleList()
-        for s in range(1, self.num_subnets + 1):
+        for s in range(1, self.num_groups + 1):
             width = self._feature_space.offsets[s]
             head = nn.Linear(
                 width,
@@ -192,16 +192,16 @@ class RussianDollNet(nn.Module):
         if graph.depth_split is None:
             self._split = None
             self._regions = [(0, len(self._steps))]
-            self.exits = [(s, 1) for s in range(1, self.num_subnets + 1)]
+            self.exits = [(s, 1) for s in range(1, self.num_groups + 1)]
             return
         self._split = graph.depth_split
         split_index = names.index(self._split) + 1
         self._regions = [(0, split_index), (split_index, len(self._steps))]
-        self.exits = [(s, depth) for s in range(1, self.num_subnets + 1) for depth in (0, 1)]
+        self.exits = [(s, depth) for s in range(1, self.num_groups + 1) for depth in (0, 1)]
         split_space = self._by_name[self._split].space
         width = self.classifier.in_features
         factory = {"device": self.classifier.weight.device, "dtype": self.classifier.weight.dtype}
-        for s in range(1, self.num_subnets + 1):
+        for s in range(1, self.num_groups + 1):
             channels = split_space.offsets[s] if not split_space.is_single_group else len(split_space)
             self.depth_heads.append(
                 nn.Sequential(
@@ -214,8 +214,8 @@ class RussianDollNet(nn.Module):
             )
 
     @property
-    def num_exits(self) -> int:
-        """Number of exits: K, or 2K with a depth split (:attr:`exits` lists them as (s, depth))."""
+    def num_subnets(self) -> int:
+        """Number of sub-networks (exits): K, or 2K with a depth split (:attr:`exits` maps them)."""
         return len(self.exits)
 
     @staticmethod
@@ -266,12 +266,15 @@ class RussianDollNet(nn.Module):
     # Running
     # ------------------------------------------------------------------------------------------
 
-    def _check_subnet(self, s, name: str = "subnet") -> int:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise TypeError(f"{name} must be an int in 1..{self.num_subnets}, got {s!r}")
-        if not 1 <= s <= self.num_subnets:
-            raise ValueError(f"{name} must satisfy 1 <= {name} <= K={self.num_subnets}, got {s}")
-        return s
+    def _exit(self, subnet, name: str = "subnet") -> tuple[int, int]:
+        """(width s, depth) of exit number ``subnet`` (1-based)."""
+        if isinstance(subnet, bool) or not isinstance(subnet, int):
+            raise TypeError(f"{name} must be an int in 1..{self.num_subnets}, got {subnet!r}")
+        if not 1 <= subnet <= self.num_subnets:
+            raise ValueError(
+                f"{name} must satisfy 1 <= {name} <= {self.num_subnets} (the number of exits), got {subnet}"
+            )
+        return self.exits[subnet - 1]
 
     def _call(self, step: _Step, fetch, module: nn.Module | None = None) -> Any:
         """Run one node on the values ``fetch`` gives for its inputs (``module`` replaces its layer)."""
@@ -338,14 +341,6 @@ class RussianDollNet(nn.Module):
     def _space_of(self, name: str) -> ChannelSpace:
         return self._by_name[name].space
 
-    def _check_exit(self, subnet, depth) -> tuple[int, int]:
-        s = self._check_subnet(subnet)
-        if depth not in (0, 1) or isinstance(depth, bool):
-            raise ValueError(f"depth must be 0 (shallow exit) or 1 (full depth), got {depth!r}")
-        if depth == 0 and self._split is None:
-            raise ValueError("depth=0 needs a depth split: build the RDN with nest(..., depth_split=...)")
-        return s, depth
-
     def _exit_logits(self, s: int, depth: int, values: dict[str, Any]) -> Tensor:
         """Head of exit (s, depth) on (buffers or prefixes holding at least) its features."""
         if depth == 0:
@@ -358,16 +353,16 @@ class RussianDollNet(nn.Module):
     def _depth_regions(self, depth: int) -> list[tuple[int, int]]:
         return self._regions if self._split is None else self._regions[: depth + 1]
 
-    def forward(self, x: Tensor, subnet: int | None = None, depth: int = 1) -> list[Tensor] | Tensor:
-        """``subnet=None``: the logits (N, num_classes) of every exit (:attr:`exits` order: N_1..N_K,
-        or (N_1 shallow, N_1, N_2 shallow, ...) with a depth split), all from one pass of N_K.
-        ``subnet=s``: the logits of N_s alone at ``depth`` (0: shallow exit), computing only its groups.
+    def forward(self, x: Tensor, subnet: int | None = None) -> list[Tensor] | Tensor:
+        """``subnet=None``: the logits (N, num_classes) of every exit (:attr:`exits` order), all
+        from one pass of N_K. ``subnet=e``: the logits of exit e alone, computing only its groups
+        (and, for a shallow exit, only the blocks up to the split).
         """
         values: dict[str, Any] = {}
         if subnet is None:
-            self._run(x, 0, self.num_subnets, values, staged=False, region=(0, len(self._steps)))
+            self._run(x, 0, self.num_groups, values, staged=False, region=(0, len(self._steps)))
             return [self._exit_logits(s, d, values) for s, d in self.exits]
-        s, depth = self._check_exit(subnet, depth)
+        s, depth = self._exit(subnet)
         for region in self._depth_regions(depth):
             self._run(x, 0, s, values, staged=False, region=region)
         return self._exit_logits(s, depth, values)
@@ -380,7 +375,8 @@ class RussianDollNet(nn.Module):
                 buffer[:, : prefix.shape[1]] = prefix
                 values[step.name] = buffer
 
-    def _advance(self, x: Tensor | None, state: StagedState, s: int, depth: int) -> StagedState:
+    def _advance(self, x: Tensor | None, state: StagedState, subnet: int) -> StagedState:
+        s, depth = self.exits[subnet - 1]
         for index, region in enumerate(self._depth_regions(depth)):
             done = state.widths[index]
             if done == 0:
@@ -389,32 +385,30 @@ class RussianDollNet(nn.Module):
             elif done < s:
                 self._run(None, done, s, state.values, staged=True, region=region)
             state.widths[index] = max(done, s)
-        state.subnet, state.depth = s, depth
+        state.subnet = subnet
         state.logits = self._exit_logits(s, depth, state.values)
         return state
 
     def start(self, x: Tensor) -> StagedState:
-        """Run the first exit (N_1; its shallow exit with a depth split), keeping every tensor in a
+        """Run exit 1 (N_1; its shallow exit with a depth split), keeping every tensor in a
         full-width buffer for :meth:`step`."""
-        state = StagedState(0, 0, [0] * len(self._regions), x.new_empty(0), {})
-        return self._advance(x, state, *self.exits[0])
+        state = StagedState(0, [0] * len(self._regions), x.new_empty(0), {})
+        return self._advance(x, state, 1)
 
     def step(self, state: StagedState) -> StagedState:
-        """To the next exit in :attr:`exits` order, computing only the new groups of every tensor
-        from the cached ones (from N_s to N_{s+1}: group s+1 of every layer)."""
+        """To the next exit, computing only the new groups of every tensor from the cached ones
+        (from N_s to N_{s+1}: group s+1 of every layer)."""
         if not isinstance(state, StagedState):
             raise TypeError(f"state must be a StagedState from start(), got {type(state).__name__}")
-        position = self.exits.index((state.subnet, state.depth))
-        if position + 1 >= len(self.exits):
-            raise ValueError(f"state is already at the last exit {self.exits[-1]}")
-        return self._advance(None, state, *self.exits[position + 1])
+        if state.subnet >= self.num_subnets:
+            raise ValueError(f"state is already at the last exit {self.num_subnets}")
+        return self._advance(None, state, state.subnet + 1)
 
     # ------------------------------------------------------------------------------------------
     # Costs (per sample, at the calibration input size)
     # ------------------------------------------------------------------------------------------
 
-    def _exit_steps(self, s: int, depth: int) -> list[_Step]:
-        s, depth = self._check_exit(s, depth)
+    def _exit_steps(self, depth: int) -> list[_Step]:
         return [step for first, stop in self._depth_regions(depth) for step in self._steps[first:stop]]
 
     def _head_costs(self, s: int, depth: int) -> tuple[int, int]:
@@ -429,15 +423,16 @@ class RussianDollNet(nn.Module):
         params = conv.weight.numel() + sum(p.numel() for p in norm.parameters())
         return conv.weight.numel() * pixels + classifier, params + classifier_params
 
-    def macs(self, s: int, depth: int = 1) -> int:
-        """Multiply-accumulates of exit (s, depth) for one sample at the calibration input size.
+    def macs(self, subnet: int) -> int:
+        """Multiply-accumulates of exit ``subnet`` for one sample at the calibration input size.
 
         Counts conv and linear layers only (BN, activations, adds and pooling are not MACs, as in
         the MobileNet papers): nested layers count only the blocks N_s computes; grouped convs the
         channels N_s computes; un-nested layers in full; plus the exit's head and the shared classifier.
         """
+        s, depth = self._exit(subnet)
         total = 0
-        for step in self._exit_steps(s, depth):
+        for step in self._exit_steps(depth):
             spatial = math.prod(step.shape[2:]) if step.shape is not None else 1
             if step.role == "nested":
                 layer = self.layers[step.name]
@@ -450,11 +445,12 @@ class RussianDollNet(nn.Module):
                 total += _conv_like_macs(self.layers[step.name], step.shape)
         return total + self._head_costs(s, depth)[0]
 
-    def params(self, s: int, depth: int = 1) -> int:
-        """Parameters exit (s, depth) reads: its blocks, channel slices, un-nested layers, its head
+    def params(self, subnet: int) -> int:
+        """Parameters exit ``subnet`` reads: its blocks, channel slices, un-nested layers, its head
         and the classifier."""
+        s, depth = self._exit(subnet)
         total = 0
-        for step in self._exit_steps(s, depth):
+        for step in self._exit_steps(depth):
             layer = self.layers[step.name] if step.name in self.layers else None
             if step.role == "nested":
                 kernel = math.prod(layer.kernel_size) if isinstance(layer, NestedConv2d) else 1
@@ -466,8 +462,8 @@ class RussianDollNet(nn.Module):
                 total += sum(p.numel() for p in layer.parameters())
         return total + self._head_costs(s, depth)[1]
 
-    def peak_activation_bytes(self, s: int, depth: int = 1, batch_size: int = 1) -> int:
-        """Estimated peak activation memory of running exit (s, depth) alone (bytes).
+    def peak_activation_bytes(self, subnet: int, batch_size: int = 1) -> int:
+        """Estimated peak activation memory of running exit ``subnet`` alone (bytes).
 
         Walks the graph in execution order: every node's output (its N_s channels × pixels × dtype
         size, at the calibration input size) is allocated when computed and freed after its last
@@ -475,7 +471,8 @@ class RussianDollNet(nn.Module):
         head's own activations and allocator caching are ignored; the staged path keeps all
         buffers alive instead.
         """
-        steps = self._exit_steps(s, depth)
+        s, depth = self._exit(subnet)
+        steps = self._exit_steps(depth)
         last_reader: dict[str, int] = {}
         for index, step in enumerate(steps):
             for node in step.node.all_input_nodes:
@@ -501,8 +498,8 @@ class RussianDollNet(nn.Module):
     # Export and rebuilding
     # ------------------------------------------------------------------------------------------
 
-    def export(self, s: int, depth: int = 1) -> fx.GraphModule:
-        """Exit (s, depth) as a plain ``torch.fx.GraphModule`` of stock layers with sliced weights.
+    def export(self, subnet: int) -> fx.GraphModule:
+        """Exit ``subnet`` as a plain ``torch.fx.GraphModule`` of stock layers with sliced weights.
 
         Nested layers become ``nn.Conv2d`` / ``nn.Linear`` on the prefix channels (blocks outside
         the mask zero), BN and grouped convs are sliced, the head is ``nn.Sequential(alignment,
@@ -510,7 +507,8 @@ class RussianDollNet(nn.Module):
         saved, ``torch.jit.trace``-d and ONNX-exported (custom parameter-free layers of the base
         model, such as TF "same" padding, are copied as they are).
         """
-        steps = self._exit_steps(s, depth)
+        s, depth = self._exit(subnet)
+        steps = self._exit_steps(depth)
         head_name = "subnet_head"
         while head_name in self._by_name:  # a node of the base model may have that name
             head_name += "_"

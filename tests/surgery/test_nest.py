@@ -343,38 +343,40 @@ def test_channel_coupled_op_stays_outside():
 def test_depth_split_doubles_the_exits(images):
     """Depth-wise nesting: a shallow exit per width after body.2; one pass, separate passes, staged walk, export."""
     rdn = nested_toy(depth_split="body.2")
-    assert rdn.num_exits == 2 * rdn.num_subnets
+    assert rdn.num_groups == 5 and rdn.num_subnets == 10
     assert rdn.exits[:3] == [(1, 0), (1, 1), (2, 0)]
     with torch.no_grad():
         logits = rdn(images)
+        assert len(logits) == 10
         state = rdn.start(images)
-        for index, (s, depth) in enumerate(rdn.exits):
-            if index:
+        for subnet in range(1, rdn.num_subnets + 1):
+            if subnet > 1:
                 state = rdn.step(state)
-            assert (state.subnet, state.depth) == (s, depth)
-            alone = rdn(images, subnet=s, depth=depth)
-            torch.testing.assert_close(alone, logits[index], atol=ATOL, rtol=ATOL)
+            assert state.subnet == subnet
+            alone = rdn(images, subnet=subnet)
+            torch.testing.assert_close(alone, logits[subnet - 1], atol=ATOL, rtol=ATOL)
             torch.testing.assert_close(state.logits, alone, atol=ATOL, rtol=ATOL)
-        torch.testing.assert_close(
-            rdn.export(2, depth=0).eval()(images), rdn(images, subnet=2, depth=0), atol=ATOL, rtol=ATOL
-        )
+        torch.testing.assert_close(rdn.export(3).eval()(images), rdn(images, subnet=3), atol=ATOL, rtol=ATOL)
     rebuilt = RussianDollNet.from_config(rdn.rdn_config, model=toy())
     rebuilt.load_state_dict(rdn.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt.eval()(images, subnet=3, depth=0), rdn(images, subnet=3, depth=0))
+        torch.testing.assert_close(rebuilt.eval()(images, subnet=5), rdn(images, subnet=5))
 
 
 def test_depth_split_hand_counted_costs():
-    """Split after the BN of conv1 (8 channels at 8×8), k=2 truncate: the shallow head is a 1×1 conv to 6."""
+    """Split after the BN of conv1 (8 channels at 8×8), k=2 truncate: the shallow head is a 1×1 conv to 6.
+
+    Exits: 1 = (N_1, shallow), 2 = N_1, 3 = (N_2, shallow), 4 = N_2.
+    """
     rdn = nest(hand_count_net(), k=2, mode="truncate", calib=torch.randn(2, 3, 8, 8), skip=["0"], depth_split="3")
+    assert rdn.exits == [(1, 0), (1, 1), (2, 0), (2, 1)]
     stem = 4 * 3 * 9 * 64
-    assert rdn.macs(1, depth=0) == stem + 4 * 4 * 64 + 4 * 6 * 64 + 6 * 5
-    assert rdn.macs(2, depth=0) == stem + 8 * 4 * 64 + 8 * 6 * 64 + 6 * 5
-    assert rdn.params(1, depth=0) == (4 * 3 * 9 + 4) + 4 * 4 + 2 * 4 + (4 * 6 + 2 * 6) + (6 * 5 + 5)
-    with pytest.raises(ValueError, match="depth must be 0"):
-        rdn.macs(1, depth=2)
-    with pytest.raises(ValueError, match="needs a depth split"):
-        nested_toy()(torch.randn(1, 3, 10, 10), subnet=1, depth=0)
+    assert rdn.macs(1) == stem + 4 * 4 * 64 + 4 * 6 * 64 + 6 * 5
+    assert rdn.macs(3) == stem + 8 * 4 * 64 + 8 * 6 * 64 + 6 * 5
+    assert rdn.macs(2) == stem + 4 * 4 * 64 + 3 * 4 * 64 + 3 * 6 + 6 * 5
+    assert rdn.params(1) == (4 * 3 * 9 + 4) + 4 * 4 + 2 * 4 + (4 * 6 + 2 * 6) + (6 * 5 + 5)
+    with pytest.raises(ValueError, match="subnet must satisfy 1 <= subnet <= 4"):
+        rdn.macs(5)
 
 
 def test_squeeze_excite_and_in_place_activations(images):
