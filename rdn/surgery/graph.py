@@ -22,8 +22,8 @@ Channel spaces. Channel-wise and channel_params nodes share their inputs' space 
 nodes); so do the operands of an add or product: the residual stream of a stage is *one* space,
 whose layout is decided once, by the first nested layer writing it (its *definer*, in graph
 order), and every other layer writing it (later blocks' projections, the downsampling shortcut)
-is built to produce that same layout. A grouped conv's output space is derived from its input
-space (same units, groups and copies).
+is built to produce that same layout. A grouped conv maps its input's units one to one onto its
+output's, so spaces linked by grouped convs share one *layout* (unit order, groups, copies).
 
 Un-nested region. Skipped layers and opaque nodes write *single-group* spaces (all channels in
 group 0). A layer that writes a single-group space can only read a single-group space (group 0
@@ -31,8 +31,11 @@ reads group 0 only), so un-nestedness spreads: to every layer writing into the s
 residual stage whose first block was skipped stays un-nested up to its next channel change) and
 back to the producers of a skipped layer's input. :class:`SurgeryGraph` runs this to a fixed point.
 
-Limits: the model must be ``torch.fx``-traceable and return the classifier's logits; every
-parametrised module is called once; tensors keep channels on dim 1.
+Limits: the model must be ``torch.fx``-traceable (no data-dependent Python control flow; a
+``self.training`` branch outside a leaf module is frozen at its eval-mode value) and return the
+classifier's logits; every module with parameters is called once (shared weights are refused);
+tensors keep their channels on dim 1; parameters read directly by ``forward`` (fx ``get_attr``)
+are refused; channel concatenation and channel-coupled ops stay in the un-nested part.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class SurgeryGraph:
         self.infos: dict[str, NodeInfo] = {}
         for node in self.graph_module.graph.nodes:
             self.infos[node.name] = self._classify(node)
+        self._check_single_calls()
         self.classifier = self._find_classifier()
         self._parent: dict[str, str] = {}
         self._build_spaces()
@@ -278,6 +282,18 @@ class SurgeryGraph:
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
+
+    def _check_single_calls(self) -> None:
+        calls: dict[str, str] = {}
+        for name, info in self.infos.items():
+            if info.module is None or not _has_tensors(info.module):
+                continue
+            if info.node.target in calls:
+                raise ValueError(
+                    f"module {info.node.target!r} is called twice (nodes {calls[info.node.target]} and {name}); "
+                    "surgery needs one call per module with parameters (shared weights are not supported)"
+                )
+            calls[info.node.target] = name
 
     def _find_classifier(self) -> str:
         output = next(node for node in self.graph_module.graph.nodes if node.op == "output")

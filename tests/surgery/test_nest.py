@@ -410,3 +410,17 @@ def test_per_channel_modules_with_their_own_tensors(images):
             torch.testing.assert_close(rdn.export(s).eval()(images), logits[s - 1], atol=ATOL, rtol=ATOL)
     with pytest.raises(ValueError, match="ChannelScale .* use copies='latest'"):
         nest(model, k=2, calib=images, skip=["0"], copies="sum")
+
+
+def test_shared_weights_are_refused(images):
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.conv(self.conv(self.stem(x)))
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.raises(ValueError, match="'conv' is called twice"):
+        nest(Twice(), k=2, calib=images, skip=0)
