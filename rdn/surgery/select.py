@@ -94,7 +94,7 @@ def definers(graph: SurgeryGraph) -> dict[str, str]:
 
 
 def select_orders(graph: SurgeryGraph, calib: Tensor, select: str, seed: int) -> dict[str, list[int]]:
-    """Unit order of every defined space: ``select`` = "greedy" (Algorithm 1 on ``calib``) or "random"."""
+    """Unit order of every layout: ``select`` = "greedy" (Algorithm 1 on ``calib``) or "random" (seeded)."""
     chosen = definers(graph)
     if select == "random":
         generator = torch.Generator().manual_seed(seed)
