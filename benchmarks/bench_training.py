@@ -1,0 +1,207 @@
+"""Training cost of an RDN: one joint pass for all K exits against the base model and K separate passes.
+
+    python -m benchmarks.bench_training [--device cpu|cuda] [--width-mult 0.5] [--k 4] [--batch 64]
+                                        [--quick] [--out benchmarks/results]
+    python -m benchmarks.bench_training --report-runs runs/base runs/rdn runs/ft --name NAME
+
+The second form writes no timings: it tabulates the accuracy and MACs of every exit from the
+``summary.json`` of an ``rdn pretrain`` / ``rdn nest`` / ``rdn finetune`` run trio into
+``training_<NAME>.md``.
+
+Times one optimisation step (zero_grad, forward, loss, backward, SGD step) of
+
+- (a) the base model (MobileNetV2 small-input variant, 1×28×28 images, 10 classes);
+- (b) its RDN (``nest(k, mode="expand", select="greedy")``, K = 2k - 1) trained jointly: one
+  forward of N_K gives all K logits, one backward of Σ_s CE_s / K (the package's training loop);
+- (c) the same RDN trained the OFA / slimmable way: for each s, ``forward(x, subnet=s)`` and its
+  own backward, gradients accumulated, then one SGD step;
+- (d) the same RDN training N_K alone (``forward(x, subnet=K)``, one CE): the cost of the largest
+  sub-network, which isolates what the K - 1 extra exits of (b) add.
+
+Claims checked (DESIGN.md §1): (b) ≤ 1.2 × (a), (c) / (b) ≥ K / 2, and (b) ≤ 1.2 × (d). All four
+run in one interleaved measurement (:mod:`benchmarks.harness`). The forward MACs per image are
+printed beside, so the time ratios can be read against the work ratios (N_K of an expand-mode
+RDN has more MACs than the base model: the copies of the expansion). Writes
+``training_cost_<device>.md`` and ``.csv`` with the machine, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.harness import TIMING_PRESETS, TimingConfig, device_tag, machine_info, measure
+from rdn.models import create, profile_model
+from rdn.surgery import RussianDollNet, nest
+from rdn.train import JointLoss, TrainConfig, exit_weights
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> Callable[[], None]:
+    """One optimisation step of ``model`` on (x, y); ``mode``: base, joint, separate or largest."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    model.train()
+    if mode == "joint":
+        loss_fn = JointLoss(exit_weights(model.num_subnets))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if mode == "base":
+            F.cross_entropy(model(x), y).backward()
+        elif mode == "joint":
+            loss_fn(model(x), y)[0].backward()
+        elif mode == "largest":
+            F.cross_entropy(model(x, subnet=model.num_subnets), y).backward()
+        else:
+            for s in range(1, model.num_subnets + 1):
+                (F.cross_entropy(model(x, subnet=s), y) / model.num_subnets).backward()
+        optimizer.step()
+
+    return step
+
+
+def run(device: torch.device, width_mult: float, k: int, batch: int, timing: TimingConfig, out: Path) -> list[dict]:
+    torch.manual_seed(0)
+    kwargs = {"name": "mobilenet_v2", "num_classes": 10, "input_size": 28, "in_chans": 1, "width_mult": width_mult}
+    base = create(**kwargs).to(device)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(10, (batch,), device=device)
+    rdn = nest(base, k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs).to(device)
+    separate, largest = (RussianDollNet.from_config(rdn.rdn_config, base).to(device) for _ in range(2))
+    for copy in (separate, largest):
+        copy.load_state_dict(rdn.state_dict())
+    K = rdn.num_subnets
+    steps = {
+        "(a) base": make_step(base, x, y, "base"),
+        f"(b) RDN joint, {K} exits in one pass": make_step(rdn, x, y, "joint"),
+        f"(c) RDN separate, {K} forward/backward passes": make_step(separate, x, y, "separate"),
+        f"(d) RDN N_{K} alone": make_step(largest, x, y, "largest"),
+    }
+    timings = measure(steps, device, timing)
+    base_macs = profile_model(base.eval(), (1, 1, 28, 28)).macs
+    macs = [base_macs, rdn.macs(K), sum(rdn.macs(s) for s in range(1, K + 1)), rdn.macs(K)]
+    rows = []
+    reference = timings["(a) base"].median_ms
+    for (name, timing_), work in zip(timings.items(), macs, strict=True):
+        rows.append({"step": name, "median_ms": timing_.median_ms, "q25_ms": timing_.q25_ms, "q75_ms": timing_.q75_ms,
+                     "vs_base": timing_.median_ms / reference, "forward_macs_per_image": work})  # fmt: skip
+    joint, separate_ms, largest_ms = rows[1]["median_ms"], rows[2]["median_ms"], rows[3]["median_ms"]
+    checks = [
+        ("(b) ≤ 1.2 × (a)", rows[1]["vs_base"], "≤ 1.2", rows[1]["vs_base"] <= 1.2),
+        (f"(c) / (b) ≥ K/2 = {K / 2:g}", separate_ms / joint, f"≥ {K / 2:g}", separate_ms / joint >= K / 2),
+        ("(b) ≤ 1.2 × (d)", joint / largest_ms, "≤ 1.2", joint / largest_ms <= 1.2),
+    ]
+    write(out, device, kwargs, k, K, batch, rows, checks)
+    return rows
+
+
+def write(out: Path, device, kwargs, k, K, batch, rows, checks) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tag = device_tag(device)
+    with open(out / f"training_cost_{tag}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    info = machine_info(device)
+    lines = [
+        f"# Training cost of one optimisation step ({tag})",
+        "",
+        f"MobileNetV2 small-input variant, width {kwargs['width_mult']}, 1×28×28 images, batch {batch}, "
+        f"RDN: k = {k}, expand, greedy → K = {K} exits. `python -m benchmarks.bench_training` "
+        "(interleaved rounds, median and quartiles).",
+        "",
+        "| step | median ms | q25–q75 ms | × base | forward MACs / image |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['step']} | {row['median_ms']:.1f} | {row['q25_ms']:.1f}–{row['q75_ms']:.1f} | "
+                     f"{row['vs_base']:.2f} | {row['forward_macs_per_image'] / 1e6:.1f} M |")  # fmt: skip
+    lines += ["", "| claim | measured | target | met |", "|---|---:|---:|---|"]
+    for name, value, target, ok in checks:
+        lines.append(f"| {name} | {value:.2f} | {target} | {'yes' if ok else '**no**'} |")
+    lines += ["", "| machine | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in info.items()]
+    (out / f"training_cost_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _summary(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "summary.json").read_text())
+
+
+def report_runs(base_dir: Path, nest_dir: Path, finetune_dir: Path, name: str, out: Path) -> str:
+    """Markdown of a pretrain → nest → finetune trio: every exit's MACs, params and test accuracy."""
+    base, nested, tuned = _summary(base_dir), _summary(nest_dir), _summary(finetune_dir)
+    prefix = "ema_test_" if "ema_test_top1_1" in tuned["final"] else "test_"
+    base_prefix = "ema_test_" if "ema_test_top1_1" in base["final"] else "test_"
+    base_macs = base["exits"][0]["macs"]
+
+    def settings(summary: dict) -> str:
+        config = TrainConfig.from_dict(summary["train_config"])
+        return (f"{config.epochs} epochs, batch {config.batch_size}, lr {config.peak_lr:g}, EMA {config.ema_decay}, "
+                f"{summary['steps']} steps, {summary['wall_s'] / 60:.1f} min")  # fmt: skip
+
+    lines = [
+        f"# Joint one-pass fine-tuning on real data: {name}",
+        "",
+        f"Data: {base['data']}. Accuracy on the test split, {'EMA' if prefix.startswith('ema') else 'raw'} weights.",
+        "",
+        f"- pretrain: {settings(base)}",
+        f"- nest: k = {nested['k']}, {nested['mode']}, {nested['select']} → K = {nested['num_subnets']}, "
+        f"{nested['nest_s']:.0f} s",
+        f"- finetune (all exits, one pass): {settings(tuned)}",
+        "",
+        "| network | MACs / image | × base MACs | params | top-1 after nest (%) | top-1 after fine-tuning (%) "
+        "| top-5 (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| base | {base_macs / 1e6:.2f} M | 1.00 | {base['exits'][0]['params'] / 1e6:.3f} M | "
+        f"{nested.get('base_test_top1', ['-'])[0]} | {base['final'][f'{base_prefix}top1_1']:.2f} | "
+        f"{base['final'][f'{base_prefix}top5_1']:.2f} |",
+    ]
+    before = nested.get("rdn_test_top1", ["-"] * nested["num_subnets"])
+    for exit_, accuracy in zip(tuned["exits"], before, strict=True):
+        s = exit_["exit"]
+        lines.append(f"| N_{s} | {exit_['macs'] / 1e6:.2f} M | {exit_['macs'] / base_macs:.2f} | "
+                     f"{exit_['params'] / 1e6:.3f} M | {accuracy} | {tuned['final'][f'{prefix}top1_{s}']:.2f} | "
+                     f"{tuned['final'][f'{prefix}top5_{s}']:.2f} |")  # fmt: skip
+    info = machine_info(torch.device("cpu"))
+    lines += ["", f"Machine: {info['cpu']} ({info['cpu_cores']} cores), torch {info['torch']}, {info['date']}."]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"training_{name}.md").write_text(text)
+    print(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to time")
+    parser.add_argument("--width-mult", type=float, default=0.5, help="MobileNetV2 width multiplier")
+    parser.add_argument("--k", type=int, default=4, help="channel groups (K = 2k - 1 exits)")
+    parser.add_argument("--batch", type=int, default=64, help="images per step")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter samples")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the markdown / CSV results")
+    parser.add_argument("--report-runs", type=Path, nargs=3, metavar=("PRETRAIN", "NEST", "FINETUNE"),
+                        help="tabulate these rdn run folders instead of timing")  # fmt: skip
+    parser.add_argument("--name", default="fashion_mnist", help="with --report-runs: training_<name>.md")
+    args = parser.parse_args(argv)
+    if args.report_runs:
+        report_runs(*args.report_runs, args.name, args.out)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timing = TIMING_PRESETS["quick" if args.quick else "full"]
+    run(torch.device(args.device), args.width_mult, args.k, args.batch, timing, args.out)
+
+
+if __name__ == "__main__":
+    main()

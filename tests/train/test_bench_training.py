@@ -1,0 +1,40 @@
+"""Plumbing of benchmarks/bench_training.py on a tiny model (timings themselves are not checked)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.bench_training import make_step, report_runs, run
+from benchmarks.harness import TIMING_PRESETS
+from rdn.cli import main
+from tests.train.helpers import tiny_rdn
+
+
+def test_training_cost_table(tmp_path):
+    rows = run(torch.device("cpu"), width_mult=0.1, k=2, batch=8, timing=TIMING_PRESETS["tiny"], out=tmp_path)
+    assert [row["step"][:3] for row in rows] == ["(a)", "(b)", "(c)", "(d)"]
+    assert rows[2]["forward_macs_per_image"] > rows[1]["forward_macs_per_image"] == rows[3]["forward_macs_per_image"]
+    text = (tmp_path / "training_cost_cpu.md").read_text()
+    assert "(c) / (b) ≥ K/2 = 1.5" in text and "| torch |" in text
+    assert (tmp_path / "training_cost_cpu.csv").read_text().startswith("step,median_ms")
+
+
+def test_separate_step_accumulates_every_subnet():
+    model = tiny_rdn()
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(10, (4,))
+    before = [head.weight.detach().clone() for head in model.heads]
+    make_step(model, x, y, "separate")()
+    assert all(not torch.equal(b, head.weight) for b, head in zip(before, model.heads, strict=True))
+
+
+def test_report_of_a_run_trio(tmp_path):
+    tiny = ["--data", "synthetic", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--no-progress"]
+    model = ["--model", "mobilenet_v2", "--width-mult", "0.1"]
+    assert main(["pretrain", *model, *tiny, "--out", str(tmp_path / "a")]) == 0
+    assert main(["nest", "--from", str(tmp_path / "a"), "--k", "2", "--data", "synthetic", "--calib-samples", "8",
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    assert main(["finetune", "--from", str(tmp_path / "b"), *tiny, "--out", str(tmp_path / "c")]) == 0
+    text = report_runs(tmp_path / "a", tmp_path / "b", tmp_path / "c", "toy", tmp_path / "results")
+    assert (tmp_path / "results" / "training_toy.md").read_text() == text
+    exits = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| N_")]
+    assert exits == ["N_1", "N_2", "N_3"]
