@@ -13,8 +13,7 @@ __version__ = "0.1.0"
 _SUBMODULES = ("nn", "models", "surgery")
 
 # Public names re-exported at top level, mapped to the module that defines them.
-# rdn.nest (pretrained model → RDN) is added here from rdn.surgery by the surgery work.
-_ATTRIBUTES: dict[str, str] = {}
+_ATTRIBUTES: dict[str, str] = {"nest": "rdn.surgery", "RussianDollNet": "rdn.surgery"}
 
 
 def __getattr__(name: str):
