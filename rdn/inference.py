@@ -28,6 +28,7 @@ __all__ = [
     "Measurement",
     "dynamic_forward",
     "evaluate_dynamic",
+    "benchmark",
     "measure",
     "measure_peak_memory",
     "measure_throughput",
@@ -186,3 +187,28 @@ class Measurement:
 def measure(name: str, fn: Callable[[Tensor], object], x: Tensor, repeats: int = 5) -> Measurement:
     """Throughput (median of ``repeats``) and peak memory of ``fn`` on the batch ``x``."""
     return Measurement(name, x.shape[0], measure_throughput(fn, x, repeats), measure_peak_memory(fn, x))
+
+
+def benchmark(
+    net: nn.Module,
+    policy: ExitPolicy,
+    lam: float | None,
+    x: Tensor,
+    repeats: int = 5,
+    subnets: Iterable[int] | None = None,
+    base: nn.Module | None = None,
+    progress: bool = True,
+) -> list[Measurement]:
+    """Throughput and peak memory on the batch ``x``: the base model (when given), N_s run statically
+    for every s in ``subnets`` (default 1..K), and dynamic inference at λ = ``lam``."""
+    runs: list[tuple[str, Callable[[Tensor], object]]] = [] if base is None else [("base", base)]
+    for s in range(1, net.num_subnets + 1) if subnets is None else subnets:
+        runs.append((f"N_{s} static", lambda batch, s=s: net(batch, subnet=s)))
+    runs.append(("dynamic", lambda batch: dynamic_forward(net, policy, batch, lam)))
+    results = []
+    with torch.no_grad():
+        for name, fn in runs:
+            if progress:
+                print(f"  timing {name} (batch {x.shape[0]}, {repeats} repeats, {x.device})", flush=True)
+            results.append(measure(name, fn, x, repeats))
+    return results

@@ -359,7 +359,7 @@ class ExitPolicy(nn.Module):
         """(N, F_1) features → (N, K) logits of Pr(N_k is correct)."""
         if features.dim() != 2 or features.shape[1] != self.feature_width:
             raise ValueError(f"features must be (N, {self.feature_width}), got {tuple(features.shape)}")
-        features = features.to(self.feature_mean.dtype)
+        features = features.to(self.feature_mean)  # the policy's device and dtype
         return self.mlp((features - self.feature_mean) / self.feature_scale)
 
     def probabilities(self, features: Tensor) -> Tensor:

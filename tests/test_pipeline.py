@@ -1,0 +1,94 @@
+"""``rdn pipeline``: options and presets, the CLI hook, dataset fall-back, resume safety, atomic
+outputs; the whole ``--quick`` run (slow) and its resumption."""
+
+import argparse
+import json
+import time
+
+import pytest
+
+from rdn import pipeline
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_presets_and_overrides():
+    quick = pipeline._settings(parse("--out", "x", "--quick"))
+    assert quick["dataset"] == "mnist5k" and quick["quick"] and quick["k"] == 4
+    assert {key: quick[key] for key in pipeline.PRESETS["quick"]} == pipeline.PRESETS["quick"]
+    default = pipeline._settings(parse("--out", "x", "--dataset", "fashion-mnist", "--base-epochs", "3", "--k", "3"))
+    assert default["dataset"] == "fashion_mnist" and default["base_epochs"] == 3 and default["k"] == 3
+    assert default["finetune_epochs"] == pipeline.PRESETS["default"]["finetune_epochs"]
+    assert pipeline._settings(parse("--out", "x", "--quick", "--dataset", "mnist-5k"))["dataset"] == "mnist5k"
+    with pytest.raises(SystemExit):
+        parse("--out", "x", "--dataset", "imagenet")
+
+
+def test_cli_hands_the_pipeline_command_to_this_module():
+    from rdn.cli import build_parser
+
+    args = build_parser(with_pipeline=True).parse_args(["pipeline", "--out", "runs/x", "--quick", "--k", "2"])
+    assert args.pipeline_available and args.quick and args.k == 2 and args.out == "runs/x"
+
+
+def test_missing_fashion_mnist_falls_back_to_mnist5k(monkeypatch, tmp_path, capsys):
+    import rdn.data
+
+    monkeypatch.setattr(rdn.data, "FASHION_MNIST_DIR", tmp_path / "absent")
+    settings = pipeline._settings(parse("--out", "x"))
+    data = pipeline._load_data(settings, None)
+    assert settings["dataset"] == "mnist5k" and data.spec.name == "mnist5k"
+    assert "falling back to MNIST-5k" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError):  # an explicit root is never replaced silently
+        pipeline._load_data(pipeline._settings(parse("--out", "x")), str(tmp_path))
+
+
+def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
+    settings = pipeline._settings(parse("--out", "x", "--quick"))
+    pipeline._check_resumable(tmp_path, settings)
+    pipeline._check_resumable(tmp_path, dict(settings, repeats=7))  # timing repeats do not change results
+    with pytest.raises(ValueError, match="base_epochs"):
+        pipeline._check_resumable(tmp_path, dict(settings, base_epochs=5))
+
+
+def test_atomic_outputs(tmp_path):
+    target = tmp_path / "sub" / "value.json"
+    pipeline._write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+
+    def fail(path):
+        path.write_text("partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        pipeline._atomic(tmp_path / "other.json", fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # no partial file, no temporary left
+
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    pipeline.main(parse("--out", str(out), "--quick", "--no-progress"))
+    first = time.perf_counter() - started
+    for name in ("settings.json", "base/result.json", "nested.pt", "finetune/result.json", "outputs/test.pt",
+                 "order.json", "order.png", "policy.pt", "calibration.json", "evaluation.json", "report.md",
+                 "tradeoff.png"):
+        assert (out / name).exists(), name
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["engine"]["minus_outputs"]["top1_points"] == pytest.approx(0, abs=0.5)
+    assert len(evaluation["static"]) == 7 and len(evaluation["dynamic"]) == len(evaluation["confidence"])
+    report = (out / "report.md").read_text()
+    assert "| RDN N_K |" in report and "RDN† (dynamic" in report and "## Targets" in report
+    capsys.readouterr()
+
+    started = time.perf_counter()
+    pipeline.main(parse("--out", str(out), "--quick", "--no-progress"))
+    again = time.perf_counter() - started
+    log = capsys.readouterr().out
+    assert log.count("done, skipped") == 7  # every step but the report
+    assert again < first
