@@ -45,6 +45,10 @@ class Case:
         )
 
     @property
+    def layout(self):
+        return make_layout(self.in_splits, self.out_splits, self.conv_kwargs["block_mask"])
+
+    @property
     def conv_kwargs(self) -> dict:
         return dict(
             in_splits=self.in_splits,
@@ -90,7 +94,7 @@ CASES = [
 
 def masked_dense(input, weight, bias, case: Case):
     """One F.conv2d with the weight multiplied by the block mask: the other independent oracle."""
-    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    layout = case.layout
     mask = _read_blocks(layout, 0, layout.num_groups, weight.shape[:2]).to(weight.dtype)
     return F.conv2d(input, weight * mask[:, :, None, None], bias, case.stride, case.padding, case.dilation)
 
@@ -108,6 +112,13 @@ def reference64(input, weight, bias, case: Case, stages):
     )
 
 
+def over_backends_cases_formats(test):
+    """Parametrise a test over every CPU backend, every case and both memory formats."""
+    test = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])(test)
+    test = pytest.mark.parametrize("case", CASES, ids=str)(test)
+    return pytest.mark.parametrize("backend", BACKENDS)(test)
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_reference_equals_masked_dense(case: Case):
     input, weight, bias = case.tensors(torch.float64, channels_last=False)
@@ -115,14 +126,12 @@ def test_reference_equals_masked_dense(case: Case):
     assert_close(nested_conv2d(input, weight, bias, **case.conv_kwargs, backend="torch"), expected)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends_cases_formats
 def test_forward_matches_reference(backend, case, dtype, channels_last):
     _skip_unavailable(backend)
     input, weight, bias = case.tensors(dtype, channels_last)
-    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    layout = case.layout
     for stages in stage_ranges(layout.num_groups):
         actual = nested_conv2d(input, weight, bias, **case.conv_kwargs, stages=stages, backend=backend)
         expected = reference64(input, weight, bias, case, stages)
@@ -132,13 +141,11 @@ def test_forward_matches_reference(backend, case, dtype, channels_last):
             assert actual.is_contiguous(memory_format=torch.channels_last), "output should follow the input layout"
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends_cases_formats
 def test_stages_write_into_out_slice(backend, case, channels_last):
     _skip_unavailable(backend)
     input, weight, bias = case.tensors(torch.float32, channels_last)
-    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    layout = case.layout
     full = reference64(input, weight, bias, case, None)
     out = nan_filled_like(full.float())
     if channels_last:
@@ -156,14 +163,12 @@ def test_stages_write_into_out_slice(backend, case, channels_last):
     assert_close(out, full, torch.float32)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends_cases_formats
 def test_backward_matches_reference(backend, case, dtype, channels_last):
     _skip_unavailable(backend)
     input, weight, bias = case.tensors(dtype, channels_last)
-    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    layout = case.layout
     for stages in stage_ranges(layout.num_groups):
         leaves = [t.detach().clone().requires_grad_(True) for t in (input, weight, bias)]
         output = nested_conv2d(*leaves, **case.conv_kwargs, stages=stages, backend=backend)
@@ -354,7 +359,7 @@ def test_opcheck(backend):
     _skip_unavailable(backend)
     case = CASES[3]
     input, weight, bias = case.tensors(torch.float64, channels_last=False)
-    layout = make_layout(case.in_splits, case.out_splits, case.conv_kwargs["block_mask"])
+    layout = case.layout
     options = [list(layout.in_splits), list(layout.out_splits), layout.flat_mask, [1, 1], [0, 0], [1, 1], 1, 3, backend]
     input.requires_grad_(True)
     weight.requires_grad_(True)
