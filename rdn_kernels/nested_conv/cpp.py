@@ -7,7 +7,7 @@ import torch
 from rdn_kernels._extension import extension
 from rdn_kernels.layout import NestedLayout
 
-from .geometry import ConvGeometry
+from .geometry import ConvGeometry, extension_arguments
 
 
 def _is_pixel_layout(tensor: torch.Tensor) -> bool:
@@ -19,20 +19,9 @@ def _pixel_layout(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if _is_pixel_layout(tensor) else tensor.contiguous()
 
 
-def _layout_args(layout: NestedLayout, geometry: ConvGeometry) -> tuple:
-    return (
-        list(layout.in_offsets),
-        list(layout.out_offsets),
-        layout.flat_mask,
-        list(geometry.stride),
-        list(geometry.padding),
-        list(geometry.dilation),
-    )
-
-
 def forward(input, weight, bias, layout: NestedLayout, geometry: ConvGeometry, lo: int, hi: int, out):
     bias = None if bias is None else bias.contiguous()
-    arguments = (_pixel_layout(input), weight, bias, *_layout_args(layout, geometry), lo, hi)
+    arguments = (_pixel_layout(input), weight, bias, *extension_arguments(layout, geometry), lo, hi)
     if out is None or _is_pixel_layout(out):
         return extension().nested_conv2d_forward_cpu(*arguments, out)
     # The kernels write NCHW or NHWC buffers; any other `out` gets the result copied in.
@@ -47,7 +36,7 @@ def backward(grad_output, input, weight, has_bias, layout, geometry, lo, hi, nee
         _pixel_layout(input),
         weight,
         has_bias,
-        *_layout_args(layout, geometry),
+        *extension_arguments(layout, geometry),
         lo,
         hi,
         needs_input,

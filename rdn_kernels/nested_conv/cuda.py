@@ -26,8 +26,7 @@ import torch
 from rdn_kernels._extension import extension
 from rdn_kernels.layout import NestedLayout
 
-from .cpp import _layout_args
-from .geometry import ConvGeometry
+from .geometry import ConvGeometry, extension_arguments
 
 
 def forward(
@@ -41,7 +40,8 @@ def forward(
     out: torch.Tensor | None,
 ) -> torch.Tensor:
     """Output groups ``lo..hi-1``: (N, sum(out_splits[lo:hi]), H_out, W_out), or ``out`` with them written."""
-    return extension().nested_conv2d_forward_cuda(input, weight, bias, *_layout_args(layout, geometry), lo, hi, out)
+    arguments = extension_arguments(layout, geometry)
+    return extension().nested_conv2d_forward_cuda(input, weight, bias, *arguments, lo, hi, out)
 
 
 def backward(
@@ -58,5 +58,5 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(grad_input, grad_weight, grad_bias); a gradient not asked for is None (see module docstring)."""
     return extension().nested_conv2d_backward_cuda(
-        grad_output, input, weight, has_bias, *_layout_args(layout, geometry), lo, hi, needs_input, needs_weight
+        grad_output, input, weight, has_bias, *extension_arguments(layout, geometry), lo, hi, needs_input, needs_weight
     )

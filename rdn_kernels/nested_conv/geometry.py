@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rdn_kernels.layout import NestedLayout
+
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
@@ -54,3 +56,15 @@ def output_memory_format(input: torch.Tensor) -> torch.memory_format:
     if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def extension_arguments(layout: NestedLayout, geometry: ConvGeometry) -> tuple:
+    """Layout and geometry as the compiled extension's functions take them (offsets, flat mask, pairs)."""
+    return (
+        list(layout.in_offsets),
+        list(layout.out_offsets),
+        layout.flat_mask,
+        list(geometry.stride),
+        list(geometry.padding),
+        list(geometry.dilation),
+    )
