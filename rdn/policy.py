@@ -201,13 +201,16 @@ def check_epsilon(epsilon: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def lagrangian_exits(probabilities: Tensor, savings: Tensor, lam: float | None) -> Tensor:
+def lagrangian_exits(
+    probabilities: Tensor, savings: Tensor, lam: float | None, allowed: Tensor | None = None
+) -> Tensor:
     """exit(x) = argmax_k (r_k + λ)·p_k(x), 1-based (N,) int64; ties go to the cheaper exit.
 
     Args:
         probabilities: (N, K) p_k(x).
         savings: (K,) r_k.
         lam: λ ≥ 0, or ``None`` for the fall-back "always N_K".
+        allowed: (K,) bool, the exits the rule may choose (default all; e.g. the nesting order's).
     """
     n, k = probabilities.shape
     if lam is None:
@@ -218,6 +221,8 @@ def lagrangian_exits(probabilities: Tensor, savings: Tensor, lam: float | None) 
     # and finite in float64 for any λ the calibration can return.
     t = 1.0 if math.isinf(lam) else lam / (1.0 + lam)
     scores = ((1.0 - t) * savings.to(probabilities.device, torch.float64) + t) * probabilities.double()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.to(scores.device), -math.inf)
     return scores.argmax(dim=1) + 1
 
 
@@ -297,7 +302,8 @@ class ExitPolicy(nn.Module):
         savings: (K,) r_k, see :func:`exit_savings`.
         hidden: width of the two hidden layers.
 
-    Buffers ``feature_mean`` / ``feature_scale`` standardise the features (set by :func:`fit_policy`);
+    Buffers ``feature_mean`` / ``feature_scale`` standardise the features (set by :func:`fit_policy`),
+    ``allowed`` (K,) marks the exits the rule may pick (:meth:`restrict_exits`, e.g. to the nesting order);
     the (ε, λ*) pairs live in :attr:`lambdas` and travel in the ``state_dict`` as extra state.
     """
 
@@ -312,6 +318,7 @@ class ExitPolicy(nn.Module):
         self.register_buffer("savings", savings)
         self.register_buffer("feature_mean", torch.zeros(feature_width))
         self.register_buffer("feature_scale", torch.ones(feature_width))
+        self.register_buffer("allowed", torch.ones(savings.numel(), dtype=torch.bool))
         self.mlp = nn.Sequential(
             nn.Linear(feature_width, hidden),
             nn.ReLU(),
@@ -329,6 +336,15 @@ class ExitPolicy(nn.Module):
     @property
     def feature_width(self) -> int:
         return self.feature_mean.numel()
+
+    def restrict_exits(self, exits: Sequence[int]) -> None:
+        """Let the rule pick only the 1-based ``exits`` (which must include the last, K)."""
+        chosen = sorted(set(exits))
+        if not chosen or chosen[-1] != self.num_exits or chosen[0] < 1:
+            raise ValueError(f"exits must be 1-based exits in 1..{self.num_exits} including {self.num_exits}, got "
+                             f"{exits}")
+        self.allowed.zero_()
+        self.allowed[torch.tensor(chosen) - 1] = True
 
     @property
     def num_exits(self) -> int:
@@ -368,7 +384,7 @@ class ExitPolicy(nn.Module):
 
     def exits(self, features: Tensor, lam: float | None) -> Tensor:
         """(N, F_1) → (N,) 1-based exit of every sample under λ (``None``: always N_K)."""
-        return lagrangian_exits(self.probabilities(features), self.savings, lam)
+        return lagrangian_exits(self.probabilities(features), self.savings, lam, self.allowed)
 
     def lambda_for(self, epsilon: float) -> float | None:
         """The calibrated λ* of ε (``None``: fall back to N_K); KeyError if ε was not calibrated."""
@@ -450,10 +466,10 @@ def calibrate_lambda(policy: ExitPolicy, outputs: ExitOutputs, epsilons: Iterabl
     epsilons = [check_epsilon(epsilon) for epsilon in epsilons]
     with torch.no_grad():
         probabilities = policy.probabilities(outputs.features.to(policy.feature_mean.device)).cpu()
-    savings = policy.savings.cpu()
+    savings, allowed = policy.savings.cpu(), policy.allowed.cpu()
 
     def decide(t: float) -> Tensor:
-        return lagrangian_exits(probabilities, savings, math.inf if t == 1.0 else t / (1.0 - t))
+        return lagrangian_exits(probabilities, savings, math.inf if t == 1.0 else t / (1.0 - t), allowed)
 
     for epsilon in epsilons:
         t = _smallest_passing(decide, outputs.correct, 1.0 - epsilon)

@@ -72,6 +72,9 @@ def test_lagrangian_rule_by_hand():
     # λ → ∞: argmax p, ties to the cheapest exit.
     assert lagrangian_exits(p, r, math.inf).tolist() == [3, 1]
     assert lagrangian_exits(p, r, None).tolist() == [3, 3]
+    allowed = torch.tensor([False, True, True])
+    assert lagrangian_exits(p, r, 0.0, allowed).tolist() == [2, 2]
+    assert lagrangian_exits(p, r, math.inf, allowed).tolist() == [3, 2]
     with pytest.raises(ValueError, match="lam"):
         lagrangian_exits(p, r, -0.1)
 
@@ -155,6 +158,17 @@ def test_tighter_target_costs_more():
              for e in (0.3, 0.15, 0.08)]
     assert costs == sorted(costs)
     assert lambdas[0.3] <= lambdas[0.15] <= lambdas[0.08]
+
+
+def test_restricted_exits_are_never_chosen():
+    outputs = synthetic_outputs()
+    policy = trained_policy(outputs)
+    policy.restrict_exits([1, 3])
+    lambdas = calibrate_lambda(policy, outputs, [0.1, 0.3])
+    for lam in lambdas.values():
+        assert not policy.exits(outputs.features, lam).eq(2).any()
+    with pytest.raises(ValueError, match="including 3"):
+        policy.restrict_exits([1, 2])
 
 
 def test_unreachable_epsilon_warns_and_falls_back_to_last_exit():
