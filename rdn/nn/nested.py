@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,8 @@ from rdn_kernels.backends import KNOWN_BACKENDS
 from rdn_kernels.layout import NestedLayout
 
 __all__ = ["NestedConv2d", "NestedLinear", "split_channels"]
+
+_Layer = TypeVar("_Layer", bound="_NestedLayer")
 
 
 def split_channels(channels: int, k: int) -> tuple[int, ...]:
@@ -119,13 +122,42 @@ class _NestedLayer(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         self.weight.copy_(self._masked_weight())
 
-    @torch.no_grad()
-    def _copy_dense(self, weight: Tensor, bias: Tensor | None) -> None:
-        """Take a pretrained dense layer's parameters; blocks outside the mask are left zero."""
-        self.weight.copy_(weight)
-        self.weight.copy_(self._masked_weight())
-        if self.bias is not None:
-            self.bias.copy_(bias)
+    @classmethod
+    def from_parameters(
+        cls: type[_Layer],
+        weight: Tensor,
+        bias: Tensor | None,
+        in_splits: Sequence[int],
+        out_splits: Sequence[int],
+        block_mask=None,
+        backend: str = "auto",
+        **geometry,
+    ) -> _Layer:
+        """A nested layer holding dense-shaped ``weight`` (D, C, ...) and ``bias`` (D,) or None.
+
+        Blocks outside the mask are zeroed. ``geometry`` are the remaining constructor arguments:
+        ``kernel_size`` (and ``stride``, ``padding``, ``dilation``) for :class:`NestedConv2d`,
+        none for :class:`NestedLinear`. The layer is created on ``weight``'s device and dtype.
+        """
+        nested = cls(
+            in_splits,
+            out_splits,
+            bias=bias is not None,
+            block_mask=block_mask,
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+            **geometry,
+        )
+        if weight.shape != nested.weight.shape:
+            expected = tuple(nested.weight.shape)
+            raise ValueError(f"weight must have shape {expected} (the splits and geometry), got {tuple(weight.shape)}")
+        if bias is not None and bias.shape != nested.bias.shape:
+            raise ValueError(f"bias must have shape {tuple(nested.bias.shape)}, got {tuple(bias.shape)}")
+        _copy_parameters(nested, weight, bias)
+        with torch.no_grad():
+            nested.weight.copy_(nested._masked_weight())
+        return nested
 
     def _check_subnet(self, s: int) -> None:
         if isinstance(s, bool) or not isinstance(s, int):
@@ -152,6 +184,14 @@ class _NestedLayer(nn.Module):
         if self.layout != make_layout(self.in_splits, self.out_splits):
             text += f", block_mask={[[int(m) for m in row] for row in self.layout.mask]}"
         return text
+
+
+@torch.no_grad()
+def _copy_parameters(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
+    """Copy ``weight`` and ``bias`` (when not None) into ``layer``'s parameters of the same shapes."""
+    layer.weight.copy_(weight)
+    if bias is not None:
+        layer.bias.copy_(bias)
 
 
 def _check_splits_match(name: str, splits: Sequence[int], channels: int, what: str) -> None:
@@ -264,21 +304,18 @@ class NestedConv2d(_NestedLayer):
             raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; nested convs support 'zeros' only")
         _check_splits_match("in_splits", in_splits, conv.in_channels, "in_channels")
         _check_splits_match("out_splits", out_splits, conv.out_channels, "out_channels")
-        nested = cls(
+        return cls.from_parameters(
+            conv.weight,
+            conv.bias,
             in_splits,
             out_splits,
-            conv.kernel_size,
-            conv.stride,
-            _explicit_padding(conv),
-            conv.dilation,
-            bias=conv.bias is not None,
-            block_mask=block_mask,
-            backend=backend,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
+            block_mask,
+            backend,
+            kernel_size=conv.kernel_size,
+            stride=conv.stride,
+            padding=_explicit_padding(conv),
+            dilation=conv.dilation,
         )
-        nested._copy_dense(conv.weight, conv.bias)
-        return nested
 
     def export_conv(self, s: int) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing output groups 0..s-1 from input groups 0..s-1.
@@ -298,10 +335,7 @@ class NestedConv2d(_NestedLayer):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if bias is not None:
-                conv.bias.copy_(bias)
+        _copy_parameters(conv, weight, bias)
         return conv
 
     def extra_repr(self) -> str:
@@ -375,17 +409,7 @@ class NestedLinear(_NestedLayer):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         _check_splits_match("in_splits", in_splits, linear.in_features, "in_features")
         _check_splits_match("out_splits", out_splits, linear.out_features, "out_features")
-        nested = cls(
-            in_splits,
-            out_splits,
-            bias=linear.bias is not None,
-            block_mask=block_mask,
-            backend=backend,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
-        nested._copy_dense(linear.weight, linear.bias)
-        return nested
+        return cls.from_parameters(linear.weight, linear.bias, in_splits, out_splits, block_mask, backend)
 
     def export_linear(self, s: int) -> nn.Linear:
         """A plain ``nn.Linear`` computing output groups 0..s-1 from input groups 0..s-1."""
@@ -393,10 +417,7 @@ class NestedLinear(_NestedLayer):
         linear = nn.Linear(
             weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
         )
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
+        _copy_parameters(linear, weight, bias)
         return linear
 
     def extra_repr(self) -> str:

@@ -252,6 +252,20 @@ def test_from_linear():
         NestedLinear.from_linear(nn.Conv2d(6, 4, 1), (3, 3), (2, 2))
 
 
+def test_from_parameters_masks_and_checks_shapes():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(4, 6, 3, 3, dtype=DTYPE), torch.randn(4, dtype=DTYPE)
+    geometry = {"kernel_size": 3, "stride": 2, "padding": 1, "dilation": 1}
+    nested = NestedConv2d.from_parameters(weight, bias, (3, 3), (2, 2), **geometry)
+    assert (nested.stride, nested.padding) == ((2, 2), (1, 1))
+    assert torch.equal(nested.weight, weight * dense_mask((3, 3), (2, 2))[:, :, None, None])
+    assert torch.equal(nested.bias, bias)
+    with pytest.raises(ValueError, match=r"weight must have shape \(4, 6, 3, 3\)"):
+        NestedConv2d.from_parameters(weight[:, :5], bias, (3, 3), (2, 2), **geometry)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        NestedLinear.from_parameters(weight[:, :, 0, 0], bias[:3], (3, 3), (2, 2))
+
+
 def test_split_channels_rule():
     assert split_channels(10, 4) == (3, 3, 2, 2)
     assert split_channels(8, 4) == (2, 2, 2, 2)
