@@ -1,43 +1,17 @@
 // C++ CPU kernels of the nested convolution (see nested_conv_cpu.cpp).
 #pragma once
 
-#include <ATen/ATen.h>
-
-#include <tuple>
-#include <vector>
+#include "../nested_conv_common.h"  // BlockLayout, Geometry, ForwardFn, BackwardFn
 
 namespace rdn {
-
-// Channel groups and block mask of a nested layer, as offsets (K + 1 each) and a K×K mask.
-struct BlockLayout {
-  std::vector<int64_t> in_offsets, out_offsets;
-  std::vector<bool> mask;  // row-major, mask[j * K + i]: output group j reads input group i
-
-  int64_t num_groups() const { return static_cast<int64_t>(in_offsets.size()) - 1; }
-  int64_t in_splits(int64_t i) const { return in_offsets[i + 1] - in_offsets[i]; }
-  int64_t out_splits(int64_t j) const { return out_offsets[j + 1] - out_offsets[j]; }
-  bool has_block(int64_t j, int64_t i) const {
-    return mask[j * num_groups() + i] && in_splits(i) > 0 && out_splits(j) > 0;
-  }
-};
-
-struct Geometry {
-  std::vector<int64_t> stride, padding, dilation;
-};
-
 namespace cpu {
 
-// Output groups lo..hi-1. Without `out`, returns (N, Σ out_splits[lo:hi], H_out, W_out) in the
-// input's memory format; with `out` (full output shape), writes their channel slice and returns it.
-at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                   const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi,
-                   const c10::optional<at::Tensor>& out);
+// at::Tensor forward(input, weight, bias, layout, geometry, lo, hi, out): the contract of ForwardFn.
+ForwardFn forward;
 
-// (grad_input, grad_weight, grad_bias); a gradient not asked for is an undefined tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                                        const at::Tensor& weight, bool has_bias,
-                                                        const BlockLayout& layout, const Geometry& geometry, int64_t lo,
-                                                        int64_t hi, bool needs_input, bool needs_weight);
+// (grad_input, grad_weight, grad_bias) = backward(grad_output, input, weight, has_bias, layout,
+// geometry, lo, hi, needs_input, needs_weight): the contract of BackwardFn.
+BackwardFn backward;
 
 }  // namespace cpu
 }  // namespace rdn
