@@ -223,36 +223,24 @@ class RussianDollNet(nn.Module):
         if role == "nested":
             weight, bias, block_mask = nested_parameters(module.weight, module.bias, in_space, space, copies)
             if isinstance(module, nn.Linear):
-                nested = NestedLinear(
-                    in_space.splits,
-                    space.splits,
-                    bias=bias is not None,
-                    block_mask=block_mask,
-                    device=weight.device,
-                    dtype=weight.dtype,
-                )
+                nested = NestedLinear.from_parameters(weight, bias, in_space.splits, space.splits, block_mask)
             else:
                 if module.padding_mode != "zeros" or isinstance(module.padding, str):
                     raise ValueError(
                         f"conv {node.target} has padding {module.padding!r} / padding_mode {module.padding_mode!r}; "
                         "nested convs need integer zero padding"
                     )
-                nested = NestedConv2d(
+                nested = NestedConv2d.from_parameters(
+                    weight,
+                    bias,
                     in_space.splits,
                     space.splits,
-                    module.kernel_size,
-                    module.stride,
-                    module.padding,
-                    module.dilation,
-                    bias=bias is not None,
-                    block_mask=block_mask,
-                    device=weight.device,
-                    dtype=weight.dtype,
+                    block_mask,
+                    kernel_size=module.kernel_size,
+                    stride=module.stride,
+                    padding=module.padding,
+                    dilation=module.dilation,
                 )
-            with torch.no_grad():
-                nested.weight.copy_(weight)
-                if bias is not None:
-                    nested.bias.copy_(bias)
             return nested.train(module.training)
         if role == "grouped":
             if module.padding_mode != "zeros":
