@@ -7,14 +7,11 @@ import torch
 
 from rdn.models import create, list_models
 from rdn.surgery import RussianDollNet, nest
+from tests.surgery.checks import relative_error, staged_states
 
 ATOL = 1e-4
 BASE = {"num_classes": 10, "input_size": 32, "in_chans": 3}
 WIDTHS = {"resnext50_32x4d": 0.25}
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def base_arguments(name: str) -> dict:
@@ -41,10 +38,7 @@ def test_one_pass_staged_and_exact_top(model_and_rdn, images):
     with torch.no_grad():
         logits = rdn(images)
         assert relative_error(logits[-1], model(images)) < 1e-4
-        state = rdn.start(images)
-        for s in range(1, rdn.num_subnets + 1):
-            if s > 1:
-                state = rdn.step(state)
+        for s, state in staged_states(rdn, images):
             alone = rdn(images, subnet=s)
             torch.testing.assert_close(alone, logits[s - 1], atol=ATOL, rtol=ATOL)
             torch.testing.assert_close(state.logits, alone, atol=ATOL, rtol=ATOL)
@@ -93,10 +87,7 @@ def test_depth_split_on_mobilenet_v2(images):
     assert rdn.num_subnets == 14
     with torch.no_grad():
         logits = rdn(images)
-        state = rdn.start(images)
-        for subnet in range(1, 15):
-            if subnet > 1:
-                state = rdn.step(state)
+        for subnet, state in staged_states(rdn, images):
             torch.testing.assert_close(state.logits, logits[subnet - 1], atol=ATOL, rtol=ATOL)
     # The shallow exit of N_s (2s - 1) is cheaper than N_s (2s).
     assert rdn.macs(1) < rdn.macs(2) and rdn.macs(13) < rdn.macs(14)

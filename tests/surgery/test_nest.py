@@ -12,6 +12,7 @@ from torch import nn
 from rdn.nn import NestedConv2d
 from rdn.surgery import RussianDollNet, nest
 from rdn.surgery.select import greedy_order, invisible_energy
+from tests.surgery.checks import relative_error, staged_states
 from tests.surgery.toys import fused_norm_net, hand_count_net, squeeze_excite_net, toy
 
 ATOL = 1e-5
@@ -23,10 +24,6 @@ MODES = [
     ("expand", False, "sum"),
     ("truncate", True, "latest"),
 ]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -348,10 +345,7 @@ def test_depth_split_doubles_the_exits(images):
     with torch.no_grad():
         logits = rdn(images)
         assert len(logits) == 10
-        state = rdn.start(images)
-        for subnet in range(1, rdn.num_subnets + 1):
-            if subnet > 1:
-                state = rdn.step(state)
+        for subnet, state in staged_states(rdn, images):
             assert state.subnet == subnet
             alone = rdn(images, subnet=subnet)
             torch.testing.assert_close(alone, logits[subnet - 1], atol=ATOL, rtol=ATOL)
@@ -401,10 +395,7 @@ def test_per_channel_modules_with_their_own_tensors(images):
     with torch.no_grad():
         logits = rdn(images)
         assert relative_error(logits[-1], model(images)) < 1e-5
-        state = rdn.start(images)
-        for s in range(1, rdn.num_subnets + 1):
-            if s > 1:
-                state = rdn.step(state)
+        for s, state in staged_states(rdn, images):
             torch.testing.assert_close(rdn(images, subnet=s), logits[s - 1], atol=ATOL, rtol=ATOL)
             torch.testing.assert_close(state.logits, logits[s - 1], atol=ATOL, rtol=ATOL)
             torch.testing.assert_close(rdn.export(s).eval()(images), logits[s - 1], atol=ATOL, rtol=ATOL)
