@@ -24,7 +24,7 @@ def _build_cuda() -> bool:
 
 
 def extension():
-    sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/bindings.cpp", "csrc/nested_conv_common.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     if platform.machine() not in ("x86_64", "AMD64"):  # the AVX instantiations are x86-only
         sources = [source for source in sources if "_avx" not in source]
     cxx_flags = ["-O3", "-fopenmp"]

@@ -1,10 +1,12 @@
 // What the CPU and CUDA backends of the nested convolution share: the block layout and geometry
-// they take, and the signatures of their entry points.
+// they take, the signatures of their entry points, and the layout-level helpers both use
+// (channel runs, output shape, bias gradient, the per-block ATen backward).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace rdn {
@@ -39,5 +41,33 @@ using ForwardFn = at::Tensor(const at::Tensor& input, const at::Tensor& weight, 
 using BackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, bool has_bias,
     const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input, bool needs_weight);
+
+// A half-open channel range [first, second).
+using ChannelRange = std::pair<int64_t, int64_t>;
+
+// Coalesced input-channel ranges read by output group j.
+std::vector<ChannelRange> input_runs(const BlockLayout& layout, int64_t j);
+
+// Coalesced output-channel ranges of groups lo ≤ j < hi that read input group i.
+std::vector<ChannelRange> output_runs(const BlockLayout& layout, int64_t i, int64_t lo, int64_t hi);
+
+// channels_last when the input is channels_last (and not also contiguous), else contiguous.
+at::MemoryFormat memory_format_of(const at::Tensor& input);
+
+// (N, channels, H_out, W_out) of the convolution of `input` with `weight` (D, C, kh, kw).
+std::vector<int64_t> output_shape(const at::Tensor& input, const at::Tensor& weight, const Geometry& geometry,
+                                  int64_t channels);
+
+// grad_bias (D,): the sums of grad_output (the channels of groups lo..hi-1) over batch and
+// pixels, zero on the other groups.
+at::Tensor bias_gradient(const at::Tensor& grad_output, const at::Tensor& weight, const BlockLayout& layout,
+                         int64_t lo, int64_t hi);
+
+// Any convolution's (grad_input, grad_weight) by one ATen convolution_backward per (output
+// group, input run) on views; grad_weight (contiguous) is exactly zero outside those blocks.
+std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                    const at::Tensor& weight, const BlockLayout& layout,
+                                                    const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input,
+                                                    bool needs_weight);
 
 }  // namespace rdn

@@ -68,37 +68,6 @@ void flatten_together(PixelMatrix<A>& a, PixelMatrix<B>& b) {
   }
 }
 
-std::vector<std::pair<int64_t, int64_t>> coalesce(const std::vector<std::pair<int64_t, int64_t>>& ranges) {
-  std::vector<std::pair<int64_t, int64_t>> runs;
-  for (const auto& range : ranges) {
-    if (range.second == range.first) continue;
-    if (!runs.empty() && runs.back().second == range.first) {
-      runs.back().second = range.second;
-    } else {
-      runs.push_back(range);
-    }
-  }
-  return runs;
-}
-
-// Input channel runs read by output group j.
-std::vector<std::pair<int64_t, int64_t>> input_runs(const BlockLayout& layout, int64_t j) {
-  std::vector<std::pair<int64_t, int64_t>> ranges;
-  for (int64_t i = 0; i <= j; ++i) {
-    if (layout.has_block(j, i)) ranges.emplace_back(layout.in_offsets[i], layout.in_offsets[i + 1]);
-  }
-  return coalesce(ranges);
-}
-
-// Output channel runs of groups lo ≤ j < hi that read input group i.
-std::vector<std::pair<int64_t, int64_t>> output_runs(const BlockLayout& layout, int64_t i, int64_t lo, int64_t hi) {
-  std::vector<std::pair<int64_t, int64_t>> ranges;
-  for (int64_t j = std::max(lo, i); j < hi; ++j) {
-    if (layout.has_block(j, i)) ranges.emplace_back(layout.out_offsets[j], layout.out_offsets[j + 1]);
-  }
-  return coalesce(ranges);
-}
-
 template <typename T>
 const pm::Kernels<T>& kernels();
 template <>
@@ -450,44 +419,6 @@ bool use_pointwise(const at::Tensor& input, const at::Tensor& weight, const Geom
          (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
 }
 
-at::MemoryFormat memory_format_of(const at::Tensor& input) {
-  return (!input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
-                                                                                        : at::MemoryFormat::Contiguous;
-}
-
-std::vector<int64_t> output_shape(const at::Tensor& input, const at::Tensor& weight, const Geometry& geometry,
-                                  int64_t channels) {
-  std::vector<int64_t> shape{input.size(0), channels};
-  for (int axis = 0; axis < 2; ++axis) {
-    const int64_t span = geometry.dilation[axis] * (weight.size(2 + axis) - 1) + 1;
-    shape.push_back((input.size(2 + axis) + 2 * geometry.padding[axis] - span) / geometry.stride[axis] + 1);
-  }
-  return shape;
-}
-
-std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                                    const at::Tensor& weight, const BlockLayout& layout,
-                                                    const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input,
-                                                    bool needs_weight) {
-  at::Tensor grad_input = needs_input ? at::zeros_like(input) : at::Tensor();
-  at::Tensor grad_weight = needs_weight ? at::zeros_like(weight) : at::Tensor();
-  const int64_t base = layout.out_offsets[lo];
-  for (int64_t j = lo; j < hi; ++j) {
-    const int64_t out_start = layout.out_offsets[j], width = layout.out_splits(j);
-    if (width == 0) continue;
-    const at::Tensor grad_group = grad_output.narrow(1, out_start - base, width);
-    for (const auto& [start, stop] : input_runs(layout, j)) {
-      auto [block_input, block_weight, unused] = at::convolution_backward(
-          grad_group, input.narrow(1, start, stop - start), weight.narrow(0, out_start, width).narrow(1, start, stop - start),
-          c10::nullopt, geometry.stride, geometry.padding, geometry.dilation, false, {0, 0}, 1,
-          {needs_input, needs_weight, false});
-      if (needs_input) grad_input.narrow(1, start, stop - start).add_(block_input);
-      if (needs_weight) grad_weight.narrow(0, out_start, width).narrow(1, start, stop - start).copy_(block_weight);
-    }
-  }
-  return {grad_input, grad_weight};
-}
-
 }  // namespace
 
 at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -517,12 +448,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                         int64_t hi, bool needs_input, bool needs_weight) {
   TORCH_CHECK(input.device().is_cpu(), "rdn cpp backend: expected CPU tensors");
   const at::Tensor weight_c = weight.contiguous();
-  at::Tensor grad_input, grad_weight, grad_bias;
-  if (has_bias) {
-    grad_bias = at::zeros({weight.size(0)}, weight.options());
-    const int64_t base = layout.out_offsets[lo];
-    grad_bias.narrow(0, base, layout.out_offsets[hi] - base).copy_(grad_output.sum({0, 2, 3}));
-  }
+  at::Tensor grad_input, grad_weight;
+  const at::Tensor grad_bias = has_bias ? bias_gradient(grad_output, weight, layout, lo, hi) : at::Tensor();
   if (use_pointwise(input, weight, geometry) && is_pixel_matrix(grad_output)) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rdn_pointwise_backward", [&] {
       if (needs_input) {

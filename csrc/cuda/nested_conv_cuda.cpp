@@ -8,7 +8,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -25,47 +24,13 @@ struct Destination {
   std::vector<ChannelRun> runs;
 };
 
-void append_run(std::vector<ChannelRun>& runs, int64_t begin, int64_t end) {
-  if (begin == end) return;
-  if (!runs.empty() && runs.back().end == begin) {
-    runs.back().end = static_cast<int32_t>(end);
-  } else {
-    runs.push_back({static_cast<int32_t>(begin), static_cast<int32_t>(end)});
-  }
-}
-
-// Coalesced input-channel runs read by output group j.
-std::vector<ChannelRun> input_runs(const BlockLayout& layout, int64_t j) {
+// The kernels' 32-bit form of channel ranges, shifted to start at channel `base`.
+std::vector<ChannelRun> kernel_runs(const std::vector<ChannelRange>& ranges, int64_t base = 0) {
   std::vector<ChannelRun> runs;
-  for (int64_t i = 0; i <= j; ++i) {
-    if (layout.has_block(j, i)) append_run(runs, layout.in_offsets[i], layout.in_offsets[i + 1]);
+  for (const auto& [begin, end] : ranges) {
+    runs.push_back({static_cast<int32_t>(begin - base), static_cast<int32_t>(end - base)});
   }
   return runs;
-}
-
-// Coalesced output-channel runs of groups lo..hi-1 that read input group i, as columns of a
-// grad_output that starts at output channel `base`.
-std::vector<ChannelRun> output_runs(const BlockLayout& layout, int64_t i, int64_t lo, int64_t hi, int64_t base) {
-  std::vector<ChannelRun> runs;
-  for (int64_t j = std::max(lo, i); j < hi; ++j) {
-    if (layout.has_block(j, i)) append_run(runs, layout.out_offsets[j] - base, layout.out_offsets[j + 1] - base);
-  }
-  return runs;
-}
-
-at::MemoryFormat memory_format_of(const at::Tensor& input) {
-  return (!input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
-                                                                                        : at::MemoryFormat::Contiguous;
-}
-
-std::vector<int64_t> output_shape(const at::Tensor& input, const at::Tensor& weight, const Geometry& geometry,
-                                  int64_t channels) {
-  std::vector<int64_t> shape{input.size(0), channels};
-  for (int axis = 0; axis < 2; ++axis) {
-    const int64_t span = geometry.dilation[axis] * (weight.size(2 + axis) - 1) + 1;
-    shape.push_back((input.size(2 + axis) + 2 * geometry.padding[axis] - span) / geometry.stride[axis] + 1);
-  }
-  return shape;
 }
 
 bool is_pointwise(const at::Tensor& weight, const Geometry& geometry) {
@@ -146,7 +111,7 @@ void pointwise_forward(const at::Tensor& input, const at::Tensor& weight, const 
                        int64_t output_channel_base) {
   std::vector<Destination> destinations;
   for (int64_t j = lo; j < hi; ++j) {
-    destinations.push_back({layout.out_offsets[j], layout.out_offsets[j + 1], input_runs(layout, j)});
+    destinations.push_back({layout.out_offsets[j], layout.out_offsets[j + 1], kernel_runs(input_runs(layout, j))});
   }
   run_pointwise(input, weight.data_ptr(), weight.size(1), bias, output, output_channel_base, destinations);
 }
@@ -162,7 +127,8 @@ void pointwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weigh
   const void* weight_from_base = static_cast<const char*>(weight_t.data_ptr()) + base * weight_t.element_size();
   std::vector<Destination> destinations;
   for (int64_t i = 0; i < hi; ++i) {
-    destinations.push_back({layout.in_offsets[i], layout.in_offsets[i + 1], output_runs(layout, i, lo, hi, base)});
+    destinations.push_back(
+        {layout.in_offsets[i], layout.in_offsets[i + 1], kernel_runs(output_runs(layout, i, lo, hi), base)});
   }
   destinations.push_back({layout.in_offsets[hi], grad_input.size(1), {}});
   run_pointwise(grad_output, weight_from_base, weight_t.size(1), at::Tensor(), grad_input, 0, destinations);
@@ -183,11 +149,10 @@ at::Tensor pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor
     const int64_t out_start = layout.out_offsets[j], width = layout.out_splits(j);
     if (width == 0) continue;
     const at::Tensor grad_group = grad_rows.narrow(1, out_start - base, width).t();
-    for (const ChannelRun& run : input_runs(layout, j)) {
-      const int64_t length = run.end - run.begin;
+    for (const auto& [start, stop] : input_runs(layout, j)) {
       grad_matrix.narrow(0, out_start, width)
-          .narrow(1, run.begin, length)
-          .copy_(at::mm(grad_group, input_rows.narrow(1, run.begin, length)));
+          .narrow(1, start, stop - start)
+          .copy_(at::mm(grad_group, input_rows.narrow(1, start, stop - start)));
     }
   }
   return grad_weight;
@@ -205,9 +170,9 @@ void general_forward(const at::Tensor& input, const at::Tensor& weight, const c1
     c10::optional<at::Tensor> group_bias;
     if (bias) group_bias = bias->narrow(0, out_start, width);
     at::Tensor sum;
-    for (const ChannelRun& run : input_runs(layout, j)) {
-      at::Tensor term = at::conv2d(input.narrow(1, run.begin, run.end - run.begin),
-                                   weight.narrow(0, out_start, width).narrow(1, run.begin, run.end - run.begin),
+    for (const auto& [start, stop] : input_runs(layout, j)) {
+      at::Tensor term = at::conv2d(input.narrow(1, start, stop - start),
+                                   weight.narrow(0, out_start, width).narrow(1, start, stop - start),
                                    sum.defined() ? c10::nullopt : group_bias, geometry.stride, geometry.padding,
                                    geometry.dilation);
       sum = sum.defined() ? sum.add_(term) : term;
@@ -220,30 +185,6 @@ void general_forward(const at::Tensor& input, const at::Tensor& weight, const c1
       target.zero_();
     }
   }
-}
-
-std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                                    const at::Tensor& weight, const BlockLayout& layout,
-                                                    const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input,
-                                                    bool needs_weight) {
-  at::Tensor grad_input = needs_input ? at::zeros_like(input) : at::Tensor();
-  at::Tensor grad_weight = needs_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::Tensor();
-  const int64_t base = layout.out_offsets[lo];
-  for (int64_t j = lo; j < hi; ++j) {
-    const int64_t out_start = layout.out_offsets[j], width = layout.out_splits(j);
-    if (width == 0) continue;
-    const at::Tensor grad_group = grad_output.narrow(1, out_start - base, width);
-    for (const ChannelRun& run : input_runs(layout, j)) {
-      const int64_t length = run.end - run.begin;
-      auto [block_input, block_weight, unused] = at::convolution_backward(
-          grad_group, input.narrow(1, run.begin, length), weight.narrow(0, out_start, width).narrow(1, run.begin, length),
-          c10::nullopt, geometry.stride, geometry.padding, geometry.dilation, false, {0, 0}, 1,
-          {needs_input, needs_weight, false});
-      if (needs_input) grad_input.narrow(1, run.begin, length).add_(block_input);
-      if (needs_weight) grad_weight.narrow(0, out_start, width).narrow(1, run.begin, length).copy_(block_weight);
-    }
-  }
-  return {grad_input, grad_weight};
 }
 
 void check_operands(const at::Tensor& input, const at::Tensor& weight) {
@@ -298,12 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   check_operands(input, weight);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::Tensor weight_c = weight.contiguous();
-  at::Tensor grad_input, grad_weight, grad_bias;
-  if (has_bias) {
-    grad_bias = at::zeros({weight.size(0)}, weight.options());
-    const int64_t base = layout.out_offsets[lo];
-    grad_bias.narrow(0, base, layout.out_offsets[hi] - base).copy_(grad_output.sum({0, 2, 3}));
-  }
+  at::Tensor grad_input, grad_weight;
+  const at::Tensor grad_bias = has_bias ? bias_gradient(grad_output, weight, layout, lo, hi) : at::Tensor();
   if (!is_pointwise(weight, geometry) || !has_pointwise_kernel(input)) {
     std::tie(grad_input, grad_weight) =
         general_backward(grad_output, input, weight_c, layout, geometry, lo, hi, needs_input, needs_weight);

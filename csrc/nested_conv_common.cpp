@@ -1,0 +1,83 @@
+// Layout-level helpers shared by the CPU and CUDA backends (see nested_conv_common.h).
+#include "nested_conv_common.h"
+
+#include <algorithm>
+
+namespace rdn {
+namespace {
+
+// Appends [begin, end) to `runs`, merged with the last range when they touch; empty ranges are dropped.
+void append_run(std::vector<ChannelRange>& runs, int64_t begin, int64_t end) {
+  if (begin == end) return;
+  if (!runs.empty() && runs.back().second == begin) {
+    runs.back().second = end;
+  } else {
+    runs.emplace_back(begin, end);
+  }
+}
+
+}  // namespace
+
+std::vector<ChannelRange> input_runs(const BlockLayout& layout, int64_t j) {
+  std::vector<ChannelRange> runs;
+  for (int64_t i = 0; i <= j; ++i) {
+    if (layout.has_block(j, i)) append_run(runs, layout.in_offsets[i], layout.in_offsets[i + 1]);
+  }
+  return runs;
+}
+
+std::vector<ChannelRange> output_runs(const BlockLayout& layout, int64_t i, int64_t lo, int64_t hi) {
+  std::vector<ChannelRange> runs;
+  for (int64_t j = std::max(lo, i); j < hi; ++j) {
+    if (layout.has_block(j, i)) append_run(runs, layout.out_offsets[j], layout.out_offsets[j + 1]);
+  }
+  return runs;
+}
+
+at::MemoryFormat memory_format_of(const at::Tensor& input) {
+  return (!input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
+                                                                                        : at::MemoryFormat::Contiguous;
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& input, const at::Tensor& weight, const Geometry& geometry,
+                                  int64_t channels) {
+  std::vector<int64_t> shape{input.size(0), channels};
+  for (int axis = 0; axis < 2; ++axis) {
+    const int64_t span = geometry.dilation[axis] * (weight.size(2 + axis) - 1) + 1;
+    shape.push_back((input.size(2 + axis) + 2 * geometry.padding[axis] - span) / geometry.stride[axis] + 1);
+  }
+  return shape;
+}
+
+at::Tensor bias_gradient(const at::Tensor& grad_output, const at::Tensor& weight, const BlockLayout& layout,
+                         int64_t lo, int64_t hi) {
+  at::Tensor grad_bias = at::zeros({weight.size(0)}, weight.options());
+  const int64_t base = layout.out_offsets[lo];
+  grad_bias.narrow(0, base, layout.out_offsets[hi] - base).copy_(grad_output.sum({0, 2, 3}));
+  return grad_bias;
+}
+
+std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                    const at::Tensor& weight, const BlockLayout& layout,
+                                                    const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input,
+                                                    bool needs_weight) {
+  at::Tensor grad_input = needs_input ? at::zeros_like(input) : at::Tensor();
+  at::Tensor grad_weight = needs_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::Tensor();
+  const int64_t base = layout.out_offsets[lo];
+  for (int64_t j = lo; j < hi; ++j) {
+    const int64_t out_start = layout.out_offsets[j], width = layout.out_splits(j);
+    if (width == 0) continue;
+    const at::Tensor grad_group = grad_output.narrow(1, out_start - base, width);
+    for (const auto& [start, stop] : input_runs(layout, j)) {
+      auto [block_input, block_weight, unused] = at::convolution_backward(
+          grad_group, input.narrow(1, start, stop - start), weight.narrow(0, out_start, width).narrow(1, start, stop - start),
+          c10::nullopt, geometry.stride, geometry.padding, geometry.dilation, false, {0, 0}, 1,
+          {needs_input, needs_weight, false});
+      if (needs_input) grad_input.narrow(1, start, stop - start).add_(block_input);
+      if (needs_weight) grad_weight.narrow(0, out_start, width).narrow(1, start, stop - start).copy_(block_weight);
+    }
+  }
+  return {grad_input, grad_weight};
+}
+
+}  // namespace rdn
