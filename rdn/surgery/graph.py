@@ -41,8 +41,9 @@ are refused; channel concatenation and channel-coupled ops stay in the un-nested
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -72,6 +73,20 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         own_tensors = any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
         return super().is_leaf_module(module, qualified_name) or own_tensors or not any(True for _ in module.children())
+
+
+def call_node(node: fx.Node, fetch: Callable[[fx.Node], Any], module: nn.Module | None) -> Any:
+    """Run one traced node on the values ``fetch`` gives for the nodes it reads.
+
+    ``module`` is the layer a ``call_module`` node runs (unused for other nodes).
+    """
+    args = fx.node.map_arg(node.args, fetch)
+    kwargs = fx.node.map_arg(node.kwargs, fetch)
+    if node.op == "call_module":
+        return module(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -275,13 +290,9 @@ class SurgeryGraph:
                 return self._call(arg, tensors)
             raise ValueError(f"node {node.name} reads {arg.name}, which is not probed")
 
-        args = fx.node.map_arg(node.args, value)
-        kwargs = fx.node.map_arg(node.kwargs, value)
-        if node.op == "call_module":
-            return (self.modules[node.target] if module is None else module)(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
+        if module is None and node.op == "call_module":
+            module = self.modules[node.target]
+        return call_node(node, value, module)
 
     def _check_single_calls(self) -> None:
         calls: dict[str, str] = {}

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdn.nn import NestedConv2d, NestedLinear
-from rdn.surgery.graph import SurgeryGraph
+from rdn.surgery.graph import SurgeryGraph, call_node
 from rdn.surgery.spaces import (
     ChannelSpace,
     alignment_weight,
@@ -266,14 +266,9 @@ class RussianDollNet(nn.Module):
 
     def _call(self, step: _Step, fetch, module: nn.Module | None = None) -> Any:
         """Run one node on the values ``fetch`` gives for its inputs (``module`` replaces its layer)."""
-        node = step.node
-        args = fx.node.map_arg(node.args, fetch)
-        kwargs = fx.node.map_arg(node.kwargs, fetch)
-        if node.op == "call_module":
-            return (self.layers[step.name] if module is None else module)(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
+        if module is None and step.node.op == "call_module":
+            module = self.layers[step.name]
+        return call_node(step.node, fetch, module)
 
     def _run(
         self, x: Tensor | None, lo: int, hi: int, values: dict[str, Any], staged: bool, region: tuple[int, int]
