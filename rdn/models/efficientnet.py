@@ -17,8 +17,7 @@ from rdn.models.layers import (
     ImageClassifier,
     check_model_args,
     is_small_input,
-    make_divisible,
-    small_input_strides,
+    stack_stages,
 )
 
 # (expand ratio, kernel, stride of the first block, output channels, repeats) of EfficientNet-B0/Lite0.
@@ -46,25 +45,15 @@ class EfficientNetLite0(ImageClassifier):
     def __init__(self, num_classes: int = 1000, input_size: int = 224, in_chans: int = 3, width_mult: float = 1.0):
         check_model_args(in_chans, width_mult)
         small = is_small_input(input_size)
-        strides = [s for _, _, s, _, _ in _STAGES]
-        strides = small_input_strides(strides) if small else strides
         stem = ConvBNAct(in_chans, STEM_CHANNELS, 3, stride=1 if small else 2, bn_eps=_BN_EPS, tf_same_padding=True)
-        channels = STEM_CHANNELS
-        blocks = []
-        for (expand_ratio, kernel, _, out_channels, repeats), stride in zip(_STAGES, strides, strict=True):
-            out_channels = make_divisible(out_channels * width_mult)
-            for index in range(repeats):
-                blocks.append(
-                    InvertedResidual(
-                        channels,
-                        out_channels,
-                        stride if index == 0 else 1,
-                        expand_ratio,
-                        kernel,
-                        bn_eps=_BN_EPS,
-                        tf_same_padding=True,
-                    )
-                )
-                channels = out_channels
+
+        def mbconv(stage: int, in_channels: int, out_channels: int, stride: int) -> InvertedResidual:
+            expand_ratio, kernel = _STAGES[stage][:2]
+            return InvertedResidual(
+                in_channels, out_channels, stride, expand_ratio, kernel, bn_eps=_BN_EPS, tf_same_padding=True
+            )
+
+        stages = [(out_channels, repeats, stride) for _, _, stride, out_channels, repeats in _STAGES]
+        blocks, channels = stack_stages(STEM_CHANNELS, stages, width_mult, small, mbconv)
         head = ConvBNAct(channels, NUM_FEATURES, 1, bn_eps=_BN_EPS)
         super().__init__(stem, blocks, head, NUM_FEATURES, num_classes, dropout=0.2)

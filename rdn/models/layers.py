@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +51,33 @@ def small_input_strides(strides: Sequence[int]) -> list[int]:
     strides = list(strides)
     strides[strides.index(2)] = 1
     return strides
+
+
+def stack_stages(
+    channels: int,
+    stages: Sequence[tuple[float, int, int]],
+    width_mult: float,
+    small: bool,
+    make_block: Callable[[int, int, int, int], nn.Module],
+) -> tuple[list[nn.Module], int]:
+    """The blocks of a MobileNet-style body of stages, and the channels of its output.
+
+    Args:
+        channels: input channels of the first block (the stem's output).
+        stages: per stage (output channels before ``width_mult``, number of blocks, stride of its
+            first block). Output channels are scaled and rounded with :func:`make_divisible`; the
+            small-input variant runs the first stride-2 stage at stride 1 (:func:`small_input_strides`).
+        make_block: ``(stage index, in_channels, out_channels, stride) -> block``.
+    """
+    strides = [stride for _, _, stride in stages]
+    strides = small_input_strides(strides) if small else strides
+    blocks = []
+    for stage, ((out_channels, repeats, _), stride) in enumerate(zip(stages, strides, strict=True)):
+        out_channels = make_divisible(out_channels * width_mult)
+        for index in range(repeats):
+            blocks.append(make_block(stage, channels, out_channels, stride if index == 0 else 1))
+            channels = out_channels
+    return blocks, channels
 
 
 class TFSamePad2d(nn.Module):

@@ -13,7 +13,7 @@ from rdn.models.layers import (
     check_model_args,
     is_small_input,
     make_divisible,
-    small_input_strides,
+    stack_stages,
 )
 
 # (expand ratio t, output channels c, repeats n, stride of the first block s), from the paper.
@@ -30,16 +30,14 @@ class MobileNetV2(ImageClassifier):
     def __init__(self, num_classes: int = 1000, input_size: int = 224, in_chans: int = 3, width_mult: float = 1.0):
         check_model_args(in_chans, width_mult)
         small = is_small_input(input_size)
-        strides = [s for _, _, _, s in _STAGES]
-        strides = small_input_strides(strides) if small else strides
         channels = make_divisible(32 * width_mult)
         stem = ConvBNAct(in_chans, channels, 3, stride=1 if small else 2)
-        blocks = []
-        for (expand_ratio, out_channels, repeats, _), stride in zip(_STAGES, strides, strict=True):
-            out_channels = make_divisible(out_channels * width_mult)
-            for index in range(repeats):
-                blocks.append(InvertedResidual(channels, out_channels, stride if index == 0 else 1, expand_ratio))
-                channels = out_channels
+
+        def inverted_residual(stage: int, in_channels: int, out_channels: int, stride: int) -> InvertedResidual:
+            return InvertedResidual(in_channels, out_channels, stride, expand_ratio=_STAGES[stage][0])
+
+        stages = [(out_channels, repeats, stride) for _, out_channels, repeats, stride in _STAGES]
+        blocks, channels = stack_stages(channels, stages, width_mult, small, inverted_residual)
         num_features = make_divisible(1280 * max(1.0, width_mult))
         head = ConvBNAct(channels, num_features, 1)
         super().__init__(stem, blocks, head, num_features, num_classes, dropout=0.2)

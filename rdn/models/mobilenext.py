@@ -17,7 +17,7 @@ from rdn.models.layers import (
     check_model_args,
     is_small_input,
     make_divisible,
-    small_input_strides,
+    stack_stages,
 )
 
 # (reduction ratio t, output channels c, repeats n, stride of the first block s): the ImageNet
@@ -47,16 +47,16 @@ class MobileNeXt(ImageClassifier):
         num_features = make_divisible(1280 * max(1.0, width_mult))
         # The final block maps to the features directly: 1280 channels whatever width_mult <= 1.
         stages = (*_STAGES, (6, num_features / width_mult, 1, 1))
-        strides = [s for _, _, _, s in stages]
-        strides = small_input_strides(strides) if small else strides
         channels = make_divisible(32 * width_mult)
         stem = ConvBNAct(in_chans, channels, 3, stride=1 if small else 2)
-        blocks = []
-        for (ratio, out_channels, repeats, _), stride in zip(stages, strides, strict=True):
-            out_channels = make_divisible(out_channels * width_mult)
-            for index in range(repeats):
-                # A single stride-1 block of a stage keeps both depthwise convs (authors' code).
-                keep = repeats == 1 and stride == 1
-                blocks.append(SandglassBlock(channels, out_channels, stride if index == 0 else 1, ratio, keep))
-                channels = out_channels
+
+        def sandglass(stage: int, in_channels: int, out_channels: int, stride: int) -> SandglassBlock:
+            ratio, _, repeats, _ = stages[stage]
+            # A single stride-1 block of a stage keeps both depthwise convs (authors' code); a
+            # single block's stride is its stage's.
+            keep = repeats == 1 and stride == 1
+            return SandglassBlock(in_channels, out_channels, stride, ratio, keep)
+
+        body = [(out_channels, repeats, stride) for _, out_channels, repeats, stride in stages]
+        blocks, channels = stack_stages(channels, body, width_mult, small, sandglass)
         super().__init__(stem, blocks, nn.Identity(), channels, num_classes, dropout=0.2)
