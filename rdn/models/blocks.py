@@ -28,7 +28,23 @@ from torch import Tensor, nn
 from rdn.models.layers import ConvBNAct, make_divisible
 
 
-class InvertedResidual(nn.Module):
+class _ResidualStack(nn.Module):
+    """``self.conv`` (an ``nn.Sequential`` of named layers), plus the input when the shapes allow.
+
+    The identity shortcut is used when the stride is 1 and the channel count is unchanged.
+    """
+
+    def __init__(self, layers: OrderedDict[str, nn.Module], in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(layers)
+        self.use_residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x)
+        return x + out if self.use_residual else out
+
+
+class InvertedResidual(_ResidualStack):
     """MobileNetV2 inverted residual / EfficientNet-Lite MBConv (no squeeze-excite).
 
     1×1 expand (skipped when ``expand_ratio == 1``) → k×k depthwise (stride) → 1×1 linear
@@ -46,7 +62,6 @@ class InvertedResidual(nn.Module):
         bn_eps: float = 1e-5,
         tf_same_padding: bool = False,
     ) -> None:
-        super().__init__()
         hidden = int(round(in_channels * expand_ratio))
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         if expand_ratio != 1:
@@ -55,15 +70,10 @@ class InvertedResidual(nn.Module):
             hidden, hidden, kernel_size, stride, groups=hidden, bn_eps=bn_eps, tf_same_padding=tf_same_padding
         )
         layers["project"] = ConvBNAct(hidden, out_channels, 1, act=None, bn_eps=bn_eps)
-        self.conv = nn.Sequential(layers)
-        self.use_residual = stride == 1 and in_channels == out_channels
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(x)
-        return x + out if self.use_residual else out
+        super().__init__(layers, in_channels, out_channels, stride)
 
 
-class SandglassBlock(nn.Module):
+class SandglassBlock(_ResidualStack):
     """MobileNeXt sandglass block (Zhou et al. 2020, "Rethinking Bottleneck Structure ...").
 
     3×3 depthwise + ReLU6 on the wide input → 1×1 linear reduction to ``in / reduction_ratio``
@@ -79,7 +89,6 @@ class SandglassBlock(nn.Module):
     def __init__(
         self, in_channels: int, out_channels: int, stride: int, reduction_ratio: int, keep_depthwise: bool = False
     ) -> None:
-        super().__init__()
         hidden = in_channels // reduction_ratio
         if hidden < out_channels / 6:
             hidden = make_divisible(math.ceil(out_channels / 6), 16)
@@ -91,12 +100,7 @@ class SandglassBlock(nn.Module):
         layers["expand"] = ConvBNAct(hidden, out_channels, 1)
         if keep or stride > 1:
             layers["depthwise_out"] = ConvBNAct(out_channels, out_channels, 3, stride, groups=out_channels, act=None)
-        self.conv = nn.Sequential(layers)
-        self.use_residual = stride == 1 and in_channels == out_channels
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(x)
-        return x + out if self.use_residual else out
+        super().__init__(layers, in_channels, out_channels, stride)
 
 
 class ResNeXtBottleneck(nn.Module):
