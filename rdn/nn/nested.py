@@ -56,16 +56,22 @@ def split_channels(channels: int, k: int) -> tuple[int, ...]:
 class _NestedLayer(nn.Module):
     """What NestedConv2d and NestedLinear share: splits, the mask buffer, init, export slicing.
 
-    Subclasses create ``self.weight`` (D, C, ...) and ``self.bias`` before calling
-    :meth:`_init_structure`.
+    Subclasses set their own attributes (geometry), then call :meth:`_init_layer`.
     """
 
     weight: nn.Parameter
     bias: nn.Parameter | None
     block_mask: Tensor
 
-    def _init_structure(self, in_splits, out_splits, block_mask, backend: str) -> None:
+    def _init_layer(
+        self, in_splits, out_splits, block_mask, kernel_size: tuple[int, ...], bias: bool, backend: str, device, dtype
+    ) -> None:
+        """Create ``weight`` (D, C, *kernel_size), ``bias`` (D,) and the mask buffer, and initialise them."""
         layout = make_layout(in_splits, out_splits, block_mask)
+        factory = {"device": device, "dtype": dtype}
+        shape = (sum(layout.out_splits), sum(layout.in_splits), *kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        self.bias = nn.Parameter(torch.empty(shape[0], **factory)) if bias else None
         self.in_splits: tuple[int, ...] = layout.in_splits
         self.out_splits: tuple[int, ...] = layout.out_splits
         self.register_buffer("block_mask", torch.tensor(layout.mask, dtype=torch.bool, device=self.weight.device))
@@ -73,6 +79,7 @@ class _NestedLayer(nn.Module):
         # which keeps torch.compile graphs free of data-dependent breaks.
         self._layout = layout
         self.backend = backend
+        self.reset_parameters()
 
     @property
     def backend(self) -> str:
@@ -255,13 +262,7 @@ class NestedConv2d(_NestedLayer):
         self.stride: tuple[int, int] = reference.stride
         self.padding: tuple[int, int] = reference.padding
         self.dilation: tuple[int, int] = reference.dilation
-        layout = make_layout(in_splits, out_splits, block_mask)
-        factory = {"device": device, "dtype": dtype}
-        shape = (sum(layout.out_splits), sum(layout.in_splits), *self.kernel_size)
-        self.weight = nn.Parameter(torch.empty(shape, **factory))
-        self.bias = nn.Parameter(torch.empty(shape[0], **factory)) if bias else None
-        self._init_structure(layout.in_splits, layout.out_splits, layout.mask, backend)
-        self.reset_parameters()
+        self._init_layer(in_splits, out_splits, block_mask, self.kernel_size, bias, backend, device, dtype)
 
     def forward(self, x: Tensor, stages: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
         """(N, C, H, W) → (N, sum(out_splits[lo:hi]), H_out, W_out), or ``out`` with those groups written."""
@@ -366,12 +367,7 @@ class NestedLinear(_NestedLayer):
         dtype=None,
     ) -> None:
         super().__init__()
-        layout = make_layout(in_splits, out_splits, block_mask)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(sum(layout.out_splits), sum(layout.in_splits), **factory))
-        self.bias = nn.Parameter(torch.empty(self.weight.shape[0], **factory)) if bias else None
-        self._init_structure(layout.in_splits, layout.out_splits, layout.mask, backend)
-        self.reset_parameters()
+        self._init_layer(in_splits, out_splits, block_mask, (), bias, backend, device, dtype)
 
     @property
     def in_features(self) -> int:
