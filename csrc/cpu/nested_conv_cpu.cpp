@@ -84,8 +84,9 @@ struct Tiling {
     constexpr int64_t kTileBytes = 384 * 1024;  // both packed tiles in a core's L2 (1–2 MB)
     const int64_t threads = at::get_num_threads();
     int64_t rows_wanted = kTileBytes / std::max<int64_t>(channels * element_size, 1);
-    // Enough tasks to keep every thread busy.
-    rows_wanted = std::min(rows_wanted, (total_rows + 4 * threads - 1) / (4 * threads));
+    // Enough tasks to balance the threads (a single thread wants the largest tile that fits).
+    const int64_t tasks_wanted = threads > 1 ? 4 * threads : 1;
+    rows_wanted = std::min(rows_wanted, (total_rows + tasks_wanted - 1) / tasks_wanted);
     rows = std::max(rows_wanted / multiple * multiple, multiple);
     padded_rows = rows;
     tasks = (total_rows + rows - 1) / rows;
@@ -166,13 +167,15 @@ void tiled_product(int64_t source_rows, int64_t staging_per_pixel, Pack&& pack, 
   at::parallel_for(0, tiling.tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> source_tile(source_rows * tiling.padded_rows), dest_tile(dest_cols * tiling.padded_rows);
     std::vector<T> staging(staging_per_pixel * tiling.padded_rows);
-    const pm::Product<T> problem{source_tile.data(), tiling.padded_rows, weight, weight_dest_stride,
-                                 weight_source_stride, dest_tile.data(), tiling.padded_rows, tiling.padded_rows,
-                                 plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
+    pm::Product<T> problem{source_tile.data(), tiling.padded_rows, weight, weight_dest_stride,
+                           weight_source_stride, dest_tile.data(), tiling.padded_rows, tiling.padded_rows,
+                           plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task * tiling.rows, rows = std::min(tiling.rows, total_rows - row);
       if (rows < tiling.rows) std::fill(source_tile.begin(), source_tile.end(), T(0));  // last tile: no garbage
       pack(row, rows, source_tile.data(), tiling.padded_rows, staging.data());
+      // The last tile computes only the vectors its pixels need.
+      problem.pixels = (rows + kernel.pixel_multiple - 1) / kernel.pixel_multiple * kernel.pixel_multiple;
       kernel.product(problem);
       for_each_piece(dest, row, rows, dest_cols, dest_col, [&](const Matrix<T>& piece, int64_t offset) {
         unpack_tile<T>(dest_tile.data() + offset, tiling.padded_rows, piece, bias);

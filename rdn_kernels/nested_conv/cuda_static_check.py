@@ -132,7 +132,8 @@ def compile_cuda_source(source: Path, targets: tuple[str, ...] = TARGETS, nvcc: 
         raise FileNotFoundError("nvcc not found (PATH, CUDA_HOME, CUDA_PATH)")
     gencode = [f"-gencode=arch=compute_{t[3:]},code={t}" for t in targets]
     command = [nvcc, "-c", *NVCC_FLAGS, *gencode, "-Xptxas", "-v", "-Xcompiler", "-Wall"]
-    key = _cache_key(source.read_bytes(), _headers_digest(source.parent), " ".join(command[1:]), _tool_version(nvcc))
+    headers = _headers_digest(source.parent) + _headers_digest(source.parent.parent)  # csrc/cuda and csrc
+    key = _cache_key(source.read_bytes(), headers, " ".join(command[1:]), _tool_version(nvcc))
     entry = _CACHE_DIR / f"{source.stem}-{key}"
     obj, log = entry / f"{source.stem}.o", entry / "ptxas.log"
     if obj.is_file() and log.is_file():
@@ -306,8 +307,9 @@ def check_glue(nvcc: str | None = None) -> list[str]:
     includes = [*_torch_include_dirs(), *_cuda_include_dirs(nvcc), stub_dir, Path(sysconfig.get_paths()["include"])]
     base = [compiler, "-std=c++20", "-fsyntax-only", "-DRDN_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C"]
     base += [f"-isystem{path}" for path in includes]
-    files = [*sorted(CUDA_SOURCE_DIR.glob("*.cpp")), REPO_ROOT / "csrc" / "bindings.cpp"]
-    headers = _headers_digest(CUDA_SOURCE_DIR) + _headers_digest(REPO_ROOT / "csrc" / "cpu")
+    csrc = REPO_ROOT / "csrc"
+    files = [*sorted(CUDA_SOURCE_DIR.glob("*.cpp")), csrc / "bindings.cpp", csrc / "nested_conv_common.cpp"]
+    headers = _headers_digest(CUDA_SOURCE_DIR) + _headers_digest(csrc / "cpu") + _headers_digest(csrc)
 
     def check(path: Path) -> str:
         key = _cache_key(path.read_bytes(), headers, " ".join(base), torch.__version__, _tool_version(compiler))

@@ -106,12 +106,12 @@ ptxas info    : Used 8 registers, used 0 barriers
 
 
 def test_glue_and_bindings_compile_with_cuda(compiled):
-    """The torch glue and csrc/bindings.cpp under RDN_WITH_CUDA, against this torch's headers."""
+    """The torch glue, csrc/bindings.cpp and the shared csrc/nested_conv_common.cpp under RDN_WITH_CUDA."""
     try:
         checked = compiled[1].result()
     except FileNotFoundError as missing:
         pytest.skip(str(missing))
-    assert checked == ["nested_conv_cuda.cpp", "bindings.cpp"]
+    assert checked == ["nested_conv_cuda.cpp", "bindings.cpp", "nested_conv_common.cpp"]
 
 
 def test_check_catches_stack_use_and_compile_errors(nvcc, tmp_path):
