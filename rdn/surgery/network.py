@@ -82,7 +82,10 @@ class StagedState:
         subnet: the exit computed so far (1-based, :attr:`RussianDollNet.exits` order).
         widths: groups computed so far in each depth region (shallow part, rest).
         logits: (N, num_classes) of that exit.
-        values: every node's value; nested tensors as full-width buffers whose first groups are valid.
+        values: only what a later stage reads: the input of every nested layer and the tensors
+            the heads read (full-width (N, C, ...) buffers whose first groups are valid; channels of
+            groups not computed yet are uninitialised), plus the un-nested tensors and values that
+            later stages read (as computed). Every other intermediate is recomputed group by group.
     """
 
     subnet: int
@@ -179,6 +182,7 @@ class RussianDollNet(nn.Module):
                 head.weight.copy_(alignment_weight(self._feature_space, s, classifier.weight.dtype, copies))
             self.heads.append(head)
         self._init_depth_split(graph, orders)
+        self._plan_lifetimes()
         self.train(classifier.training)
 
     def _init_depth_split(self, graph: SurgeryGraph, orders: dict[str, list[int]]) -> None:
@@ -264,62 +268,137 @@ class RussianDollNet(nn.Module):
             )
         return self.exits[subnet - 1]
 
+    def _plan_lifetimes(self) -> None:
+        """Which values live how long: freed after their last reader, or cached across stages.
+
+        A stage s → s+1 recomputes only the steps in ``_regrown`` (multi-group channel tensors, and
+        the meta values they read) and only their new groups; the channel-wise ones read just the
+        new groups of their inputs. So a stage reads from earlier ones only: the full input of every
+        nested layer, what the heads read (features, split tensor), un-nested values read by a
+        regrown step, and anything read across depth regions (computed in an earlier call).
+        """
+        index = {step.name: i for i, step in enumerate(self._steps)}
+        region_of = {}
+        for r, (first, stop) in enumerate(self._regions):
+            region_of.update({step.name: r for step in self._steps[first:stop]})
+        regrown: set[str] = set()
+        for step in reversed(self._steps):
+            if step.role in ("nested", "grouped", "channel_params", "channelwise") or (
+                step.role == "meta" and any(user.name in regrown for user in step.node.users)
+            ):
+                regrown.add(step.name)
+        heads = {self._features} | ({self._split} if self._split is not None else set())
+        cached = set(heads)
+        self._last_reader: dict[str, int] = {}
+        for step in self._steps:
+            for node in step.node.all_input_nodes:
+                self._last_reader[node.name] = index[step.name]
+                if region_of[node.name] != region_of[step.name] or (step.name in regrown and node.name not in regrown):
+                    cached.add(node.name)
+            if step.role == "nested":
+                cached.add(step.inputs[0])
+        self._regrown = regrown
+        self._head_inputs = heads
+        self._cached = cached
+        # cached multi-group tensors live in full-width buffers that each stage fills group by group
+        self._buffered = {name for name in cached if name in regrown and self._by_name[name].role != "meta"}
+
     def _call(self, step: _Step, fetch, module: nn.Module | None = None) -> Any:
         """Run one node on the values ``fetch`` gives for its inputs (``module`` replaces its layer)."""
         if module is None and step.node.op == "call_module":
             module = self.layers[step.name]
         return call_node(step.node, fetch, module)
 
-    def _run(
-        self, x: Tensor | None, lo: int, hi: int, values: dict[str, Any], staged: bool, region: tuple[int, int]
-    ) -> None:
-        """Compute groups lo..hi-1 of every tensor of the steps ``region`` = (first, stop) into ``values``.
+    def _channels(self, step: _Step, start: int, stop: int, fetch) -> Tensor:
+        """Channels ``start:stop`` of a grouped / channel-param / channel-wise step; ``fetch`` gives
+        its channel inputs already cut to the matching channels."""
+        if step.role == "grouped":
+            return grouped_conv_channels(self.layers[step.name], fetch(step.node.all_input_nodes[0]), start, stop)
+        if step.role == "channel_params":
+            return self._call(step, fetch, module=channel_view(self.layers[step.name], slice(start, stop)))
+        return self._call(step, fetch)
 
-        Prefix mode (``staged=False``, lo = 0): ``values[name]`` becomes the first ``offsets[hi]``
-        channels. Staged mode: ``values`` holds full-width buffers, the new groups are written into
-        them. Inputs are always sliced to the channels read, so they may be prefixes or buffers.
+    def _run_prefix(self, x: Tensor | None, hi: int, values: dict[str, Any], region: tuple[int, int], keep) -> None:
+        """Compute groups 0..hi-1 of every tensor of the steps ``region`` = (first, stop) into ``values``.
+
+        ``values[name]`` becomes the first ``offsets[hi]`` channels (un-nested tensors in full);
+        inputs are sliced to the channels read, so they may also be longer (buffers of a previous
+        region). Values not in ``keep`` are dropped after their last reader.
         """
-        for step in self._steps[region[0] : region[1]]:
+        for index in range(*region):
+            step = self._steps[index]
             name, role = step.name, step.role
             if role == "input":
-                if not staged:
-                    values[name] = x
-                continue
-            if role in ("classifier", "output"):
-                continue
-            if role == "meta" or (role == "fixed" and lo == 0):
+                values[name] = x
+            elif role in ("meta", "fixed"):
                 values[name] = self._call(step, lambda n: values[n.name])
-                continue
-            if role == "fixed":
-                continue
-            start, stop = step.space.offsets[lo], step.space.offsets[hi]
-            if start == stop:
-                continue
-            if role == "nested":
+            elif role == "nested":
                 layer = self.layers[name]
-                source = values[step.inputs[0]][:, : layer.layout.in_offsets[hi]]
-                if staged:
-                    layer(source, stages=(lo, hi), out=values[name])
-                else:
-                    values[name] = layer(source, stages=(0, hi))
-                continue
-            if role == "grouped":
-                in_space = self._space_of(step.inputs[0])
-                source = values[step.inputs[0]][:, in_space.offsets[lo] : in_space.offsets[hi]]
-                result = grouped_conv_channels(self.layers[name], source, start, stop)
-            elif role == "channel_params":
-                view = channel_view(self.layers[name], slice(start, stop))
-                result = self._call(step, lambda n, a=start, b=stop: self._slice(values, n.name, a, b), module=view)
-            else:
-                result = self._call(step, lambda n, a=start, b=stop: self._slice(values, n.name, a, b))
-            if staged:
-                values[name][:, start:stop] = result
-            else:
-                values[name] = result
+                values[name] = layer(values[step.inputs[0]][:, : layer.layout.in_offsets[hi]], stages=(0, hi))
+            elif role not in ("classifier", "output") and step.space.offsets[hi]:
+                fetch = lambda n: self._prefix(values, n.name, hi)  # noqa: E731
+                values[name] = self._channels(step, 0, step.space.offsets[hi], fetch)
+            self._release(index, step, values, keep)
 
-    def _slice(self, values: dict[str, Any], name: str, start: int, stop: int):
+    def _run_groups(self, lo: int, hi: int, values: dict[str, Any], region: tuple[int, int]) -> None:
+        """Staged: compute only groups lo..hi-1 (lo > 0) of the regrown steps of ``region``.
+
+        ``values`` holds the cached values (:meth:`_plan_lifetimes`); buffered tensors get their new
+        groups written in. Channel-wise steps read only the new groups of their inputs, which live
+        in ``fresh`` until their last reader ran.
+        """
+        fresh: dict[str, Any] = {}
+
+        def fetch(node: fx.Node):
+            name = node.name
+            if name in fresh:
+                return fresh[name]
+            if name in self._buffered:  # written by an earlier region
+                space = self._by_name[name].space
+                return values[name][:, space.offsets[lo] : space.offsets[hi]]
+            return values[name]
+
+        for index in range(*region):
+            step = self._steps[index]
+            name = step.name
+            if name in self._regrown:
+                self._grow(step, lo, hi, values, fresh, fetch)
+            self._release(index, step, fresh, set())
+
+    def _grow(self, step: _Step, lo: int, hi: int, values: dict[str, Any], fresh: dict[str, Any], fetch) -> None:
+        """Groups lo..hi-1 of one regrown step into ``fresh`` (and its buffer, if cached)."""
+        name = step.name
+        if step.role == "meta":
+            fresh[name] = self._call(step, fetch)
+            if name in self._cached:
+                values[name] = fresh[name]
+            return
+        start, stop = step.space.offsets[lo], step.space.offsets[hi]
+        if start == stop:
+            return
+        buffer = values.get(name) if name in self._buffered else None
+        if step.role == "nested":
+            layer = self.layers[name]
+            source = values[step.inputs[0]][:, : layer.layout.in_offsets[hi]]
+            result = layer(source, stages=(lo, hi), out=buffer)
+        else:
+            result = self._channels(step, start, stop, fetch)
+            if buffer is not None:
+                buffer[:, start:stop] = result
+        # a buffered tensor's new groups are read through the buffer, so in-place ops reach it
+        fresh[name] = result if buffer is None else buffer[:, start:stop]
+
+    def _release(self, index: int, step: _Step, values: dict[str, Any], keep: set[str]) -> None:
+        """Drop the values whose last reader is step ``index`` (as an eager forward frees them)."""
+        for node in step.node.all_input_nodes:
+            if self._last_reader[node.name] == index and node.name not in keep:
+                values.pop(node.name, None)
+
+    def _prefix(self, values: dict[str, Any], name: str, hi: int):
+        """The first ``hi`` groups of value ``name`` (as it is if it has no channel space)."""
         value = values[name]
-        return value[:, start:stop] if self._by_name[name].space is not None else value
+        space = self._by_name[name].space
+        return value[:, : space.offsets[hi]] if space is not None else value
 
     def _space_of(self, name: str) -> ChannelSpace:
         return self._by_name[name].space
@@ -343,18 +422,20 @@ class RussianDollNet(nn.Module):
         """
         values: dict[str, Any] = {}
         if subnet is None:
-            self._run(x, 0, self.num_groups, values, staged=False, region=(0, len(self._steps)))
+            self._run_prefix(x, self.num_groups, values, (0, len(self._steps)), self._head_inputs)
             return [self._exit_logits(s, d, values) for s, d in self.exits]
         s, depth = self._exit(subnet)
         for region in self._depth_regions(depth):
-            self._run(x, 0, s, values, staged=False, region=region)
+            self._run_prefix(x, s, values, region, self._head_inputs)
         return self._exit_logits(s, depth, values)
 
     def _to_buffers(self, values: dict[str, Any], region: tuple[int, int]) -> None:
+        """Move the buffered prefixes of ``region`` into full-width buffers (uninitialised beyond
+        the prefix: every later group is written by its stage before anything reads it)."""
         for step in self._steps[region[0] : region[1]]:
-            if step.role in ("nested", "grouped", "channel_params", "channelwise"):
+            if step.name in self._buffered:
                 prefix = values[step.name]
-                buffer = prefix.new_zeros((prefix.shape[0], len(step.space), *prefix.shape[2:]))
+                buffer = prefix.new_empty((prefix.shape[0], len(step.space), *prefix.shape[2:]))
                 buffer[:, : prefix.shape[1]] = prefix
                 values[step.name] = buffer
 
@@ -363,10 +444,10 @@ class RussianDollNet(nn.Module):
         for index, region in enumerate(self._depth_regions(depth)):
             done = state.widths[index]
             if done == 0:
-                self._run(x, 0, s, state.values, staged=False, region=region)
+                self._run_prefix(x, s, state.values, region, self._cached)
                 self._to_buffers(state.values, region)
             elif done < s:
-                self._run(None, done, s, state.values, staged=True, region=region)
+                self._run_groups(done, s, state.values, region)
             state.widths[index] = max(done, s)
         state.subnet = subnet
         state.logits = self._exit_logits(s, depth, state.values)
