@@ -71,7 +71,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
                        help="EMA of the weights (0 = no EMA); evaluated beside the raw weights")
     group.add_argument("--bn-momentum", type=float, default=defaults.bn_momentum,
-                       help="BatchNorm running-statistics momentum (paper 0.01)")
+                       help="BatchNorm running-statistics momentum (paper 0.01, for 250k-step runs)")
     group.add_argument("--amp", choices=AMP_MODES, default=defaults.amp,
                        help="mixed precision on GPU (auto: bf16 where supported, else fp16); never on CPU")
     group.add_argument("--steps-per-epoch", type=int, default=None,
@@ -137,6 +137,9 @@ def build_parser(with_pipeline: bool = False) -> argparse.ArgumentParser:
     nest.add_argument("--calib-samples", type=int, default=256,
                       help="calibration images used by the greedy selection")
     nest.add_argument("--no-ema", action="store_true", help="nest the raw weights, not the EMA weights")
+    nest.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
+                      help="first recompute the base model's BN running statistics over this many training batches "
+                           "(stale statistics after a short run mislead the greedy selection); 0 = keep them")
     nest.add_argument("--no-eval", action="store_true", help="skip evaluating every N_s on the test split")
     _add_data_arguments(nest)
 
@@ -291,7 +294,7 @@ def _cmd_nest(args: argparse.Namespace) -> None:
 
     from rdn.models import create
     from rdn.surgery import nest
-    from rdn.train import evaluate, load_checkpoint, save_checkpoint
+    from rdn.train import evaluate, load_checkpoint, recalibrate_batch_norm, save_checkpoint
     from rdn.train.checkpoint import build_model, load_state_strict
 
     data = _load_data(args)
@@ -312,6 +315,8 @@ def _cmd_nest(args: argparse.Namespace) -> None:
         kwargs = _base_kwargs(args, data.spec)
         base = create(**kwargs)
         origin = "random initialisation (from-scratch ablation)"
+    if args.recalibrate_bn:
+        recalibrate_batch_norm(base, data.train, data.spec, batches=args.recalibrate_bn)
     expected = (data.spec.in_chans, data.spec.image_size, data.spec.num_classes)
     found = (kwargs["in_chans"], kwargs["input_size"], kwargs["num_classes"])
     if expected != found:

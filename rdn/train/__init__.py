@@ -16,7 +16,16 @@ from rdn.train.checkpoint import (
 )
 from rdn.train.config import EXITS, TrainConfig
 from rdn.train.distributed import DistContext, setup_distributed, teardown_distributed
-from rdn.train.loop import EvalResult, FitResult, NonFiniteLossError, StepInfo, evaluate, fit, num_exits
+from rdn.train.loop import (
+    EvalResult,
+    FitResult,
+    NonFiniteLossError,
+    StepInfo,
+    evaluate,
+    fit,
+    num_exits,
+    recalibrate_batch_norm,
+)
 from rdn.train.loss import JointLoss, exit_weights
 from rdn.train.optim import ModelEma, WarmupCosine
 
@@ -40,6 +49,7 @@ __all__ = [
     "load_model",
     "model_config_of",
     "num_exits",
+    "recalibrate_batch_norm",
     "save_checkpoint",
     "setup_distributed",
     "teardown_distributed",

@@ -8,7 +8,10 @@ batch 1024, cosine schedule to 1e-5, EMA of the weights with decay 0.9999, BN de
   quarter of it, tuned for 200 long ImageNet epochs); warm-up over ``warmup_epochs``.
 - ``ema_decay`` 0.999 instead of 0.9999, with the warm-up ``min(decay, (1 + t) / (10 + t))``:
   0.9999 averages over ~10,000 steps, more than a whole short run has.
-- ``bn_momentum`` 0.01 as the paper (a few hundred steps per epoch are enough to settle it).
+- ``bn_momentum`` 0.1 instead of 0.01 (BN decay 0.9, not 0.99): with 0.01 the running statistics
+  average over ~100 steps and lag weights that change fast in a run of a few hundred steps; a
+  300-step Fashion-MNIST run measured 86% top-1 with batch statistics and 7% with the 0.01
+  running statistics. The paper's value suits its 250,000-step runs (``--bn-momentum 0.01``).
 - ``label_smoothing`` 0.1 (the MobileNeXt recipe the paper follows); ``grad_clip`` off, as the paper.
 """
 
@@ -66,7 +69,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float | None = None
     ema_decay: float | None = 0.999
-    bn_momentum: float | None = 0.01
+    bn_momentum: float | None = 0.1
     exits: str = "all"
     exit_weights: tuple[float, ...] | None = None
     distill: float = 0.0

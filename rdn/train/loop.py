@@ -39,7 +39,16 @@ from rdn.train.log import RunLog
 from rdn.train.loss import JointLoss, exit_weights
 from rdn.train.optim import ModelEma, build_optimizer, build_scheduler
 
-__all__ = ["EvalResult", "FitResult", "NonFiniteLossError", "StepInfo", "evaluate", "fit", "num_exits"]
+__all__ = [
+    "EvalResult",
+    "FitResult",
+    "NonFiniteLossError",
+    "StepInfo",
+    "evaluate",
+    "fit",
+    "num_exits",
+    "recalibrate_batch_norm",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Settings that may change between a run and its resumption: they do not change what is computed.
@@ -147,6 +156,35 @@ def evaluate(
     scale = 100.0 / max(samples, 1)
     return EvalResult((counts[:k] * scale).tolist(), (counts[k : 2 * k] * scale).tolist(),
                       counts[-2].item() / max(samples, 1), int(samples))  # fmt: skip
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, dataset: ImageDataset, spec: DataSpec, *, batches: int = 20,
+                           batch_size: int = 128) -> None:
+    """Recompute every BN layer's running statistics as the plain average over ``batches`` batches.
+
+    Running statistics with a small momentum lag the weights after a short or interrupted run;
+    surgery (greedy selection, the calibration error) and evaluation read them. Uses the
+    un-augmented images, in order; the model is left in the mode it was in.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    transform = BatchTransform(spec, train=False)
+    try:
+        for index, (images, _, keys) in enumerate(eval_loader(dataset, batch_size)):
+            if index >= batches:
+                break
+            model(transform(images.to(device), keys))
+    finally:
+        model.train(was_training)
+        for module, momentum in zip(norms, saved, strict=True):
+            module.momentum = momentum
 
 
 def _set_bn_momentum(model: nn.Module, momentum: float | None) -> None:

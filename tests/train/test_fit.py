@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from rdn.data import BatchTransform
 from rdn.models import create
 from rdn.train import (
     CheckpointMismatchError,
@@ -17,6 +18,7 @@ from rdn.train import (
     fit,
     load_checkpoint,
     load_model,
+    recalibrate_batch_norm,
     save_checkpoint,
 )
 from tests.train.helpers import TinyNet, synthetic, tiny_rdn
@@ -179,3 +181,16 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_recalibrate_batch_norm_averages_batch_statistics():
+    data = synthetic()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 4), nn.BatchNorm1d(4, momentum=0.01)).eval()
+    model[2].running_mean.fill_(100.0)
+    recalibrate_batch_norm(model, data.train, data.spec, batches=3, batch_size=16)
+    x = BatchTransform(data.spec, train=False)(data.train.images[:48], torch.arange(48))
+    with torch.no_grad():
+        features = model[1](x.flatten(1)).view(3, 16, 4)
+    torch.testing.assert_close(model[2].running_mean, features.mean(1).mean(0))
+    torch.testing.assert_close(model[2].running_var, features.var(1).mean(0))
+    assert model[2].momentum == 0.01 and not model.training
