@@ -333,8 +333,7 @@ class RussianDollNet(nn.Module):
             elif role in ("meta", "fixed"):
                 values[name] = self._call(step, lambda n: values[n.name])
             elif role == "nested":
-                layer = self.layers[name]
-                values[name] = layer(values[step.inputs[0]][:, : layer.layout.in_offsets[hi]], stages=(0, hi))
+                values[name] = self.layers[name](self._nested_source(step, values, hi), stages=(0, hi))
             elif role not in ("classifier", "output") and step.space.offsets[hi]:
                 fetch = lambda n: self._prefix(values, n.name, hi)  # noqa: E731
                 values[name] = self._channels(step, 0, step.space.offsets[hi], fetch)
@@ -378,15 +377,21 @@ class RussianDollNet(nn.Module):
             return
         buffer = values.get(name) if name in self._buffered else None
         if step.role == "nested":
-            layer = self.layers[name]
-            source = values[step.inputs[0]][:, : layer.layout.in_offsets[hi]]
-            result = layer(source, stages=(lo, hi), out=buffer)
+            result = self.layers[name](self._nested_source(step, values, hi), stages=(lo, hi), out=buffer)
         else:
             result = self._channels(step, start, stop, fetch)
             if buffer is not None:
                 buffer[:, start:stop] = result
         # a buffered tensor's new groups are read through the buffer, so in-place ops reach it
         fresh[name] = result if buffer is None else buffer[:, start:stop]
+
+    def _nested_source(self, step: _Step, values: dict[str, Any], hi: int) -> Tensor:
+        """The input of nested step ``step`` for groups < ``hi``: a full-width buffer as it is (the
+        kernels read only the input groups < hi; slicing it would make a non-contiguous view that
+        the kernels copy), else its first ``in_offsets[hi]`` channels."""
+        value = values[step.inputs[0]]
+        layout = self.layers[step.name].layout
+        return value if value.shape[1] == layout.in_offsets[-1] else value[:, : layout.in_offsets[hi]]
 
     def _release(self, index: int, step: _Step, values: dict[str, Any], keep: set[str]) -> None:
         """Drop the values whose last reader is step ``index`` (as an eager forward frees them)."""
