@@ -33,6 +33,8 @@ class NestedLayout:
     # K + 1 channel offsets: input group i is channels [in_offsets[i], in_offsets[i+1]).
     in_offsets: tuple[int, ...] = field(init=False)
     out_offsets: tuple[int, ...] = field(init=False)
+    # The mask row by row (K² bools), as the compiled kernels take it.
+    flat_mask: tuple[bool, ...] = field(init=False)
 
     @property
     def num_groups(self) -> int:
@@ -42,10 +44,8 @@ class NestedLayout:
         # Plain fields rather than cached properties: torch.compile traces this class.
         object.__setattr__(self, "in_offsets", (0, *accumulate(self.in_splits)))
         object.__setattr__(self, "out_offsets", (0, *accumulate(self.out_splits)))
+        object.__setattr__(self, "flat_mask", tuple(bool(m) for row in self.mask for m in row))
 
-    @property
-    def flat_mask(self) -> list[bool]:
-        return [bool(m) for row in self.mask for m in row]
 
     def input_runs(self, j: int) -> tuple[Run, ...]:
         """Contiguous input-channel ranges read by output group ``j`` (empty groups dropped)."""

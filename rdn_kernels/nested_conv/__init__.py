@@ -16,6 +16,7 @@ needs_weight)``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Sequence
 
@@ -33,6 +34,7 @@ __all__ = ["nested_conv2d", "nested_linear", "nested_conv2d_reference"]
 _BACKEND_MODULES = {"torch": "naive", "cpp": "cpp", "triton": "triton", "cuda": "cuda"}
 
 
+@functools.cache
 def _backend(name: str):
     return importlib.import_module(f"{__name__}.{_BACKEND_MODULES[name]}")
 
@@ -90,10 +92,16 @@ def nested_conv2d(
     if out is not None:
         _check_out(out, input, (input.shape[0], weight.shape[0], height_out, width_out))
     backend = resolve_backend(backend, input.device, input.dtype)
+    tensors = (input, weight, bias, out)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors[:3])
+    if not needs_grad and _plain_eager(tensors):
+        # Inference in plain eager mode: the registered op would only add dispatch overhead
+        # (tens of µs, as much as a small stage's whole kernel), so call the backend directly.
+        return _backend(backend).forward(input, weight, bias, layout, geometry, lo, hi, out)
     args = (
         list(layout.in_splits),
         list(layout.out_splits),
-        layout.flat_mask,
+        list(layout.flat_mask),
         list(geometry.stride),
         list(geometry.padding),
         list(geometry.dilation),
@@ -103,13 +111,23 @@ def nested_conv2d(
     )
     if out is None:
         return _nested_conv2d_op(input, weight, bias, *args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+    if needs_grad:
         # The in-place op has no autograd formula; record the write as a copy autograd can see.
         result = _nested_conv2d_op(input, weight, bias, *args)
         out.narrow(1, layout.out_offsets[lo], result.shape[1]).copy_(result)
         return out
     _nested_conv2d_out_op(input, weight, bias, *args, out)
     return out
+
+
+def _plain_eager(tensors) -> bool:
+    """True outside torch.compile / tracing, with no dispatch mode active and plain tensors only:
+    then nothing but the kernel itself would see the registered op."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and all(t is None or type(t) is Tensor for t in tensors)
+    )
 
 
 def nested_linear(

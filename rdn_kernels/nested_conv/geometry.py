@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,12 @@ class ConvGeometry:
 
     @classmethod
     def from_args(cls, stride=1, padding=0, dilation=1) -> ConvGeometry:
+        if all(_is_plain(value) for value in (stride, padding, dilation)):
+            return _cached_geometry(stride, padding, dilation)  # hot path: validated once
+        return cls._validated(stride, padding, dilation)
+
+    @classmethod
+    def _validated(cls, stride, padding, dilation) -> ConvGeometry:
         if isinstance(padding, str):
             raise ValueError(
                 f"padding must be an int or a pair of ints, got the string {padding!r}; "
@@ -51,6 +58,16 @@ class ConvGeometry:
         return self.stride == (1, 1) and self.padding == (0, 0)
 
 
+def _is_plain(value) -> bool:
+    # Exact types only, so that a cache hit can never skip a TypeError (1 == 1.0 == True hash alike).
+    return type(value) is int or (type(value) is tuple and all(type(v) is int for v in value))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_geometry(stride, padding, dilation) -> ConvGeometry:
+    return ConvGeometry._validated(stride, padding, dilation)
+
+
 def output_memory_format(input: torch.Tensor) -> torch.memory_format:
     """Outputs follow the input's layout, as ``F.conv2d`` does: channels_last in, channels_last out."""
     if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
@@ -63,7 +80,7 @@ def extension_arguments(layout: NestedLayout, geometry: ConvGeometry) -> tuple:
     return (
         list(layout.in_offsets),
         list(layout.out_offsets),
-        layout.flat_mask,
+        list(layout.flat_mask),
         list(geometry.stride),
         list(geometry.padding),
         list(geometry.dilation),

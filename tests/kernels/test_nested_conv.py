@@ -360,7 +360,8 @@ def test_opcheck(backend):
     case = CASES[3]
     input, weight, bias = case.tensors(torch.float64, channels_last=False)
     layout = case.layout
-    options = [list(layout.in_splits), list(layout.out_splits), layout.flat_mask, [1, 1], [0, 0], [1, 1], 1, 3, backend]
+    splits = [list(layout.in_splits), list(layout.out_splits), list(layout.flat_mask)]
+    options = [*splits, [1, 1], [0, 0], [1, 1], 1, 3, backend]
     input.requires_grad_(True)
     weight.requires_grad_(True)
     torch.library.opcheck(torch.ops.rdn.nested_conv2d.default, (input, weight, bias, *options))
@@ -385,3 +386,27 @@ def test_torch_compile_matches_eager():
 
     compiled = torch.compile(block, fullgraph=True)
     torch.testing.assert_close(compiled(input), block(input))
+
+
+def test_registered_op_visible_to_dispatch_modes():
+    """Plain eager inference calls the backend directly; anything watching the dispatcher sees the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    case = CASES[2]
+    input, weight, bias = case.tensors(torch.float32, channels_last=False)
+    eager = nested_conv2d(input, weight, bias, **case.conv_kwargs)
+    out = torch.zeros_like(eager)
+    with Recorder() as recorder:
+        watched = nested_conv2d(input, weight, bias, **case.conv_kwargs)
+        nested_conv2d(input, weight, bias, **case.conv_kwargs, stages=(1, 2), out=out)
+    assert "rdn.nested_conv2d.default" in recorder.ops and "rdn.nested_conv2d_out.default" in recorder.ops
+    torch.testing.assert_close(watched, eager)
