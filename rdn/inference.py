@@ -1,8 +1,9 @@
 """Dynamic inference: real per-sample early exit through an RDN's stages (DESIGN.md §8).
 
-:func:`dynamic_forward` runs a batch through N_1 (``net.start``), lets the policy pick every
-sample's exit from N_1's pooled features, and then, stage by stage, drops the samples that exit
-(``StagedState.index_select``) and advances the rest to the next sub-network computing only the
+:func:`dynamic_forward` runs a batch through N_1 (``net.start``) and then, stage by stage, lets the
+policy plan every running sample's exit from N_1's pooled features and the softmax statistics of the
+exits computed so far (at N_1 only in its one-shot mode), drops the samples whose plan is the current
+stage (``StagedState.index_select``) and advances the rest to the next sub-network computing only the
 new channel groups of every layer from the cached prefixes (``net.step``: the kernels'
 ``stages=`` / ``out=`` path). Each sample's logits are those of N_{exit(x)}.
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rdn.policy import ExitPolicy, OperatingPoint, capture_first_features, exit_macs
+from rdn.policy import ExitPolicy, OperatingPoint, capture_first_features, exit_macs, softmax_statistics
 
 __all__ = [
     "DynamicOutput",
@@ -52,26 +53,36 @@ class DynamicOutput:
 def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | None) -> DynamicOutput:
     """Early-exit inference of one batch ``x`` (N, C, H, W) under the rule of ``policy`` at λ = ``lam``.
 
-    ``net`` (a RussianDollNet) and ``policy`` should be in eval mode. Samples exiting at N_s leave
-    the batch before N_{s+1} is computed; the loop stops as soon as no sample goes on.
+    ``net`` (a RussianDollNet) and ``policy`` should be in eval mode. At every planning stage of the
+    policy (:meth:`~rdn.policy.ExitPolicy.planning_stages`) each running sample plans its exit from
+    N_1's features and the softmax statistics of the exits computed so far; samples whose plan is
+    the current stage N_s leave the batch before N_{s+1} is computed; the loop stops as soon as no
+    sample goes on.
     """
     policy.check_network(net)
     with capture_first_features(net) as captured:
         state = net.start(x)
-    exits = policy.exits(captured[-1], lam).to(x.device)
+    features = captured[-1]
+    planning = policy.planning_stages().tolist()
     logits = torch.empty_like(state.logits)
+    exits = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     rows = torch.arange(x.shape[0], device=x.device)  # original index of every row still in the batch
-    row_exits = exits
+    statistics = softmax_statistics(state.logits)[:, None]  # (rows, s, 3) of the exits computed so far
     while True:
-        leaving = row_exits == state.subnet
+        if planning[state.subnet - 1]:
+            plan = policy.plan(features, statistics, lam).to(x.device)
+        leaving = plan == state.subnet
         logits[rows[leaving]] = state.logits[leaving]
+        exits[rows[leaving]] = state.subnet
         going_on = ~leaving
         if not bool(going_on.any()):
             break
         if not bool(going_on.all()):
             keep = going_on.nonzero().squeeze(1)
-            state, rows, row_exits = state.index_select(keep), rows[keep], row_exits[keep]
+            state, rows, plan = state.index_select(keep), rows[keep], plan[keep]
+            features, statistics = features[keep], statistics[keep]
         state = net.step(state)
+        statistics = torch.cat([statistics, softmax_statistics(state.logits)[:, None]], dim=1)
     return DynamicOutput(logits, exits)
 
 
@@ -87,7 +98,8 @@ def evaluate_dynamic(
 ) -> OperatingPoint:
     """Accuracy, top-5 and average MACs of :func:`dynamic_forward` over ``data`` ((x, y) batches).
 
-    The MACs of a sample are ``net.macs(exit)`` of its exit plus the policy's own MACs.
+    The MACs of a sample are ``net.macs(exit)`` of its exit plus the policy's own MACs
+    (:meth:`~rdn.policy.ExitPolicy.decision_macs`: one evaluation per planning stage it went through).
     """
     from tqdm.auto import tqdm
 
@@ -103,12 +115,12 @@ def evaluate_dynamic(
         correct += int((top[:, 0] == y).sum())
         top5 += int((top == y[:, None]).any(1).sum())
         exits = output.exits.cpu()
-        total_macs += macs[exits - 1].sum().item()
+        total_macs += (macs[exits - 1] + policy.decision_macs(exits)).sum().item()
         counts += torch.bincount(exits - 1, minlength=net.num_subnets).double()
         total += y.shape[0]
     if total == 0:
         raise ValueError("data yielded no samples")
-    average = total_macs / total + policy.macs()
+    average = total_macs / total
     return OperatingPoint(
         name="dynamic",
         epsilon=epsilon,

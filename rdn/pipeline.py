@@ -9,7 +9,7 @@ checkpoints):
 1. ``base/``: pretrain the base model (:func:`rdn.train.fit`); ``base/result.json`` marks it done.
 2. ``nested.pt``: nest it (expand mode, greedy select on calibration images, :func:`rdn.surgery.nest`).
 3. ``finetune/``: fine-tune every exit jointly; ``finetune/result.json`` marks it done.
-4. ``outputs/{train,calib,test}.pt``: every exit's correctness, confidence and N_1's features
+4. ``outputs/{train,calib,test}.pt``: every exit's correctness, softmax statistics and N_1's features
    (:func:`rdn.policy.collect_exit_outputs`, one pass of N_K per batch).
 5. ``order.json`` / ``order.png``: the nesting order over the sub-networks' calibration accuracies
    (:mod:`rdn.order`; a width-only grid, depth nesting is not implemented by the surgery).
@@ -280,8 +280,9 @@ def _evaluate(net, base, policy, outputs, calibration: dict, data, settings: dic
     dynamic, confidence = [], []
     for pair in calibration["pairs"]:
         epsilon, lam, tau = pair["epsilon"], pair["lambda"], pair["tau"]
-        exits = policy.exits(test.features, lam)
-        dynamic.append(evaluate_exits(exits, test, macs, "dynamic", epsilon, lam, extra_macs=policy.macs()))
+        exits = policy.exits(test.features, test.statistics, lam)
+        policy_macs = policy.decision_macs(exits)
+        dynamic.append(evaluate_exits(exits, test, macs, "dynamic", epsilon, lam, extra_macs=policy_macs))
         exits = confidence_exits(test.confidence, tau)
         confidence.append(evaluate_exits(exits, test, macs, "confidence", epsilon, tau))
     operating = calibration["operating_epsilon"]

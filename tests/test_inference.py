@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from rdn.inference import dynamic_forward, evaluate_dynamic, measure, measure_peak_memory, measure_throughput
-from rdn.policy import ExitPolicy, capture_first_features, collect_exit_outputs, evaluate_exits, exit_macs
+from rdn.policy import (
+    ExitPolicy,
+    capture_first_features,
+    collect_exit_outputs,
+    evaluate_exits,
+    exit_macs,
+    softmax_statistics,
+)
 from tests.test_policy import one_thread, tiny_rdn  # noqa: F401  (one_thread: autouse fixture)
 
 
@@ -14,18 +21,17 @@ def net():
     return tiny_rdn(k=3)  # K = 5 exits
 
 
-def spread_policy(net, x, seed: int = 0) -> ExitPolicy:
-    """An untrained policy with sharp random probabilities on features standardised over ``x``, so
-    that the samples of ``x`` spread over the exits."""
+def spread_policy(net, x, seed: int = 0, mode: str = "sequential") -> ExitPolicy:
+    """An untrained policy with sharp random probabilities on features standardised over
+    ``x``, so that the samples of ``x`` spread over the exits."""
     torch.manual_seed(seed)
-    policy = ExitPolicy.for_network(net, hidden=16).eval()
+    policy = ExitPolicy.for_network(net, hidden=16, mode=mode).eval()
     with torch.no_grad(), capture_first_features(net) as captured:
-        net(x, subnet=1)
+        first = net(x, subnet=1)
         policy.feature_mean.copy_(captured[0].mean(0))
         policy.feature_scale.copy_(captured[0].std(0).clamp_min(1e-6))
-        # Centre and sharpen every exit's logit over x: each exit is likely for about half the samples.
-        hidden = policy.mlp[:-1]((captured[0] - policy.feature_mean) / policy.feature_scale)
-        logits = policy.mlp[-1](hidden)
+        # Centre and sharpen every exit's logit over x at N_1: each exit is likely for about half the samples.
+        logits = policy(captured[0], softmax_statistics(first)[:, None])
         scale = 10 / logits.std(0).clamp_min(1e-6)
         policy.mlp[-1].weight.mul_(scale[:, None])
         policy.mlp[-1].bias.copy_(-(logits - policy.mlp[-1].bias).mean(0) * scale)
@@ -100,15 +106,16 @@ def test_fallback_runs_every_stage_for_everyone(net, monkeypatch):
         torch.testing.assert_close(output.logits, net(x, subnet=net.num_subnets), rtol=1e-4, atol=1e-4)
 
 
-def test_measured_accuracy_and_macs_agree_with_the_exits(net):
+@pytest.mark.parametrize("mode", ["sequential", "one_shot"])
+def test_measured_accuracy_and_macs_agree_with_the_exits(net, mode):
     generator = torch.Generator().manual_seed(4)
     x, y = torch.randn(20, 1, 28, 28, generator=generator), torch.randint(0, 10, (20,), generator=generator)
     data = [(x[:8], y[:8]), (x[8:], y[8:])]
-    policy = spread_policy(net, x)
+    policy = spread_policy(net, x, mode=mode)
     measured = evaluate_dynamic(net, policy, 0.3, data, epsilon=0.1, progress=False)
     outputs = collect_exit_outputs(net, data, progress=False)
-    exits = policy.exits(outputs.features, 0.3)
-    expected = evaluate_exits(exits, outputs, exit_macs(net), "policy", extra_macs=policy.macs())
+    exits = policy.exits(outputs.features, outputs.statistics, 0.3)
+    expected = evaluate_exits(exits, outputs, exit_macs(net), "policy", extra_macs=policy.decision_macs(exits))
     assert measured.accuracy == pytest.approx(expected.accuracy)
     assert measured.top5 == pytest.approx(expected.top5)
     assert measured.macs == pytest.approx(expected.macs)

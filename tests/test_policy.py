@@ -1,10 +1,13 @@
 """Exit policy: decision rules, λ / τ calibration, training, storage, bad input, outputs of a tiny RDN."""
 
+import copy
+import functools
 import json
 import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from rdn.models import create
 from rdn.policy import (
@@ -20,6 +23,8 @@ from rdn.policy import (
     exit_savings,
     fit_policy,
     lagrangian_exits,
+    planned_exits,
+    softmax_statistics,
 )
 from rdn.surgery import nest
 
@@ -46,6 +51,14 @@ def net():
     return tiny_rdn()
 
 
+def statistics_of(confidence: Tensor) -> Tensor:
+    """(N, K) max probabilities → (N, K, 3) statistics of 10-class softmaxes with that maximum, the
+    rest spread evenly."""
+    rest = (1 - confidence) / 9
+    entropy = -(confidence * confidence.log() + 9 * rest * rest.clamp_min(1e-12).log()) / math.log(10)
+    return torch.stack([confidence, confidence - rest, entropy], dim=-1)
+
+
 def synthetic_outputs(n: int = 600, k: int = 3, width: int = 6, seed: int = 0) -> ExitOutputs:
     """Exit k is correct when feature 0 exceeds a threshold that falls with k (later exits are better)."""
     generator = torch.Generator().manual_seed(seed)
@@ -54,7 +67,20 @@ def synthetic_outputs(n: int = 600, k: int = 3, width: int = 6, seed: int = 0) -
     noise = 0.2 * torch.randn(n, k, generator=generator)
     correct = features[:, :1] + noise > thresholds
     confidence = torch.sigmoid(2 * (features[:, :1] - thresholds) + noise).clamp(0.1, 1.0)
-    return ExitOutputs(features, correct, correct | (noise > 0), confidence, torch.zeros(n, dtype=torch.long))
+    return ExitOutputs(features, correct, correct | (noise > 0), statistics_of(confidence),
+                       torch.zeros(n, dtype=torch.long))  # fmt: skip
+
+
+def hidden_outputs(n: int = 800, seed: int = 0) -> ExitOutputs:
+    """Three exits: N_1 is always wrong, N_3 always right, and whether N_2 is right is noise to N_1
+    (features and statistics) that shows only in N_2's own confidence: only a policy that plans
+    again at N_2 can use it."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, 4, generator=generator)
+    correct_2 = torch.rand(n, generator=generator) < 0.5
+    correct = torch.stack([torch.zeros(n, dtype=torch.bool), correct_2, torch.ones(n, dtype=torch.bool)], dim=1)
+    confidence = torch.stack([torch.full((n,), 0.3), torch.where(correct_2, 0.95, 0.2), torch.full((n,), 0.9)], 1)
+    return ExitOutputs(features, correct, correct, statistics_of(confidence), torch.zeros(n, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,6 +103,32 @@ def test_lagrangian_rule_by_hand():
     assert lagrangian_exits(p, r, math.inf, allowed).tolist() == [3, 2]
     with pytest.raises(ValueError, match="lam"):
         lagrangian_exits(p, r, -0.1)
+
+
+def test_planned_rule_by_hand():
+    r = torch.tensor([0.6, 0.3, 0.0], dtype=torch.float64)
+    # Stage 1 plans exit 2 for both samples; at stage 2 the first sample's p_2 drops: it goes on to 3.
+    stage_1 = torch.tensor([[0.1, 0.9, 0.9], [0.1, 0.9, 0.9]])
+    stage_2 = torch.tensor([[0.0, 0.2, 0.9], [0.0, 0.9, 0.9]])
+    probabilities = torch.stack([stage_1, stage_2, torch.zeros(2, 3)], dim=1)
+    allowed = torch.ones(3, dtype=torch.bool)
+    sequential, one_shot = torch.tensor([True, True, True]), torch.tensor([True, False, False])
+    assert planned_exits(probabilities, r, 1.0, allowed, sequential).tolist() == [3, 2]
+    assert planned_exits(probabilities, r, 1.0, allowed, one_shot).tolist() == [2, 2]
+    # Stage 2 is not a planning stage when the rule may not exit there: the stage-1 plan (now 3) stands.
+    no_2 = torch.tensor([True, False, True])
+    assert planned_exits(probabilities, r, 1.0, no_2, no_2).tolist() == [3, 3]
+    assert planned_exits(probabilities, r, None, allowed, sequential).tolist() == [3, 3]
+
+
+def test_softmax_statistics_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    statistics = softmax_statistics(logits)
+    torch.testing.assert_close(statistics[0], torch.tensor([0.5, 0.0, 1.0]))
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(2)
+    torch.testing.assert_close(statistics[1], torch.tensor([0.75, 0.5, entropy]))
+    with pytest.raises(ValueError, match="C >= 2"):
+        softmax_statistics(torch.zeros(3, 1))
 
 
 def test_confidence_rule_by_hand():
@@ -104,17 +156,29 @@ def test_epsilon_type(epsilon):
 # ----------------------------------------------------------------------------------------------
 
 
-def trained_policy(outputs: ExitOutputs) -> ExitPolicy:
-    policy = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16)
-    fit_policy(policy, outputs, epochs=40, batch_size=64, lr=1e-2, progress=False)
+def fresh_policy(outputs: ExitOutputs, mode: str = "sequential", epochs: int = 40) -> ExitPolicy:
+    torch.manual_seed(0)
+    policy = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16, mode=mode)
+    fit_policy(policy, outputs, epochs=epochs, batch_size=64, lr=1e-2, progress=False)
     return policy
 
 
-def test_fit_policy_learns_correctness():
+@functools.cache
+def _trained_on_synthetic(mode: str) -> ExitPolicy:
+    return fresh_policy(synthetic_outputs(), mode, epochs=20)
+
+
+def trained_policy(mode: str = "sequential") -> ExitPolicy:
+    """A policy trained on ``synthetic_outputs()`` (a copy: tests may restrict or calibrate it)."""
+    return copy.deepcopy(_trained_on_synthetic(mode))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "one_shot"])
+def test_fit_policy_learns_correctness(mode):
     train, held_out = synthetic_outputs(seed=0), synthetic_outputs(seed=1)
-    policy = trained_policy(train)
+    policy = fresh_policy(train, mode, epochs=20)
     with torch.no_grad():
-        p = policy.probabilities(held_out.features)
+        p = policy.probabilities(held_out.features, held_out.statistics[:, :1])
     # Held-out BCE well below the entropy of the marginal (what a constant predictor achieves).
     targets = held_out.correct.float()
     bce = torch.nn.functional.binary_cross_entropy(p, targets).item()
@@ -128,58 +192,98 @@ def accuracy_of(exits, outputs):
     return outputs.correct[torch.arange(outputs.num_samples), exits - 1].double().mean().item()
 
 
+@pytest.mark.parametrize("mode", ["sequential", "one_shot"])
 @pytest.mark.parametrize("epsilon", [0.08, 0.15, 0.3])
-def test_calibrated_lambda_is_smallest_passing(epsilon):
+def test_calibrated_lambda_is_smallest_passing(epsilon, mode):
     outputs = synthetic_outputs()
-    policy = trained_policy(outputs)
+    policy = trained_policy(mode)
     lam = calibrate_lambda(policy, outputs, [epsilon])[epsilon]
     assert policy.lambda_for(epsilon) == lam
-    with torch.no_grad():
-        p = policy.probabilities(outputs.features)
-    assert accuracy_of(lagrangian_exits(p, policy.savings, lam), outputs) >= 1 - epsilon
+
+    def accuracy(lam: float) -> float:
+        with torch.no_grad():
+            return accuracy_of(policy.exits(outputs.features, outputs.statistics, lam), outputs)
+
+    assert accuracy(lam) >= 1 - epsilon
     if lam > 0:
         t = lam / (1 + lam)
-        smaller = (t - 1e-9) / (1 - t + 1e-9)
-        assert accuracy_of(lagrangian_exits(p, policy.savings, smaller), outputs) < 1 - epsilon
+        assert accuracy((t - 1e-9) / (1 - t + 1e-9)) < 1 - epsilon
     # A grid scan agrees: no grid λ noticeably below λ* passes (accuracy is monotone here).
     for grid_lam in torch.linspace(0, lam, 50)[:-1].tolist():
         if grid_lam < lam * (1 - 1e-6):
-            assert accuracy_of(lagrangian_exits(p, policy.savings, grid_lam), outputs) < 1 - epsilon
+            assert accuracy(grid_lam) < 1 - epsilon
+
+
+def test_one_shot_follows_the_plan_made_at_the_first_exit():
+    outputs = synthetic_outputs()
+    policy = trained_policy("one_shot")
+    with torch.no_grad():
+        p = policy.probabilities(outputs.features, outputs.statistics[:, :1])
+        for lam in (0.0, 0.5, 3.0):
+            expected = lagrangian_exits(p, policy.savings, lam)
+            assert torch.equal(policy.exits(outputs.features, outputs.statistics, lam), expected)
+    assert policy.decision_macs(torch.tensor([1, 3])).tolist() == [policy.macs()] * 2
+
+
+def test_sequential_policy_uses_what_later_exits_see():
+    outputs = hidden_outputs()
+    savings = [0.8, 0.5, 0.0]
+    costs = {}
+    for mode in ("sequential", "one_shot"):
+        policy = ExitPolicy(outputs.feature_width, savings, hidden=16, mode=mode)
+        fit_policy(policy, outputs, epochs=30, batch_size=64, lr=1e-2, progress=False)
+        lam = calibrate_lambda(policy, outputs, [0.01])[0.01]
+        with torch.no_grad():
+            exits = policy.exits(outputs.features, outputs.statistics, lam)
+        assert accuracy_of(exits, outputs) >= 0.99
+        costs[mode] = evaluate_exits(exits, outputs, torch.tensor([2.0, 5.0, 10.0]), mode).macs
+    # One shot cannot tell N_2's good half from its bad half: (nearly) everyone runs to N_3, N_2 only
+    # for the few samples the noise features happen to single out. Planning again at N_2 lets its
+    # confident half (≈ 50 %, 7.5 MACs on average) stop there.
+    assert costs["one_shot"] > 9.0
+    assert costs["sequential"] < 8.0
+
+
+def test_sequential_decision_macs_count_the_planning_stages():
+    policy = ExitPolicy(4, [0.7, 0.5, 0.2, 0.0], hidden=8)
+    policy.restrict_exits([1, 3, 4])
+    exits = torch.tensor([1, 3, 4])
+    assert policy.planning_stages().tolist() == [True, False, True, True]
+    assert policy.decision_macs(exits).tolist() == [policy.macs() * n for n in (1, 2, 3)]
 
 
 def test_tighter_target_costs_more():
     outputs = synthetic_outputs()
-    policy = trained_policy(outputs)
+    policy = trained_policy()
     lambdas = calibrate_lambda(policy, outputs, [0.3, 0.15, 0.08])
     macs = torch.tensor([3.0, 6.0, 10.0], dtype=torch.float64)
     with torch.no_grad():
-        p = policy.probabilities(outputs.features)
-    costs = [evaluate_exits(lagrangian_exits(p, policy.savings, lambdas[e]), outputs, macs, "p").macs
-             for e in (0.3, 0.15, 0.08)]
+        exits = {e: policy.exits(outputs.features, outputs.statistics, lambdas[e]) for e in (0.3, 0.15, 0.08)}
+    costs = [evaluate_exits(exits[e], outputs, macs, "p").macs for e in (0.3, 0.15, 0.08)]
     assert costs == sorted(costs)
     assert lambdas[0.3] <= lambdas[0.15] <= lambdas[0.08]
 
 
 def test_restricted_exits_are_never_chosen():
     outputs = synthetic_outputs()
-    policy = trained_policy(outputs)
+    policy = trained_policy()
     policy.restrict_exits([1, 3])
     lambdas = calibrate_lambda(policy, outputs, [0.1, 0.3])
     for lam in lambdas.values():
-        assert not policy.exits(outputs.features, lam).eq(2).any()
+        assert not policy.exits(outputs.features, outputs.statistics, lam).eq(2).any()
     with pytest.raises(ValueError, match="including 3"):
         policy.restrict_exits([1, 2])
 
 
 def test_unreachable_epsilon_warns_and_falls_back_to_last_exit():
     outputs = synthetic_outputs()
-    policy = trained_policy(outputs)
+    policy = trained_policy()
     best = outputs.correct.any(1).double().mean().item()  # an oracle's accuracy: nothing reaches above it
     epsilon = (1 - best) / 2
     with pytest.warns(RuntimeWarning, match="falling back"):
         lambdas = calibrate_lambda(policy, outputs, [epsilon])
     assert lambdas[epsilon] is None
-    assert policy.exits(outputs.features, policy.lambda_for(epsilon)).eq(3).all()
+    assert policy.exits(outputs.features, outputs.statistics, policy.lambda_for(epsilon)).eq(3).all()
 
 
 def test_confidence_threshold_is_smallest_passing():
@@ -193,8 +297,7 @@ def test_confidence_threshold_is_smallest_passing():
 
 
 def test_calibration_of_another_model_is_rejected():
-    outputs = synthetic_outputs()
-    policy = trained_policy(outputs)
+    policy = trained_policy()
     other_exits = synthetic_outputs(k=5)
     other_width = synthetic_outputs(width=7)
     for other in (other_exits, other_width):
@@ -206,16 +309,18 @@ def test_calibration_of_another_model_is_rejected():
 
 def test_calibration_travels_with_the_state_dict(tmp_path):
     outputs = synthetic_outputs()
-    policy = trained_policy(outputs)
+    policy = trained_policy("one_shot")
     with pytest.warns(RuntimeWarning):
         calibrate_lambda(policy, outputs, [0.08, 0.2, 1e-6])
     torch.save(policy.state_dict(), tmp_path / "policy.pt")
-    loaded = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16)
+    loaded = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16)  # default mode: sequential
     loaded.load_state_dict(torch.load(tmp_path / "policy.pt", weights_only=True))
-    assert loaded.lambdas == policy.lambdas
-    assert torch.equal(loaded.exits(outputs.features, loaded.lambda_for(0.2)),
-                       policy.exits(outputs.features, policy.lambda_for(0.2)))
-    pairs = json.loads(policy.calibration_json())["pairs"]
+    assert loaded.lambdas == policy.lambdas and loaded.mode == "one_shot"
+    assert torch.equal(loaded.exits(outputs.features, outputs.statistics, loaded.lambda_for(0.2)),
+                       policy.exits(outputs.features, outputs.statistics, policy.lambda_for(0.2)))
+    calibration = json.loads(policy.calibration_json())
+    assert calibration["mode"] == "one_shot"
+    pairs = calibration["pairs"]
     assert [(pair["epsilon"], pair["lambda"]) for pair in pairs] == sorted(policy.lambdas.items())
     with pytest.raises(KeyError, match="not calibrated"):
         policy.lambda_for(0.5)
@@ -226,19 +331,28 @@ def test_policy_constructor_checks():
         ExitPolicy(0, [0.5, 0.0])
     with pytest.raises(ValueError, match="savings"):
         ExitPolicy(4, [1.5, 0.0])
+    with pytest.raises(ValueError, match="mode"):
+        ExitPolicy(4, [0.5, 0.0], mode="greedy")
     policy = ExitPolicy(4, [0.5, 0.0], hidden=8)
-    assert policy.macs() == 4 * 8 + 8 * 8 + 8 * 2
+    assert policy.macs() == (4 + 4 * 2) * 8 + 8 * 8 + 8 * 2
     with pytest.raises(ValueError, match=r"\(N, 4\)"):
-        policy(torch.zeros(3, 5))
+        policy(torch.zeros(3, 5), torch.zeros(3, 1, 3))
+    with pytest.raises(ValueError, match="statistics"):
+        policy(torch.zeros(3, 4), torch.zeros(3, 3, 3))
 
 
 def test_evaluate_exits_by_hand():
     correct = torch.tensor([[False, True], [True, True], [False, False], [True, False]])
     labels = torch.zeros(4, dtype=torch.long)
-    outputs = ExitOutputs(torch.zeros(4, 2), correct, correct | True, torch.ones(4, 2), labels)
+    outputs = ExitOutputs(torch.zeros(4, 2), correct, correct | True, torch.ones(4, 2, 3), labels)
     point = evaluate_exits(torch.tensor([2, 1, 2, 1]), outputs, torch.tensor([1.0, 4.0]), "x", extra_macs=0.5)
     assert point.accuracy == 0.75 and point.top5 == 1.0
     assert point.macs == pytest.approx(2.5 + 0.5)
+    per_sample = evaluate_exits(torch.tensor([2, 1, 2, 1]), outputs, torch.tensor([1.0, 4.0]), "x",
+                                extra_macs=torch.tensor([2.0, 1.0, 2.0, 1.0]))  # fmt: skip
+    assert per_sample.macs == pytest.approx(2.5 + 1.5)
+    with pytest.raises(ValueError, match="statistics"):
+        ExitOutputs(torch.zeros(4, 2), correct, correct, torch.ones(4, 2), labels)
     assert point.saving == pytest.approx(1 - 3.0 / 4.0)
     assert point.exit_fractions == [0.5, 0.5]
 
@@ -267,6 +381,7 @@ def test_collected_outputs_match_each_subnet(net):
         for k in range(1, net.num_subnets + 1):
             logits = net(x, subnet=k)
             assert torch.equal(outputs.correct[:, k - 1], logits.argmax(1) == y)
+            torch.testing.assert_close(outputs.statistics[:, k - 1], softmax_statistics(logits))
             torch.testing.assert_close(outputs.confidence[:, k - 1], logits.softmax(1).amax(1))
             assert torch.equal(outputs.correct_top5[:, k - 1], (logits.topk(5, 1).indices == y[:, None]).any(1))
     restored = ExitOutputs.from_state_dict(outputs.state_dict())
