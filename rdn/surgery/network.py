@@ -12,8 +12,12 @@ Three ways to run it:
   heads give the K logits from that single pass (what joint training uses);
 - ``forward(x, subnet=s)``: N_s alone;
 - ``start(x)`` / ``step(state)``: N_1, then N_2, ... computing only the new group of every tensor
-  from the cached prefixes (``stages=(s, s+1)``, ``out=`` the cached full-width buffers);
-  ``state.index_select(kept)`` drops the samples that exited.
+  (``stages=(s, s+1)`` for nested layers, which read the cached full-width buffers of their inputs;
+  channel-wise steps read only the new groups of theirs). Only what a later stage reads is cached:
+  nested-layer inputs and the heads' inputs; ``state.index_select(kept)`` drops the samples that
+  exited, copying only that cache.
+
+Every path frees an intermediate after its last reader, as an eager forward does.
 
 Depth split (``nest(..., depth_split=...)``): the steps up to the split block form the shallow
 part; every width s gets a second exit there (a light alignment block into the shared
@@ -537,8 +541,8 @@ class RussianDollNet(nn.Module):
         Walks the graph in execution order: every node's output (its N_s channels × pixels × dtype
         size, at the calibration input size) is allocated when computed and freed after its last
         reader; the peak of the live total is returned, times ``batch_size``. In-place ops, the
-        head's own activations and allocator caching are ignored; the staged path keeps all
-        buffers alive instead.
+        head's own activations and allocator caching are ignored; the staged path keeps its cache
+        (full-width nested-layer inputs and head inputs) alive instead.
         """
         s, depth = self._exit(subnet)
         steps = self._exit_steps(depth)
