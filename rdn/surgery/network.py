@@ -293,14 +293,18 @@ class RussianDollNet(nn.Module):
                 regrown.add(step.name)
         heads = {self._features} | ({self._split} if self._split is not None else set())
         cached = set(heads)
-        self._last_reader: dict[str, int] = {}
+        last_reader: dict[str, int] = {}
         for step in self._steps:
             for node in step.node.all_input_nodes:
-                self._last_reader[node.name] = index[step.name]
+                last_reader[node.name] = index[step.name]
                 if region_of[node.name] != region_of[step.name] or (step.name in regrown and node.name not in regrown):
                     cached.add(node.name)
             if step.role == "nested":
                 cached.add(step.inputs[0])
+        # _last_reads[i]: the values step i is the last to read
+        self._last_reads: list[list[str]] = [[] for _ in self._steps]
+        for name, reader in last_reader.items():
+            self._last_reads[reader].append(name)
         self._regrown = regrown
         self._head_inputs = heads
         self._cached = cached
@@ -341,7 +345,7 @@ class RussianDollNet(nn.Module):
             elif role not in ("classifier", "output") and step.space.offsets[hi]:
                 fetch = lambda n: self._prefix(values, n.name, hi)  # noqa: E731
                 values[name] = self._channels(step, 0, step.space.offsets[hi], fetch)
-            self._release(index, step, values, keep)
+            self._release(index, values, keep)
 
     def _run_groups(self, lo: int, hi: int, values: dict[str, Any], region: tuple[int, int]) -> None:
         """Staged: compute only groups lo..hi-1 (lo > 0) of the regrown steps of ``region``.
@@ -366,7 +370,7 @@ class RussianDollNet(nn.Module):
             name = step.name
             if name in self._regrown:
                 self._grow(step, lo, hi, values, fresh, fetch)
-            self._release(index, step, fresh, set())
+            self._release(index, fresh, set())
 
     def _grow(self, step: _Step, lo: int, hi: int, values: dict[str, Any], fresh: dict[str, Any], fetch) -> None:
         """Groups lo..hi-1 of one regrown step into ``fresh`` (and its buffer, if cached)."""
@@ -397,11 +401,11 @@ class RussianDollNet(nn.Module):
         layout = self.layers[step.name].layout
         return value if value.shape[1] == layout.in_offsets[-1] else value[:, : layout.in_offsets[hi]]
 
-    def _release(self, index: int, step: _Step, values: dict[str, Any], keep: set[str]) -> None:
+    def _release(self, index: int, values: dict[str, Any], keep: set[str]) -> None:
         """Drop the values whose last reader is step ``index`` (as an eager forward frees them)."""
-        for node in step.node.all_input_nodes:
-            if self._last_reader[node.name] == index and node.name not in keep:
-                values.pop(node.name, None)
+        for name in self._last_reads[index]:
+            if name not in keep:
+                values.pop(name, None)
 
     def _prefix(self, values: dict[str, Any], name: str, hi: int):
         """The first ``hi`` groups of value ``name`` (as it is if it has no channel space)."""
