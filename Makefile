@@ -43,8 +43,13 @@ $(VENV)/.built: $(VENV)/.installed $(EXTENSION_SOURCES)
 
 build: $(VENV)/.built
 
+# The kernel demonstration, then the whole pipeline (pretrain → nest → joint fine-tune → order →
+# policy → λ calibration → static and dynamic evaluation) on Fashion-MNIST; the report lands in
+# runs/demo/report.md. Re-running resumes; DEMO_ARGS=--quick gives a few-minute smoke run.
+DEMO_ARGS ?=
 demo: build data
 	$(PY) -m rdn_kernels.demo
+	$(PY) -m rdn pipeline --dataset fashion-mnist --model mobilenet_v2 --k 4 --out runs/demo $(DEMO_ARGS)
 
 test: build
 	$(PY) -m pytest -q
