@@ -51,7 +51,7 @@ demo: build data
 	$(PY) -m rdn_kernels.demo
 	$(PY) -m rdn pipeline --dataset fashion-mnist --model mobilenet_v2 --k 4 --out runs/demo $(DEMO_ARGS)
 
-test: build
+test: build data
 	$(PY) -m pytest -q
 
 lint: install
