@@ -313,9 +313,9 @@ def test_calibration_travels_with_the_state_dict(tmp_path):
     with pytest.warns(RuntimeWarning):
         calibrate_lambda(policy, outputs, [0.08, 0.2, 1e-6])
     torch.save(policy.state_dict(), tmp_path / "policy.pt")
-    loaded = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16)  # default mode: sequential
+    loaded = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16, mode="one_shot")
     loaded.load_state_dict(torch.load(tmp_path / "policy.pt", weights_only=True))
-    assert loaded.lambdas == policy.lambdas and loaded.mode == "one_shot"
+    assert loaded.lambdas == policy.lambdas
     assert torch.equal(loaded.exits(outputs.features, outputs.statistics, loaded.lambda_for(0.2)),
                        policy.exits(outputs.features, outputs.statistics, policy.lambda_for(0.2)))
     calibration = json.loads(policy.calibration_json())
@@ -339,6 +339,10 @@ def test_policy_constructor_checks():
         policy(torch.zeros(3, 5), torch.zeros(3, 1, 3))
     with pytest.raises(ValueError, match="statistics"):
         policy(torch.zeros(3, 4), torch.zeros(3, 3, 3))
+    one_shot = ExitPolicy(4, [0.5, 0.0], hidden=8, mode="one_shot")
+    assert one_shot.macs() == 4 * 8 + 8 * 8 + 8 * 2  # N_1's features only
+    with pytest.raises(ValueError, match="mode='one_shot'"):
+        policy.set_extra_state(one_shot.get_extra_state())
 
 
 def test_evaluate_exits_by_hand():
