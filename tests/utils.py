@@ -25,3 +25,13 @@ def assert_close(
 def nan_filled_like(tensor: torch.Tensor) -> torch.Tensor:
     """A fresh buffer full of NaN: an element a kernel forgets to write cannot pass a comparison."""
     return torch.full_like(tensor, float("nan"))
+
+
+def one_intra_op_thread():
+    """Fixture body for packages of tiny models: one intra-op thread avoids oversubscribing a busy
+    CPU and keeps CPU results reproducible run to run. (Kernel tests keep several threads, so the
+    parallel paths of the kernels are exercised.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
