@@ -264,9 +264,23 @@ def _check_int32_extent(name: str, tensor: torch.Tensor, first_dim: int = 1) -> 
         )
 
 
-def _check_pixels(num_pixels: int) -> None:
+def _check_extents(num_pixels: int, images: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
+    """Every launch's int32 limits: the pixel count, each image tensor per sample, the whole weight."""
     if num_pixels >= 2**31:
         raise ValueError(f"N·H·W = {num_pixels} pixels exceed 2**31 - 1; split the batch")
+    for name, tensor in images.items():
+        _check_int32_extent(name, tensor)
+    _check_int32_extent("weight", weight, first_dim=0)
+
+
+def _pixel_tile_grid(num_pixels: int, group_sizes, *rest: int):
+    """Launch grid of the forward / grad-input kernels: (pixel tiles × channel tiles of every group, *rest)."""
+
+    def grid(meta):
+        channel_tiles = sum(triton.cdiv(size, meta["BLOCK_N"]) for size in group_sizes)
+        return (triton.cdiv(num_pixels, meta["BLOCK_M"]) * channel_tiles, *rest)
+
+    return grid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,14 +317,8 @@ def forward(
     num_pixels = batch * height_out * width_out
     if not group_sizes or num_pixels == 0:
         return result
-    _check_pixels(num_pixels)
-    for name, tensor in (("input", input), ("output", result)):
-        _check_int32_extent(name, tensor)
-    _check_int32_extent("weight", weight, first_dim=0)
-
-    def grid(meta):
-        channel_tiles = sum(triton.cdiv(size, meta["BLOCK_N"]) for size in group_sizes)
-        return (triton.cdiv(num_pixels, meta["BLOCK_M"]) * channel_tiles,)
+    _check_extents(num_pixels, {"input": input, "output": result}, weight)
+    grid = _pixel_tile_grid(num_pixels, group_sizes)
 
     with _device_guard(input.device):
         _forward[grid](
@@ -347,14 +355,8 @@ def grad_input(
     num_phase_pixels = batch * phase_height * phase_width
     if not group_sizes or num_phase_pixels == 0:
         return result.zero_()
-    _check_pixels(num_phase_pixels)
-    for name, tensor in (("grad_output", grad_output), ("input", result)):
-        _check_int32_extent(name, tensor)
-    _check_int32_extent("weight", weight, first_dim=0)
-
-    def grid(meta):
-        channel_tiles = sum(triton.cdiv(size, meta["BLOCK_N"]) for size in group_sizes)
-        return (triton.cdiv(num_phase_pixels, meta["BLOCK_M"]) * channel_tiles, stride_h * stride_w)
+    _check_extents(num_phase_pixels, {"grad_output": grad_output, "input": result}, weight)
+    grid = _pixel_tile_grid(num_phase_pixels, group_sizes, stride_h * stride_w)
 
     with _device_guard(input.device):
         _grad_input[grid](
@@ -408,10 +410,7 @@ def grad_weight(
     useful = sum((co_stop - co_start) * (ci_stop - ci_start) for co_start, co_stop, ci_start, ci_stop in rows)
     if not rows or num_pixels == 0:
         return torch.zeros_like(weight)
-    _check_pixels(num_pixels)
-    for name, tensor in (("grad_output", grad_output), ("input", input)):
-        _check_int32_extent(name, tensor)
-    _check_int32_extent("weight", weight, first_dim=0)
+    _check_extents(num_pixels, {"grad_output": grad_output, "input": input}, weight)
     if num_splits is None:
         num_splits = _default_pixel_splits(num_pixels, useful * kernel_h * kernel_w, weight)
     if num_splits == 1:
