@@ -78,7 +78,7 @@ const pm::Kernels<double>& kernels<double>() { return pm::double_kernels(); }
 // Pixel tiling of a problem reading and writing `channels` values per pixel. Tiles run over the
 // batch's pixels as one range, so a tile may span samples (short images waste no padding).
 struct Tiling {
-  int64_t rows, padded_rows, tasks;
+  int64_t rows, tasks;  // rows per tile: a multiple of the kernels' pixel vector pair
 
   Tiling(int64_t total_rows, int64_t channels, int64_t element_size, int64_t multiple) {
     constexpr int64_t kTileBytes = 384 * 1024;  // both packed tiles in a core's L2 (1–2 MB)
@@ -88,7 +88,6 @@ struct Tiling {
     const int64_t tasks_wanted = threads > 1 ? 4 * threads : 1;
     rows_wanted = std::min(rows_wanted, (total_rows + tasks_wanted - 1) / tasks_wanted);
     rows = std::max(rows_wanted / multiple * multiple, multiple);
-    padded_rows = rows;
     tasks = (total_rows + rows - 1) / rows;
   }
 };
@@ -165,20 +164,20 @@ void tiled_product(int64_t source_rows, int64_t staging_per_pixel, Pack&& pack, 
   const int64_t total_rows = dest.samples * dest.rows;
   const Tiling tiling(total_rows, source_rows + staging_per_pixel + dest_cols, sizeof(T), kernel.pixel_multiple);
   at::parallel_for(0, tiling.tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> source_tile(source_rows * tiling.padded_rows), dest_tile(dest_cols * tiling.padded_rows);
-    std::vector<T> staging(staging_per_pixel * tiling.padded_rows);
-    pm::Product<T> problem{source_tile.data(), tiling.padded_rows, weight, weight_dest_stride,
-                           weight_source_stride, dest_tile.data(), tiling.padded_rows, tiling.padded_rows,
+    std::vector<T> source_tile(source_rows * tiling.rows), dest_tile(dest_cols * tiling.rows);
+    std::vector<T> staging(staging_per_pixel * tiling.rows);
+    pm::Product<T> problem{source_tile.data(), tiling.rows, weight, weight_dest_stride,
+                           weight_source_stride, dest_tile.data(), tiling.rows, tiling.rows,
                            plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task * tiling.rows, rows = std::min(tiling.rows, total_rows - row);
       if (rows < tiling.rows) std::fill(source_tile.begin(), source_tile.end(), T(0));  // last tile: no garbage
-      pack(row, rows, source_tile.data(), tiling.padded_rows, staging.data());
+      pack(row, rows, source_tile.data(), tiling.rows, staging.data());
       // The last tile computes only the vectors its pixels need.
       problem.pixels = (rows + kernel.pixel_multiple - 1) / kernel.pixel_multiple * kernel.pixel_multiple;
       kernel.product(problem);
       for_each_piece(dest, row, rows, dest_cols, dest_col, [&](const Matrix<T>& piece, int64_t offset) {
-        unpack_tile<T>(dest_tile.data() + offset, tiling.padded_rows, piece, bias);
+        unpack_tile<T>(dest_tile.data() + offset, tiling.rows, piece, bias);
       });
     }
   });
@@ -425,14 +424,14 @@ at::Tensor pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), tiling.tasks);
   at::Tensor partial = at::zeros({slots, weight.size(0), channels}, weight.options());
   at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> gradient_tile(gradient_cols * tiling.padded_rows), activation_tile(activation_ld * tiling.padded_rows);
+    std::vector<T> gradient_tile(gradient_cols * tiling.rows), activation_tile(activation_ld * tiling.rows);
     std::vector<T> scratch(weight.size(0) * activation_ld);
     for (int64_t slot = begin; slot < end; ++slot) {
       T* accumulator = partial.data_ptr<T>() + slot * weight.size(0) * channels;
       for (int64_t task = slot; task < tiling.tasks; task += slots) {
         const int64_t row = task * tiling.rows, rows = std::min(tiling.rows, total_rows - row);
         for_each_piece(gradient, row, rows, gradient_cols, 0, [&](const Matrix<const T>& piece, int64_t offset) {
-          pack_tile(piece, gradient_tile.data() + offset, tiling.padded_rows);
+          pack_tile(piece, gradient_tile.data() + offset, tiling.rows);
         });
         for_each_piece(activation, row, rows, read, 0, [&](const Matrix<const T>& piece, int64_t offset) {
           pack_rows(piece, activation_tile.data() + offset * activation_ld, activation_ld);
@@ -441,8 +440,8 @@ at::Tensor pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor
           const pm::Run run{0, 0, rows};
           const pm::DestinationBlock dest{0, 0, block.rows, &run, 1};
           const pm::Product<T> problem{activation_tile.data() + block.col, activation_ld,
-                                       gradient_tile.data() + block.gradient_row * tiling.padded_rows,
-                                       tiling.padded_rows, 1, scratch.data(), activation_ld,
+                                       gradient_tile.data() + block.gradient_row * tiling.rows,
+                                       tiling.rows, 1, scratch.data(), activation_ld,
                                        (block.cols + multiple - 1) / multiple * multiple, &dest, 1};
           kernel.product(problem);
           for (int64_t r = 0; r < block.rows; ++r) {
