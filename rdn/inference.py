@@ -8,7 +8,7 @@ new channel groups of every layer from the cached prefixes (``net.step``: the ke
 ``stages=`` / ``out=`` path). Each sample's logits are those of N_{exit(x)}.
 
 :func:`evaluate_dynamic` measures accuracy and average MACs over a split with it, and
-:func:`measure_throughput` / :func:`measure_peak_memory` time it (median of repeats) and measure
+:func:`measure_throughputs` / :func:`measure_peak_memory` time it (median of interleaved repeats) and measure
 its peak memory against any static callable (N_K, N_s, the base model).
 """
 
@@ -33,6 +33,7 @@ __all__ = [
     "measure",
     "measure_peak_memory",
     "measure_throughput",
+    "measure_throughputs",
 ]
 
 
@@ -69,11 +70,12 @@ def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | 
     rows = torch.arange(x.shape[0], device=x.device)  # original index of every row still in the batch
     statistics = softmax_statistics(state.logits)[:, None]  # (rows, s, 3) of the exits computed so far
     while True:
-        if planning[state.subnet - 1]:
+        current = state.subnet
+        if planning[current - 1]:
             plan = policy.plan(features, statistics, lam).to(x.device)
-        leaving = plan == state.subnet
+        leaving = plan == current
         logits[rows[leaving]] = state.logits[leaving]
-        exits[rows[leaving]] = state.subnet
+        exits[rows[leaving]] = current
         going_on = ~leaving
         if not bool(going_on.any()):
             break
@@ -81,9 +83,22 @@ def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | 
             keep = going_on.nonzero().squeeze(1)
             state, rows, plan = state.index_select(keep), rows[keep], plan[keep]
             features, statistics = features[keep], statistics[keep]
-        state = net.step(state)
-        statistics = torch.cat([statistics, softmax_statistics(state.logits)[:, None]], dim=1)
+        # Jump straight to where the next sample leaves or the policy plans again: one staged call
+        # per layer for all the groups in between; the skipped exits' heads run for their statistics.
+        planned_next = next((s for s in range(current + 1, len(planning) + 1) if planning[s - 1]), len(planning))
+        target = _next_stop(net, current, min(int(plan.min()), planned_next))
+        state = net.step(state, target)
+        passed = [net.exit_logits(state, s) for s in range(current + 1, target)] + [state.logits]
+        statistics = torch.cat([statistics, softmax_statistics(torch.stack(passed, dim=1))], dim=1)
     return DynamicOutput(logits, exits)
+
+
+def _next_stop(net: nn.Module, current: int, target: int) -> int:
+    """``target``, or the first exit between ``current`` and it that a jump to ``target`` would not
+    compute (a deep exit before a shallow target, with a depth split), so that the statistics of
+    every exit passed are known."""
+    depth = net.exits[target - 1][1]
+    return next((s for s in range(current + 1, target) if net.exits[s - 1][1] > depth), target)
 
 
 @torch.no_grad()
@@ -144,20 +159,33 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure_throughput(fn: Callable[[Tensor], object], x: Tensor, repeats: int = 5, warmup: int = 1) -> float:
-    """Images per second of ``fn(x)``: batch size / median wall-clock seconds over ``repeats`` runs."""
+def measure_throughputs(
+    fns: dict[str, Callable[[Tensor], object]], x: Tensor, repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Images per second of every ``fns[name](x)``: batch size / median wall-clock seconds.
+
+    The runs are interleaved (each of the ``repeats`` rounds times every callable once, in turn),
+    so a shared machine's slow drifts in load hit all of them alike instead of whichever ran then.
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    for _ in range(warmup):
-        fn(x)
-    seconds = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x)
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        _synchronize(x.device)
-        begin = time.perf_counter()
-        fn(x)
-        _synchronize(x.device)
-        seconds.append(time.perf_counter() - begin)
-    return x.shape[0] / statistics.median(seconds)
+        for name, fn in fns.items():
+            _synchronize(x.device)
+            begin = time.perf_counter()
+            fn(x)
+            _synchronize(x.device)
+            seconds[name].append(time.perf_counter() - begin)
+    return {name: x.shape[0] / statistics.median(times) for name, times in seconds.items()}
+
+
+def measure_throughput(fn: Callable[[Tensor], object], x: Tensor, repeats: int = 5, warmup: int = 1) -> float:
+    """Images per second of ``fn(x)``: batch size / median wall-clock seconds over ``repeats`` runs."""
+    return measure_throughputs({"fn": fn}, x, repeats, warmup)["fn"]
 
 
 @torch.no_grad()
@@ -217,10 +245,9 @@ def benchmark(
     for s in range(1, net.num_subnets + 1) if subnets is None else subnets:
         runs.append((f"N_{s} static", lambda batch, s=s: net(batch, subnet=s)))
     runs.append(("dynamic", lambda batch: dynamic_forward(net, policy, batch, lam)))
-    results = []
+    if progress:
+        names = ", ".join(name for name, _ in runs)
+        print(f"  timing {names} (batch {x.shape[0]}, {repeats} interleaved rounds, {x.device})", flush=True)
+    speeds = measure_throughputs(dict(runs), x, repeats)
     with torch.no_grad():
-        for name, fn in runs:
-            if progress:
-                print(f"  timing {name} (batch {x.shape[0]}, {repeats} repeats, {x.device})", flush=True)
-            results.append(measure(name, fn, x, repeats))
-    return results
+        return [Measurement(name, x.shape[0], speeds[name], measure_peak_memory(fn, x)) for name, fn in runs]

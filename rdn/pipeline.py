@@ -20,7 +20,10 @@ checkpoints):
    confidence baseline per ε (from the collected per-exit outputs, exact per sample), the real
    early-exit engine (:mod:`rdn.inference`) at the operating point, cross-checked against them;
    wall-clock throughput and peak memory of base, N_s static and dynamic on one batch.
-8. ``report.md`` / ``tradeoff.png``: the paper's Table 1 and Figure 8 for this run.
+8. ``ablations/NAME/test.json`` (only with ``--ablations``): the paper's ablations in small
+   (:data:`ABLATIONS`: random select, from scratch, exit subsets), each nested, fine-tuned (resumable)
+   and evaluated on the test split.
+9. ``report.md`` / ``tradeoff.png``: the paper's Table 1 and Figure 8 for this run, and the ablations.
 
 ε is the target error on the calibration split: 1 − ε is the accuracy λ* must reach. By default
 the list is N_K's calibration error plus :data:`EPSILON_OFFSETS`; the *operating point* is the
@@ -55,18 +58,27 @@ OPERATING_OFFSET = 0.002
 PRESETS: dict[str, dict] = {
     "quick": dict(dataset="mnist5k", width_mult=0.25, base_epochs=1, finetune_epochs=1, steps_per_epoch=8,
                   batch_size=64, bn_momentum=0.1, monitor_samples=256, policy_samples=500, policy_epochs=20,
-                  calib_samples=64, bench_batch=256, repeats=1, time_every_subnet=False),
+                  policy_hidden=16, calib_samples=64, bench_batch=256, repeats=1, time_every_subnet=False),
     "default": dict(dataset="fashion_mnist", width_mult=0.25, base_epochs=2, finetune_epochs=2,
                     steps_per_epoch=200, batch_size=128, bn_momentum=0.1, monitor_samples=2000, policy_samples=5000,
-                    policy_epochs=40,
-                    calib_samples=256, bench_batch=256, repeats=3, time_every_subnet=True),
+                    policy_epochs=40, policy_hidden=16,
+                    calib_samples=256, bench_batch=256, repeats=7, time_every_subnet=True),
 }  # fmt: skip
+# --ablations: the paper's ablations in small, each a fine-tuning run beside the main one (which is
+# greedy select, pretrained base, every exit in the loss): name → (what it changes, select, pretrained, exits).
+ABLATIONS: dict[str, tuple[str, str, bool, str]] = {
+    "random_select": ("random instead of greedy channel selection (paper Table 4)", "random", True, "all"),
+    "from_scratch": ("a randomly initialised base nested and trained for the base's and the fine-tuning's "
+                     "epochs together (paper Table 3)", "greedy", False, "all"),
+    "all_but_lightest": ("joint loss on every exit but N_1 (paper Table 5)", "greedy", True, "all_but_lightest"),
+    "largest_only": ("loss on N_K only (paper Table 5)", "greedy", True, "largest"),
+}
 _DATASET_NAMES = {"fashion-mnist": "fashion_mnist", "fashion_mnist": "fashion_mnist", "mnist5k": "mnist5k",
                   "mnist-5k": "mnist5k"}  # fmt: skip
 # Settings that change what the steps compute: a run folder is only resumed with the same ones.
 _RESULT_SETTINGS = ("dataset", "model", "width_mult", "k", "seed", "base_epochs", "finetune_epochs",
                     "steps_per_epoch", "batch_size", "bn_momentum", "monitor_samples", "policy_samples",
-                    "policy_epochs", "calib_samples", "all_exits")  # fmt: skip
+                    "policy_epochs", "policy_hidden", "calib_samples", "all_exits")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size")
     parser.add_argument("--policy-samples", type=int, default=None, help="training samples the policy learns from")
     parser.add_argument("--policy-epochs", type=int, default=None, help="policy training epochs")
+    parser.add_argument("--policy-hidden", type=int, default=None, help="width of the policy MLP's hidden layers")
     parser.add_argument("--calib-samples", type=int, default=None, help="images for the greedy channel selection")
     parser.add_argument("--epsilons", type=float, nargs="+", default=None,
                         help="target errors ε in (0, 1) (default: N_K's calibration error + "
@@ -97,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-device", choices=("auto", "cpu", "cuda"), default=None,
                         help="where throughput / memory are measured (default: --device)")
     parser.add_argument("--bench-threads", type=int, default=None, help="torch CPU threads while timing")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run the paper's ablations (random select, from scratch, exit subsets): one more "
+                             "fine-tuning run each, reported beside the main run")  # fmt: skip
     parser.add_argument("--all-exits", action="store_true",
                         help="let the policy exit at every sub-network, not only at those of the nesting order")
     parser.add_argument("--seed", type=int, default=0, help="seed of splits, weights, data order and policy")
@@ -159,7 +175,7 @@ def _settings(args: argparse.Namespace) -> dict:
         if value is not None:
             preset[key] = _DATASET_NAMES[value] if key == "dataset" else value
     preset.update(model=args.model, k=args.k, seed=args.seed, epsilons=args.epsilons, quick=args.quick,
-                  all_exits=args.all_exits,
+                  all_exits=args.all_exits, ablations=args.ablations,
                   bench_device=args.bench_device, bench_threads=args.bench_threads)
     return preset
 
@@ -206,7 +222,8 @@ def _batches(dataset, spec, batch_size: int, device: torch.device, limit: int | 
 # ----------------------------------------------------------------------------------------------
 
 
-def _train(model: nn.Module, data, settings: dict, epochs: int, folder: Path, model_config: dict, progress: bool):
+def _train(model: nn.Module, data, settings: dict, epochs: int, folder: Path, model_config: dict, progress: bool,
+           exits: str = "all"):
     """Train with :func:`rdn.train.fit` (resuming its checkpoint), mark it done with the last epoch's
     accuracy of the EMA weights (what is used from here on) on the monitored test samples, return
     the EMA model.
@@ -221,7 +238,8 @@ def _train(model: nn.Module, data, settings: dict, epochs: int, folder: Path, mo
     order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(settings["seed"]))
     monitored = data.test.subset(order[: settings["monitor_samples"]].sort().values)
     config = TrainConfig(epochs=epochs, batch_size=settings["batch_size"], steps_per_epoch=settings["steps_per_epoch"],
-                         bn_momentum=settings["bn_momentum"], seed=settings["seed"], progress=progress)  # fmt: skip
+                         bn_momentum=settings["bn_momentum"], seed=settings["seed"], progress=progress,
+                         exits=exits)  # fmt: skip
     splits = DataSplits(data.train, data.calib, monitored, data.spec)
     row = fit(model, splits, config, out=folder, model_config=model_config, resume=True).history[-1]
     exits = sum(key.startswith("ema_test_top1_") for key in row)
@@ -371,7 +389,65 @@ def _targets(evaluation: dict) -> list[str]:
     return lines
 
 
-def _report(out: Path, settings: dict, evaluation: dict, calibration: dict, order: dict, data_summary: str) -> str:
+def _run_ablations(out: Path, base: nn.Module, data, settings: dict, create_kwargs: dict, device, progress: bool
+                   ) -> dict:  # fmt: skip
+    """Step 8 (``--ablations``): every variant of :data:`ABLATIONS` nested, fine-tuned (resuming its
+    checkpoint in ``ablations/NAME/``) and evaluated on the whole test split; ``ablations/NAME/test.json``
+    marks it done. Returns name → that json."""
+    from rdn.models import create
+    from rdn.policy import collect_exit_outputs
+    from rdn.surgery import nest
+    from rdn.train import model_config_of
+
+    calib = _calibration_images(data, settings["calib_samples"])
+    results = {}
+    for name, (description, select, pretrained, exits) in ABLATIONS.items():
+        folder = out / "ablations" / name
+        if not (folder / "test.json").exists():
+            print(f"  ablation {name}: {description}", flush=True)
+            torch.manual_seed(settings["seed"])
+            source = copy.deepcopy(base).cpu() if pretrained else create(**create_kwargs)
+            net = nest(source.eval(), k=settings["k"], mode="expand", select=select, calib=calib, seed=settings["seed"],
+                       base=create_kwargs)  # fmt: skip
+            epochs = settings["finetune_epochs"] + (0 if pretrained else settings["base_epochs"])
+            net = _train(net, data, settings, epochs, folder, model_config_of(net), progress, exits)
+            test = collect_exit_outputs(net.to(device).eval(), _batches(data.test, data.spec, 256, device),
+                                        progress=progress)  # fmt: skip
+            _write_json(folder / "test.json", {
+                "description": description, "select": select, "pretrained": pretrained, "exits": exits,
+                "epochs": epochs, "top1": test.correct.double().mean(0).tolist(),
+                "macs": [float(net.macs(s)) for s in range(1, net.num_subnets + 1)],
+            })  # fmt: skip
+        results[name] = json.loads((folder / "test.json").read_text())
+    return results
+
+
+def _ablation_lines(settings: dict, evaluation: dict, ablations: dict | None) -> list[str]:
+    if not ablations:
+        return ["Not run (`rdn pipeline ... --ablations` runs them: random select, from scratch, exit subsets)."]
+    static = evaluation["static"]
+    k = len(static)
+    header = "| Variant | Fine-tuning epochs | " + " | ".join(f"N_{s}" for s in range(1, k + 1)) + " |"
+    rows = [
+        header,
+        "|---|---:|" + "---:|" * k,
+        f"| main run: greedy select, pretrained base, every exit in the loss | {settings['finetune_epochs']} | "
+        + " | ".join(f"{100 * point['accuracy']:.2f}" for point in static) + " |",
+    ]
+    for name, result in ablations.items():
+        rows.append(f"| {name}: {result['description']} | {result['epochs']} | "
+                    + " | ".join(f"{100 * top1:.2f}" for top1 in result["top1"]) + " |")  # fmt: skip
+    return [
+        "Top-1 (%) of every sub-network on the test split; each variant changes one thing of the main run "
+        f"and is trained with its settings (at most {settings['steps_per_epoch']} steps of {settings['batch_size']} "
+        "images per epoch).",
+        "",
+        *rows,
+    ]
+
+
+def _report(out: Path, settings: dict, evaluation: dict, calibration: dict, order: dict, data_summary: str,
+            ablations: dict | None = None) -> str:  # fmt: skip
     base, static, engine = evaluation["base"], evaluation["static"], evaluation["engine"]
     k = len(static)
     memory = {m["name"]: m for m in evaluation["measurements"]}
@@ -428,7 +504,7 @@ def _report(out: Path, settings: dict, evaluation: dict, calibration: dict, orde
                      f"{fractions} |")  # fmt: skip
     lines += [
         "",
-        f"## Wall clock and memory (batch {batch}, median of {settings['repeats']} repeats)",
+        f"## Wall clock and memory (batch {batch}, median of {settings['repeats']} interleaved rounds)",
         "",
         "| Run | Images/s | Peak mem (MB) |",
         "|---|---:|---:|",
@@ -441,7 +517,7 @@ def _report(out: Path, settings: dict, evaluation: dict, calibration: dict, orde
         "",
         "## Nesting order",
         "",
-        f"Sub-networks on a {order['grid']} grid (width groups x depth splits; the surgery has no depth nesting). "
+        f"Sub-networks on a {order['grid']} grid (width groups x depth splits; the pipeline nests widths only). "
         f"Chosen order: {' -> '.join(order['names'])}; area {order['area']:.4g} = "
         f"{100 * order['hull_ratio']:.2f} % of the upper convex hull's (hull: {', '.join(order['hull_names'])}).",
         "",
@@ -455,8 +531,7 @@ def _report(out: Path, settings: dict, evaluation: dict, calibration: dict, orde
         "",
         "## Ablations",
         "",
-        "None run by this pipeline (greedy vs random selection, exit subsets: `rdn nest --select random`, "
-        "`rdn finetune --exits ...`).",
+        *_ablation_lines(settings, evaluation, ablations),
     ]
     text = "\n".join(lines) + "\n"
     _atomic(out / "report.md", lambda tmp: tmp.write_text(text))
@@ -510,7 +585,7 @@ def main(args: argparse.Namespace) -> None:
     data = _load_data(settings, args.data_root)
     _check_resumable(out, settings)
     print(data.summary(), flush=True)
-    steps = _Steps(8)
+    steps = _Steps(9 if settings["ablations"] else 8)
     create_kwargs = dict(name=settings["model"], num_classes=data.spec.num_classes, input_size=data.spec.image_size,
                          in_chans=data.spec.in_chans, width_mult=settings["width_mult"])  # fmt: skip
     torch.manual_seed(settings["seed"])
@@ -569,7 +644,7 @@ def main(args: argparse.Namespace) -> None:
         epsilons = sorted({round(check_epsilon(e), 6) for e in epsilons})
         operating = min(epsilons, key=lambda e: abs(e - (error_k + OPERATING_OFFSET)))
         torch.manual_seed(settings["seed"])
-        policy = ExitPolicy.for_network(net).to(device)
+        policy = ExitPolicy.for_network(net, hidden=settings["policy_hidden"]).to(device)
         if not settings["all_exits"]:  # the nesting order's sub-networks only (paper §3.3)
             policy.restrict_exits([w + 1 for w, _ in order_info["path"]])
         fit_policy(policy, outputs["train"], epochs=settings["policy_epochs"], seed=settings["seed"],
@@ -582,7 +657,7 @@ def main(args: argparse.Namespace) -> None:
         _write_json(calibration_path, {"pairs": pairs, "operating_epsilon": operating, "exits": exits,
                                        "policy": json.loads(policy.calibration_json())})  # fmt: skip
     calibration = json.loads(calibration_path.read_text())
-    policy = ExitPolicy.for_network(net).to(device)
+    policy = ExitPolicy.for_network(net, hidden=settings["policy_hidden"]).to(device)
     policy.load_state_dict(torch.load(policy_path, weights_only=True))
     policy.eval()
 
@@ -592,9 +667,15 @@ def main(args: argparse.Namespace) -> None:
                                                progress))  # fmt: skip
     evaluation = json.loads(evaluation_path.read_text())
 
+    ablations = None
+    if settings["ablations"]:
+        steps.begin("ablations (random select, from scratch, exit subsets)",
+                    *(out / "ablations" / name / "test.json" for name in ABLATIONS))  # fmt: skip
+        ablations = _run_ablations(out, base, data, settings, create_kwargs, device, progress)
+
     steps.begin("report")
     _plot_tradeoff(out / "tradeoff.png", evaluation, f"{settings['model']} RDN, {settings['dataset']}")
-    text = _report(out, settings, evaluation, calibration, order_info, data.summary())
+    text = _report(out, settings, evaluation, calibration, order_info, data.summary(), ablations)
     targets = text[text.index("## Targets") : text.index("## Nesting order")].strip()
     print(f"{targets}\nreport: {out / 'report.md'} ({time.perf_counter() - started:.0f} s)", flush=True)
 

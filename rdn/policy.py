@@ -372,7 +372,10 @@ class ExitPolicy(nn.Module):
     Args:
         feature_width: F_1, the width of N_1's pooled features (``net.heads[0].in_features``).
         savings: (K,) r_k, see :func:`exit_savings`.
-        hidden: width of the two hidden layers.
+        hidden: width of the two hidden layers. The default 16 is what generalised on the
+            pipeline's Fashion-MNIST RDN (5k training samples, 3 seeds): at λ → ∞ the rule reached
+            86.7–86.9 % on the calibration split with 16 against 86.1–86.4 % with 32 or 64 — wider
+            MLPs over-fit and never reached N_K's accuracy (86.9 %), so ε near N_K's error fell back to N_K.
         mode: ``"sequential"`` (default): plan again at every exit the rule may take, stop when the
             plan names the current exit; ``"one_shot"``: the paper's rule, plan once at N_1 from
             its features. Measured on a CPU-trained Fashion-MNIST RDN (MobileNetV2 0.25, k = 4,
@@ -388,7 +391,7 @@ class ExitPolicy(nn.Module):
     """
 
     def __init__(
-        self, feature_width: int, savings: Sequence[float] | Tensor, hidden: int = 64, mode: str = "sequential"
+        self, feature_width: int, savings: Sequence[float] | Tensor, hidden: int = 16, mode: str = "sequential"
     ) -> None:
         super().__init__()
         for name, value in (("feature_width", feature_width), ("hidden", hidden)):
@@ -415,7 +418,7 @@ class ExitPolicy(nn.Module):
         self.lambdas: dict[float, float | None] = {}
 
     @classmethod
-    def for_network(cls, net: nn.Module, hidden: int = 64, mode: str = "sequential") -> ExitPolicy:
+    def for_network(cls, net: nn.Module, hidden: int = 16, mode: str = "sequential") -> ExitPolicy:
         """A policy sized for ``net`` (a RussianDollNet): F_1 from N_1's head, r_k from ``net.macs``."""
         return cls(net.heads[0].in_features, exit_savings(net), hidden, mode)
 

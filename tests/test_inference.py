@@ -4,7 +4,14 @@ batch, measured accuracy / MACs agree with the exits, timing and memory helpers.
 import pytest
 import torch
 
-from rdn.inference import dynamic_forward, evaluate_dynamic, measure, measure_peak_memory, measure_throughput
+from rdn.inference import (
+    dynamic_forward,
+    evaluate_dynamic,
+    measure,
+    measure_peak_memory,
+    measure_throughput,
+    measure_throughputs,
+)
 from rdn.policy import (
     ExitPolicy,
     capture_first_features,
@@ -48,14 +55,17 @@ def forced_policy(net, exit: int) -> ExitPolicy:
     return policy
 
 
-def record_steps(net, monkeypatch) -> list[int]:
-    """Batch size of every ``net.step`` call."""
+def record_steps(net, monkeypatch, targets: list[int] | None = None) -> list[int]:
+    """Batch size of every ``net.step`` call (and its target exit into ``targets``)."""
     sizes: list[int] = []
     step = net.step
 
-    def recording_step(state):
+    def recording_step(state, subnet=None):
         sizes.append(state.logits.shape[0])
-        return step(state)
+        result = step(state, subnet)
+        if targets is not None:
+            targets.append(result.subnet)
+        return result
 
     monkeypatch.setattr(net, "step", recording_step)
     return sizes
@@ -80,6 +90,38 @@ def test_each_sample_gets_its_own_subnetworks_prediction(net, lam, monkeypatch):
     # after the deepest exit.
     expected = [int((exits > s).sum()) for s in range(1, int(exits.max()))]
     assert sizes == expected
+
+
+@pytest.mark.parametrize("mode", ["sequential", "one_shot"])
+@pytest.mark.parametrize("allowed", [[1, 3, 5], [2, 5], [1, 4, 5]])
+def test_restricted_exits_jump_over_the_others(net, mode, allowed, monkeypatch):
+    """With exits only at ``allowed``, the engine goes from one exit somebody can take to the next in
+    one step per layer, and its exits equal the rule's on the collected outputs (the skipped
+    exits' statistics come from their heads)."""
+    torch.manual_seed(5)
+    x = torch.randn(32, 1, 28, 28)
+    policy = spread_policy(net, x, seed=1, mode=mode)
+    policy.restrict_exits(allowed)
+    targets: list[int] = []
+    record_steps(net, monkeypatch, targets)
+    output = dynamic_forward(net, policy, x, 0.5)
+    assert set(output.exits.unique().tolist()) <= set(allowed)
+    assert set(targets) <= set(allowed) and targets == sorted(targets)
+    outputs = collect_exit_outputs(net, [(x, torch.zeros(32, dtype=torch.long))], progress=False)
+    assert torch.equal(output.exits, policy.exits(outputs.features, outputs.statistics, 0.5))
+    with torch.no_grad():
+        for s in output.exits.unique().tolist():
+            rows = (output.exits == s).nonzero().squeeze(1)
+            torch.testing.assert_close(output.logits[rows], net(x[rows], subnet=s), rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_with_restricted_exits_is_one_jump(net, monkeypatch):
+    targets: list[int] = []
+    sizes = record_steps(net, monkeypatch, targets)
+    policy = forced_policy(net, 1)
+    policy.restrict_exits([1, net.num_subnets])
+    output = dynamic_forward(net, policy, torch.randn(5, 1, 28, 28), None)
+    assert sizes == [5] and targets == [net.num_subnets] and output.exits.eq(net.num_subnets).all()
 
 
 def test_samples_spread_over_several_exits(net):
@@ -142,3 +184,11 @@ def test_measurement_helpers():
     assert result.batch_size == 4 and result.peak_bytes >= allocated
     with pytest.raises(ValueError, match="repeats"):
         measure_throughput(allocate, x, repeats=0)
+
+
+def test_throughputs_interleave_the_runs():
+    calls: list[str] = []
+    speeds = measure_throughputs({"a": lambda b: calls.append("a"), "b": lambda b: calls.append("b")},
+                                 torch.zeros(3), repeats=3, warmup=1)  # fmt: skip
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert set(speeds) == {"a", "b"} and all(speed > 0 for speed in speeds.values())

@@ -92,3 +92,14 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("done, skipped") == 7  # every step but the report
     assert again < first
+
+    # --ablations on the finished run: only the ablations and the report run.
+    pipeline.main(parse("--out", str(out), "--quick", "--no-progress", "--ablations"))
+    log = capsys.readouterr().out
+    assert log.count("done, skipped") == 7 and "[8/9] ablations" in log
+    report = (out / "report.md").read_text()
+    for name in pipeline.ABLATIONS:
+        result = json.loads((out / "ablations" / name / "test.json").read_text())
+        assert len(result["top1"]) == 7 and all(0.0 <= top1 <= 1.0 for top1 in result["top1"])
+        assert result["macs"] == pytest.approx([point["macs"] for point in evaluation["static"]])
+        assert f"| {name}: " in report

@@ -472,14 +472,30 @@ class RussianDollNet(nn.Module):
         state = StagedState(0, [0] * len(self._regions), x.new_empty(0), {})
         return self._advance(x, state, 1)
 
-    def step(self, state: StagedState) -> StagedState:
-        """To the next exit, computing only the new groups of every tensor from the cached ones
-        (from N_s to N_{s+1}: group s+1 of every layer)."""
+    def step(self, state: StagedState, subnet: int | None = None) -> StagedState:
+        """To exit ``subnet`` (default: the next one), computing only the new groups of every tensor
+        from the cached ones (from N_s to N_t: groups s+1..t of every layer, one kernel call per
+        layer however many groups that is)."""
         if not isinstance(state, StagedState):
             raise TypeError(f"state must be a StagedState from start(), got {type(state).__name__}")
         if state.subnet >= self.num_subnets:
             raise ValueError(f"state is already at the last exit {self.num_subnets}")
-        return self._advance(None, state, state.subnet + 1)
+        if subnet is None:
+            subnet = state.subnet + 1
+        self._exit(subnet)
+        if subnet <= state.subnet:
+            raise ValueError(f"subnet must be a later exit than the state's ({state.subnet}), got {subnet}")
+        return self._advance(None, state, subnet)
+
+    def exit_logits(self, state: StagedState, subnet: int) -> Tensor:
+        """(N, num_classes) logits of an exit the state has already passed (``subnet`` <= its exit):
+        only its head runs, on the cached features (what a step that jumped over it skipped)."""
+        s, depth = self._exit(subnet)
+        regions = range(len(self._depth_regions(depth)))
+        if subnet > state.subnet or any(state.widths[region] < s for region in regions):
+            raise ValueError(f"subnet must be an exit whose groups the state has computed (<= {state.subnet}, "
+                             f"and not a deep exit a jump to a shallow one skipped), got {subnet}")
+        return self._exit_logits(s, depth, state.values)
 
     # ------------------------------------------------------------------------------------------
     # Costs (per sample, at the calibration input size)

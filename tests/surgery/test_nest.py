@@ -70,6 +70,36 @@ def test_staged_state_keeps_selected_samples(images):
         torch.testing.assert_close(state.logits, rdn(images[keep], subnet=2), atol=ATOL, rtol=ATOL)
 
 
+@pytest.mark.parametrize("depth_split", [None, "body.2"])
+@pytest.mark.parametrize("jumps", [(3,), (2, 5), (4, 5)])
+def test_staged_jumps_equal_direct_subnets(images, depth_split, jumps):
+    """step(state, t) computes every group up to exit t in one go; the heads of the exits it
+    jumped over read their (cached) features, unless a jump to a shallow exit skipped them."""
+    rdn = nested_toy(depth_split=depth_split)
+    with torch.no_grad():
+        state, passed = rdn.start(images), 1
+        for target in jumps:
+            state = rdn.step(state, target)
+            assert state.subnet == target
+            torch.testing.assert_close(state.logits, rdn(images, subnet=target), atol=ATOL, rtol=ATOL)
+            for subnet in range(passed + 1, target):
+                if depth_split is not None and rdn.exits[subnet - 1][1] > rdn.exits[target - 1][1]:
+                    with pytest.raises(ValueError, match="whose groups the state has computed"):
+                        rdn.exit_logits(state, subnet)
+                else:
+                    torch.testing.assert_close(
+                        rdn.exit_logits(state, subnet), rdn(images, subnet=subnet), atol=ATOL, rtol=ATOL
+                    )
+            passed = target
+        first = rdn.start(images)
+        with pytest.raises(ValueError, match="later exit"):
+            rdn.step(first, 1)
+        with pytest.raises(ValueError, match="subnet must satisfy"):
+            rdn.step(first, rdn.num_subnets + 1)
+        with pytest.raises(ValueError, match="whose groups the state has computed"):
+            rdn.exit_logits(first, 2)
+
+
 def _perturb_later_groups(rdn: RussianDollNet, s: int, generator: torch.Generator) -> None:
     """Overwrite every parameter entry that belongs to groups >= s (0-based) of its layer, and other heads."""
     with torch.no_grad():
