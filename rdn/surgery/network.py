@@ -87,8 +87,9 @@ class StagedState:
         widths: groups computed so far in each depth region (shallow part, rest).
         logits: (N, num_classes) of that exit.
         values: only what a later stage reads: the input of every nested layer and the tensors
-            the heads read (full-width (N, C, ...) buffers whose first groups are valid; channels of
-            groups not computed yet are uninitialised), plus the un-nested tensors and values that
+            the heads read (after ``start`` their prefixes; from the first step on, full-width
+            (N, C, ...) buffers whose first groups are valid, channels of groups not computed yet
+            uninitialised), plus the un-nested tensors and values that
             later stages read (as computed). Every other intermediate is recomputed group by group.
     """
 
@@ -444,9 +445,10 @@ class RussianDollNet(nn.Module):
 
     def _to_buffers(self, values: dict[str, Any], region: tuple[int, int]) -> None:
         """Move the buffered prefixes of ``region`` into full-width buffers (uninitialised beyond
-        the prefix: every later group is written by its stage before anything reads it)."""
+        the prefix: every later group is written by its stage before anything reads it). Done at
+        the first step, not at ``start``: only the samples that go on pay for the full width."""
         for step in self._steps[region[0] : region[1]]:
-            if step.name in self._buffered:
+            if step.name in self._buffered and values[step.name].shape[1] < len(step.space):
                 prefix = values[step.name]
                 buffer = prefix.new_empty((prefix.shape[0], len(step.space), *prefix.shape[2:]))
                 buffer[:, : prefix.shape[1]] = prefix
@@ -458,8 +460,8 @@ class RussianDollNet(nn.Module):
             done = state.widths[index]
             if done == 0:
                 self._run_prefix(x, s, state.values, region, self._cached)
-                self._to_buffers(state.values, region)
             elif done < s:
+                self._to_buffers(state.values, region)
                 self._run_groups(done, s, state.values, region)
             state.widths[index] = max(done, s)
         state.subnet = subnet
