@@ -12,7 +12,7 @@ checkpoints):
 4. ``outputs/{train,calib,test}.pt``: every exit's correctness, softmax statistics and N_1's features
    (:func:`rdn.policy.collect_exit_outputs`, one pass of N_K per batch).
 5. ``order.json`` / ``order.png``: the nesting order over the sub-networks' calibration accuracies
-   (:mod:`rdn.order`; a width-only grid, depth nesting is not implemented by the surgery).
+   (:mod:`rdn.order`; the width × depth grid: one depth column, or two with ``--depth-split``).
 6. ``policy.pt`` / ``calibration.json``: the policy MLP (BCE on a training subset), allowed to exit
    only at the sub-networks of the nesting order (``--all-exits``: at every one), λ* for every ε on
    the calibration split, and the confidence baseline's τ for the same ε (any exit).
@@ -78,7 +78,7 @@ _DATASET_NAMES = {"fashion-mnist": "fashion_mnist", "fashion_mnist": "fashion_mn
 # Settings that change what the steps compute: a run folder is only resumed with the same ones.
 _RESULT_SETTINGS = ("dataset", "model", "width_mult", "k", "seed", "base_epochs", "finetune_epochs",
                     "steps_per_epoch", "batch_size", "bn_momentum", "monitor_samples", "policy_samples",
-                    "policy_epochs", "policy_hidden", "calib_samples", "all_exits")  # fmt: skip
+                    "policy_epochs", "policy_hidden", "calib_samples", "all_exits", "depth_split")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=list_models(), default="mobilenet_v2", help="base architecture")
     parser.add_argument("--width-mult", type=float, default=None, help="base model width multiplier")
     parser.add_argument("--k", type=int, default=4, help="channel groups per layer (K = 2k - 1 sub-networks)")
+    parser.add_argument("--depth-split", type=int, default=None, metavar="BLOCK",
+                        help="also nest in depth: a shallow exit per width after model.blocks[BLOCK] (2K exits, "
+                             "a K x 2 grid for the nesting order)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="smoke preset: MNIST-5k, width 0.25, 1 short epoch per training (about 2 minutes)")
     parser.add_argument("--base-epochs", type=int, default=None, help="pretraining epochs")
@@ -175,7 +178,7 @@ def _settings(args: argparse.Namespace) -> dict:
         if value is not None:
             preset[key] = _DATASET_NAMES[value] if key == "dataset" else value
     preset.update(model=args.model, k=args.k, seed=args.seed, epsilons=args.epsilons, quick=args.quick,
-                  all_exits=args.all_exits, ablations=args.ablations,
+                  all_exits=args.all_exits, ablations=args.ablations, depth_split=args.depth_split,
                   bench_device=args.bench_device, bench_threads=args.bench_threads)
     return preset
 
@@ -249,6 +252,26 @@ def _train(model: nn.Module, data, settings: dict, epochs: int, folder: Path, mo
         "monitored_test_samples": len(monitored),
     })  # fmt: skip
     return load_model(folder / "checkpoint.pt", use_ema=True)
+
+
+def _depth_columns(net) -> list[int]:
+    return sorted({depth for _, depth in net.exits})
+
+
+def _exit_grid(net, values: list[float]) -> list[list[float]]:
+    """Per-exit values (``net.exits`` order) → the (width, depth) grid of :mod:`rdn.order`: exit
+    (s, depth) at row s − 1, in depth column order (one column without a depth split)."""
+    columns = _depth_columns(net)
+    grid = [[0.0] * len(columns) for _ in range(net.num_groups)]
+    for value, (s, depth) in zip(values, net.exits, strict=True):
+        grid[s - 1][columns.index(depth)] = value
+    return grid
+
+
+def _cell_exit(net, cell) -> int:
+    """The 1-based exit number of grid cell (width index, depth column) of :func:`_exit_grid`."""
+    width, column = cell
+    return net.exits.index((width + 1, _depth_columns(net)[column])) + 1
 
 
 def _calibration_images(data, samples: int) -> Tensor:
@@ -408,7 +431,7 @@ def _run_ablations(out: Path, base: nn.Module, data, settings: dict, create_kwar
             torch.manual_seed(settings["seed"])
             source = copy.deepcopy(base).cpu() if pretrained else create(**create_kwargs)
             net = nest(source.eval(), k=settings["k"], mode="expand", select=select, calib=calib, seed=settings["seed"],
-                       base=create_kwargs)  # fmt: skip
+                       depth_split=settings["depth_split"], base=create_kwargs)  # fmt: skip
             epochs = settings["finetune_epochs"] + (0 if pretrained else settings["base_epochs"])
             net = _train(net, data, settings, epochs, folder, model_config_of(net), progress, exits)
             test = collect_exit_outputs(net.to(device).eval(), _batches(data.test, data.spec, 256, device),
@@ -517,7 +540,7 @@ def _report(out: Path, settings: dict, evaluation: dict, calibration: dict, orde
         "",
         "## Nesting order",
         "",
-        f"Sub-networks on a {order['grid']} grid (width groups x depth splits; the pipeline nests widths only). "
+        f"Sub-networks on a {order['grid']} grid (width groups x depth columns). "
         f"Chosen order: {' -> '.join(order['names'])}; area {order['area']:.4g} = "
         f"{100 * order['hull_ratio']:.2f} % of the upper convex hull's (hull: {', '.join(order['hull_names'])}).",
         "",
@@ -601,7 +624,7 @@ def main(args: argparse.Namespace) -> None:
     if steps.begin("nest (expand, greedy select)", nested_path):
         calib = _calibration_images(data, settings["calib_samples"])
         net = nest(base, k=settings["k"], mode="expand", select="greedy", calib=calib, seed=settings["seed"],
-                   base=create_kwargs)  # fmt: skip
+                   depth_split=settings["depth_split"], base=create_kwargs)  # fmt: skip
         save_checkpoint(nested_path, {"model_config": model_config_of(net), "model": net.state_dict()})
 
     if steps.begin("fine-tune every exit jointly", out / "finetune" / "result.json"):
@@ -625,13 +648,14 @@ def main(args: argparse.Namespace) -> None:
     calib_accuracy = outputs["calib"].correct.double().mean(0)
     macs = [float(net.macs(s)) for s in range(1, net.num_subnets + 1)]
     if steps.begin("nesting order", out / "order.json"):
-        order = nesting_order(macs, calib_accuracy.tolist())
-        names = [f"N_{w + 1}" for w, _ in order.path]
-        plot_nesting_order(macs, calib_accuracy.tolist(), order, out / "order.png",
+        macs_grid, accuracy_grid = _exit_grid(net, macs), _exit_grid(net, calib_accuracy.tolist())
+        order = nesting_order(macs_grid, accuracy_grid)
+        plot_nesting_order(macs_grid, accuracy_grid, order, out / "order.png",
                            title="Nesting order (calibration accuracy)")  # fmt: skip
         _write_json(out / "order.json", {
-            "grid": f"{net.num_subnets}x1", "names": names, "path": order.path, "area": order.area,
-            "hull_names": [f"N_{w + 1}" for w, _ in order.hull], "hull_area": order.hull_area,
+            "grid": f"{len(macs_grid)}x{len(macs_grid[0])}", "exits": [_cell_exit(net, c) for c in order.path],
+            "names": [f"N_{_cell_exit(net, c)}" for c in order.path], "path": order.path, "area": order.area,
+            "hull_names": [f"N_{_cell_exit(net, c)}" for c in order.hull], "hull_area": order.hull_area,
             "hull_ratio": order.hull_ratio, "accuracy": calib_accuracy.tolist(), "macs": macs,
         })  # fmt: skip
     order_info = json.loads((out / "order.json").read_text())
@@ -646,7 +670,7 @@ def main(args: argparse.Namespace) -> None:
         torch.manual_seed(settings["seed"])
         policy = ExitPolicy.for_network(net, hidden=settings["policy_hidden"]).to(device)
         if not settings["all_exits"]:  # the nesting order's sub-networks only (paper §3.3)
-            policy.restrict_exits([w + 1 for w, _ in order_info["path"]])
+            policy.restrict_exits([_cell_exit(net, cell) for cell in order_info["path"]])
         fit_policy(policy, outputs["train"], epochs=settings["policy_epochs"], seed=settings["seed"],
                    progress=progress)  # fmt: skip
         lambdas = calibrate_lambda(policy, outputs["calib"], epsilons)

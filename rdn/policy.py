@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_exits",
     "exit_macs",
     "exit_savings",
+    "first_feature_width",
     "fit_policy",
     "lagrangian_exits",
     "planned_exits",
@@ -136,16 +137,28 @@ class ExitOutputs:
         return cls(**state)
 
 
+def first_feature_width(net: nn.Module) -> int:
+    """F_1, the width of N_1's pooled features (:func:`capture_first_features`)."""
+    if net.exits[0][1] == 0:  # a shallow N_1 (depth split): its alignment block's pooled output
+        return net.classifier.in_features
+    return net.heads[0].in_features
+
+
 @contextlib.contextmanager
 def capture_first_features(net: nn.Module) -> Iterator[list[Tensor]]:
-    """Record the pooled features of N_1 every time the RDN computes N_1's logits.
+    """Record the pooled features (N, F_1) of N_1 every time the RDN computes N_1's logits.
 
-    N_1's head (``net.heads[0]``) reads exactly N_1's pooled feature prefix (N, F_1), in the
-    one-pass ``forward(x)``, in ``forward(x, subnet=1)`` and in ``start(x)`` alike, so a forward
-    hook on it is the one place to read them. Yields the list the captured tensors are appended to.
+    N_1's head reads exactly them, in the one-pass ``forward(x)``, in ``forward(x, subnet=1)``
+    and in ``start(x)`` alike, so a forward hook is the one place to read them: the input of
+    ``net.heads[0]`` (the pooled feature prefix), or with a depth split whose first exit is
+    shallow, the output of ``net.depth_heads[0]`` (its alignment block, pooled). Yields the list
+    the captured tensors are appended to.
     """
     captured: list[Tensor] = []
-    handle = net.heads[0].register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    if net.exits[0][1] == 0:
+        handle = net.depth_heads[0].register_forward_hook(lambda module, args, output: captured.append(output))
+    else:
+        handle = net.heads[0].register_forward_hook(lambda module, args, output: captured.append(args[0]))
     try:
         yield captured
     finally:
@@ -370,7 +383,7 @@ class ExitPolicy(nn.Module):
     which exits are known (K).
 
     Args:
-        feature_width: F_1, the width of N_1's pooled features (``net.heads[0].in_features``).
+        feature_width: F_1, the width of N_1's pooled features (:func:`first_feature_width`).
         savings: (K,) r_k, see :func:`exit_savings`.
         hidden: width of the two hidden layers. The default 16 is what generalised on the
             pipeline's Fashion-MNIST RDN (5k training samples, 3 seeds): at λ → ∞ the rule reached
@@ -420,7 +433,7 @@ class ExitPolicy(nn.Module):
     @classmethod
     def for_network(cls, net: nn.Module, hidden: int = 16, mode: str = "sequential") -> ExitPolicy:
         """A policy sized for ``net`` (a RussianDollNet): F_1 from N_1's head, r_k from ``net.macs``."""
-        return cls(net.heads[0].in_features, exit_savings(net), hidden, mode)
+        return cls(first_feature_width(net), exit_savings(net), hidden, mode)
 
     @property
     def feature_width(self) -> int:
@@ -466,9 +479,9 @@ class ExitPolicy(nn.Module):
 
     def check_network(self, net: nn.Module) -> None:
         """ValueError unless ``net`` has this policy's number of exits and N_1 feature width."""
-        if net.num_subnets != self.num_exits or net.heads[0].in_features != self.feature_width:
+        if net.num_subnets != self.num_exits or first_feature_width(net) != self.feature_width:
             raise ValueError(
-                f"the network has {net.num_subnets} sub-networks and {net.heads[0].in_features}-wide N_1 features, "
+                f"the network has {net.num_subnets} sub-networks and {first_feature_width(net)}-wide N_1 features, "
                 f"but this policy was built for {self.num_exits} exits and {self.feature_width}-wide features"
             )
 

@@ -115,6 +115,24 @@ def test_restricted_exits_jump_over_the_others(net, mode, allowed, monkeypatch):
             torch.testing.assert_close(output.logits[rows], net(x[rows], subnet=s), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("allowed", [[1, 2, 6], [1, 3, 6], [2, 5, 6]])
+def test_depth_split_exits(allowed):
+    """Exits alternate shallow / deep: a jump to a shallow exit never skips a deep one the policy's
+    statistics need; every sample still gets its own sub-network's logits."""
+    net = tiny_rdn(k=2, depth_split=6)  # exits (1,0) (1,1) (2,0) (2,1) (3,0) (3,1)
+    torch.manual_seed(6)
+    x = torch.randn(24, 1, 28, 28)
+    policy = spread_policy(net, x, seed=2)
+    policy.restrict_exits(allowed)
+    output = dynamic_forward(net, policy, x, 0.5)
+    outputs = collect_exit_outputs(net, [(x, torch.zeros(24, dtype=torch.long))], progress=False)
+    assert torch.equal(output.exits, policy.exits(outputs.features, outputs.statistics, 0.5))
+    with torch.no_grad():
+        for s in output.exits.unique().tolist():
+            rows = (output.exits == s).nonzero().squeeze(1)
+            torch.testing.assert_close(output.logits[rows], net(x[rows], subnet=s), rtol=1e-4, atol=1e-4)
+
+
 def test_fallback_with_restricted_exits_is_one_jump(net, monkeypatch):
     targets: list[int] = []
     sizes = record_steps(net, monkeypatch, targets)

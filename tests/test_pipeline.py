@@ -6,8 +6,11 @@ import json
 import time
 
 import pytest
+import torch
 
 from rdn import pipeline
+from rdn.models import create
+from rdn.surgery import nest
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -103,3 +106,24 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys):
         assert len(result["top1"]) == 7 and all(0.0 <= top1 <= 1.0 for top1 in result["top1"])
         assert result["macs"] == pytest.approx([point["macs"] for point in evaluation["static"]])
         assert f"| {name}: " in report
+
+
+@pytest.mark.parametrize("depth_split", [None, 6])
+def test_exit_grid_and_nesting_order_cells(depth_split):
+    """Exits map to the order's (width, depth) grid and back; with a depth split the grid has two
+    columns (shallow, full depth) and the chosen path's exits grow in the engine's exit order."""
+    from rdn.order import nesting_order
+
+    torch.manual_seed(0)
+    model = create("mobilenet_v2", num_classes=10, input_size=28, in_chans=1, width_mult=0.25)
+    net = nest(model, k=2, calib=torch.randn(4, 1, 28, 28), depth_split=depth_split).eval()
+    exits = list(range(1, net.num_subnets + 1))
+    grid = pipeline._exit_grid(net, [float(e) for e in exits])
+    assert (len(grid), len(grid[0])) == (net.num_groups, 1 if depth_split is None else 2)
+    cells = [(w, d) for w in range(len(grid)) for d in range(len(grid[0]))]
+    assert sorted(pipeline._cell_exit(net, cell) for cell in cells) == exits
+    assert all(grid[w][d] == pipeline._cell_exit(net, (w, d)) for w, d in cells)
+    macs = pipeline._exit_grid(net, [float(net.macs(e)) for e in exits])
+    order = nesting_order(macs, grid)  # accuracy = exit number: every cell is worth visiting
+    path_exits = [pipeline._cell_exit(net, cell) for cell in order.path]
+    assert path_exits == sorted(path_exits) and path_exits[-1] == net.num_subnets

@@ -21,6 +21,7 @@ from rdn.policy import (
     evaluate_exits,
     exit_macs,
     exit_savings,
+    first_feature_width,
     fit_policy,
     lagrangian_exits,
     planned_exits,
@@ -29,12 +30,13 @@ from rdn.policy import (
 from rdn.surgery import nest
 
 
-def tiny_rdn(k: int = 2, seed: int = 0):
-    """A tiny MobileNetV2 RDN on 28×28 grey images (K = 2k − 1 exits), in eval mode."""
+def tiny_rdn(k: int = 2, seed: int = 0, depth_split: int | None = None):
+    """A tiny MobileNetV2 RDN on 28×28 grey images (K = 2k − 1 exits, twice that with a depth
+    split after ``blocks[depth_split]``), in eval mode."""
     torch.manual_seed(seed)
     model = create("mobilenet_v2", num_classes=10, input_size=28, in_chans=1, width_mult=0.25)
     calib = torch.randn(8, 1, 28, 28)
-    return nest(model, k=k, mode="expand", select="greedy", calib=calib, seed=seed).eval()
+    return nest(model, k=k, mode="expand", select="greedy", calib=calib, seed=seed, depth_split=depth_split).eval()
 
 
 @pytest.fixture(autouse=True)
@@ -390,6 +392,17 @@ def test_collected_outputs_match_each_subnet(net):
             assert torch.equal(outputs.correct_top5[:, k - 1], (logits.topk(5, 1).indices == y[:, None]).any(1))
     restored = ExitOutputs.from_state_dict(outputs.state_dict())
     assert torch.equal(restored.features, outputs.features)
+
+
+def test_shallow_first_exit_features():
+    """With a depth split N_1 is shallow: its features are its alignment block's pooled output."""
+    net = tiny_rdn(depth_split=6)
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    outputs = collect_exit_outputs(net, [(x, y)], progress=False)
+    assert outputs.num_exits == net.num_subnets == 6 and outputs.feature_width == first_feature_width(net)
+    with torch.no_grad():
+        torch.testing.assert_close(net.classifier(outputs.features), net(x, subnet=1), rtol=1e-4, atol=1e-4)
+    ExitPolicy.for_network(net).check_network(net)
 
 
 def test_policy_for_network(net):
