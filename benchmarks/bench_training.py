@@ -128,6 +128,15 @@ def write(out: Path, device, kwargs, k, K, batch, rows, checks) -> None:
     for row in rows:
         lines.append(f"| {row['step']} | {row['median_ms']:.1f} | {row['q25_ms']:.1f}–{row['q75_ms']:.1f} | "
                      f"{row['vs_base']:.2f} | {row['forward_macs_per_image'] / 1e6:.1f} M |")  # fmt: skip
+    base_macs = rows[0]["forward_macs_per_image"]
+    lines += [
+        "",
+        f"Work against time: N_K does {rows[1]['forward_macs_per_image'] / base_macs:.2f}× the base model's forward "
+        "MACs (`exact=True` keeps up to three copies of a channel so that N_K starts as exactly the base model), "
+        f"{rows[4]['forward_macs_per_image'] / base_macs:.2f}× with `exact=False`; the joint step costs "
+        f"{rows[1]['median_ms'] / rows[3]['median_ms']:.2f}× training N_K alone, which is what the other "
+        f"{K - 1} exits add.",
+    ]
     lines += ["", "| claim | measured | target | met |", "|---|---:|---:|---|"]
     for name, value, target, ok in checks:
         lines.append(f"| {name} | {value:.2f} | {target} | {'yes' if ok else '**no**'} |")
