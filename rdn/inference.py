@@ -3,8 +3,8 @@
 :func:`dynamic_forward` runs a batch through N_1 (``net.start``) and then, stage by stage, lets the
 policy plan every running sample's exit from N_1's pooled features and the softmax statistics of the
 exits computed so far (at N_1 only in its one-shot mode), drops the samples whose plan is the current
-stage (``StagedState.index_select``) and advances the rest to the next sub-network computing only the
-new channel groups of every layer from the cached prefixes (``net.step``: the kernels'
+stage (``StagedState.index_select``) and advances the rest to the next exit one of them plans,
+computing only the new channel groups of every layer from the cached prefixes (``net.step``: the kernels'
 ``stages=`` / ``out=`` path). Each sample's logits are those of N_{exit(x)}.
 
 :func:`evaluate_dynamic` measures accuracy and average MACs over a split with it, and
@@ -57,8 +57,9 @@ def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | 
     ``net`` (a RussianDollNet) and ``policy`` should be in eval mode. At every planning stage of the
     policy (:meth:`~rdn.policy.ExitPolicy.planning_stages`) each running sample plans its exit from
     N_1's features and the softmax statistics of the exits computed so far; samples whose plan is
-    the current stage N_s leave the batch before N_{s+1} is computed; the loop stops as soon as no
-    sample goes on.
+    the current stage N_s leave the batch; the others go straight to the next exit any of them
+    plans (or where the policy plans again), computing the groups in between in one staged call
+    per layer. The loop stops as soon as no sample goes on.
     """
     policy.check_network(net)
     with capture_first_features(net) as captured:
