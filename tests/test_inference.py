@@ -71,6 +71,26 @@ def record_steps(net, monkeypatch, targets: list[int] | None = None) -> list[int
     return sizes
 
 
+def assert_own_subnetworks(net, x, output) -> None:
+    """Every sample's logits are those of its exit's sub-network run alone."""
+    with torch.no_grad():
+        for s in output.exits.unique().tolist():
+            rows = (output.exits == s).nonzero().squeeze(1)
+            alone = net(x[rows], subnet=s)
+            torch.testing.assert_close(output.logits[rows], alone, rtol=1e-4, atol=1e-4)
+            assert torch.equal(output.logits[rows].argmax(1), alone.argmax(1))
+
+
+def run_and_check_against_the_rule(net, policy, x, lam: float):
+    """Run the engine on ``x``: its exits must be the rule's on the collected outputs of every
+    exit, its logits each sample's own sub-network's. Returns its output."""
+    output = dynamic_forward(net, policy, x, lam)
+    outputs = collect_exit_outputs(net, [(x, torch.zeros(x.shape[0], dtype=torch.long))], progress=False)
+    assert torch.equal(output.exits, policy.exits(outputs.features, outputs.statistics, lam))
+    assert_own_subnetworks(net, x, output)
+    return output
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.3, 2.0])
 def test_each_sample_gets_its_own_subnetworks_prediction(net, lam, monkeypatch):
     torch.manual_seed(2)
@@ -80,12 +100,7 @@ def test_each_sample_gets_its_own_subnetworks_prediction(net, lam, monkeypatch):
     output = dynamic_forward(net, policy, x, lam)
     exits = output.exits
     assert exits.shape == (24,) and int(exits.min()) >= 1 and int(exits.max()) <= net.num_subnets
-    with torch.no_grad():
-        for s in exits.unique().tolist():
-            rows = (exits == s).nonzero().squeeze(1)
-            alone = net(x[rows], subnet=s)
-            torch.testing.assert_close(output.logits[rows], alone, rtol=1e-4, atol=1e-4)
-            assert torch.equal(output.logits[rows].argmax(1), alone.argmax(1))
+    assert_own_subnetworks(net, x, output)
     # Real early exit: step s → s+1 runs exactly the samples whose exit is beyond s, and stops
     # after the deepest exit.
     expected = [int((exits > s).sum()) for s in range(1, int(exits.max()))]
@@ -104,15 +119,9 @@ def test_restricted_exits_jump_over_the_others(net, mode, allowed, monkeypatch):
     policy.restrict_exits(allowed)
     targets: list[int] = []
     record_steps(net, monkeypatch, targets)
-    output = dynamic_forward(net, policy, x, 0.5)
+    output = run_and_check_against_the_rule(net, policy, x, 0.5)
     assert set(output.exits.unique().tolist()) <= set(allowed)
     assert set(targets) <= set(allowed) and targets == sorted(targets)
-    outputs = collect_exit_outputs(net, [(x, torch.zeros(32, dtype=torch.long))], progress=False)
-    assert torch.equal(output.exits, policy.exits(outputs.features, outputs.statistics, 0.5))
-    with torch.no_grad():
-        for s in output.exits.unique().tolist():
-            rows = (output.exits == s).nonzero().squeeze(1)
-            torch.testing.assert_close(output.logits[rows], net(x[rows], subnet=s), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("allowed", [[1, 2, 6], [1, 3, 6], [2, 5, 6]])
@@ -124,13 +133,7 @@ def test_depth_split_exits(allowed):
     x = torch.randn(24, 1, 28, 28)
     policy = spread_policy(net, x, seed=2)
     policy.restrict_exits(allowed)
-    output = dynamic_forward(net, policy, x, 0.5)
-    outputs = collect_exit_outputs(net, [(x, torch.zeros(24, dtype=torch.long))], progress=False)
-    assert torch.equal(output.exits, policy.exits(outputs.features, outputs.statistics, 0.5))
-    with torch.no_grad():
-        for s in output.exits.unique().tolist():
-            rows = (output.exits == s).nonzero().squeeze(1)
-            torch.testing.assert_close(output.logits[rows], net(x[rows], subnet=s), rtol=1e-4, atol=1e-4)
+    run_and_check_against_the_rule(net, policy, x, 0.5)
 
 
 def test_fallback_with_restricted_exits_is_one_jump(net, monkeypatch):
