@@ -119,6 +119,18 @@ class _NestedLayer(nn.Module):
         return self.weight.masked_fill(~mask, 0.0)
 
     @torch.no_grad()
+    def set_block_mask(self, block_mask) -> None:
+        """Use only the blocks of ``block_mask`` ((K, K) lower-triangular bool) from now on.
+
+        Weights of blocks leaving the mask are zeroed (they stay zero under training, see the
+        module docstring); blocks entering it start from their stored (zero) weights.
+        """
+        layout = make_layout(self.in_splits, self.out_splits, block_mask)
+        self.block_mask.copy_(torch.tensor(layout.mask, dtype=torch.bool))
+        self._layout = layout
+        self.weight.copy_(self._masked_weight())
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise like the dense torch layer (on the dense shape), then zero unused blocks."""
         # Same distributions as nn.Conv2d / nn.Linear.reset_parameters.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from rdn.surgery.budget import apply_pruned_blocks, prune_blocks
 from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.network import RussianDollNet
 from rdn.surgery.select import calibration_batch, definers, select_orders
@@ -87,6 +89,17 @@ def _check_depth_split(model: nn.Module, depth_split) -> str | None:
     return name
 
 
+def _check_mac_budget(mac_budget, mode: str) -> None:
+    if mac_budget is None:
+        return
+    if isinstance(mac_budget, bool) or not isinstance(mac_budget, (int, float)) or not math.isfinite(mac_budget):
+        raise TypeError(f"mac_budget must be a finite number (N_K's MACs / the base's) or None, got {mac_budget!r}")
+    if mac_budget <= 0:
+        raise ValueError(f"mac_budget (N_K's MACs / the base model's) must be > 0, got {mac_budget}")
+    if mode != "expand":
+        raise ValueError(f"mac_budget drops blocks of the groups expand mode adds; mode={mode!r} has none")
+
+
 def _check_settings(k, mode, select, exact, seed, copies) -> None:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int >= 1, got {k!r}")
@@ -115,6 +128,7 @@ def nest(
     seed: int = 0,
     exact: bool = True,
     copies: str = "latest",
+    mac_budget: float | None = None,
     base: dict | None = None,
 ) -> RussianDollNet:
     """Turn a (pretrained) classifier into a Russian doll network.
@@ -144,12 +158,17 @@ def nest(
             inputs available at its group; with ``exact`` N_K is then exactly the base network,
             non-linearities included) or ``"sum"`` (partial sums that add up, the construction of
             DESIGN.md §4.2: exact only without non-linearities). See :mod:`rdn.surgery.spaces`.
+        mac_budget: expand mode only: at most this many times the base model's MACs for N_K
+            (e.g. 1.15). Blocks of the added groups that carry the least of their outputs' energy
+            on ``calib`` are dropped until N_K fits (sparse group dependencies, paper eq. 1; see
+            :mod:`rdn.surgery.budget`); N_1..N_k are not touched. ``None``: keep every block.
         base: keyword arguments of ``rdn.models.create`` that rebuild ``model``'s architecture,
             stored in ``rdn_config`` so ``RussianDollNet.from_config`` needs no model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_settings(k, mode, select, exact, seed, copies)
+    _check_mac_budget(mac_budget, mode)
     if calib is None:
         raise ValueError("calib is required: a calibration tensor (N, C, H, W) or DataLoader")
     if base is not None and not isinstance(base, dict):
@@ -173,8 +192,17 @@ def nest(
         "orders": {space: list(order) for space, order in orders.items()},
         "depth_split": depth_split,
         "base": base,
+        "mac_budget": mac_budget,
+        "pruned_blocks": {},
     }
-    return RussianDollNet(graph, orders, config)
+    net = RussianDollNet(graph, orders, config)
+    if mac_budget is not None:
+        from rdn.models.profile import profile_model
+
+        base_macs = profile_model(model, batch[:1]).macs
+        with torch.no_grad():
+            net.rdn_config["pruned_blocks"] = prune_blocks(net, batch, mac_budget, base_macs)
+    return net
 
 
 def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
@@ -225,4 +253,6 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
             f"not match this model's {[(name, graph.unit_counts[name]) for name in sorted(expected)]}; "
             "the model's architecture differs from the one the config was made from"
         )
-    return RussianDollNet(graph, config["orders"], config)
+    net = RussianDollNet(graph, config["orders"], config)
+    apply_pruned_blocks(net, config.get("pruned_blocks") or {})
+    return net

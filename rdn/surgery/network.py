@@ -33,7 +33,8 @@ Heads (DESIGN.md §4.5): sub-network s pools its own feature prefix (F_s channel
 an alignment ``nn.Linear(F_s, F, bias=False)`` to the base feature width F; the last layer, the base
 classifier, is shared by all heads. The alignment starts as the 0/1 matrix summing the copies of
 each base feature channel (``copies="sum"``) or picking its latest copy (``"latest"``), so N_K's
-head starts as exactly the base classifier on its features.
+head starts as exactly the base classifier on its features. Both layers are linear, so the RDN
+applies them folded (:class:`ExitAlignment`) and counts a head's MACs as F_s·C.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from rdn.surgery.spaces import (
     nested_parameters,
 )
 
-__all__ = ["RussianDollNet", "StagedState"]
+__all__ = ["ExitAlignment", "RussianDollNet", "StagedState"]
 
 
 @dataclass
@@ -140,6 +141,52 @@ def _conv_like_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
     return 0
 
 
+class ExitAlignment(nn.Linear):
+    """Alignment of a full-depth exit's head: ``nn.Linear(F_s, F, bias=False)``, then the shared classifier.
+
+    ``forward(features)`` is the plain linear map (N, F_s) → (N, F) (exports use it);
+    ``forward(features, classifier)`` gives the logits (N, C). Both maps are linear, so the logits
+    are computed with their product W_classifier·A_s (C, F_s) whenever that is cheaper: F_s·C MACs
+    per sample instead of F_s·F (F = 1280 against C = 10 classes for MobileNetV2). Without
+    gradients (inference) the product is computed once per weight version and reused; with
+    gradients it is formed per call when the batch is larger than C (the same function and
+    gradients, up to rounding).
+    """
+
+    def forward(self, features: Tensor, classifier: nn.Linear | None = None) -> Tensor:
+        if classifier is None:
+            return super().forward(features)
+        needs_grad = torch.is_grad_enabled() and (self.weight.requires_grad or classifier.weight.requires_grad)
+        if needs_grad and features.shape[0] <= classifier.out_features:
+            return classifier(super().forward(features))
+        folded = classifier.weight @ self.weight if needs_grad else self._cached_product(classifier.weight)
+        return F.linear(features, folded, classifier.bias)
+
+    def _cached_product(self, classifier_weight: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return classifier_weight @ self.weight
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in (self.weight, classifier_weight))
+        cached = getattr(self, "_product", None)
+        if cached is None or cached[0] != key:
+            cached = (key, classifier_weight @ self.weight)
+            self._product = cached
+        return cached[1]
+
+    @torch.no_grad()
+    def folded(self, classifier: nn.Linear) -> nn.Linear:
+        """A new ``nn.Linear(F_s, C)``: this alignment followed by ``classifier``, as one layer."""
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        layer = nn.Linear(self.in_features, classifier.out_features, bias=classifier.bias is not None, **factory)
+        layer.weight.copy_(classifier.weight @ self.weight)
+        if classifier.bias is not None:
+            layer.bias.copy_(classifier.bias)
+        return layer.train(self.training)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_product", None)  # converted weights (.to, .half, ...) may reuse the old addresses
+        return super()._apply(fn, recurse)
+
+
 class RussianDollNet(nn.Module):
     """K nested sub-networks of one base model (module docstring). Build it with :func:`rdn.surgery.nest`.
 
@@ -176,7 +223,7 @@ class RussianDollNet(nn.Module):
         self.heads = nn.ModuleList()
         for s in range(1, self.num_groups + 1):
             width = self._feature_space.offsets[s]
-            head = nn.Linear(
+            head = ExitAlignment(
                 width,
                 classifier.in_features,
                 bias=False,
@@ -424,7 +471,7 @@ class RussianDollNet(nn.Module):
             space = self._by_name[self._split].space
             channels = len(space) if space.is_single_group else space.offsets[s]
             return self.classifier(self.depth_heads[s - 1](split[:, :channels]))
-        return self.classifier(self.heads[s - 1](values[self._features][:, : self._feature_space.offsets[s]]))
+        return self.heads[s - 1](values[self._features][:, : self._feature_space.offsets[s]], self.classifier)
 
     def _depth_regions(self, depth: int) -> list[tuple[int, int]]:
         return self._regions if self._split is None else self._regions[: depth + 1]
@@ -510,9 +557,9 @@ class RussianDollNet(nn.Module):
         """(MACs, params) of exit (s, depth)'s head and the shared classifier."""
         classifier = self.classifier.weight.numel()
         classifier_params = sum(p.numel() for p in self.classifier.parameters())
-        if depth == 1:
-            head = self.heads[s - 1].weight.numel()
-            return head + classifier, head + classifier_params
+        if depth == 1:  # inference applies alignment and classifier folded (ExitAlignment): F_s·C MACs
+            head = self.heads[s - 1]
+            return head.in_features * self.classifier.out_features, head.weight.numel() + classifier_params
         conv, norm = self.depth_heads[s - 1][0], self.depth_heads[s - 1][1]
         pixels = math.prod(self._by_name[self._split].shape[2:])
         params = conv.weight.numel() + sum(p.numel() for p in norm.parameters())
@@ -597,8 +644,8 @@ class RussianDollNet(nn.Module):
         """Exit ``subnet`` as a plain ``torch.fx.GraphModule`` of stock layers with sliced weights.
 
         Nested layers become ``nn.Conv2d`` / ``nn.Linear`` on the prefix channels (blocks outside
-        the mask zero), BN and grouped convs are sliced, the head is ``nn.Sequential(alignment,
-        classifier)`` (or the shallow alignment block and the classifier). No custom op: it can be
+        the mask zero), BN and grouped convs are sliced, the head is one ``nn.Linear(F_s, C)``
+        (alignment and classifier folded) or the shallow alignment block and the classifier. No custom op: it can be
         saved, ``torch.jit.trace``-d and ONNX-exported (custom parameter-free layers of the base
         model, such as TF "same" padding, are copied as they are).
         """
@@ -613,7 +660,7 @@ class RussianDollNet(nn.Module):
         for step in steps:
             node = step.node
             if step.role == "classifier":
-                root[head_name] = nn.Sequential(copy.deepcopy(self.heads[s - 1]), copy.deepcopy(self.classifier))
+                root[head_name] = self.heads[s - 1].folded(self.classifier)
                 mapping[node] = graph.call_module(head_name, (mapping[node.args[0]],))
             elif node.op == "call_module":
                 root[step.name] = self._export_layer(step, s)

@@ -182,6 +182,28 @@ def test_state_dict_round_trip_carries_the_mask():
         target.load_state_dict(state)
 
 
+@pytest.mark.parametrize("cls", ["conv", "linear"])
+def test_set_block_mask_drops_blocks_and_zeroes_their_weights(cls):
+    torch.manual_seed(0)
+    splits = (2, 3, 2)
+    if cls == "conv":
+        module = NestedConv2d(splits, splits, 3, padding=1, dtype=DTYPE)
+        x = torch.randn(2, 7, 5, 5, dtype=DTYPE)
+    else:
+        module = NestedLinear(splits, splits, dtype=DTYPE)
+        x = torch.randn(4, 7, dtype=DTYPE)
+    mask = [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    module.set_block_mask(mask)
+    assert module.layout.mask == tuple(tuple(bool(v) for v in row) for row in mask)
+    assert module.block_mask.tolist() == [[bool(v) for v in row] for row in mask]
+    used = dense_mask(splits, splits, mask)
+    assert torch.all(module.weight[~used] == 0) and torch.all(module.weight[used] != 0)
+    expected = masked_conv_reference(module, x, mask) if cls == "conv" else F.linear(x, module.weight, module.bias)
+    assert_close(module(x), expected, what="after set_block_mask")
+    with pytest.raises(ValueError, match="lower-triangular"):
+        module.set_block_mask([[1, 1, 0], [1, 1, 0], [1, 1, 1]])
+
+
 def test_backend_attribute_is_honoured():
     if "cpp" not in available_backends("cpu"):
         pytest.skip("the C++ extension is not built (make build)")

@@ -256,10 +256,11 @@ def test_hand_counted_costs_truncate():
     """k=2 truncate on 3→4 (3×3, skipped) → 1×1 4→8 → BN → ReLU → 1×1 8→6 → pool → linear 6→5, 8×8 input."""
     rdn = nest(hand_count_net(), k=2, mode="truncate", calib=torch.randn(2, 3, 8, 8), skip=["0"])
     stem = 4 * 3 * 9 * 64
-    # N_1: conv1 group 0 (4 out × 4 in), conv2 group 0 (3 out × 4 in); head 3→6; classifier 6→5.
-    assert rdn.macs(1) == stem + 4 * 4 * 64 + 3 * 4 * 64 + 3 * 6 + 6 * 5
-    # N_2: conv1 all 8 × 4; conv2 groups 0 (3×4) and 1 (3×8); head 6→6.
-    assert rdn.macs(2) == stem + 8 * 4 * 64 + (3 * 4 + 3 * 8) * 64 + 6 * 6 + 6 * 5
+    # N_1: conv1 group 0 (4 out × 4 in), conv2 group 0 (3 out × 4 in); head 3→6 and classifier 6→5
+    # folded into one 3→5 map.
+    assert rdn.macs(1) == stem + 4 * 4 * 64 + 3 * 4 * 64 + 3 * 5
+    # N_2: conv1 all 8 × 4; conv2 groups 0 (3×4) and 1 (3×8); head 6→6→5 folded.
+    assert rdn.macs(2) == stem + 8 * 4 * 64 + (3 * 4 + 3 * 8) * 64 + 6 * 5
     stem_params, classifier_params = 4 * 3 * 9 + 4, 6 * 5 + 5
     assert rdn.params(1) == stem_params + 4 * 4 + 2 * 4 + 3 * 4 + 3 * 6 + classifier_params
     assert rdn.params(2) == stem_params + 8 * 4 + 2 * 8 + (3 * 4 + 3 * 8) + 6 * 6 + classifier_params
@@ -280,9 +281,9 @@ def test_hand_counted_costs_expand(copies):
     conv1 = [4 * 4 * 64, 8 * 4 * 64, 8 * 4 * 64]
     copy_inputs = 4 if copies == "sum" else 8
     conv2 = [3 * 4 * 64, (3 * 4 + 3 * 8) * 64, (3 * 4 + 3 * 8 + 3 * copy_inputs) * 64]
-    heads = [3 * 6, 6 * 6, 9 * 6]
+    heads = [3 * 5, 6 * 5, 9 * 5]  # alignment (F_s → 6) and classifier (6 → 5) folded
     for s in (1, 2, 3):
-        assert rdn.macs(s) == stem + conv1[s - 1] + conv2[s - 1] + heads[s - 1] + 6 * 5
+        assert rdn.macs(s) == stem + conv1[s - 1] + conv2[s - 1] + heads[s - 1]
 
 
 def test_peak_activation_memory_grows_with_subnet():
@@ -397,7 +398,7 @@ def test_depth_split_hand_counted_costs():
     stem = 4 * 3 * 9 * 64
     assert rdn.macs(1) == stem + 4 * 4 * 64 + 4 * 6 * 64 + 6 * 5
     assert rdn.macs(3) == stem + 8 * 4 * 64 + 8 * 6 * 64 + 6 * 5
-    assert rdn.macs(2) == stem + 4 * 4 * 64 + 3 * 4 * 64 + 3 * 6 + 6 * 5
+    assert rdn.macs(2) == stem + 4 * 4 * 64 + 3 * 4 * 64 + 3 * 5  # full-depth head folded: 3 → 5
     assert rdn.params(1) == (4 * 3 * 9 + 4) + 4 * 4 + 2 * 4 + (4 * 6 + 2 * 6) + (6 * 5 + 5)
     with pytest.raises(ValueError, match="subnet must satisfy 1 <= subnet <= 4"):
         rdn.macs(5)

@@ -1,0 +1,169 @@
+"""Sparse group dependencies: drop blocks of the added groups until N_K fits a MAC budget.
+
+Expand mode keeps every connection of the base model by re-routing the violating ones into the
+k - 1 added groups (K = 2k - 1). With ``copies="latest"`` a copy in an added group recomputes its
+channel from nearly every input, so N_K costs about twice the base model's MACs (1.4× with
+``exact=False``). The paper's nested convolution (its eq. 1) lets group i + 1 read only a subset
+q^i of the earlier groups, which is how its N_K stays near the base's cost (its Table 1:
+1.11–1.16×). :func:`prune_blocks` chooses those subsets for a budget:
+
+- only blocks of the added groups (output groups k..K-1, 0-based) are candidates, so N_1..N_k
+  stay exactly what surgery made them;
+- block (j, i) is scored by its share of output group j's energy on the calibration data,
+  ‖W_ji ⊗ X_i‖² / Σ_i' ‖W_ji' ⊗ X_i'‖² (X: the unpruned N_K's activations), so scores compare
+  across layers whatever their scale;
+- blocks are dropped in increasing order of score per MAC saved until N_K fits; every output
+  group keeps its highest-scoring block.
+
+The dropped blocks change N_{k+1}..N_K's function; joint fine-tuning recovers it (measured in
+``benchmarks/results/``). The dropped blocks are stored in ``rdn_config["pruned_blocks"]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rdn.nn import NestedConv2d, NestedLinear
+from rdn.surgery.network import RussianDollNet
+
+__all__ = ["prune_blocks", "apply_pruned_blocks"]
+
+
+@dataclass(frozen=True)
+class _Block:
+    layer: str
+    out_group: int
+    in_group: int
+    macs: int  # per sample
+    score: float
+
+
+def _block_energies(layer: NestedConv2d | NestedLinear, x: Tensor, rows: range) -> dict[tuple[int, int], float]:
+    """Σ over batch and pixels of (W_ji ⊗ X_i)² for every block (j, i) of the mask with j in ``rows``."""
+    weight = layer._masked_weight()
+    energies = {}
+    for j in rows:
+        out_slice = slice(layer.layout.out_offsets[j], layer.layout.out_offsets[j + 1])
+        for i in range(j + 1):
+            if not layer.layout.mask[j][i]:
+                continue
+            in_slice = slice(layer.layout.in_offsets[i], layer.layout.in_offsets[i + 1])
+            block_weight = weight[out_slice, in_slice]
+            x_i = x[:, in_slice]
+            if isinstance(layer, NestedConv2d):
+                y = F.conv2d(x_i, block_weight, None, layer.stride, layer.padding, layer.dilation)
+            else:
+                y = F.linear(x_i, block_weight)
+            energies[(j, i)] = float(y.double().pow(2).sum())
+    return energies
+
+
+@torch.no_grad()
+def _candidates(net: RussianDollNet, calib: Tensor, first_group: int) -> list[_Block]:
+    """Every block of an added group, scored on one N_K forward of ``calib``."""
+    blocks: list[_Block] = []
+    handles = []
+
+    def record(name: str):
+        def hook(layer, args, output):
+            rows = range(first_group, layer.num_groups)
+            energies = _block_energies(layer, args[0], rows)
+            kernel = math.prod(layer.kernel_size) if isinstance(layer, NestedConv2d) else 1
+            pixels = math.prod(output.shape[2:])  # per sample, as RussianDollNet.macs counts them
+            for j in rows:
+                row = {i: energy for (jj, i), energy in energies.items() if jj == j}
+                total = sum(row.values())
+                for i, energy in row.items():
+                    macs = layer.out_splits[j] * layer.in_splits[i] * kernel * pixels
+                    share = energy / total if total > 0 else 0.0
+                    blocks.append(_Block(name, j, i, macs, share))
+
+        return hook
+
+    for name, layer in net.layers.items():
+        if isinstance(layer, (NestedConv2d, NestedLinear)):
+            handles.append(layer.register_forward_hook(record(name)))
+    was_training = net.training
+    try:
+        net.eval()
+        net(calib)
+    finally:
+        net.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return blocks
+
+
+def _kept_per_row(blocks: list[_Block]) -> set[_Block]:
+    """The highest-scoring block of every (layer, output group): never dropped."""
+    best: dict[tuple[str, int], _Block] = {}
+    for block in blocks:
+        key = (block.layer, block.out_group)
+        if key not in best or block.score > best[key].score:
+            best[key] = block
+    return set(best.values())
+
+
+def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_macs: int) -> dict[str, list[list[int]]]:
+    """Drop blocks of the added groups until N_K does at most ``mac_budget × base_macs`` MACs.
+
+    Args:
+        net: an RDN made by ``nest(..., mode="expand")``; changed in place.
+        calib: calibration inputs (N, ...) of the RDN's input shape.
+        mac_budget: N_K's MACs over the base model's at most (module docstring).
+        base_macs: the base model's MACs per sample.
+    Returns:
+        {layer name: [[out_group, in_group], ...]}: the dropped blocks (0-based groups), as
+        :func:`apply_pruned_blocks` takes them.
+    Raises:
+        ValueError: when dropping every candidate still leaves N_K above the budget.
+    """
+    full = net.num_subnets
+    max_macs = math.floor(mac_budget * base_macs)
+    macs = net.macs(full)
+    if macs <= max_macs:
+        return {}
+    if net.rdn_config["mode"] != "expand":
+        raise ValueError("only expand mode has added groups whose blocks can be dropped")
+    blocks = _candidates(net, calib, first_group=net.rdn_config["k"])
+    kept = _kept_per_row(blocks)
+    droppable = sorted((b for b in blocks if b not in kept), key=lambda b: (b.score / max(b.macs, 1), -b.macs))
+    floor = macs - sum(b.macs for b in droppable)
+    if floor > max_macs:
+        exact = net.rdn_config["exact"]
+        hint = "; exact=True gives every channel a copy in the last group, exact=False does not" if exact else ""
+        raise ValueError(
+            f"mac_budget={mac_budget} is out of reach: with every block of the added groups dropped but one per "
+            f"group, N_K still does {floor / base_macs:.3f}× the base model's MACs (blocks drop, channels stay; "
+            f"N_1..N_k are never pruned){hint}"
+        )
+    pruned: dict[str, list[list[int]]] = {}
+    for block in droppable:
+        if macs <= max_macs:
+            break
+        pruned.setdefault(block.layer, []).append([block.out_group, block.in_group])
+        macs -= block.macs
+    apply_pruned_blocks(net, pruned)
+    actual = net.macs(full)
+    if actual != macs:
+        raise AssertionError(f"block MACs ({macs}) disagree with RussianDollNet.macs ({actual})")
+    return pruned
+
+
+def apply_pruned_blocks(net: RussianDollNet, pruned: dict[str, list[list[int]]]) -> None:
+    """Remove the blocks ``pruned`` ({layer: [[out_group, in_group], ...]}) from the nested layers' masks."""
+    for name, dropped in pruned.items():
+        layer = net.layers[name] if name in net.layers else None
+        if not isinstance(layer, (NestedConv2d, NestedLinear)):
+            raise ValueError(f"pruned_blocks names {name!r}, which is not a nested layer of this RDN")
+        mask = [list(row) for row in layer.layout.mask]
+        for out_group, in_group in dropped:
+            if not (0 <= in_group <= out_group < layer.num_groups and mask[out_group][in_group]):
+                raise ValueError(f"pruned_blocks of {name!r}: ({out_group}, {in_group}) is not a block of its mask")
+            mask[out_group][in_group] = False
+        layer.set_block_mask(mask)
