@@ -80,7 +80,8 @@ _DATASET_NAMES = {"fashion-mnist": "fashion_mnist", "fashion_mnist": "fashion_mn
 # Settings that change what the steps compute: a run folder is only resumed with the same ones.
 _RESULT_SETTINGS = ("dataset", "model", "width_mult", "k", "seed", "base_epochs", "finetune_epochs",
                     "steps_per_epoch", "batch_size", "bn_momentum", "monitor_samples", "policy_samples",
-                    "policy_epochs", "policy_hidden", "calib_samples", "all_exits", "depth_split")  # fmt: skip
+                    "policy_epochs", "policy_hidden", "calib_samples", "all_exits", "depth_split", "exact",
+                    "mac_budget")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth-split", type=int, default=None, metavar="BLOCK",
                         help="also nest in depth: a shallow exit per width after model.blocks[BLOCK] (2K exits, "
                              "a K x 2 grid for the nesting order)")  # fmt: skip
+    parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                        help="surgery keeps every connection (N_K starts as exactly the base model, about 2x its "
+                             "MACs); --no-exact: at most two copies of a channel, fewer MACs")  # fmt: skip
+    parser.add_argument("--mac-budget", type=float, default=None, metavar="RATIO",
+                        help="drop blocks of the added groups until N_K does at most RATIO x the base model's MACs "
+                             "(e.g. 1.15 with --no-exact; see rdn.surgery.budget)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="smoke preset: MNIST-5k, width 0.25, 1 short epoch per training (about 2 minutes)")
     parser.add_argument("--base-epochs", type=int, default=None, help="pretraining epochs")
@@ -181,6 +188,7 @@ def _settings(args: argparse.Namespace) -> dict:
             preset[key] = _DATASET_NAMES[value] if key == "dataset" else value
     preset.update(model=args.model, k=args.k, seed=args.seed, epsilons=args.epsilons, quick=args.quick,
                   all_exits=args.all_exits, ablations=args.ablations, depth_split=args.depth_split,
+                  exact=args.exact, mac_budget=args.mac_budget,
                   bench_device=args.bench_device, bench_threads=args.bench_threads)
     return preset
 
@@ -279,6 +287,21 @@ def _cell_exit(net, cell) -> int:
 def _calibration_images(data, samples: int) -> Tensor:
     x, _ = next(_batches(data.calib, data.spec, samples, torch.device("cpu"), limit=samples))
     return x
+
+
+def _surgery_summary(settings: dict) -> str:
+    exact = "exact" if settings["exact"] else "not exact (at most two copies)"
+    budget = settings["mac_budget"]
+    return exact + ("" if budget is None else f", N_K at most {budget:g}× the base model's MACs")
+
+
+def _nest(source: nn.Module, settings: dict, select: str, calib: Tensor, create_kwargs: dict):
+    """Expand-mode surgery with the run's settings (k, exactness, MAC budget, depth split)."""
+    from rdn.surgery import nest
+
+    return nest(source, k=settings["k"], mode="expand", select=select, calib=calib, seed=settings["seed"],
+                exact=settings["exact"], mac_budget=settings["mac_budget"], depth_split=settings["depth_split"],
+                base=create_kwargs)  # fmt: skip
 
 
 def _plot_tradeoff(path: Path, evaluation: dict, title: str) -> None:
@@ -421,7 +444,6 @@ def _run_ablations(out: Path, base: nn.Module, data, settings: dict, create_kwar
     marks it done. Returns name → that json."""
     from rdn.models import create
     from rdn.policy import collect_exit_outputs
-    from rdn.surgery import nest
     from rdn.train import model_config_of
 
     calib = _calibration_images(data, settings["calib_samples"])
@@ -432,8 +454,7 @@ def _run_ablations(out: Path, base: nn.Module, data, settings: dict, create_kwar
             print(f"  ablation {name}: {description}", flush=True)
             torch.manual_seed(settings["seed"])
             source = copy.deepcopy(base).cpu() if pretrained else create(**create_kwargs)
-            net = nest(source.eval(), k=settings["k"], mode="expand", select=select, calib=calib, seed=settings["seed"],
-                       depth_split=settings["depth_split"], base=create_kwargs)  # fmt: skip
+            net = _nest(source.eval(), settings, select, calib, create_kwargs)
             epochs = settings["finetune_epochs"] + (0 if pretrained else settings["base_epochs"])
             net = _train(net, data, settings, epochs, folder, model_config_of(net), progress, exits)
             test = collect_exit_outputs(net.to(device).eval(), _batches(data.test, data.spec, 256, device),
@@ -486,7 +507,7 @@ def _report(out: Path, settings: dict, evaluation: dict, calibration: dict, orde
         f"{evaluation['bench_device']} ({evaluation['cpu']}, {evaluation['threads']} torch threads). "
         f"Preset: {'quick' if settings['quick'] else 'default'}; base {settings['base_epochs']} epoch(s), fine-tuning "
         f"{settings['finetune_epochs']} epoch(s), at most {settings['steps_per_epoch']} steps of "
-        f"{settings['batch_size']} images per epoch.",
+        f"{settings['batch_size']} images per epoch. Surgery: expand, greedy, {_surgery_summary(settings)}.",
         "",
         "## Table 1 (form of the paper's Table 1)",
         "",
@@ -597,7 +618,7 @@ def main(args: argparse.Namespace) -> None:
         collect_exit_outputs,
         fit_policy,
     )
-    from rdn.surgery import RussianDollNet, nest
+    from rdn.surgery import RussianDollNet
     from rdn.train import load_model, model_config_of, save_checkpoint
 
     if args.threads is not None:
@@ -623,10 +644,9 @@ def main(args: argparse.Namespace) -> None:
         base = load_model(out / "base" / "checkpoint.pt", use_ema=True)
 
     nested_path = out / "nested.pt"
-    if steps.begin("nest (expand, greedy select)", nested_path):
+    if steps.begin(f"nest (expand, greedy select, {_surgery_summary(settings)})", nested_path):
         calib = _calibration_images(data, settings["calib_samples"])
-        net = nest(base, k=settings["k"], mode="expand", select="greedy", calib=calib, seed=settings["seed"],
-                   depth_split=settings["depth_split"], base=create_kwargs)  # fmt: skip
+        net = _nest(base, settings, "greedy", calib, create_kwargs)
         save_checkpoint(nested_path, {"model_config": model_config_of(net), "model": net.state_dict()})
 
     if steps.begin("fine-tune every exit jointly", out / "finetune" / "result.json"):

@@ -27,6 +27,10 @@ def test_presets_and_overrides():
     assert default["dataset"] == "fashion_mnist" and default["base_epochs"] == 3 and default["k"] == 3
     assert default["finetune_epochs"] == pipeline.PRESETS["default"]["finetune_epochs"]
     assert pipeline._settings(parse("--out", "x", "--quick", "--dataset", "mnist-5k"))["dataset"] == "mnist5k"
+    assert default["exact"] and default["mac_budget"] is None
+    budget = pipeline._settings(parse("--out", "x", "--no-exact", "--mac-budget", "1.15"))
+    assert not budget["exact"] and budget["mac_budget"] == 1.15
+    assert "at most 1.15× the base" in pipeline._surgery_summary(budget)
     with pytest.raises(SystemExit):
         parse("--out", "x", "--dataset", "imagenet")
 

@@ -47,6 +47,13 @@ def test_pretrain_nest_finetune(tmp_path):
     assert main(scratch) == 0
     assert "random" in json.loads((tmp_path / "scratch" / "summary.json").read_text())["from"]
 
+    # A MAC budget: N_K's MACs at most 1.2 × the base's; an unreachable one is a clear error.
+    budget = [*nest_args, "--no-exact", "--mac-budget", "1.2", "--no-eval", "--out", str(tmp_path / "budget")]
+    assert main(budget) == 0
+    pruned = json.loads((tmp_path / "budget" / "summary.json").read_text())
+    assert not pruned["exact"] and pruned["exits"][-1]["macs"] <= 1.2 * pruned["base"]["macs"] < macs[-1]
+    assert main([*budget[:-3], "--mac-budget", "0.5", "--out", str(tmp_path / "far")]) == 2
+
     # Wrong kind of checkpoint for each command.
     assert main(["finetune", "--from", str(tmp_path / "base"), *TRAIN, "--out", str(tmp_path / "x")]) == 2
     assert main([*nest_args[:1], "--from", str(tmp_path / "rdn"), *nest_args[3:], "--out", str(tmp_path / "y")]) == 2
