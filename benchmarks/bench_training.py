@@ -17,14 +17,16 @@ Times one optimisation step (zero_grad, forward, loss, backward, SGD step) of
   own backward, gradients accumulated, then one SGD step;
 - (d) the same RDN training N_K alone (``forward(x, subnet=K)``, one CE): the cost of the largest
   sub-network, which isolates what the K - 1 extra exits of (b) add;
-- (e) as (b) for the cheaper surgery ``nest(..., exact=False)`` (at most two copies of a channel:
-  N_K is no longer exactly the base model before fine-tuning, but has fewer MACs).
+- (e)–(g) as (b) for cheaper surgeries: (e) ``exact=False`` (at most two copies of a channel: N_K
+  is no longer exactly the base model before fine-tuning, but has fewer MACs); (f) ``exact=False``
+  with ``mac_budget`` (blocks of the added groups dropped until N_K does at most that many times
+  the base's MACs, :mod:`rdn.surgery.budget`); (g) ``mode="truncate"`` (K = k, no copies at all:
+  the least an RDN of this base can cost).
 
-Claims checked (DESIGN.md §1): (b) ≤ 1.2 × (a), (c) / (b) ≥ K / 2, and (b) ≤ 1.2 × (d); (e) ≤ 1.2 × (a)
-beside them. All five run in one interleaved measurement (:mod:`benchmarks.harness`). The forward MACs per image are
-printed beside, so the time ratios can be read against the work ratios (N_K of an expand-mode
-RDN has more MACs than the base model: the copies of the expansion). Writes
-``training_cost_<device>.md`` and ``.csv`` with the machine, versions and date.
+Claims checked (DESIGN.md §1): (b) ≤ 1.2 × (a), (c) / (b) ≥ K / 2, and (b) ≤ 1.2 × (d); (e)–(g)
+≤ 1.2 × (a) beside them. All run in one interleaved measurement (:mod:`benchmarks.harness`). The
+forward MACs per image are printed beside, so the time ratios can be read against the work ratios.
+Writes ``training_cost_<device>.md`` and ``.csv`` with the machine, versions and date.
 """
 
 from __future__ import annotations
@@ -69,40 +71,59 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> 
     return step
 
 
-def run(device: torch.device, width_mult: float, k: int, batch: int, timing: TimingConfig, out: Path) -> list[dict]:
+def cheaper_surgeries(mac_budget: float) -> dict[str, dict]:
+    """Rows (e)–(g): label → the ``nest`` arguments that differ from (b)'s."""
+    return {
+        "(e) exact=False": dict(exact=False),
+        f"(f) exact=False, mac_budget={mac_budget:g}": dict(exact=False, mac_budget=mac_budget),
+        "(g) truncate (no copies)": dict(mode="truncate"),
+    }
+
+
+def run(device: torch.device, width_mult: float, k: int, batch: int, timing: TimingConfig, out: Path,
+        mac_budget: float = 1.15) -> list[dict]:  # fmt: skip
     torch.manual_seed(0)
     kwargs = {"name": "mobilenet_v2", "num_classes": 10, "input_size": 28, "in_chans": 1, "width_mult": width_mult}
     base = create(**kwargs).to(device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(10, (batch,), device=device)
     rdn = nest(base, k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs).to(device)
-    cheaper = nest(base, k=k, mode="expand", exact=False, select="greedy", calib=x[:32], base=kwargs).to(device)
     separate, largest = (RussianDollNet.from_config(rdn.rdn_config, base).to(device) for _ in range(2))
     for copy in (separate, largest):
         copy.load_state_dict(rdn.state_dict())
     K = rdn.num_subnets
-    steps = {
-        "(a) base": make_step(base, x, y, "base"),
-        f"(b) RDN joint, {K} exits in one pass": make_step(rdn, x, y, "joint"),
-        f"(c) RDN separate, {K} forward/backward passes": make_step(separate, x, y, "separate"),
-        f"(d) RDN N_{K} alone": make_step(largest, x, y, "largest"),
-        f"(e) RDN exact=False joint, {K} exits in one pass": make_step(cheaper, x, y, "joint"),
+    models = {
+        "(a) base": (base, "base"),
+        f"(b) RDN joint, {K} exits in one pass": (rdn, "joint"),
+        f"(c) RDN separate, {K} forward/backward passes": (separate, "separate"),
+        f"(d) RDN N_{K} alone": (largest, "largest"),
     }
-    timings = measure(steps, device, timing)
+    for label, changes in cheaper_surgeries(mac_budget).items():
+        settings = dict(k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs) | changes
+        cheaper = nest(base, **settings).to(device)
+        models[f"{label} joint, {cheaper.num_subnets} exits in one pass"] = (cheaper, "joint")
+    timings = measure({name: make_step(model, x, y, mode) for name, (model, mode) in models.items()}, device, timing)
     base_macs = profile_model(base.eval(), (1, 1, 28, 28)).macs
-    macs = [base_macs, rdn.macs(K), sum(rdn.macs(s) for s in range(1, K + 1)), rdn.macs(K), cheaper.macs(K)]
     rows = []
     reference = timings["(a) base"].median_ms
-    for (name, timing_), work in zip(timings.items(), macs, strict=True):
+    for name, (model, mode) in models.items():
+        if mode == "base":
+            work = base_macs
+        elif mode == "separate":
+            work = sum(model.macs(s) for s in range(1, model.num_subnets + 1))
+        else:
+            work = model.macs(model.num_subnets)
+        timing_ = timings[name]
         rows.append({"step": name, "median_ms": timing_.median_ms, "q25_ms": timing_.q25_ms, "q75_ms": timing_.q75_ms,
-                     "vs_base": timing_.median_ms / reference, "forward_macs_per_image": work})  # fmt: skip
+                     "vs_base": timing_.median_ms / reference, "forward_macs_per_image": work,
+                     "macs_vs_base": work / base_macs})  # fmt: skip
     joint, separate_ms, largest_ms = rows[1]["median_ms"], rows[2]["median_ms"], rows[3]["median_ms"]
     checks = [
         ("(b) ≤ 1.2 × (a)", rows[1]["vs_base"], "≤ 1.2", rows[1]["vs_base"] <= 1.2),
         (f"(c) / (b) ≥ K/2 = {K / 2:g}", separate_ms / joint, f"≥ {K / 2:g}", separate_ms / joint >= K / 2),
         ("(b) ≤ 1.2 × (d)", joint / largest_ms, "≤ 1.2", joint / largest_ms <= 1.2),
-        ("(e) ≤ 1.2 × (a)", rows[4]["vs_base"], "≤ 1.2", rows[4]["vs_base"] <= 1.2),
     ]
+    checks += [(f"{row['step'][:3]} ≤ 1.2 × (a)", row["vs_base"], "≤ 1.2", row["vs_base"] <= 1.2) for row in rows[4:]]
     write(out, device, kwargs, k, K, batch, rows, checks)
     return rows
 
@@ -119,23 +140,21 @@ def write(out: Path, device, kwargs, k, K, batch, rows, checks) -> None:
         f"# Training cost of one optimisation step ({tag})",
         "",
         f"MobileNetV2 small-input variant, width {kwargs['width_mult']}, 1×28×28 images, batch {batch}, "
-        f"RDN: k = {k}, expand, greedy → K = {K} exits. `python -m benchmarks.bench_training` "
-        "(interleaved rounds, median and quartiles).",
+        f"RDN: k = {k}, expand, greedy → K = {K} exits unless the row says otherwise. "
+        "`python -m benchmarks.bench_training` (interleaved rounds, median and quartiles).",
         "",
-        "| step | median ms | q25–q75 ms | × base | forward MACs / image |",
-        "|---|---:|---:|---:|---:|",
+        "| step | median ms | q25–q75 ms | × base time | forward MACs / image | × base MACs |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(f"| {row['step']} | {row['median_ms']:.1f} | {row['q25_ms']:.1f}–{row['q75_ms']:.1f} | "
-                     f"{row['vs_base']:.2f} | {row['forward_macs_per_image'] / 1e6:.1f} M |")  # fmt: skip
-    base_macs = rows[0]["forward_macs_per_image"]
+                     f"{row['vs_base']:.2f} | {row['forward_macs_per_image'] / 1e6:.1f} M | "
+                     f"{row['macs_vs_base']:.2f} |")  # fmt: skip
     lines += [
         "",
-        f"Work against time: N_K does {rows[1]['forward_macs_per_image'] / base_macs:.2f}× the base model's forward "
-        "MACs (`exact=True` keeps up to three copies of a channel so that N_K starts as exactly the base model), "
-        f"{rows[4]['forward_macs_per_image'] / base_macs:.2f}× with `exact=False`; the joint step costs "
-        f"{rows[1]['median_ms'] / rows[3]['median_ms']:.2f}× training N_K alone, which is what the other "
-        f"{K - 1} exits add.",
+        f"The joint step costs {rows[1]['median_ms'] / rows[3]['median_ms']:.2f}× training N_K alone, which is what "
+        f"the other {K - 1} exits add; separate passes cost {rows[2]['median_ms'] / rows[1]['median_ms']:.2f}× the "
+        "joint step.",
     ]
     lines += ["", "| claim | measured | target | met |", "|---|---:|---:|---|"]
     for name, value, target, ok in checks:
@@ -201,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width-mult", type=float, default=0.5, help="MobileNetV2 width multiplier")
     parser.add_argument("--k", type=int, default=4, help="channel groups (K = 2k - 1 exits)")
     parser.add_argument("--batch", type=int, default=64, help="images per step")
+    parser.add_argument("--mac-budget", type=float, default=1.15, help="row (f): N_K's MACs / the base's at most")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter samples")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the markdown / CSV results")
@@ -214,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     timing = TIMING_PRESETS["quick" if args.quick else "full"]
-    run(torch.device(args.device), args.width_mult, args.k, args.batch, timing, args.out)
+    run(torch.device(args.device), args.width_mult, args.k, args.batch, timing, args.out, args.mac_budget)
 
 
 if __name__ == "__main__":
