@@ -20,6 +20,8 @@ MODES = ("expand", "truncate")
 COPIES = ("sum", "latest")
 SELECTIONS = ("greedy", "random")
 CONFIG_VERSION = 1
+# Keys added to version 1 after it was first written: configs without them mean these values.
+CONFIG_DEFAULTS = {"mac_budget": None, "pruned_blocks": {}}
 
 
 @contextlib.contextmanager
@@ -203,6 +205,11 @@ def nest(
         with torch.no_grad():
             net.rdn_config["pruned_blocks"] = prune_blocks(net, batch, mac_budget, base_macs)
     return net
+
+
+def with_config_defaults(config: dict) -> dict:
+    """``config`` with the keys added since version 1 was first written filled in (see ``CONFIG_DEFAULTS``)."""
+    return {**CONFIG_DEFAULTS, **config}
 
 
 def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:

@@ -147,12 +147,25 @@ def _describe(model_config: dict) -> str:
     return f"{kind} {model_config.get('class', '')}".strip()
 
 
+def _comparable(model_config: dict) -> dict:
+    """An RDN's model_config with the rdn_config keys newer versions added filled with their defaults."""
+    if model_config.get("kind") != "rdn":
+        return model_config
+    from rdn.surgery.nest import with_config_defaults
+
+    return {**model_config, "rdn_config": with_config_defaults(model_config["rdn_config"])}
+
+
 def check_model_config(expected: dict, found: dict, path: str | os.PathLike) -> None:
     """Raise :class:`CheckpointMismatchError` when a checkpoint was written for another model."""
+    expected, found = _comparable(expected), _comparable(found)
     if expected != found:
+        inner = "rdn_config" if expected.get("kind") == found.get("kind") == "rdn" else None
+        a, b = (expected[inner], found[inner]) if inner else (expected, found)
+        differing = sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
         raise CheckpointMismatchError(
-            f"checkpoint {path} was written for {_describe(found)}, but this run has {_describe(expected)}; "
-            "use a fresh --out folder or the matching model settings"
+            f"checkpoint {path} was written for {_describe(found)}, but this run has {_describe(expected)} "
+            f"(they differ in {differing}); use a fresh --out folder or the matching model settings"
         )
 
 

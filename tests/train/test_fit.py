@@ -18,9 +18,11 @@ from rdn.train import (
     fit,
     load_checkpoint,
     load_model,
+    model_config_of,
     recalibrate_batch_norm,
     save_checkpoint,
 )
+from rdn.train.checkpoint import check_model_config
 from tests.train.helpers import TinyNet, synthetic, tiny_rdn
 
 BASE = {"name": "mobilenet_v2", "num_classes": 10, "input_size": 16, "in_chans": 1, "width_mult": 0.1}
@@ -147,9 +149,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step was not applied
 
 
+def test_checkpoints_from_before_the_newer_config_keys_still_match():
+    current = model_config_of(tiny_rdn(k=2))
+    older = {**current, "rdn_config": {key: value for key, value in current["rdn_config"].items()
+                                       if key not in ("mac_budget", "pruned_blocks")}}  # fmt: skip
+    check_model_config(current, older, "old.pt")
+    pruned = {**current, "rdn_config": {**current["rdn_config"], "pruned_blocks": {"x": [[2, 0]]}}}
+    with pytest.raises(CheckpointMismatchError, match=r"differ in \['pruned_blocks'\]"):
+        check_model_config(current, pruned, "pruned.pt")
+
+
 def test_resuming_another_models_checkpoint_is_refused(tmp_path):
     fit(tiny_rdn(k=2), synthetic(), config(epochs=1), out=tmp_path)
-    with pytest.raises(CheckpointMismatchError, match="was written for RDN .*k=2.* this run has RDN .*k=3"):
+    mismatch = r"was written for RDN .*k=2.* this run has RDN .*k=3.*differ in \[.*'k'"
+    with pytest.raises(CheckpointMismatchError, match=mismatch):
         fit(tiny_rdn(k=3), synthetic(), config(epochs=2), out=tmp_path, resume=True)
     with pytest.raises(ValueError, match="different training settings .*lr"):
         fit(tiny_rdn(k=2), synthetic(), config(epochs=1, lr=0.01), out=tmp_path, resume=True)
