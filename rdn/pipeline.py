@@ -83,6 +83,9 @@ _RESULT_SETTINGS = ("dataset", "model", "width_mult", "k", "seed", "base_epochs"
                     "policy_epochs", "policy_hidden", "calib_samples", "all_exits", "depth_split", "exact",
                     "mac_budget")  # fmt: skip
 
+# Settings added after run folders were first written: a folder without them ran with these values.
+_SETTINGS_ADDED_LATER = {"exact": True, "mac_budget": None}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``rdn pipeline`` (``None`` defaults come from the preset: ``--quick`` or the default)."""
@@ -210,7 +213,7 @@ def _load_data(settings: dict, root: str | None):
 def _check_resumable(out: Path, settings: dict) -> None:
     path = out / "settings.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = _SETTINGS_ADDED_LATER | json.loads(path.read_text())
         changed = [key for key in _RESULT_SETTINGS if saved.get(key) != settings.get(key)]
         if changed:
             details = ", ".join(f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)

@@ -60,6 +60,11 @@ def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
     pipeline._check_resumable(tmp_path, dict(settings, repeats=7))  # timing repeats do not change results
     with pytest.raises(ValueError, match="base_epochs"):
         pipeline._check_resumable(tmp_path, dict(settings, base_epochs=5))
+    older = {key: value for key, value in settings.items() if key not in ("exact", "mac_budget")}
+    (tmp_path / "settings.json").write_text(json.dumps(older))  # written before those settings existed
+    pipeline._check_resumable(tmp_path, settings)
+    with pytest.raises(ValueError, match="mac_budget"):
+        pipeline._check_resumable(tmp_path, dict(settings, mac_budget=1.15))
 
 
 def test_atomic_outputs(tmp_path):

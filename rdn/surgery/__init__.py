@@ -2,7 +2,8 @@
 
 ``nest(model, k, mode, select, calib, ...)`` analyses the model's dataflow graph
 (:mod:`rdn.surgery.graph`), orders the channels of every nested tensor (:mod:`rdn.surgery.select`),
-lays out copies and groups (:mod:`rdn.surgery.spaces`) and returns a :class:`RussianDollNet`
+lays out copies and groups (:mod:`rdn.surgery.spaces`), optionally drops blocks of the added groups
+to fit a MAC budget (:mod:`rdn.surgery.budget`) and returns a :class:`RussianDollNet`
 (:mod:`rdn.surgery.network`).
 """
 
