@@ -17,13 +17,14 @@ Times one optimisation step (zero_grad, forward, loss, backward, SGD step) of
   own backward, gradients accumulated, then one SGD step;
 - (d) the same RDN training N_K alone (``forward(x, subnet=K)``, one CE): the cost of the largest
   sub-network, which isolates what the K - 1 extra exits of (b) add;
-- (e)–(g) as (b) for cheaper surgeries: (e) ``exact=False`` (at most two copies of a channel: N_K
+- (e)–(h) as (b) for cheaper surgeries: (e) ``exact=False`` (at most two copies of a channel: N_K
   is no longer exactly the base model before fine-tuning, but has fewer MACs); (f) ``exact=False``
   with ``mac_budget`` (blocks of the added groups dropped until N_K does at most that many times
-  the base's MACs, :mod:`rdn.surgery.budget`); (g) ``mode="truncate"`` (K = k, no copies at all:
-  the least an RDN of this base can cost).
+  the base's MACs, :mod:`rdn.surgery.budget`); (g) ``exact=False`` with ``copy_fraction`` (only that
+  share of each group's channels get copies: fewer channels); (h) ``mode="truncate"`` (K = k, no
+  copies at all: the least an RDN of this base can cost).
 
-Claims checked (DESIGN.md §1): (b) ≤ 1.2 × (a), (c) / (b) ≥ K / 2, and (b) ≤ 1.2 × (d); (e)–(g)
+Claims checked (DESIGN.md §1): (b) ≤ 1.2 × (a), (c) / (b) ≥ K / 2, and (b) ≤ 1.2 × (d); (e)–(h)
 ≤ 1.2 × (a) beside them. All run in one interleaved measurement (:mod:`benchmarks.harness`). The
 forward MACs per image are printed beside, so the time ratios can be read against the work ratios.
 Writes ``training_cost_<device>.md`` and ``.csv`` with the machine, versions and date.
@@ -71,17 +72,18 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> 
     return step
 
 
-def cheaper_surgeries(mac_budget: float) -> dict[str, dict]:
-    """Rows (e)–(g): label → the ``nest`` arguments that differ from (b)'s."""
+def cheaper_surgeries(mac_budget: float, copy_fraction: float) -> dict[str, dict]:
+    """Rows (e)–(h): label → the ``nest`` arguments that differ from (b)'s."""
     return {
         "(e) exact=False": dict(exact=False),
         f"(f) exact=False, mac_budget={mac_budget:g}": dict(exact=False, mac_budget=mac_budget),
-        "(g) truncate (no copies)": dict(mode="truncate"),
+        f"(g) exact=False, copy_fraction={copy_fraction:g}": dict(exact=False, copy_fraction=copy_fraction),
+        "(h) truncate (no copies)": dict(mode="truncate"),
     }
 
 
 def run(device: torch.device, width_mult: float, k: int, batch: int, timing: TimingConfig, out: Path,
-        mac_budget: float = 1.15) -> list[dict]:  # fmt: skip
+        mac_budget: float = 1.15, copy_fraction: float = 0.25) -> list[dict]:  # fmt: skip
     torch.manual_seed(0)
     kwargs = {"name": "mobilenet_v2", "num_classes": 10, "input_size": 28, "in_chans": 1, "width_mult": width_mult}
     base = create(**kwargs).to(device)
@@ -98,7 +100,7 @@ def run(device: torch.device, width_mult: float, k: int, batch: int, timing: Tim
         f"(c) RDN separate, {K} forward/backward passes": (separate, "separate"),
         f"(d) RDN N_{K} alone": (largest, "largest"),
     }
-    for label, changes in cheaper_surgeries(mac_budget).items():
+    for label, changes in cheaper_surgeries(mac_budget, copy_fraction).items():
         settings = dict(k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs) | changes
         cheaper = nest(base, **settings).to(device)
         models[f"{label} joint, {cheaper.num_subnets} exits in one pass"] = (cheaper, "joint")
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=4, help="channel groups (K = 2k - 1 exits)")
     parser.add_argument("--batch", type=int, default=64, help="images per step")
     parser.add_argument("--mac-budget", type=float, default=1.15, help="row (f): N_K's MACs / the base's at most")
+    parser.add_argument("--copy-fraction", type=float, default=0.25, help="row (g): share of channels with copies")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter samples")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the markdown / CSV results")
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     timing = TIMING_PRESETS["quick" if args.quick else "full"]
-    run(torch.device(args.device), args.width_mult, args.k, args.batch, timing, args.out, args.mac_budget)
+    run(torch.device(args.device), args.width_mult, args.k, args.batch, timing, args.out, args.mac_budget,
+        args.copy_fraction)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ def build_parser(with_pipeline: bool = False) -> argparse.ArgumentParser:
     nest.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                       help="expand keeps every connection (N_K starts as exactly the base model, about 2x its MACs); "
                            "--no-exact: at most two copies of a channel, fewer MACs")
+    nest.add_argument("--copy-fraction", type=float, default=1.0, metavar="F",
+                      help="with --no-exact: share of each group's channels that get copies in the added groups "
+                           "(fewer channels in the larger sub-networks; rdn.surgery.nest)")
     nest.add_argument("--mac-budget", type=float, default=None, metavar="RATIO",
                       help="expand: drop blocks of the added groups until N_K does at most RATIO x the base model's "
                            "MACs (e.g. 1.15 with --no-exact; rdn.surgery.budget)")
@@ -329,14 +332,14 @@ def _cmd_nest(args: argparse.Namespace) -> None:
         raise CliError(f"the base model takes (channels, size, classes) = {found}, the data {args.data} has {expected}")
     started = time.perf_counter()
     rdn = nest(base, k=args.k, mode=args.mode, select=args.select, calib=_calibration_batch(data, args.calib_samples),
-               seed=args.seed, copies=args.copies, exact=args.exact, mac_budget=args.mac_budget,
-               base=kwargs)  # fmt: skip
+               seed=args.seed, copies=args.copies, exact=args.exact, copy_fraction=args.copy_fraction,
+               mac_budget=args.mac_budget, base=kwargs)  # fmt: skip
     nest_s = time.perf_counter() - started
     out = Path(args.out)
     save_checkpoint(out / "checkpoint.pt", {"model_config": {"kind": "rdn", "rdn_config": rdn.rdn_config},
                                             "model": rdn.state_dict(), "ema": None, "step": 0, "epoch": 0})  # fmt: skip
     summary = {"command": "nest", "from": origin, "k": args.k, "mode": args.mode, "select": args.select,
-               "exact": args.exact, "mac_budget": args.mac_budget,
+               "exact": args.exact, "copy_fraction": args.copy_fraction, "mac_budget": args.mac_budget,
                "num_subnets": rdn.num_subnets, "nest_s": round(nest_s, 2), "exits": _costs(rdn, data.spec),
                "base": _costs(base, data.spec)[0]}  # fmt: skip
     if not args.no_eval:

@@ -81,10 +81,10 @@ _DATASET_NAMES = {"fashion-mnist": "fashion_mnist", "fashion_mnist": "fashion_mn
 _RESULT_SETTINGS = ("dataset", "model", "width_mult", "k", "seed", "base_epochs", "finetune_epochs",
                     "steps_per_epoch", "batch_size", "bn_momentum", "monitor_samples", "policy_samples",
                     "policy_epochs", "policy_hidden", "calib_samples", "all_exits", "depth_split", "exact",
-                    "mac_budget")  # fmt: skip
+                    "copy_fraction", "mac_budget")  # fmt: skip
 
 # Settings added after run folders were first written: a folder without them ran with these values.
-_SETTINGS_ADDED_LATER = {"exact": True, "mac_budget": None}
+_SETTINGS_ADDED_LATER = {"exact": True, "copy_fraction": 1.0, "mac_budget": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                         help="surgery keeps every connection (N_K starts as exactly the base model, about 2x its "
                              "MACs); --no-exact: at most two copies of a channel, fewer MACs")  # fmt: skip
+    parser.add_argument("--copy-fraction", type=float, default=1.0, metavar="F",
+                        help="with --no-exact: share of each group's channels that get copies in the added groups")
     parser.add_argument("--mac-budget", type=float, default=None, metavar="RATIO",
                         help="drop blocks of the added groups until N_K does at most RATIO x the base model's MACs "
                              "(e.g. 1.15 with --no-exact; see rdn.surgery.budget)")  # fmt: skip
@@ -191,7 +193,7 @@ def _settings(args: argparse.Namespace) -> dict:
             preset[key] = _DATASET_NAMES[value] if key == "dataset" else value
     preset.update(model=args.model, k=args.k, seed=args.seed, epsilons=args.epsilons, quick=args.quick,
                   all_exits=args.all_exits, ablations=args.ablations, depth_split=args.depth_split,
-                  exact=args.exact, mac_budget=args.mac_budget,
+                  exact=args.exact, copy_fraction=args.copy_fraction, mac_budget=args.mac_budget,
                   bench_device=args.bench_device, bench_threads=args.bench_threads)
     return preset
 
@@ -293,9 +295,12 @@ def _calibration_images(data, samples: int) -> Tensor:
 
 
 def _surgery_summary(settings: dict) -> str:
-    exact = "exact" if settings["exact"] else "not exact (at most two copies)"
-    budget = settings["mac_budget"]
-    return exact + ("" if budget is None else f", N_K at most {budget:g}× the base model's MACs")
+    text = "exact" if settings["exact"] else "not exact (at most two copies)"
+    if settings["copy_fraction"] < 1:
+        text += f", copies for {settings['copy_fraction']:g} of each group's channels"
+    if settings["mac_budget"] is not None:
+        text += f", N_K at most {settings['mac_budget']:g}× the base model's MACs"
+    return text
 
 
 def _nest(source: nn.Module, settings: dict, select: str, calib: Tensor, create_kwargs: dict):
@@ -303,8 +308,8 @@ def _nest(source: nn.Module, settings: dict, select: str, calib: Tensor, create_
     from rdn.surgery import nest
 
     return nest(source, k=settings["k"], mode="expand", select=select, calib=calib, seed=settings["seed"],
-                exact=settings["exact"], mac_budget=settings["mac_budget"], depth_split=settings["depth_split"],
-                base=create_kwargs)  # fmt: skip
+                exact=settings["exact"], copy_fraction=settings["copy_fraction"], mac_budget=settings["mac_budget"],
+                depth_split=settings["depth_split"], base=create_kwargs)  # fmt: skip
 
 
 def _plot_tradeoff(path: Path, evaluation: dict, title: str) -> None:

@@ -27,9 +27,10 @@ def test_presets_and_overrides():
     assert default["dataset"] == "fashion_mnist" and default["base_epochs"] == 3 and default["k"] == 3
     assert default["finetune_epochs"] == pipeline.PRESETS["default"]["finetune_epochs"]
     assert pipeline._settings(parse("--out", "x", "--quick", "--dataset", "mnist-5k"))["dataset"] == "mnist5k"
-    assert default["exact"] and default["mac_budget"] is None
-    budget = pipeline._settings(parse("--out", "x", "--no-exact", "--mac-budget", "1.15"))
-    assert not budget["exact"] and budget["mac_budget"] == 1.15
+    assert default["exact"] and default["mac_budget"] is None and default["copy_fraction"] == 1
+    budget = pipeline._settings(parse("--out", "x", "--no-exact", "--mac-budget", "1.15", "--copy-fraction", "0.5"))
+    assert not budget["exact"] and budget["mac_budget"] == 1.15 and budget["copy_fraction"] == 0.5
+    assert "copies for 0.5 of each" in pipeline._surgery_summary(budget)
     assert "at most 1.15× the base" in pipeline._surgery_summary(budget)
     with pytest.raises(SystemExit):
         parse("--out", "x", "--dataset", "imagenet")
@@ -60,7 +61,7 @@ def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
     pipeline._check_resumable(tmp_path, dict(settings, repeats=7))  # timing repeats do not change results
     with pytest.raises(ValueError, match="base_epochs"):
         pipeline._check_resumable(tmp_path, dict(settings, base_epochs=5))
-    older = {key: value for key, value in settings.items() if key not in ("exact", "mac_budget")}
+    older = {key: value for key, value in settings.items() if key not in ("exact", "copy_fraction", "mac_budget")}
     (tmp_path / "settings.json").write_text(json.dumps(older))  # written before those settings existed
     pipeline._check_resumable(tmp_path, settings)
     with pytest.raises(ValueError, match="mac_budget"):

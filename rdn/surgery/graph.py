@@ -124,6 +124,7 @@ class SurgeryGraph:
             (the first n nestable layers) or None (the layers at output stride <= 4).
         k, mode, exact: the surgery settings (see :func:`rdn.surgery.nest`).
         depth_split: qualified name of the module after which the shallow exits branch off.
+        copy_fraction: share of every primary group's units that get copies (:func:`rdn.surgery.nest`).
     """
 
     def __init__(
@@ -135,8 +136,9 @@ class SurgeryGraph:
         mode: str,
         exact: bool,
         depth_split: str | None = None,
+        copy_fraction: float = 1.0,
     ):
-        self.k, self.mode, self.exact = k, mode, exact
+        self.k, self.mode, self.exact, self.copy_fraction = k, mode, exact, copy_fraction
         self.num_groups = num_groups_for(k, mode)
         self.graph_module = trace(model)
         self.modules = dict(self.graph_module.named_modules())
@@ -477,12 +479,22 @@ class SurgeryGraph:
         """Units per primary group: near-equal, the remainder to the first groups (``split_channels``)."""
         return split_channels(self.unit_counts[layout], self.k)
 
+    def copied_sizes(self, layout: str) -> tuple[int, ...] | None:
+        """Units per primary group that get copies: ``copy_fraction`` of each, rounded; None: all."""
+        if self.copy_fraction >= 1:
+            return None
+        return tuple(round(self.copy_fraction * size) for size in self.primary_sizes(layout))
+
     def _resolve_rungs(self) -> dict[str, tuple[tuple[int, ...], ...]]:
         """Copies of every layout: the rungs some writer's input needs (fixed point)."""
         rungs = {layout: [{g} for g in range(self.k)] for layout in self.layouts}
 
         def occupied(space: str) -> set[int]:
-            return {0} if space in self.pinned else set().union(*rungs[self.layout_of(space)])
+            if space in self.pinned:
+                return {0}
+            layout = self.layout_of(space)
+            copied = self.copied_sizes(layout) or self.primary_sizes(layout)
+            return set(range(self.k)).union(*(r for g, r in enumerate(rungs[layout]) if copied[g]))
 
         changed = True
         while changed:
@@ -515,4 +527,5 @@ class SurgeryGraph:
             order,
             self.primary_sizes(layout),
             self.rungs[layout],
+            self.copied_sizes(layout),
         )

@@ -21,7 +21,7 @@ COPIES = ("sum", "latest")
 SELECTIONS = ("greedy", "random")
 CONFIG_VERSION = 1
 # Keys added to version 1 after it was first written: configs without them mean these values.
-CONFIG_DEFAULTS = {"mac_budget": None, "pruned_blocks": {}}
+CONFIG_DEFAULTS = {"mac_budget": None, "pruned_blocks": {}, "copy_fraction": 1.0}
 
 
 @contextlib.contextmanager
@@ -102,6 +102,19 @@ def _check_mac_budget(mac_budget, mode: str) -> None:
         raise ValueError(f"mac_budget drops blocks of the groups expand mode adds; mode={mode!r} has none")
 
 
+def _check_copy_fraction(copy_fraction, mode: str, exact: bool) -> None:
+    if isinstance(copy_fraction, bool) or not isinstance(copy_fraction, (int, float)):
+        raise TypeError(f"copy_fraction must be a number in [0, 1], got {copy_fraction!r}")
+    if not 0 <= copy_fraction <= 1:
+        raise ValueError(f"copy_fraction (share of each group's channels that get copies) must be in [0, 1], "
+                         f"got {copy_fraction}")  # fmt: skip
+    if copy_fraction < 1 and (mode != "expand" or exact):
+        raise ValueError(
+            f"copy_fraction < 1 drops the connections of the channels without copies: it needs mode='expand' and "
+            f"exact=False, got mode={mode!r}, exact={exact}"
+        )
+
+
 def _check_settings(k, mode, select, exact, seed, copies) -> None:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int >= 1, got {k!r}")
@@ -130,6 +143,7 @@ def nest(
     seed: int = 0,
     exact: bool = True,
     copies: str = "latest",
+    copy_fraction: float = 1.0,
     mac_budget: float | None = None,
     base: dict | None = None,
 ) -> RussianDollNet:
@@ -160,6 +174,12 @@ def nest(
             inputs available at its group; with ``exact`` N_K is then exactly the base network,
             non-linearities included) or ``"sum"`` (partial sums that add up, the construction of
             DESIGN.md §4.2: exact only without non-linearities). See :mod:`rdn.surgery.spaces`.
+        copy_fraction: expand mode with ``exact=False`` only: the share of every primary group's
+            channel units that get a copy in an added group (rounded per group): those whose
+            value loses the most energy to the inputs their primary cannot see (greedy select) or
+            random ones (random select). The others keep only their primary, whose violating
+            connections are dropped as in truncate mode. Fewer copies mean fewer channels in
+            N_{k+1}..N_K: less work in every layer, not only the nested ones. 1: every channel.
         mac_budget: expand mode only: at most this many times the base model's MACs for N_K
             (e.g. 1.15). Blocks of the added groups that carry the least of their outputs' energy
             on ``calib`` are dropped until N_K fits (sparse group dependencies, paper eq. 1; see
@@ -171,6 +191,7 @@ def nest(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_settings(k, mode, select, exact, seed, copies)
     _check_mac_budget(mac_budget, mode)
+    _check_copy_fraction(copy_fraction, mode, exact)
     if calib is None:
         raise ValueError("calib is required: a calibration tensor (N, C, H, W) or DataLoader")
     if base is not None and not isinstance(base, dict):
@@ -179,7 +200,7 @@ def nest(
     skip = _check_skip(model, skip)
     depth_split = _check_depth_split(model, depth_split)
     with _eval_mode(model), torch.no_grad():
-        graph = SurgeryGraph(model, batch[:1], skip, k, mode, exact, depth_split)
+        graph = SurgeryGraph(model, batch[:1], skip, k, mode, exact, depth_split, copy_fraction)
         orders = select_orders(graph, batch, select, seed)
     config = {
         "version": CONFIG_VERSION,
@@ -194,6 +215,7 @@ def nest(
         "orders": {space: list(order) for space, order in orders.items()},
         "depth_split": depth_split,
         "base": base,
+        "copy_fraction": copy_fraction,
         "mac_budget": mac_budget,
         "pruned_blocks": {},
     }
@@ -237,6 +259,7 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
         config.get("seed", 0),
         config["copies"],
     )
+    _check_copy_fraction(config.get("copy_fraction", 1.0), config["mode"], config["exact"])
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = torch.zeros((1, *config["input_shape"]), dtype=dtype, device=device)
@@ -249,6 +272,7 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
             config["mode"],
             config["exact"],
             config.get("depth_split"),
+            config.get("copy_fraction", 1.0),
         )
     expected = set(definers(graph).values())
     mismatched = set(config["orders"]) != expected or any(

@@ -63,13 +63,17 @@ def invisible_energy(layer: nn.Module, x: Tensor, invisible: Tensor) -> Tensor:
     return contribution.double().pow(2).sum(dims)
 
 
-def greedy_order(layer: nn.Module, x: Tensor, input_groups: Tensor, unit: int, sizes: tuple[int, ...]) -> list[int]:
+def greedy_order(
+    layer: nn.Module, x: Tensor, input_groups: Tensor, unit: int, sizes: tuple[int, ...], copies_first: bool = False
+) -> list[int]:
     """Paper Algorithm 1 over units: for g = 0..k-2 take the ``sizes[g]`` remaining units whose
     outputs get the least energy from the inputs N_{g+1} cannot see (input primary group > g).
 
     Args:
         input_groups: (c,) long, the primary group of every original input channel.
         unit: output channels per unit; sizes: units per primary group.
+        copies_first: within each group, put the units that lose the most energy first (when only
+            some units get copies, ``ChannelSpace.copied``, those are the ones that do).
     Returns the unit order (ties keep the original order).
     """
     remaining = torch.arange(sum(sizes))
@@ -81,6 +85,8 @@ def greedy_order(layer: nn.Module, x: Tensor, input_groups: Tensor, unit: int, s
         else:
             score = torch.zeros(len(remaining), dtype=torch.float64)
         picked = torch.argsort(score, stable=True)[:size]
+        if copies_first:
+            picked = picked[torch.argsort(score[picked], descending=True, stable=True)]
         order += remaining[picked].tolist()
         keep = torch.ones(len(remaining), dtype=torch.bool)
         keep[picked] = False
@@ -117,6 +123,7 @@ def select_orders(graph: SurgeryGraph, calib: Tensor, select: str, seed: int) ->
                     input_space.primary_group_of_channel.to(args[0].device),
                     graph.units[graph.space_of(node.name)],
                     graph.primary_sizes(layout),
+                    copies_first=graph.copy_fraction < 1,
                 )
             return super().run_node(node)
 

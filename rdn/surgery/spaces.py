@@ -85,6 +85,8 @@ class ChannelSpace:
         order: unit indices in nesting order; the first ``primary_sizes[0]`` form primary group 0, ...
         primary_sizes: units per primary group.
         rungs: per primary group, the increasing groups that hold its copies (``rungs[g][0] == g``).
+        copied: per primary group, how many of its units (the first ones in ``order``) have the
+            copies of ``rungs[g][1:]``; the others only their primary. ``None``: all of them.
     """
 
     num_groups: int
@@ -93,6 +95,7 @@ class ChannelSpace:
     order: tuple[int, ...]
     primary_sizes: tuple[int, ...]
     rungs: tuple[tuple[int, ...], ...]
+    copied: tuple[int, ...] | None = None
 
     @classmethod
     def single_group(cls, channels: int, num_groups: int) -> ChannelSpace:
@@ -108,13 +111,17 @@ class ChannelSpace:
         starts = (0, *accumulate(self.primary_sizes))
         source, group, rung, previous, following = [], [], [], [], []
         splits = []
+        copied = self.primary_sizes if self.copied is None else self.copied
         for q in range(self.num_groups):
             size = 0
-            for g, rungs in enumerate(self.rungs):
-                if q not in rungs:
+            for g, all_rungs in enumerate(self.rungs):
+                if q not in all_rungs:
                     continue
-                r = rungs.index(q)
-                for unit in self.order[starts[g] : starts[g + 1]]:
+                r = all_rungs.index(q)
+                for position, unit in enumerate(self.order[starts[g] : starts[g + 1]]):
+                    rungs = all_rungs if position < copied[g] else all_rungs[:1]
+                    if q not in rungs:
+                        continue
                     channels = range(unit * self.unit, (unit + 1) * self.unit)
                     source.extend(channels)
                     group.extend([q] * self.unit)
@@ -177,13 +184,14 @@ class ChannelSpace:
 
     def derived(self, channels: int, unit: int) -> ChannelSpace:
         """The same units, groups and copies over another tensor (a grouped conv's output)."""
-        return ChannelSpace(self.num_groups, channels, unit, self.order, self.primary_sizes, self.rungs)
+        return ChannelSpace(self.num_groups, channels, unit, self.order, self.primary_sizes, self.rungs, self.copied)
 
     def to_config(self) -> dict:
         return {
             "order": list(self.order),
             "primary_sizes": list(self.primary_sizes),
             "rungs": [list(r) for r in self.rungs],
+            "copied": None if self.copied is None else list(self.copied),
         }
 
 
