@@ -41,6 +41,11 @@ Ladders by mode (0-based groups, k primary groups):
   are themselves late copies), so every connection is kept. A rung is only created when some
   input group needs it (see :mod:`rdn.surgery.graph`).
 
+Partial copies (``nest(..., copy_fraction=f)``, expand without ``exact``): only the first
+``copied[g]`` units of primary group g (in ``order``; the selection puts the units that lose the
+most energy to the nesting first) have the later rungs; the others keep only their primary, whose
+connections from later input groups are dropped as in truncate mode.
+
 A space with every channel in group 0 (``single_group``) is an un-nested tensor: the stem and the
 skipped blocks; N_1 already computes all of it.
 """
