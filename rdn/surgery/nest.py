@@ -243,6 +243,7 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
         raise ValueError(f"config misses the keys {sorted(missing)}; pass RussianDollNet.rdn_config")
     if config["version"] != CONFIG_VERSION:
         raise ValueError(f"config version {config['version']} is not supported (expected {CONFIG_VERSION})")
+    config = with_config_defaults(config)
     if model is None:
         if not config.get("base"):
             raise ValueError(
@@ -259,7 +260,7 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
         config.get("seed", 0),
         config["copies"],
     )
-    _check_copy_fraction(config.get("copy_fraction", 1.0), config["mode"], config["exact"])
+    _check_copy_fraction(config["copy_fraction"], config["mode"], config["exact"])
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = torch.zeros((1, *config["input_shape"]), dtype=dtype, device=device)
@@ -272,7 +273,7 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
             config["mode"],
             config["exact"],
             config.get("depth_split"),
-            config.get("copy_fraction", 1.0),
+            config["copy_fraction"],
         )
     expected = set(definers(graph).values())
     mismatched = set(config["orders"]) != expected or any(
@@ -285,5 +286,5 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
             "the model's architecture differs from the one the config was made from"
         )
     net = RussianDollNet(graph, config["orders"], config)
-    apply_pruned_blocks(net, config.get("pruned_blocks") or {})
+    apply_pruned_blocks(net, config["pruned_blocks"])
     return net
