@@ -368,9 +368,10 @@ class RussianDollNet(nn.Module):
     def _channels(self, step: _Step, start: int, stop: int, fetch) -> Tensor:
         """Channels ``start:stop`` of a grouped / channel-param / channel-wise step; ``fetch`` gives
         its channel inputs already cut to the matching channels."""
-        if step.role == "grouped":
+        whole = start == 0 and stop == len(step.space)  # the layer as it is: no sliced parameters
+        if step.role == "grouped" and not whole:
             return grouped_conv_channels(self.layers[step.name], fetch(step.node.all_input_nodes[0]), start, stop)
-        if step.role == "channel_params":
+        if step.role == "channel_params" and not whole:
             return self._call(step, fetch, module=channel_view(self.layers[step.name], slice(start, stop)))
         return self._call(step, fetch)
 
@@ -456,10 +457,14 @@ class RussianDollNet(nn.Module):
                 values.pop(name, None)
 
     def _prefix(self, values: dict[str, Any], name: str, hi: int):
-        """The first ``hi`` groups of value ``name`` (as it is if it has no channel space)."""
+        """The first ``hi`` groups of value ``name`` (as it is if it has no channel space or no more
+        channels: a view would turn a later in-place op, such as ``ReLU(inplace=True)``, into a
+        view-rebase whose backward copies the whole tensor)."""
         value = values[name]
         space = self._by_name[name].space
-        return value[:, : space.offsets[hi]] if space is not None else value
+        if space is None or value.shape[1] == space.offsets[hi]:
+            return value
+        return value[:, : space.offsets[hi]]
 
     def _space_of(self, name: str) -> ChannelSpace:
         return self._by_name[name].space
