@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 
@@ -446,3 +447,20 @@ def test_shared_weights_are_refused(images):
 
     with pytest.raises(ValueError, match="'conv' is called twice"):
         nest(Twice(), k=2, calib=images, skip=0)
+
+
+def test_one_pass_keeps_in_place_activations_off_views(images):
+    """Full-width values are used as they are: an in-place ReLU on a slice view would make autograd
+    rebase the view (CopySlices + AsStridedBackward, a whole-tensor copy per layer in the backward)."""
+    rdn = nested_toy(functools.partial(nn.ReLU, inplace=True)).train()
+    logits = rdn(images)
+    kinds, stack, seen = set(), [sum(out.sum() for out in logits).grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kinds.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    assert "ReluBackward0" in kinds or "ThresholdBackward0" in kinds
+    assert not kinds & {"CopySlices", "AsStridedBackward0"}, kinds
