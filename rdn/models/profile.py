@@ -12,7 +12,9 @@ convention of the papers whose numbers we compare against:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +59,24 @@ _COUNTED = (nn.Conv2d, nn.Linear, NestedConv2d, NestedLinear)
 
 
 @torch.no_grad()
+def run_with_forward_hooks(
+    model: nn.Module, input: Tensor, hooks: Iterable[tuple[nn.Module, Callable]], with_kwargs: bool = False
+) -> Any:
+    """``model(input)`` once in eval mode with forward ``hooks`` ((module, hook) pairs) registered.
+
+    The hooks are removed and the model is put back in the mode it was in afterwards, even on error.
+    """
+    handles = [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook in hooks]
+    was_training = model.training
+    try:
+        model.eval()
+        return model(input)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
 def profile_model(model: nn.Module, input: Tensor | tuple[int, ...] = (1, 3, 224, 224)) -> ModelProfile:
     """Run ``model`` once on ``input`` (a tensor, or a shape filled with zeros) and count MACs.
 
@@ -70,7 +90,6 @@ def profile_model(model: nn.Module, input: Tensor | tuple[int, ...] = (1, 3, 224
             dtype=parameter.dtype if parameter is not None else None,
         )
     layer_macs: dict[str, int] = {}
-    handles = []
 
     def record(name: str):
         def hook(module, args, kwargs, output):
@@ -78,15 +97,6 @@ def profile_model(model: nn.Module, input: Tensor | tuple[int, ...] = (1, 3, 224
 
         return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, _COUNTED):
-            handles.append(module.register_forward_hook(record(name), with_kwargs=True))
-    was_training = model.training
-    try:
-        model.eval()
-        model(input)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    hooks = [(module, record(name)) for name, module in model.named_modules() if isinstance(module, _COUNTED)]
+    run_with_forward_hooks(model, input, hooks, with_kwargs=True)
     return ModelProfile(macs=sum(layer_macs.values()), params=count_params(model), layer_macs=layer_macs)

@@ -28,10 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rdn.models.profile import run_with_forward_hooks
 from rdn.nn import NestedConv2d, NestedLinear
 from rdn.surgery.network import RussianDollNet
 
 __all__ = ["prune_blocks", "apply_pruned_blocks"]
+
+_NESTED = (NestedConv2d, NestedLinear)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,6 @@ def _block_energies(layer: NestedConv2d | NestedLinear, x: Tensor, rows: range) 
 def _candidates(net: RussianDollNet, calib: Tensor, first_group: int) -> list[_Block]:
     """Every block of an added group, scored on one N_K forward of ``calib``."""
     blocks: list[_Block] = []
-    handles = []
 
     def record(name: str):
         def hook(layer, args, output):
@@ -85,17 +87,8 @@ def _candidates(net: RussianDollNet, calib: Tensor, first_group: int) -> list[_B
 
         return hook
 
-    for name, layer in net.layers.items():
-        if isinstance(layer, (NestedConv2d, NestedLinear)):
-            handles.append(layer.register_forward_hook(record(name)))
-    was_training = net.training
-    try:
-        net.eval()
-        net(calib)
-    finally:
-        net.train(was_training)
-        for handle in handles:
-            handle.remove()
+    hooks = [(layer, record(name)) for name, layer in net.layers.items() if isinstance(layer, _NESTED)]
+    run_with_forward_hooks(net, calib, hooks)
     return blocks
 
 
@@ -159,7 +152,7 @@ def apply_pruned_blocks(net: RussianDollNet, pruned: dict[str, list[list[int]]])
     """Remove the blocks ``pruned`` ({layer: [[out_group, in_group], ...]}) from the nested layers' masks."""
     for name, dropped in pruned.items():
         layer = net.layers[name] if name in net.layers else None
-        if not isinstance(layer, (NestedConv2d, NestedLinear)):
+        if not isinstance(layer, _NESTED):
             raise ValueError(f"pruned_blocks names {name!r}, which is not a nested layer of this RDN")
         mask = [list(row) for row in layer.layout.mask]
         for out_group, in_group in dropped:

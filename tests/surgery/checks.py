@@ -20,3 +20,16 @@ def staged_states(rdn: RussianDollNet, images: torch.Tensor) -> Iterator[tuple[i
     for subnet in range(2, rdn.num_subnets + 1):
         state = rdn.step(state)
         yield subnet, state
+
+
+def assert_paths_agree(rdn: RussianDollNet, images: torch.Tensor, export: bool = False, tolerance: float = 1e-5):
+    """Every exit computed alone equals the one-pass output and the staged path (and its export)."""
+    with torch.no_grad():
+        one_pass = rdn(images)
+        for subnet, state in staged_states(rdn, images):
+            alone = rdn(images, subnet=subnet)
+            torch.testing.assert_close(one_pass[subnet - 1], alone, atol=tolerance, rtol=tolerance)
+            torch.testing.assert_close(state.logits, alone, atol=tolerance, rtol=tolerance)
+            if export:
+                exported = rdn.export(subnet).eval()
+                torch.testing.assert_close(exported(images), alone, atol=tolerance, rtol=tolerance)

@@ -10,7 +10,7 @@ from torch import nn
 
 from rdn.surgery import RussianDollNet
 from rdn.surgery.select import invisible_energy
-from tests.surgery.checks import staged_states
+from tests.surgery.checks import assert_paths_agree
 from tests.surgery.test_nest import _perturb_later_groups, nested_toy
 from tests.surgery.toys import toy
 
@@ -40,14 +40,7 @@ def test_fewer_copies_fewer_channels_and_the_properties_hold(images, fraction, s
         assert space.splits[:K_PRIMARY] == full_space.splits[:K_PRIMARY]
     macs = [net.macs(net.num_subnets) for net in (truncated, partial, full)]
     assert macs[0] <= macs[1] <= macs[2] and (fraction == 0 or macs[1] < macs[2])
-    with torch.no_grad():
-        one_pass = partial(images)
-        for s, state in staged_states(partial, images):
-            alone = partial(images, subnet=s)
-            torch.testing.assert_close(one_pass[s - 1], alone, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(state.logits, alone, atol=1e-5, rtol=1e-5)
-            exported = partial.export(s).eval()
-            torch.testing.assert_close(exported(images), alone, atol=1e-5, rtol=1e-5)
+    assert_paths_agree(partial, images, export=True)
 
 
 def test_later_groups_never_change_earlier_subnets(images):
