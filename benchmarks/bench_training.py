@@ -1,6 +1,7 @@
 """Training cost of an RDN: one joint pass for all K exits against the base model and K separate passes.
 
     python -m benchmarks.bench_training [--device cpu|cuda] [--width-mult 0.5] [--k 4] [--batch 64]
+                                        [--mac-budget 1.15] [--copy-fraction 0.25]
                                         [--quick] [--out benchmarks/results]
     python -m benchmarks.bench_training --report-runs runs/base runs/rdn runs/ft --name NAME
 
