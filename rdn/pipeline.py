@@ -304,7 +304,7 @@ def _surgery_summary(settings: dict) -> str:
 
 
 def _nest(source: nn.Module, settings: dict, select: str, calib: Tensor, create_kwargs: dict):
-    """Expand-mode surgery with the run's settings (k, exactness, MAC budget, depth split)."""
+    """Expand-mode surgery with the run's settings (k, exactness, copy fraction, MAC budget, depth split)."""
     from rdn.surgery import nest
 
     return nest(source, k=settings["k"], mode="expand", select=select, calib=calib, seed=settings["seed"],

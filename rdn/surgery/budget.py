@@ -48,7 +48,6 @@ class _Block:
 
 def _block_energies(layer: NestedConv2d | NestedLinear, x: Tensor, rows: range) -> dict[tuple[int, int], float]:
     """Σ over batch and pixels of (W_ji ⊗ X_i)² for every block (j, i) of the mask with j in ``rows``."""
-    weight = layer._masked_weight()
     energies = {}
     for j in rows:
         out_slice = slice(layer.layout.out_offsets[j], layer.layout.out_offsets[j + 1])
@@ -56,7 +55,7 @@ def _block_energies(layer: NestedConv2d | NestedLinear, x: Tensor, rows: range) 
             if not layer.layout.mask[j][i]:
                 continue
             in_slice = slice(layer.layout.in_offsets[i], layer.layout.in_offsets[i + 1])
-            block_weight = weight[out_slice, in_slice]
+            block_weight = layer.weight[out_slice, in_slice]  # a block of the mask: its stored weights
             x_i = x[:, in_slice]
             if isinstance(layer, NestedConv2d):
                 y = F.conv2d(x_i, block_weight, None, layer.stride, layer.padding, layer.dilation)
