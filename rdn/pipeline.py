@@ -81,10 +81,10 @@ _DATASET_NAMES = {"fashion-mnist": "fashion_mnist", "fashion_mnist": "fashion_mn
 _RESULT_SETTINGS = ("dataset", "model", "width_mult", "k", "seed", "base_epochs", "finetune_epochs",
                     "steps_per_epoch", "batch_size", "bn_momentum", "monitor_samples", "policy_samples",
                     "policy_epochs", "policy_hidden", "calib_samples", "all_exits", "depth_split", "exact",
-                    "copy_fraction", "mac_budget")  # fmt: skip
+                    "copy_fraction", "mac_budget", "finetune_lr")  # fmt: skip
 
 # Settings added after run folders were first written: a folder without them ran with these values.
-_SETTINGS_ADDED_LATER = {"exact": True, "copy_fraction": 1.0, "mac_budget": None}
+_SETTINGS_ADDED_LATER = {"exact": True, "copy_fraction": 1.0, "mac_budget": None, "finetune_lr": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=None, help="joint fine-tuning epochs")
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="cap on optimisation steps per epoch")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    parser.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
+                        help="peak learning rate of the joint fine-tuning from the pretrained base (default: the "
+                             "pretraining's, 0.1 x batch-size / 256; the paper's scaling is 0.1 x batch-size / 1024)")
     parser.add_argument("--policy-samples", type=int, default=None, help="training samples the policy learns from")
     parser.add_argument("--policy-epochs", type=int, default=None, help="policy training epochs")
     parser.add_argument("--policy-hidden", type=int, default=None, help="width of the policy MLP's hidden layers")
@@ -194,6 +197,7 @@ def _settings(args: argparse.Namespace) -> dict:
     preset.update(model=args.model, k=args.k, seed=args.seed, epsilons=args.epsilons, quick=args.quick,
                   all_exits=args.all_exits, ablations=args.ablations, depth_split=args.depth_split,
                   exact=args.exact, copy_fraction=args.copy_fraction, mac_budget=args.mac_budget,
+                  finetune_lr=args.finetune_lr,
                   bench_device=args.bench_device, bench_threads=args.bench_threads)
     return preset
 
@@ -241,7 +245,7 @@ def _batches(dataset, spec, batch_size: int, device: torch.device, limit: int | 
 
 
 def _train(model: nn.Module, data, settings: dict, epochs: int, folder: Path, model_config: dict, progress: bool,
-           exits: str = "all"):
+           exits: str = "all", lr: float | None = None):
     """Train with :func:`rdn.train.fit` (resuming its checkpoint), mark it done with the last epoch's
     accuracy of the EMA weights (what is used from here on) on the monitored test samples, return
     the EMA model.
@@ -257,7 +261,7 @@ def _train(model: nn.Module, data, settings: dict, epochs: int, folder: Path, mo
     monitored = data.test.subset(order[: settings["monitor_samples"]].sort().values)
     config = TrainConfig(epochs=epochs, batch_size=settings["batch_size"], steps_per_epoch=settings["steps_per_epoch"],
                          bn_momentum=settings["bn_momentum"], seed=settings["seed"], progress=progress,
-                         exits=exits)  # fmt: skip
+                         exits=exits, lr=lr)  # fmt: skip
     splits = DataSplits(data.train, data.calib, monitored, data.spec)
     row = fit(model, splits, config, out=folder, model_config=model_config, resume=True).history[-1]
     exits = sum(key.startswith("ema_test_top1_") for key in row)
@@ -301,6 +305,11 @@ def _surgery_summary(settings: dict) -> str:
     if settings["mac_budget"] is not None:
         text += f", N_K at most {settings['mac_budget']:g}× the base model's MACs"
     return text
+
+
+def _finetune_lr_summary(settings: dict) -> str:
+    lr = settings["finetune_lr"]
+    return "" if lr is None else f" at peak learning rate {lr:g}"
 
 
 def _nest(source: nn.Module, settings: dict, select: str, calib: Tensor, create_kwargs: dict):
@@ -464,7 +473,8 @@ def _run_ablations(out: Path, base: nn.Module, data, settings: dict, create_kwar
             source = copy.deepcopy(base).cpu() if pretrained else create(**create_kwargs)
             net = _nest(source.eval(), settings, select, calib, create_kwargs)
             epochs = settings["finetune_epochs"] + (0 if pretrained else settings["base_epochs"])
-            net = _train(net, data, settings, epochs, folder, model_config_of(net), progress, exits)
+            lr = settings["finetune_lr"] if pretrained else None  # from scratch: the pretraining's rate
+            net = _train(net, data, settings, epochs, folder, model_config_of(net), progress, exits, lr)
             test = collect_exit_outputs(net.to(device).eval(), _batches(data.test, data.spec, 256, device),
                                         progress=progress)  # fmt: skip
             _write_json(folder / "test.json", {
@@ -514,7 +524,8 @@ def _report(out: Path, settings: dict, evaluation: dict, calibration: dict, orde
         f"Data: {data_summary}. Trained and evaluated on {evaluation['device']}; timed on "
         f"{evaluation['bench_device']} ({evaluation['cpu']}, {evaluation['threads']} torch threads). "
         f"Preset: {'quick' if settings['quick'] else 'default'}; base {settings['base_epochs']} epoch(s), fine-tuning "
-        f"{settings['finetune_epochs']} epoch(s), at most {settings['steps_per_epoch']} steps of "
+        f"{settings['finetune_epochs']} epoch(s){_finetune_lr_summary(settings)}, at most "
+        f"{settings['steps_per_epoch']} steps of "
         f"{settings['batch_size']} images per epoch. Surgery: expand, greedy, {_surgery_summary(settings)}.",
         "",
         "## Table 1 (form of the paper's Table 1)",
@@ -659,7 +670,8 @@ def main(args: argparse.Namespace) -> None:
 
     if steps.begin("fine-tune every exit jointly", out / "finetune" / "result.json"):
         net = load_model(nested_path, use_ema=False).train()
-        net = _train(net, data, settings, settings["finetune_epochs"], out / "finetune", model_config_of(net), progress)
+        net = _train(net, data, settings, settings["finetune_epochs"], out / "finetune", model_config_of(net), progress,
+                     lr=settings["finetune_lr"])
     net = load_model(out / "finetune" / "checkpoint.pt", use_ema=True).to(device).eval()
     base = base.to(device).eval()
     assert isinstance(net, RussianDollNet)

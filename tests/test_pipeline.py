@@ -28,6 +28,9 @@ def test_presets_and_overrides():
     assert default["finetune_epochs"] == pipeline.PRESETS["default"]["finetune_epochs"]
     assert pipeline._settings(parse("--out", "x", "--quick", "--dataset", "mnist-5k"))["dataset"] == "mnist5k"
     assert default["exact"] and default["mac_budget"] is None and default["copy_fraction"] == 1
+    assert default["finetune_lr"] is None and pipeline._finetune_lr_summary(default) == ""
+    tuned = pipeline._settings(parse("--out", "x", "--finetune-lr", "0.0125"))
+    assert tuned["finetune_lr"] == 0.0125 and "learning rate 0.0125" in pipeline._finetune_lr_summary(tuned)
     budget = pipeline._settings(parse("--out", "x", "--no-exact", "--mac-budget", "1.15", "--copy-fraction", "0.5"))
     assert not budget["exact"] and budget["mac_budget"] == 1.15 and budget["copy_fraction"] == 0.5
     assert "copies for 0.5 of each" in pipeline._surgery_summary(budget)
@@ -61,11 +64,13 @@ def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
     pipeline._check_resumable(tmp_path, dict(settings, repeats=7))  # timing repeats do not change results
     with pytest.raises(ValueError, match="base_epochs"):
         pipeline._check_resumable(tmp_path, dict(settings, base_epochs=5))
-    older = {key: value for key, value in settings.items() if key not in ("exact", "copy_fraction", "mac_budget")}
+    older = {key: value for key, value in settings.items() if key not in pipeline._SETTINGS_ADDED_LATER}
     (tmp_path / "settings.json").write_text(json.dumps(older))  # written before those settings existed
     pipeline._check_resumable(tmp_path, settings)
     with pytest.raises(ValueError, match="mac_budget"):
         pipeline._check_resumable(tmp_path, dict(settings, mac_budget=1.15))
+    with pytest.raises(ValueError, match="finetune_lr"):
+        pipeline._check_resumable(tmp_path, dict(settings, finetune_lr=0.01))
 
 
 def test_atomic_outputs(tmp_path):
@@ -83,10 +88,21 @@ def test_atomic_outputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys):
+def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    import rdn.train
+
+    # Which peak learning rate each training ran with, by run sub-folder.
+    peak_lrs, fit = {}, rdn.train.fit
+
+    def recording_fit(model, splits, config, out, **kwargs):
+        peak_lrs[out.name] = config.peak_lr
+        return fit(model, splits, config, out=out, **kwargs)
+
+    monkeypatch.setattr(rdn.train, "fit", recording_fit)
     out = tmp_path / "run"
+    options = ("--out", str(out), "--quick", "--no-progress", "--finetune-lr", "0.02")
     started = time.perf_counter()
-    pipeline.main(parse("--out", str(out), "--quick", "--no-progress"))
+    pipeline.main(parse(*options))
     first = time.perf_counter() - started
     for name in ("settings.json", "base/result.json", "nested.pt", "finetune/result.json", "outputs/test.pt",
                  "order.json", "order.png", "policy.pt", "calibration.json", "evaluation.json", "report.md",
@@ -100,14 +116,14 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
 
     started = time.perf_counter()
-    pipeline.main(parse("--out", str(out), "--quick", "--no-progress"))
+    pipeline.main(parse(*options))
     again = time.perf_counter() - started
     log = capsys.readouterr().out
     assert log.count("done, skipped") == 7  # every step but the report
     assert again < first
 
     # --ablations on the finished run: only the ablations and the report run.
-    pipeline.main(parse("--out", str(out), "--quick", "--no-progress", "--ablations"))
+    pipeline.main(parse(*options, "--ablations"))
     log = capsys.readouterr().out
     assert log.count("done, skipped") == 7 and "[8/9] ablations" in log
     report = (out / "report.md").read_text()
@@ -116,6 +132,10 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys):
         assert len(result["top1"]) == 7 and all(0.0 <= top1 <= 1.0 for top1 in result["top1"])
         assert result["macs"] == pytest.approx([point["macs"] for point in evaluation["static"]])
         assert f"| {name}: " in report
+    # Pretraining and training from scratch keep the default rate (0.1 x 64 / 256); fine-tuning uses --finetune-lr.
+    assert peak_lrs == {"base": 0.025, "finetune": 0.02, "random_select": 0.02, "from_scratch": 0.025,
+                        "all_but_lightest": 0.02, "largest_only": 0.02}  # fmt: skip
+    assert "at peak learning rate 0.02" in report
 
 
 @pytest.mark.parametrize("depth_split", [None, 6])
