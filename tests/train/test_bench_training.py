@@ -12,15 +12,18 @@ from tests.train.helpers import tiny_rdn
 
 def test_training_cost_table(tmp_path):
     rows = run(torch.device("cpu"), width_mult=0.1, k=2, batch=8, timing=TIMING_PRESETS["tiny"], out=tmp_path,
-               mac_budget=1.05, copy_fraction=0.5)  # fmt: skip
-    assert [row["step"][:3] for row in rows] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(h)"]
+               mac_budget=1.05, copy_fractions=(0.25, 0.5))  # fmt: skip
+    assert [row["step"][:3] for row in rows] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(g)", "(h)"]
     macs = [row["forward_macs_per_image"] for row in rows]
     assert macs[2] > macs[1] == macs[3] >= macs[4]  # exact=False keeps fewer copies
     assert macs[5] <= 1.05 * macs[0] < macs[4]  # the budget bites
-    assert macs[7] < macs[6] < macs[4]  # fewer copies, fewer MACs; truncate: none
-    assert rows[7]["step"].endswith("2 exits in one pass")  # truncate: K = k
+    assert macs[8] < macs[6] < macs[7] < macs[4]  # fewer copies, fewer MACs; truncate: none
+    assert rows[8]["step"].endswith("2 exits in one pass")  # truncate: K = k
     text = (tmp_path / "training_cost_cpu.md").read_text()
-    assert "(c) / (b) ≥ K/2 = 1.5" in text and "(f) ≤ 1.2 × (a)" in text and "| torch |" in text
+    assert "(c) / (b) ≥ K/2 = 1.5" in text and "| torch |" in text
+    for surgery in ("(f) exact=False, mac_budget=1.05", "(g) exact=False, copy_fraction=0.25",
+                    "(g) exact=False, copy_fraction=0.5", "(h) truncate (no copies)"):  # fmt: skip
+        assert f"| {surgery} ≤ 1.2 × (a) |" in text
     assert (tmp_path / "training_cost_cpu.csv").read_text().startswith("step,median_ms")
 
 
