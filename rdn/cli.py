@@ -143,6 +143,9 @@ def build_parser(with_pipeline: bool = False) -> argparse.ArgumentParser:
     nest.add_argument("--mac-budget", type=float, default=None, metavar="RATIO",
                       help="expand: drop blocks of the added groups until N_K does at most RATIO x the base model's "
                            "MACs (e.g. 1.15 with --no-exact; rdn.surgery.budget)")
+    nest.add_argument("--compensate", action="store_true",
+                      help="refit the copies that miss inputs (dropped or pruned connections) by least squares on "
+                           "the calibration images, layer by layer (rdn.surgery.compensate)")
     nest.add_argument("--calib-samples", type=int, default=256,
                       help="calibration images used by the greedy selection")
     nest.add_argument("--no-ema", action="store_true", help="nest the raw weights, not the EMA weights")
@@ -333,13 +336,14 @@ def _cmd_nest(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     rdn = nest(base, k=args.k, mode=args.mode, select=args.select, calib=_calibration_batch(data, args.calib_samples),
                seed=args.seed, copies=args.copies, exact=args.exact, copy_fraction=args.copy_fraction,
-               mac_budget=args.mac_budget, base=kwargs)  # fmt: skip
+               mac_budget=args.mac_budget, compensate=args.compensate, base=kwargs)  # fmt: skip
     nest_s = time.perf_counter() - started
     out = Path(args.out)
     save_checkpoint(out / "checkpoint.pt", {"model_config": {"kind": "rdn", "rdn_config": rdn.rdn_config},
                                             "model": rdn.state_dict(), "ema": None, "step": 0, "epoch": 0})  # fmt: skip
     summary = {"command": "nest", "from": origin, "k": args.k, "mode": args.mode, "select": args.select,
                "exact": args.exact, "copy_fraction": args.copy_fraction, "mac_budget": args.mac_budget,
+               "compensate": args.compensate,
                "num_subnets": rdn.num_subnets, "nest_s": round(nest_s, 2), "exits": _costs(rdn, data.spec),
                "base": _costs(base, data.spec)[0]}  # fmt: skip
     if not args.no_eval:

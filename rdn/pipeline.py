@@ -81,10 +81,11 @@ _DATASET_NAMES = {"fashion-mnist": "fashion_mnist", "fashion_mnist": "fashion_mn
 _RESULT_SETTINGS = ("dataset", "model", "width_mult", "k", "seed", "base_epochs", "finetune_epochs",
                     "steps_per_epoch", "batch_size", "bn_momentum", "monitor_samples", "policy_samples",
                     "policy_epochs", "policy_hidden", "calib_samples", "all_exits", "depth_split", "exact",
-                    "copy_fraction", "mac_budget", "finetune_lr")  # fmt: skip
+                    "copy_fraction", "mac_budget", "compensate", "finetune_lr")  # fmt: skip
 
 # Settings added after run folders were first written: a folder without them ran with these values.
-_SETTINGS_ADDED_LATER = {"exact": True, "copy_fraction": 1.0, "mac_budget": None, "finetune_lr": None}
+_SETTINGS_ADDED_LATER = {"exact": True, "copy_fraction": 1.0, "mac_budget": None, "compensate": False,
+                         "finetune_lr": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mac-budget", type=float, default=None, metavar="RATIO",
                         help="drop blocks of the added groups until N_K does at most RATIO x the base model's MACs "
                              "(e.g. 1.15 with --no-exact; see rdn.surgery.budget)")  # fmt: skip
+    parser.add_argument("--compensate", action="store_true",
+                        help="refit the copies that miss inputs (dropped or pruned connections) by least squares on "
+                             "the calibration images, layer by layer (rdn.surgery.compensate)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke preset: MNIST-5k, width 0.25, 1 short epoch per training (about 2 minutes)")
     parser.add_argument("--base-epochs", type=int, default=None, help="pretraining epochs")
@@ -197,7 +201,7 @@ def _settings(args: argparse.Namespace) -> dict:
     preset.update(model=args.model, k=args.k, seed=args.seed, epsilons=args.epsilons, quick=args.quick,
                   all_exits=args.all_exits, ablations=args.ablations, depth_split=args.depth_split,
                   exact=args.exact, copy_fraction=args.copy_fraction, mac_budget=args.mac_budget,
-                  finetune_lr=args.finetune_lr,
+                  compensate=args.compensate, finetune_lr=args.finetune_lr,
                   bench_device=args.bench_device, bench_threads=args.bench_threads)
     return preset
 
@@ -304,6 +308,8 @@ def _surgery_summary(settings: dict) -> str:
         text += f", copies for {settings['copy_fraction']:g} of each group's channels"
     if settings["mac_budget"] is not None:
         text += f", N_K at most {settings['mac_budget']:g}× the base model's MACs"
+    if settings["compensate"]:
+        text += ", incomplete copies refitted by least squares"
     return text
 
 
@@ -318,7 +324,7 @@ def _nest(source: nn.Module, settings: dict, select: str, calib: Tensor, create_
 
     return nest(source, k=settings["k"], mode="expand", select=select, calib=calib, seed=settings["seed"],
                 exact=settings["exact"], copy_fraction=settings["copy_fraction"], mac_budget=settings["mac_budget"],
-                depth_split=settings["depth_split"], base=create_kwargs)  # fmt: skip
+                compensate=settings["compensate"], depth_split=settings["depth_split"], base=create_kwargs)  # fmt: skip
 
 
 def _plot_tradeoff(path: Path, evaluation: dict, title: str) -> None:

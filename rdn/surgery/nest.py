@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from rdn.surgery.budget import apply_pruned_blocks, prune_blocks
+from rdn.surgery.compensate import compensate_dropped_connections
 from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.network import RussianDollNet
 from rdn.surgery.select import calibration_batch, definers, select_orders
@@ -21,7 +22,7 @@ COPIES = ("sum", "latest")
 SELECTIONS = ("greedy", "random")
 CONFIG_VERSION = 1
 # Keys added to version 1 after it was first written: configs without them mean these values.
-CONFIG_DEFAULTS = {"mac_budget": None, "pruned_blocks": {}, "copy_fraction": 1.0}
+CONFIG_DEFAULTS = {"mac_budget": None, "pruned_blocks": {}, "copy_fraction": 1.0, "compensate": False}
 
 
 @contextlib.contextmanager
@@ -145,6 +146,7 @@ def nest(
     copies: str = "latest",
     copy_fraction: float = 1.0,
     mac_budget: float | None = None,
+    compensate: bool = False,
     base: dict | None = None,
 ) -> RussianDollNet:
     """Turn a (pretrained) classifier into a Russian doll network.
@@ -184,6 +186,10 @@ def nest(
             (e.g. 1.15). Blocks of the added groups that carry the least of their outputs' energy
             on ``calib`` are dropped until N_K fits (sparse group dependencies, paper eq. 1; see
             :mod:`rdn.surgery.budget`); N_1..N_k are not touched. ``None``: keep every block.
+        compensate: refit, on ``calib``, every output copy that misses some input channel (dropped
+            or pruned connections) by least squares against the base layer's output, layer by
+            layer (:mod:`rdn.surgery.compensate`; ``copies="latest"`` only). Copies that read every
+            input keep the base weights (with ``exact`` N_K stays the base network).
         base: keyword arguments of ``rdn.models.create`` that rebuild ``model``'s architecture,
             stored in ``rdn_config`` so ``RussianDollNet.from_config`` needs no model.
     """
@@ -192,6 +198,10 @@ def nest(
     _check_settings(k, mode, select, exact, seed, copies)
     _check_mac_budget(mac_budget, mode)
     _check_copy_fraction(copy_fraction, mode, exact)
+    if not isinstance(compensate, bool):
+        raise TypeError(f"compensate must be a bool, got {compensate!r}")
+    if compensate and copies != "latest":
+        raise ValueError("compensate=True needs copies='latest' (every copy a whole value)")
     if calib is None:
         raise ValueError("calib is required: a calibration tensor (N, C, H, W) or DataLoader")
     if base is not None and not isinstance(base, dict):
@@ -218,6 +228,7 @@ def nest(
         "copy_fraction": copy_fraction,
         "mac_budget": mac_budget,
         "pruned_blocks": {},
+        "compensate": compensate,
     }
     net = RussianDollNet(graph, orders, config)
     if mac_budget is not None:
@@ -226,6 +237,8 @@ def nest(
         base_macs = profile_model(model, batch[:1]).macs
         with torch.no_grad():
             net.rdn_config["pruned_blocks"] = prune_blocks(net, batch, mac_budget, base_macs)
+    if compensate:  # after pruning: the refit knows every block that is gone
+        compensate_dropped_connections(net, model, batch, seed=seed)
     return net
 
 

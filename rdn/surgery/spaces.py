@@ -220,12 +220,7 @@ def nested_parameters(
         for ``"sum"``) and the (K, K) bool block mask of the blocks holding any connection.
     """
     w = weight.detach()[out_space.source][:, in_space.source]
-    in_group = in_space.group.to(w.device)[None, :]
-    out_group = out_space.group.to(w.device)[:, None]
-    if copies == "sum":
-        reads = (out_space.previous_rung_group.to(w.device)[:, None] < in_group) & (in_group <= out_group)
-    else:
-        reads = (in_group <= out_group) & (out_group < in_space.next_rung_group.to(w.device)[None, :])
+    reads = connections(in_space, out_space, copies).to(w.device)
     w = w * reads.view(*reads.shape, *(1,) * (w.dim() - 2)).to(w.dtype)
     num_groups = out_space.num_groups
     block_mask = torch.zeros(num_groups, num_groups, dtype=torch.bool)
@@ -234,6 +229,14 @@ def nested_parameters(
         for i in range(j + 1):
             block_mask[j, i] = bool(rows[:, in_space.offsets[i] : in_space.offsets[i + 1]].any())
     return w, offsets_on_copies(bias, out_space, copies), block_mask
+
+
+def connections(in_space: ChannelSpace, out_space: ChannelSpace, copies: str) -> Tensor:
+    """(len(out), len(in)) bool: which input copy each output copy reads (:func:`nested_parameters`)."""
+    in_group, out_group = in_space.group[None, :], out_space.group[:, None]
+    if copies == "sum":
+        return (out_space.previous_rung_group[:, None] < in_group) & (in_group <= out_group)
+    return (in_group <= out_group) & (out_group < in_space.next_rung_group[None, :])
 
 
 def offsets_on_copies(values: Tensor | None, space: ChannelSpace, copies: str) -> Tensor | None:

@@ -1,0 +1,105 @@
+"""``nest(..., compensate=True)``: least-squares refit of the copies that miss input connections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rdn.surgery import nest
+from rdn.surgery.compensate import compensate_dropped_connections
+from tests.surgery.checks import assert_paths_agree
+from tests.surgery.test_nest import _perturb_later_groups, nested_toy
+from tests.surgery.toys import toy
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(6, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+
+
+def _linear_stack() -> nn.Module:
+    """1-channel images → 1×1 stem (skipped) → two nested 1×1 convs with biases, no non-linearity:
+    every activation channel is an affine function of the image, so each one is an affine function
+    of any other (nonzero) one and the refit can reconstruct every dropped connection exactly."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 1), nn.Conv2d(6, 8, 1), nn.Conv2d(8, 6, 1), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(6, 5)).eval()  # fmt: skip
+
+
+def _feature_error(net, base, images, subnet: int) -> float:
+    """Relative error of exit ``subnet``'s logits against the base model's."""
+    with torch.no_grad():
+        reference = base(images)
+        return float((net(images, subnet=subnet) - reference).norm() / reference.norm())
+
+
+def test_dropped_connections_are_reconstructed_when_the_inputs_allow_it():
+    base = _linear_stack()
+    calib = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    test = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    plain = nest(base, k=2, mode="truncate", calib=calib, skip=["0"]).eval()
+    refitted = nest(base, k=2, mode="truncate", calib=calib, skip=["0"]).eval()
+    refitted_rows = compensate_dropped_connections(refitted, base, calib, shrinkage=1e-9)
+    assert refitted_rows > 0
+    # The exits' heads are not refitted; compare N_K's features through its (complete) head.
+    assert _feature_error(plain, base, test, 2) > 0.05
+    assert _feature_error(refitted, base, test, 2) < 1e-4
+    assert_paths_agree(refitted, test, export=True)
+
+
+@pytest.mark.parametrize("settings", [dict(exact=True), dict(exact=False, copy_fraction=0.5)])
+def test_refit_lowers_the_error_of_every_exit_and_keeps_the_properties(images, settings):
+    calib = torch.randn(32, 3, 10, 10, generator=torch.Generator().manual_seed(2))
+    base = toy(nn.ReLU).eval()
+    plain, refitted = (nested_toy(calib=calib, compensate=flag, **settings) for flag in (False, True))
+    assert refitted.rdn_config["compensate"] and not plain.rdn_config["compensate"]
+    full = refitted.num_subnets
+    with torch.no_grad():
+        if settings["exact"]:  # complete copies are left as surgery made them: N_K is still the base network
+            assert torch.equal(refitted(images, subnet=full), plain(images, subnet=full))
+            torch.testing.assert_close(refitted(images, subnet=full), base(images), atol=1e-5, rtol=1e-5)
+    errors = [(_feature_error(plain, base, calib, s), _feature_error(refitted, base, calib, s)) for s in range(1, full)]
+    assert all(after < before for before, after in errors), errors
+    assert_paths_agree(refitted, images, export=True)
+
+
+def test_refit_keeps_the_nesting(images):
+    net = nested_toy(exact=False, copy_fraction=0.5, compensate=True)
+    generator = torch.Generator().manual_seed(3)
+    for s in range(1, net.num_subnets):
+        with torch.no_grad():
+            before = net(images, subnet=s)
+        _perturb_later_groups(net, s, generator)
+        with torch.no_grad():
+            assert torch.equal(net(images, subnet=s), before)
+
+
+def test_refit_after_pruning_reads_only_the_kept_blocks():
+    net = nested_toy(exact=False, mac_budget=1.2, compensate=True)
+    for name, pruned in net.rdn_config["pruned_blocks"].items():
+        layer = net.layers[name]
+        for out_group, in_group in pruned:
+            rows = slice(layer.layout.out_offsets[out_group], layer.layout.out_offsets[out_group + 1])
+            columns = slice(layer.layout.in_offsets[in_group], layer.layout.in_offsets[in_group + 1])
+            assert not layer.weight[rows, columns].any()
+    assert net.rdn_config["pruned_blocks"]
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(TypeError, match="compensate must be a bool"):
+        nested_toy(compensate="yes")
+    with pytest.raises(ValueError, match="copies='latest'"):
+        nested_toy(copies="sum", compensate=True)
+    net = nested_toy()
+    with pytest.raises(ValueError, match="shrinkage must be a positive number"):
+        compensate_dropped_connections(net, toy(nn.ReLU), torch.randn(2, 3, 10, 10), shrinkage=0.0)
+
+
+def test_old_configs_mean_no_refit():
+    from rdn.surgery import RussianDollNet
+
+    net = nested_toy(exact=False, copy_fraction=0.5)
+    config = {key: value for key, value in net.rdn_config.items() if key != "compensate"}
+    rebuilt = RussianDollNet.from_config(config, toy(nn.ReLU))
+    assert rebuilt.rdn_config["compensate"] is False
