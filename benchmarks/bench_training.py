@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_training [--device cpu|cuda] [--width-mult 0.5] [--k 4] [--batch 64]
                                         [--mac-budget 1.15] [--copy-fractions 0.25 0.5]
-                                        [--quick] [--out benchmarks/results]
+                                        [--runs 3] [--quick] [--out benchmarks/results]
     python -m benchmarks.bench_training --report-runs runs/base runs/rdn runs/ft --name NAME
 
 The second form writes no timings: it tabulates the accuracy and MACs of every exit from the
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def cheaper_surgeries(mac_budget: float, copy_fractions: Sequence[float]) -> dic
 
 
 def run(device: torch.device, width_mult: float, k: int, batch: int, timing: TimingConfig, out: Path,
-        mac_budget: float = 1.15, copy_fractions: Sequence[float] = (0.25, 0.5)) -> list[dict]:  # fmt: skip
+        mac_budget: float = 1.15, copy_fractions: Sequence[float] = (0.25, 0.5), runs: int = 1
+        ) -> list[dict]:  # fmt: skip
+    """Time every row ``runs`` times in a row (each an interleaved measurement); the table is the last run's."""
     torch.manual_seed(0)
     kwargs = {"name": "mobilenet_v2", "num_classes": 10, "input_size": 28, "in_chans": 1, "width_mult": width_mult}
     base = create(**kwargs).to(device)
@@ -107,7 +110,17 @@ def run(device: torch.device, width_mult: float, k: int, batch: int, timing: Tim
         cheaper = nest(base, **settings).to(device)
         name = f"{label} joint, {cheaper.num_subnets} exits in one pass"
         models[name], surgeries[name] = (cheaper, "joint"), label
-    timings = measure({name: make_step(model, x, y, mode) for name, (model, mode) in models.items()}, device, timing)
+    steps = {name: make_step(model, x, y, mode) for name, (model, mode) in models.items()}
+    started = time.strftime("%H:%M", time.gmtime())
+    spread: dict[str, list[float]] = {name: [] for name in models}  # × base time of every run
+    for _ in range(runs):
+        timings = measure(steps, device, timing)
+        for name in models:
+            spread[name].append(timings[name].median_ms / timings["(a) base"].median_ms)
+    spread_note = (f"{runs} runs in a row, {started}–{time.strftime('%H:%M', time.gmtime())} UTC; the table is the "
+                   "last: × base time " + ", ".join(f"{name.split(' joint')[0].split(' RDN')[0]} "
+                                                     + " / ".join(f"{v:.2f}" for v in spread[name])
+                                                     for name in list(models)[1:]))  # fmt: skip
     base_macs = profile_model(base.eval(), (1, 1, 28, 28)).macs
     rows = []
     reference = timings["(a) base"].median_ms
@@ -130,11 +143,11 @@ def run(device: torch.device, width_mult: float, k: int, batch: int, timing: Tim
     ]
     checks += [(f"{surgeries[row['step']]} ≤ 1.2 × (a)", row["vs_base"], "≤ 1.2", row["vs_base"] <= 1.2)
                for row in rows[4:]]  # fmt: skip
-    write(out, device, kwargs, k, K, batch, rows, checks)
+    write(out, device, kwargs, k, K, batch, rows, checks, spread_note if runs > 1 else None)
     return rows
 
 
-def write(out: Path, device, kwargs, k, K, batch, rows, checks) -> None:
+def write(out: Path, device, kwargs, k, K, batch, rows, checks, spread_note: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tag = device_tag(device)
     with open(out / f"training_cost_{tag}.csv", "w", newline="") as handle:
@@ -162,6 +175,8 @@ def write(out: Path, device, kwargs, k, K, batch, rows, checks) -> None:
         f"the other {K - 1} exits add; separate passes cost {rows[2]['median_ms'] / rows[1]['median_ms']:.2f}× the "
         "joint step.",
     ]
+    if spread_note:
+        lines += ["", f"Spread: {spread_note}."]
     lines += ["", "| claim | measured | target | met |", "|---|---:|---:|---|"]
     for name, value, target, ok in checks:
         lines.append(f"| {name} | {value:.2f} | {target} | {'yes' if ok else '**no**'} |")
@@ -230,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copy-fractions", type=float, nargs="+", default=[0.25, 0.5],
                         help="rows (g), one per value: share of each group's channels with copies")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement; the spread is reported")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter samples")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the markdown / CSV results")
     parser.add_argument("--report-runs", type=Path, nargs=3, metavar=("PRETRAIN", "NEST", "FINETUNE"),
@@ -243,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     timing = TIMING_PRESETS["quick" if args.quick else "full"]
     run(torch.device(args.device), args.width_mult, args.k, args.batch, timing, args.out, args.mac_budget,
-        args.copy_fractions)
+        args.copy_fractions, args.runs)
 
 
 if __name__ == "__main__":

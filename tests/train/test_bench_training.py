@@ -12,7 +12,7 @@ from tests.train.helpers import tiny_rdn
 
 def test_training_cost_table(tmp_path):
     rows = run(torch.device("cpu"), width_mult=0.1, k=2, batch=8, timing=TIMING_PRESETS["tiny"], out=tmp_path,
-               mac_budget=1.05, copy_fractions=(0.25, 0.5))  # fmt: skip
+               mac_budget=1.05, copy_fractions=(0.25, 0.5), runs=2)  # fmt: skip
     assert [row["step"][:3] for row in rows] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(g)", "(h)"]
     macs = [row["forward_macs_per_image"] for row in rows]
     assert macs[2] > macs[1] == macs[3] >= macs[4]  # exact=False keeps fewer copies
@@ -21,6 +21,7 @@ def test_training_cost_table(tmp_path):
     assert rows[8]["step"].endswith("2 exits in one pass")  # truncate: K = k
     text = (tmp_path / "training_cost_cpu.md").read_text()
     assert "(c) / (b) ≥ K/2 = 1.5" in text and "| torch |" in text
+    assert "Spread: 2 runs in a row" in text and "(g) exact=False, copy_fraction=0.5 " in text
     for surgery in ("(f) exact=False, mac_budget=1.05", "(g) exact=False, copy_fraction=0.25",
                     "(g) exact=False, copy_fraction=0.5", "(h) truncate (no copies)"):  # fmt: skip
         assert f"| {surgery} ≤ 1.2 × (a) |" in text
