@@ -48,7 +48,7 @@ def _patches(layer: nn.Module, x: Tensor) -> Tensor:
 
 def _sample(values: Tensor, index: Tensor) -> Tensor:
     """(N, features, positions) → (len(index), features) at flat (sample, position) indices."""
-    return values.permute(0, 2, 1).reshape(-1, values.shape[1])[index]
+    return values.permute(0, 2, 1).reshape(-1, values.shape[1])[index.to(values.device)]
 
 
 def _incomplete_rows(layer: nn.Module, in_space, out_space, copies: str) -> Tensor:
@@ -67,29 +67,31 @@ def _incomplete_rows(layer: nn.Module, in_space, out_space, copies: str) -> Tens
 def _refit(layer: nn.Module, phi: Tensor, target: Tensor, rows: Tensor, base_bias: Tensor | None,
            out_space, in_space, shrinkage: float) -> None:  # fmt: skip
     """Refit ``rows`` of ``layer`` (module docstring); phi (P, len(in)·kernel), target (P, channels)."""
+    device = phi.device
     kernel = phi.shape[1] // len(in_space)
     weight = layer.weight.view(layer.weight.shape[0], -1)
+    rows, out_groups, sources = rows.to(device), out_space.group.to(device), out_space.source.to(device)
     for j in range(layer.num_groups):
-        group_rows = rows & (out_space.group == j)
+        group_rows = rows & (out_groups == j)
         if not group_rows.any():
             continue
         visible_groups = torch.tensor(layer.layout.mask[j], dtype=torch.bool)  # False above the diagonal
-        columns = visible_groups[in_space.group].repeat_interleave(kernel)
+        columns = visible_groups[in_space.group].repeat_interleave(kernel).to(device)
         features = phi[:, columns]
         mean = features.mean(0)
         centred = features - mean
         gram = centred.T @ centred
         penalty = shrinkage * gram.diagonal().mean().clamp_min(1e-12)
-        y = target[:, out_space.source[group_rows]]
+        y = target[:, sources[group_rows]]
         y_mean = y.mean(0)
         start = weight[group_rows][:, columns].double()
-        system = gram + penalty * torch.eye(len(gram), dtype=gram.dtype)
+        system = gram + penalty * torch.eye(len(gram), dtype=gram.dtype, device=device)
         fitted = torch.linalg.solve(system, centred.T @ (y - y_mean) + penalty * start.T).T
-        new_rows = torch.zeros(int(group_rows.sum()), weight.shape[1], dtype=weight.dtype)
+        new_rows = torch.zeros(int(group_rows.sum()), weight.shape[1], dtype=weight.dtype, device=device)
         new_rows[:, columns] = fitted.to(weight.dtype)
         weight[group_rows] = new_rows
         if layer.bias is not None:
-            offset = 0 if base_bias is None else base_bias[out_space.source[group_rows]].double()
+            offset = 0 if base_bias is None else base_bias[sources[group_rows]].double()
             layer.bias[group_rows] = (y_mean - fitted @ mean + offset).to(layer.bias.dtype)
 
 
