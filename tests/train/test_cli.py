@@ -48,11 +48,11 @@ def test_pretrain_nest_finetune(tmp_path):
     assert "random" in json.loads((tmp_path / "scratch" / "summary.json").read_text())["from"]
 
     # A MAC budget: N_K's MACs at most 1.2 × the base's; an unreachable one is a clear error.
-    budget = [*nest_args, "--no-exact", "--copy-fraction", "0.5", "--mac-budget", "1.2", "--no-eval", "--out",
-              str(tmp_path / "budget")]  # fmt: skip
+    budget = [*nest_args, "--no-exact", "--copy-fraction", "0.5", "--mac-budget", "1.2", "--compensate", "--no-eval",
+              "--out", str(tmp_path / "budget")]  # fmt: skip
     assert main(budget) == 0
     pruned = json.loads((tmp_path / "budget" / "summary.json").read_text())
-    assert not pruned["exact"] and pruned["copy_fraction"] == 0.5
+    assert not pruned["exact"] and pruned["copy_fraction"] == 0.5 and pruned["compensate"]
     assert pruned["exits"][-1]["macs"] <= 1.2 * pruned["base"]["macs"] < macs[-1]
     assert main([*budget[:-3], "--mac-budget", "0.5", "--out", str(tmp_path / "far")]) == 2
 
