@@ -13,7 +13,7 @@ from torch import nn
 from rdn.nn import NestedConv2d
 from rdn.surgery import RussianDollNet, nest
 from rdn.surgery.select import greedy_order, invisible_energy
-from tests.surgery.checks import relative_error, staged_states
+from tests.surgery.checks import perturb_later_groups, relative_error, staged_states
 from tests.surgery.toys import fused_norm_net, hand_count_net, squeeze_excite_net, toy
 
 ATOL = 1e-5
@@ -101,25 +101,6 @@ def test_staged_jumps_equal_direct_subnets(images, depth_split, jumps):
             rdn.exit_logits(first, 2)
 
 
-def _perturb_later_groups(rdn: RussianDollNet, s: int, generator: torch.Generator) -> None:
-    """Overwrite every parameter entry that belongs to groups >= s (0-based) of its layer, and other heads."""
-    with torch.no_grad():
-        for name, layer in rdn.layers.items():
-            step = rdn._by_name[name]
-            if step.space is None or step.space.is_single_group:
-                continue
-            start = step.space.offsets[s]
-            for parameter in layer.parameters():
-                parameter[start:] = torch.randn(parameter[start:].shape, generator=generator)
-            for buffer_name in ("running_mean", "running_var"):
-                buffer = getattr(layer, buffer_name, None)
-                if buffer is not None:
-                    buffer[start:] = torch.rand(buffer[start:].shape, generator=generator) + 0.5
-        for index, head in enumerate(rdn.heads):
-            if index != s - 1:
-                head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
-
-
 @pytest.mark.parametrize("mode, exact, copies", MODES)
 def test_later_groups_never_change_earlier_subnets(images, mode, exact, copies):
     """P1: perturbing parameters or activations of groups > s leaves N_s's logits bit-equal."""
@@ -128,7 +109,7 @@ def test_later_groups_never_change_earlier_subnets(images, mode, exact, copies):
     for s in range(1, rdn.num_subnets):
         with torch.no_grad():
             alone, from_one_pass, later = rdn(images, subnet=s), rdn(images)[s - 1], rdn(images, subnet=s + 1)
-        _perturb_later_groups(rdn, s, generator)
+        perturb_later_groups(rdn, s, generator)
 
         def perturb_output(module, args, output, s=s):
             step_space = next(
