@@ -117,10 +117,10 @@ def run(device: torch.device, width_mult: float, k: int, batch: int, timing: Tim
         timings = measure(steps, device, timing)
         for name in models:
             spread[name].append(timings[name].median_ms / timings["(a) base"].median_ms)
+    per_run = ", ".join(f"{surgeries.get(name, name[:3])} " + " / ".join(f"{v:.2f}" for v in spread[name])
+                        for name in list(models)[1:])  # fmt: skip
     spread_note = (f"{runs} runs in a row, {started}–{time.strftime('%H:%M', time.gmtime())} UTC; the table is the "
-                   "last: × base time " + ", ".join(f"{name.split(' joint')[0].split(' RDN')[0]} "
-                                                     + " / ".join(f"{v:.2f}" for v in spread[name])
-                                                     for name in list(models)[1:]))  # fmt: skip
+                   f"last: × base time {per_run}")  # fmt: skip
     base_macs = profile_model(base.eval(), (1, 1, 28, 28)).macs
     rows = []
     reference = timings["(a) base"].median_ms

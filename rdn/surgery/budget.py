@@ -34,8 +34,6 @@ from rdn.surgery.network import RussianDollNet
 
 __all__ = ["prune_blocks", "apply_pruned_blocks"]
 
-_NESTED = (NestedConv2d, NestedLinear)
-
 
 @dataclass(frozen=True)
 class _Block:
@@ -86,7 +84,7 @@ def _candidates(net: RussianDollNet, calib: Tensor, first_group: int) -> list[_B
 
         return hook
 
-    hooks = [(layer, record(name)) for name, layer in net.layers.items() if isinstance(layer, _NESTED)]
+    hooks = [(layer, record(name)) for name, layer in net.nested_layers().items()]
     run_with_forward_hooks(net, calib, hooks)
     return blocks
 
@@ -149,9 +147,10 @@ def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_mac
 
 def apply_pruned_blocks(net: RussianDollNet, pruned: dict[str, list[list[int]]]) -> None:
     """Remove the blocks ``pruned`` ({layer: [[out_group, in_group], ...]}) from the nested layers' masks."""
+    nested = net.nested_layers()
     for name, dropped in pruned.items():
-        layer = net.layers[name] if name in net.layers else None
-        if not isinstance(layer, _NESTED):
+        layer = nested.get(name)
+        if layer is None:
             raise ValueError(f"pruned_blocks names {name!r}, which is not a nested layer of this RDN")
         mask = [list(row) for row in layer.layout.mask]
         for out_group, in_group in dropped:

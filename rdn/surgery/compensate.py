@@ -30,13 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdn.models.profile import run_with_forward_hooks
-from rdn.nn import NestedConv2d, NestedLinear
+from rdn.nn import NestedLinear
 from rdn.surgery.network import RussianDollNet
 from rdn.surgery.spaces import connections
 
 __all__ = ["compensate_dropped_connections"]
-
-_NESTED = (NestedConv2d, NestedLinear)
 
 
 def _patches(layer: nn.Module, x: Tensor) -> Tensor:
@@ -121,15 +119,11 @@ def compensate_dropped_connections(
         raise ValueError(f"shrinkage must be a positive number, got {shrinkage}")
     generator = torch.Generator().manual_seed(seed)
     targets: dict[str, tuple[Tensor, Tensor]] = {}
-    plans = {}
-    for name, layer in net.layers.items():
-        if not isinstance(layer, _NESTED):
-            continue
-        step = net._by_name[name]
-        in_space, out_space = net._space_of(step.inputs[0]), step.space
-        rows = _incomplete_rows(layer, in_space, out_space, net.rdn_config["copies"])
+    plans = {}  # nested layer name → its incomplete output copies
+    for name, layer in net.nested_layers().items():
+        rows = _incomplete_rows(layer, *net.nested_spaces(name), net.rdn_config["copies"])
         if rows.any():
-            plans[name] = (in_space, out_space, rows)
+            plans[name] = rows
 
     def record(name: str):
         def hook(module, args, output):
@@ -148,14 +142,13 @@ def compensate_dropped_connections(
 
     def refit(name: str):
         def hook(module, args, kwargs, output):
-            in_space, out_space, rows = plans[name]
+            in_space, out_space = net.nested_spaces(name)
             index, target = targets[name]
             phi = _sample(_patches(module, args[0]), index).double()
-            base = base_modules[name]
-            _refit(module, phi, target, rows, base.bias, out_space, in_space, shrinkage)
+            _refit(module, phi, target, plans[name], base_modules[name].bias, out_space, in_space, shrinkage)
             return module.forward(*args, **kwargs)  # the refitted layer's output feeds the next layers
 
         return hook
 
     run_with_forward_hooks(net, calib, [(net.layers[name], refit(name)) for name in plans], with_kwargs=True)
-    return sum(int(rows.sum()) for _, _, rows in plans.values())
+    return sum(int(rows.sum()) for rows in plans.values())

@@ -274,6 +274,15 @@ class RussianDollNet(nn.Module):
         """Number of sub-networks (exits): K, or 2K with a depth split (:attr:`exits` maps them)."""
         return len(self.exits)
 
+    def nested_layers(self) -> dict[str, NestedConv2d | NestedLinear]:
+        """The nested layers (graph node name → layer), in execution order."""
+        return {step.name: self.layers[step.name] for step in self._steps if step.role == "nested"}
+
+    def nested_spaces(self, name: str) -> tuple[ChannelSpace, ChannelSpace]:
+        """(input space, output space) of nested layer ``name``: the channel copies it reads and writes."""
+        step = self._by_name[name]
+        return self._space_of(step.inputs[0]), step.space
+
     @staticmethod
     def _convert(node: fx.Node, module: nn.Module, role: str, in_space, space, copies: str) -> nn.Module:
         if role == "nested":

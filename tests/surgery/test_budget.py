@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from rdn.models.profile import profile_model
-from rdn.nn import NestedConv2d, NestedLinear
 from rdn.surgery import RussianDollNet
 from rdn.surgery.budget import _candidates, _kept_per_row, apply_pruned_blocks
 from tests.surgery.checks import assert_paths_agree
@@ -29,18 +28,14 @@ def base_macs() -> int:
     return profile_model(toy(nn.ReLU), (1, 3, 10, 10)).macs
 
 
-def _nested_layers(net: RussianDollNet) -> dict[str, NestedConv2d | NestedLinear]:
-    return {name: layer for name, layer in net.layers.items() if isinstance(layer, (NestedConv2d, NestedLinear))}
-
-
 @pytest.mark.parametrize("budget", [1.3, 1.2])
 def test_budget_is_met_and_only_added_groups_change(images, base_macs, budget):
     full, pruned = nested_toy(exact=False), nested_toy(exact=False, mac_budget=budget)
     assert full.macs(full.num_subnets) > budget * base_macs  # the budget bites
     assert pruned.macs(pruned.num_subnets) <= budget * base_macs
     assert pruned.rdn_config["mac_budget"] == budget and pruned.rdn_config["pruned_blocks"]
-    for name, layer in _nested_layers(pruned).items():
-        before, after = _nested_layers(full)[name].layout.mask, layer.layout.mask
+    for name, layer in pruned.nested_layers().items():
+        before, after = full.nested_layers()[name].layout.mask, layer.layout.mask
         for j in range(layer.num_groups):
             if j < K_PRIMARY:
                 assert after[j] == before[j]
@@ -76,8 +71,8 @@ def test_config_round_trip_restores_the_masks(images):
     net = nested_toy(exact=False, mac_budget=1.2)
     config = json.loads(json.dumps(net.rdn_config))
     rebuilt = RussianDollNet.from_config(config, model=toy(nn.ReLU, seed=11))
-    for name, layer in _nested_layers(rebuilt).items():
-        assert layer.layout == _nested_layers(net)[name].layout
+    for name, layer in rebuilt.nested_layers().items():
+        assert layer.layout == net.nested_layers()[name].layout
     assert rebuilt.macs(rebuilt.num_subnets) == net.macs(net.num_subnets)
     rebuilt.load_state_dict(net.state_dict())
     with torch.no_grad():
@@ -110,7 +105,7 @@ def test_bad_budgets(kwargs, error, match):
 
 def test_bad_pruned_blocks():
     net = nested_toy(exact=False)
-    name = next(iter(_nested_layers(net)))
+    name = next(iter(net.nested_layers()))
     with pytest.raises(ValueError, match="not a nested layer"):
         apply_pruned_blocks(net, {"nope": [[3, 0]]})
     with pytest.raises(ValueError, match=r"\(1, 2\) is not a block"):
