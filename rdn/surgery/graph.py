@@ -66,6 +66,11 @@ def _per_channel_tensors(module: nn.Module, channels: int) -> bool:
     return all(t.dim() == 0 or (t.dim() == 1 and t.shape[0] == channels) for t in tensors)
 
 
+def _listed(texts: list[str], most: int = 8) -> str:
+    """``texts`` joined by commas, the ones past ``most`` counted (error messages stay readable)."""
+    return ", ".join(texts[:most] + ([f"{len(texts) - most} more"] if len(texts) > most else []))
+
+
 class _LeafTracer(fx.Tracer):
     """Keeps whole every module without children (custom padding layers with shape maths) and every
     module with tensors of its own (timm's BatchNorm + activation, which reads them functionally)."""
@@ -112,6 +117,7 @@ class NodeInfo:
     module: nn.Module | None = None
     space_key: str | None = None  # root node name of the output's channel space
     inputs: list[str] = field(default_factory=list)  # tensor arguments that carry channels
+    why_opaque: str | None = None  # for role "opaque": why it is not per channel (error messages)
 
 
 class SurgeryGraph:
@@ -159,11 +165,7 @@ class SurgeryGraph:
         self._pin()
         self.nested = [name for name, info in self.infos.items() if info.role == "nested" and name not in self.plain]
         if not self.nested:
-            raise ValueError(
-                "the model has no nestable layer outside the skipped part: surgery nests plain "
-                "nn.Conv2d (groups=1) and nn.Linear layers (not the classifier) whose channel space is "
-                f"not forced un-nested; skipped layers: {list(self.skipped_targets)}"
-            )
+            raise ValueError(self._no_nested_layer_message())
         self._resolve_layouts()
         self.rungs = self._resolve_rungs()
         self.depth_split = None if depth_split is None else self._split_node(depth_split)
@@ -224,30 +226,36 @@ class SurgeryGraph:
             info.module = module
             if isinstance(module, nn.Conv2d):
                 info.role = "nested" if module.groups == 1 else "grouped"
-            elif isinstance(module, nn.Linear):
+                return info
+            if isinstance(module, nn.Linear):
                 info.role = "nested"
-            elif _has_tensors(module):
-                per_channel = _per_channel_tensors(module, info.shape[1]) and self._acts_per_channel(node, info)
-                info.role = "channel_params" if per_channel else "opaque"
-            else:
-                info.role = "channelwise" if self._acts_per_channel(node, info) else "opaque"
-        else:
-            info.role = "channelwise" if self._acts_per_channel(node, info) else "opaque"
+                return info
+            if _has_tensors(module) and not _per_channel_tensors(module, info.shape[1]):
+                info.role, info.why_opaque = "opaque", "has parameters or buffers that are not one value per channel"
+                return info
+        info.why_opaque = self._coupling(node, info)
+        per_channel_role = "channel_params" if info.module is not None and _has_tensors(info.module) else "channelwise"
+        info.role = per_channel_role if info.why_opaque is None else "opaque"
         return info
 
     def _carries_channels(self, node: fx.Node) -> bool:
         meta = node.meta.get("tensor_meta")
         return meta is not None and hasattr(meta, "shape") and len(meta.shape) >= 2
 
-    def _acts_per_channel(self, node: fx.Node, info: NodeInfo) -> bool:
-        """Probe: permuting / cutting the channels of every tensor input does the same to the output."""
+    def _coupling(self, node: fx.Node, info: NodeInfo) -> str | None:
+        """Probe: permuting / cutting the channels of every tensor input does the same to the output.
+
+        Returns None when it does (the node acts per channel), else why not (for error messages).
+        """
         channel_inputs = [arg for arg in node.all_input_nodes if arg.name in info.inputs]
         if not channel_inputs:
-            return False
+            return "makes a channel tensor without reading one"
         channels = {tuple(arg.meta["tensor_meta"].shape)[1] for arg in channel_inputs}
-        if len(channels) != 1 or info.shape[1] not in channels:
-            return False
+        if len(channels) != 1:
+            return f"combines tensors of different channel counts {sorted(channels)}"
         (count,) = channels
+        if info.shape[1] != count:
+            return f"changes the channel count ({count} → {info.shape[1]})"
         generator = torch.Generator().manual_seed(0)
         probes = {
             arg.name: torch.randn((2, *arg.meta["tensor_meta"].shape[1:]), generator=generator).to(
@@ -259,28 +267,39 @@ class SurgeryGraph:
         prefix = max(count // 2, 1)
         module = self.modules[node.target] if node.op == "call_module" else None
         has_tensors = module is not None and _has_tensors(module)
+
+        def run(index):  # fresh copies for every call: in-place activations overwrite their input
+            view = channel_view(module, index) if has_tensors else module
+            with torch.no_grad():
+                result = self._call(node, {name: t[:, index].clone() for name, t in probes.items()}, view)
+            return result if isinstance(result, Tensor) and result.dim() >= 2 else None
+
         try:
-            with torch.no_grad():  # fresh copies for every call: in-place activations overwrite their input
-                full = self._call(node, {name: t.clone() for name, t in probes.items()}, module)
-                permuted = self._call(
-                    node,
-                    {name: t[:, permutation].clone() for name, t in probes.items()},
-                    channel_view(module, permutation) if has_tensors else module,
-                )
-                cut = self._call(
-                    node,
-                    {name: t[:, :prefix].clone() for name, t in probes.items()},
-                    channel_view(module, slice(0, prefix)) if has_tensors else module,
-                )
+            full = run(slice(None))
+        except Exception as error:  # any failure of a foreign op means "not per channel"
+            return f"fails on a probe input ({type(error).__name__}: {error})"
+        if full is None or full.shape[1] != count:
+            return "does not return one tensor with its input's channels"
+        try:
+            permuted = run(permutation)
         except Exception:
-            return False
-        if not all(isinstance(t, Tensor) for t in (full, permuted, cut)) or full.dim() < 2 or full.shape[1] != count:
-            return False
-        if cut.shape[1] != prefix:
-            return False
-        return torch.allclose(permuted, full[:, permutation], atol=1e-6) and torch.allclose(
-            cut, full[:, :prefix], atol=1e-6
-        )
+            permuted = None
+        if (
+            permuted is None
+            or permuted.shape != full.shape
+            or not torch.allclose(permuted, full[:, permutation], atol=1e-6)
+        ):
+            return "mixes channels (permuting its input channels does not permute its output alike)"
+        try:
+            cut = run(slice(0, prefix))
+        except Exception:
+            cut = None
+        if cut is None or cut.shape[1] != prefix or not torch.allclose(cut, full[:, :prefix], atol=1e-6):
+            return (
+                "couples all channels (its first output channels change, or it fails, when the later input "
+                "channels are left out), so no channel group can be computed without the later ones"
+            )
+        return None
 
     def _call(self, node: fx.Node, tensors: dict[str, Tensor], module: nn.Module | None = None):
         """Run one node with the given values for its channel inputs (``module`` replaces its layer)."""
@@ -389,29 +408,111 @@ class SurgeryGraph:
         return [info for info in self.infos.values() if info.role == role]
 
     def _pin(self) -> None:
-        """Fixed point of the un-nested region (module docstring)."""
-        self.pinned: set[str] = {self.space_of(info.node.name) for info in self._writers("input")}
-        self.pinned |= {self.space_of(info.node.name) for info in self._writers("opaque")}
-        self.pinned |= {self.space_of(name) for name in self.plain}
+        """Fixed point of the un-nested region (module docstring), remembering what pinned each space."""
+        # pinned space → (node that pinned it, the space whose own cause explains that node, or None:
+        # the node is the root cause — the input, an opaque node or a skipped layer)
+        self._pinned_by: dict[str, tuple[str, str | None]] = {}
+
+        def pin(space: str, node: str, via: str | None = None) -> bool:
+            if space in self._pinned_by:
+                return False
+            self._pinned_by[space] = (node, via)
+            return True
+
+        for info in self._writers("input") + self._writers("opaque"):
+            pin(self.space_of(info.node.name), info.node.name)
+        for name in sorted(self.plain, key=self.position):  # the skipped layers
+            pin(self.space_of(name), name)
         changed = True
         while changed:
             changed = False
             for info in self._writers("nested"):
                 name = info.node.name
-                if name not in self.plain and self.space_of(name) in self.pinned:
+                if name not in self.plain and self.space_of(name) in self._pinned_by:
                     self.plain.add(name)
                     changed = True
-            readers = [self.infos[name] for name in self.plain] + self._writers("opaque")
-            for info in readers:
-                for name in info.inputs:
-                    if self.space_of(name) not in self.pinned:
-                        self.pinned.add(self.space_of(name))
-                        changed = True
-            for info in self._writers("grouped"):
-                spaces = {self.space_of(info.node.name), self.space_of(info.inputs[0])}
-                if spaces & self.pinned and not spaces <= self.pinned:
-                    self.pinned |= spaces
-                    changed = True
+            for name in sorted(self.plain, key=self.position):  # an un-nested layer reads all of its input
+                via = None if self._is_skipped(name) else self.space_of(name)
+                for source in self.infos[name].inputs:
+                    changed |= pin(self.space_of(source), name, via)
+            for info in self._writers("opaque"):
+                for source in info.inputs:
+                    changed |= pin(self.space_of(source), info.node.name)
+            for info in self._writers("grouped"):  # a grouped conv's two sides share one layout
+                ends = (self.space_of(info.node.name), self.space_of(info.inputs[0]))
+                for space, other in (ends, ends[::-1]):
+                    if other in self._pinned_by:
+                        changed |= pin(space, info.node.name, other)
+        self.pinned: set[str] = set(self._pinned_by)
+
+    def _is_skipped(self, name: str) -> bool:
+        info = self.infos[name]
+        return info.role == "nested" and info.node.target in self.skipped_targets
+
+    def describe(self, name: str) -> str:
+        """Node ``name`` as error messages name it: ``qualified.module (Type)``, or the function or
+        method it calls and the module it is called in."""
+        node = self.infos[name].node
+        if node.op == "call_module":
+            return f"{node.target} ({type(self.modules[node.target]).__name__})"
+        if node.op == "placeholder":
+            return f"the model input {node.target!r}"
+        stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values() if path]
+        called = getattr(node.target, "__name__", str(node.target))
+        called = f".{called}()" if node.op == "call_method" else f"{called}()"
+        return f"{called}{f' in {stack[-1]}' if stack else ''} (node {name})"
+
+    def _why(self, root: str) -> str:
+        """What the root cause ``root`` of an un-nested region does that un-nests it."""
+        info = self.infos[root]
+        if info.role == "input":
+            return "is un-nested (every sub-network reads all of it)"
+        if info.role == "opaque":
+            return info.why_opaque or "does not act per channel"
+        return "is kept un-nested by skip"
+
+    def unnested_cause(self, name: str) -> tuple[str, list[str]]:
+        """Why nestable layer ``name`` is un-nested: (root cause node, the un-nested nodes the cause
+        reached it through, nearest first). The root is the layer itself when it is skipped."""
+        if self._is_skipped(name):
+            return name, []
+        through: list[str] = []
+        node, via = self._pinned_by[self.space_of(name)]
+        while via is not None:
+            through.append(node)
+            node, via = self._pinned_by[via]
+        return node, through
+
+    def _no_nested_layer_message(self) -> str:
+        """The error when nothing is left to nest: which nodes un-nested which layers, and why."""
+        layers = [name for name, info in self.infos.items() if info.role == "nested"]
+        what = "nn.Conv2d (groups=1) and nn.Linear layers other than the classifier"
+        if not layers:
+            return f"the model has no nestable layer: surgery nests {what}, and it has none"
+        by_root: dict[str, list[tuple[str, list[str]]]] = {}
+        for name in layers:
+            root, through = self.unnested_cause(name)
+            by_root.setdefault(root, []).append((name, through))
+        skipped, causes = [], []
+        for root, affected in by_root.items():
+            others = sorted((item for item in affected if item[0] != root), key=lambda item: len(item[1]))
+            if not others:  # a skipped layer that un-nests nothing else
+                skipped.append(self.describe(root))
+                continue
+            texts = [
+                self.describe(name) + (" through " + ", ".join(self.infos[n].node.target for n in through))
+                if through
+                else self.describe(name)
+                for name, through in others
+            ]
+            causes.append(f"{self.describe(root)} {self._why(root)}; that un-nests {_listed(texts)}")
+        if skipped:
+            causes.append(f"skip keeps {_listed(skipped)} un-nested")
+        return (
+            f"the model has no nestable layer left outside the un-nested part (surgery nests {what}, unless "
+            f"their channels must stay un-nested). What un-nests them: {'. '.join(causes)}. "
+            f"Skipped layers: {list(self.skipped_targets)}"
+        )
 
     def is_pinned(self, name: str) -> bool:
         return self.space_of(name) in self.pinned
