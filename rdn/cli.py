@@ -9,6 +9,9 @@ A typical run (Fashion-MNIST, small MobileNetV2, a few CPU minutes per epoch)::
 Multi-GPU / multi-node: launch the same command with ``torchrun --nproc-per-node N -m rdn ...``.
 Every command writes into its run folder (``--out``): ``checkpoint.pt``, ``log.csv``,
 ``log.json``, ``accuracy.png`` and ``summary.json``; ``--resume`` continues a killed run exactly.
+The folder is checked and locked before any work starts: a folder holding another run is refused
+unless ``--resume`` (continue it) or ``--overwrite`` (replace it) is given, and a folder another
+process is writing is refused.
 Paper ablations: ``finetune --exits largest | all_but_lightest`` (Table 5), ``nest --select random``
 (Table 4), and from-scratch training (Table 3) by nesting a randomly initialised base model
 (``nest --model NAME`` without ``--from``).
@@ -17,8 +20,10 @@ Paper ablations: ``finetune --exits largest | all_but_lightest`` (Table 5), ``ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -87,6 +92,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run folder (created); e.g. runs/NAME")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out (its checkpoint and logs are deleted first); without "
+                             "it a folder holding a run is refused")  # fmt: skip
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: this process's GPU when CUDA is available, else the CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -196,6 +204,27 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _run_folder(args: argparse.Namespace):
+    """Hold ``--out`` for the command's lifetime (checked writable, not another run's, locked) before any work.
+
+    Under torchrun only the main process writes, so only it takes the folder; the training loop
+    tells the other processes when it was refused.
+    """
+    from rdn.files import RunFolder
+    from rdn.train.loop import RUN_FILES, describe_run
+
+    if args.command == "pipeline" or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    resume = getattr(args, "resume", False)
+    if resume and args.overwrite:
+        raise CliError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    with RunFolder(args.out) as folder:
+        folder.check_unused(RUN_FILES, resume=resume, overwrite=args.overwrite, describe=describe_run(folder.path))
+        yield
+
+
 def _resolve_quick(args: argparse.Namespace) -> None:
     if args.data is None:
         args.data = "mnist5k" if args.quick else "fashion_mnist"
@@ -242,8 +271,9 @@ def _costs(model, spec) -> list[dict]:
 
 
 def _write_summary(out: Path, summary: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    from rdn.files import write_json
+
+    write_json(out / "summary.json", summary)
 
 
 def _source_checkpoint(source: str) -> Path:
@@ -385,6 +415,7 @@ _COMMANDS = {"pretrain": _cmd_pretrain, "nest": _cmd_nest, "finetune": _cmd_fine
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rdn`` console script; returns the exit status."""
+    from rdn.files import RunFolderError
     from rdn.train import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -397,8 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
-        _COMMANDS[args.command](args)
-    except (CliError, ValueError, FileNotFoundError) as error:  # bad input: unknown data, missing files, checkpoints
+        with _run_folder(args):
+            _COMMANDS[args.command](args)
+    except (CliError, RunFolderError, ValueError, FileNotFoundError) as error:  # bad input, unusable --out
         print(f"rdn {args.command}: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:

@@ -37,14 +37,15 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from rdn.files import LOCK_NAME, RunFolder, RunFolderError, atomic_write, load_torch_data, write_json
 
 __all__ = ["EPSILON_OFFSETS", "OPERATING_OFFSET", "PRESETS", "add_arguments", "main"]
 
@@ -150,26 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(temporary path)`` then rename it to ``path``: a step's output exists only when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(name))
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_json(path: Path, value) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
-
-
 def _torch_save(path: Path, value) -> Path:
-    return _atomic(path, lambda tmp: torch.save(value, tmp))
+    return atomic_write(path, lambda tmp: torch.save(value, tmp))
 
 
 class _Steps:
@@ -228,7 +211,7 @@ def _check_resumable(out: Path, settings: dict) -> None:
         if changed:
             details = ", ".join(f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
             raise ValueError(f"{out} holds a run with other settings ({details}); use a fresh --out folder")
-    _write_json(path, settings)
+    write_json(path, settings)
 
 
 def _batches(dataset, spec, batch_size: int, device: torch.device, limit: int | None = None
@@ -269,7 +252,7 @@ def _train(model: nn.Module, data, settings: dict, epochs: int, folder: Path, mo
     splits = DataSplits(data.train, data.calib, monitored, data.spec)
     row = fit(model, splits, config, out=folder, model_config=model_config, resume=True).history[-1]
     exits = sum(key.startswith("ema_test_top1_") for key in row)
-    _write_json(folder / "result.json", {
+    write_json(folder / "result.json", {
         "top1": [row[f"ema_test_top1_{s}"] for s in range(1, exits + 1)],
         "top5": [row[f"ema_test_top5_{s}"] for s in range(1, exits + 1)],
         "monitored_test_samples": len(monitored),
@@ -352,7 +335,7 @@ def _plot_tradeoff(path: Path, evaluation: dict, title: str) -> None:
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    _atomic(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     plt.close(figure)
 
 
@@ -483,7 +466,7 @@ def _run_ablations(out: Path, base: nn.Module, data, settings: dict, create_kwar
             net = _train(net, data, settings, epochs, folder, model_config_of(net), progress, exits, lr)
             test = collect_exit_outputs(net.to(device).eval(), _batches(data.test, data.spec, 256, device),
                                         progress=progress)  # fmt: skip
-            _write_json(folder / "test.json", {
+            write_json(folder / "test.json", {
                 "description": description, "select": select, "pretrained": pretrained, "exits": exits,
                 "epochs": epochs, "top1": test.correct.double().mean(0).tolist(),
                 "macs": [float(net.macs(s)) for s in range(1, net.num_subnets + 1)],
@@ -605,7 +588,7 @@ def _report(out: Path, settings: dict, evaluation: dict, calibration: dict, orde
         *_ablation_lines(settings, evaluation, ablations),
     ]
     text = "\n".join(lines) + "\n"
-    _atomic(out / "report.md", lambda tmp: tmp.write_text(text))
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
     return text
 
 
@@ -631,7 +614,23 @@ def _device(name: str) -> torch.device:
 
 
 def main(args: argparse.Namespace) -> None:
-    """Run (or resume) the whole pipeline into ``args.out`` (module docstring)."""
+    """Run (or resume) the whole pipeline into ``args.out`` (module docstring).
+
+    The folder is checked and locked before any work (:class:`rdn.files.RunFolder`): one that
+    another process is writing, or that holds files of something other than a pipeline run, is
+    refused; one holding a pipeline run with other settings is refused too (see ``_check_resumable``).
+    """
+    with RunFolder(args.out, "pipeline run folder") as folder:
+        foreign = sorted(path.name for path in folder.path.iterdir() if path.name != LOCK_NAME)
+        if foreign and not (folder.path / "settings.json").is_file():
+            raise RunFolderError(
+                f"pipeline run folder {folder.path} holds files of something else ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}) and no pipeline settings.json; use a fresh --out folder"
+            )
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     from rdn.models import create
     from rdn.order import nesting_order, plot_nesting_order
     from rdn.policy import (
@@ -691,7 +690,7 @@ def main(args: argparse.Namespace) -> None:
         if not path.exists():
             batches = _batches(getattr(data, split), data.spec, 256, device, limit)
             _torch_save(path, collect_exit_outputs(net, batches, progress=progress).state_dict())
-        outputs[split] = ExitOutputs.from_state_dict(torch.load(path, weights_only=True))
+        outputs[split] = ExitOutputs.from_state_dict(load_torch_data(path, what="exit-outputs file")[0])
 
     calib_accuracy = outputs["calib"].correct.double().mean(0)
     macs = [float(net.macs(s)) for s in range(1, net.num_subnets + 1)]
@@ -700,7 +699,7 @@ def main(args: argparse.Namespace) -> None:
         order = nesting_order(macs_grid, accuracy_grid)
         plot_nesting_order(macs_grid, accuracy_grid, order, out / "order.png",
                            title="Nesting order (calibration accuracy)")  # fmt: skip
-        _write_json(out / "order.json", {
+        write_json(out / "order.json", {
             "grid": f"{len(macs_grid)}x{len(macs_grid[0])}", "exits": [_cell_exit(net, c) for c in order.path],
             "names": [f"N_{_cell_exit(net, c)}" for c in order.path], "path": order.path, "area": order.area,
             "hull_names": [f"N_{_cell_exit(net, c)}" for c in order.hull], "hull_area": order.hull_area,
@@ -726,16 +725,16 @@ def main(args: argparse.Namespace) -> None:
                  for e in epsilons]  # fmt: skip
         _torch_save(policy_path, policy.state_dict())
         exits = (policy.allowed.nonzero().squeeze(1) + 1).tolist()
-        _write_json(calibration_path, {"pairs": pairs, "operating_epsilon": operating, "exits": exits,
+        write_json(calibration_path, {"pairs": pairs, "operating_epsilon": operating, "exits": exits,
                                        "policy": json.loads(policy.calibration_json())})  # fmt: skip
     calibration = json.loads(calibration_path.read_text())
     policy = ExitPolicy.for_network(net, hidden=settings["policy_hidden"]).to(device)
-    policy.load_state_dict(torch.load(policy_path, weights_only=True))
+    policy.load_state_dict(load_torch_data(policy_path, what="policy file")[0])
     policy.eval()
 
     evaluation_path = out / "evaluation.json"
     if steps.begin("evaluate static and dynamic inference on the test split", evaluation_path):
-        _write_json(evaluation_path, _evaluate(net, base, policy, outputs, calibration, data, settings, device,
+        write_json(evaluation_path, _evaluate(net, base, policy, outputs, calibration, data, settings, device,
                                                progress))  # fmt: skip
     evaluation = json.loads(evaluation_path.read_text())
 

@@ -73,20 +73,6 @@ def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
         pipeline._check_resumable(tmp_path, dict(settings, finetune_lr=0.01))
 
 
-def test_atomic_outputs(tmp_path):
-    target = tmp_path / "sub" / "value.json"
-    pipeline._write_json(target, {"a": 1})
-    assert json.loads(target.read_text()) == {"a": 1}
-
-    def fail(path):
-        path.write_text("partial")
-        raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError):
-        pipeline._atomic(tmp_path / "other.json", fail)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # no partial file, no temporary left
-
-
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     import rdn.train

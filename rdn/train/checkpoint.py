@@ -1,18 +1,26 @@
-"""Checkpoints: written atomically, holding everything an exact resume needs.
+"""Checkpoints: written atomically, holding everything an exact resume needs, loaded as data only.
 
-A checkpoint is one ``torch.save``-d dict:
+A checkpoint is one ``torch.save``-d dict of tensors and plain values (dicts, lists, tuples,
+strings, numbers, None) — nothing else, so that :func:`load_checkpoint` reads it with PyTorch's
+weights-only unpickler and **loading a checkpoint never executes code**, whoever wrote the file.
+A file that refers to any other Python object is refused with :class:`UnsafeCheckpointError`.
 
-    format, version     "rdn-checkpoint", 1
+    format, version     "rdn-checkpoint", 2
     model_config        how to rebuild the model: {"kind": "base", "create": {rdn.models.create kwargs}}
                         or {"kind": "rdn", "rdn_config": RussianDollNet.rdn_config}
     model, ema          state dicts (ema: ModelEma.state_dict() or None)
     optimizer, scheduler, scaler   state dicts (None where not used, e.g. after `rdn nest`)
-    rng                 torch (CPU + CUDA), numpy and python generator states
+    rng                 torch (CPU + CUDA), numpy and python generator states, as tensors and lists
     epoch, step         position: `step` optimisation steps done, `epoch` the epoch they are in
     data                {"seed", "epoch", "batch"}: the data order is a function of (seed, epoch)
                         (DistributedSampler) and the augmentation of (seed, epoch, sample): this
                         is the data-order generator's whole state
+    epoch_totals        running sums of the interrupted epoch's training metrics (loss × samples,
+                        top-1 hits, samples, seconds), so a resumed epoch logs the whole epoch
     train_config, metrics, extra
+
+Version 1 files (written before 2026-12) stored the numpy RNG state as a pickled numpy array;
+they are still read, with exactly the numpy globals that rebuild a plain array allowed.
 
 Written to a temporary file in the same folder, fsync-ed, then ``os.replace``-d over the
 target, so a run killed while saving leaves the previous checkpoint intact.
@@ -22,7 +30,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from rdn.files import UnsafeFileError, atomic_write, load_torch_data
+
 __all__ = [
     "CheckpointMismatchError",
+    "UnsafeCheckpointError",
     "build_model",
     "check_model_config",
     "get_rng_state",
@@ -44,11 +54,18 @@ __all__ = [
 ]
 
 FORMAT = "rdn-checkpoint"
-VERSION = 1
+VERSION = 2
+# Version 1 pickled numpy's RNG state as an ndarray: these globals rebuild a plain array and nothing else.
+_VERSION_1_GLOBALS = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
+                      "numpy.dtype", "numpy.dtypes.UInt32DType")  # fmt: skip
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint written for another model (or another kind of file) than the one asked for."""
+
+
+class UnsafeCheckpointError(CheckpointMismatchError, UnsafeFileError):
+    """A file that would run code when unpickled (it refers to Python objects other than tensors and plain values)."""
 
 
 def model_config_of(model: nn.Module, create_kwargs: dict | None = None) -> dict:
@@ -86,54 +103,76 @@ def build_model(model_config: dict) -> nn.Module:
 
 
 def get_rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator a training step draws from, as tensors and plain values (weights-only loadable)."""
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                                           "pos": int(numpy_state["state"]["pos"])}},
+        "python": list(random.getstate()),
+    }  # fmt: skip
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned (or a version-1 checkpoint's pickled states)."""
     # The generator states are CPU byte tensors; a checkpoint loaded with map_location="cuda" moved them.
     torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = numpy_state["state"]["key"]
+        key = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key.astype(np.uint32)}}
+    np.random.set_state(numpy_state)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` (plus format tags) to ``path`` atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``state`` (plus format tags) to ``path`` atomically; returns the path.
+
+    ``state`` must hold only tensors and plain values (what :func:`load_checkpoint` accepts): the
+    file is checked by loading it back weights-only before it replaces the previous checkpoint.
+    """
+    def write(tmp: Path) -> None:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
+        if unsafe:
+            raise TypeError(f"checkpoint state for {path} holds objects that are not tensors or plain values "
+                            f"({', '.join(unsafe)}); convert them before saving")  # fmt: skip
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, with clear errors for anything else."""
+    """Read a checkpoint written by :func:`save_checkpoint`, with clear errors for anything else.
+
+    Only PyTorch's weights-only unpickler reads the file: tensors and plain values. A file that
+    refers to any other Python object — which a full unpickler would import and could call — is
+    refused with :class:`UnsafeCheckpointError` naming the file and the objects; nothing in it runs.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        # Our checkpoints hold numpy / python RNG states, which the weights-only unpickler refuses.
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:
-        raise CheckpointMismatchError(f"{path} is not a readable torch checkpoint: {error}") from error
+        state, allowed = load_torch_data(path, map_location, allow=_VERSION_1_GLOBALS, what="checkpoint")
+    except UnsafeFileError as error:
+        raise UnsafeCheckpointError(str(error)) from error
+    except ValueError as error:
+        raise CheckpointMismatchError(str(error)) from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointMismatchError(f"{path} is not an rdn checkpoint (no format tag {FORMAT!r})")
-    if state.get("version") != VERSION:
+    if state.get("version") not in (1, VERSION):
         raise CheckpointMismatchError(f"{path} has checkpoint version {state.get('version')}, expected {VERSION}")
+    if allowed and state.get("version") != 1:
+        raise UnsafeCheckpointError(f"{path} (version {state.get('version')}) holds numpy objects {allowed}; "
+                                    "only version-1 checkpoints may")  # fmt: skip
     return state
 
 

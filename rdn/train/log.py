@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from rdn.files import atomic_write
+
 __all__ = ["RunLog"]
 
 
@@ -34,18 +36,18 @@ class RunLog:
         self._plot()
 
     def _write_json(self) -> None:
-        tmp = self.folder / "log.json.tmp"
-        tmp.write_text(json.dumps({"epochs": self.rows}, indent=1))
-        os.replace(tmp, self.folder / "log.json")
+        atomic_write(self.folder / "log.json", lambda tmp: tmp.write_text(json.dumps({"epochs": self.rows}, indent=1)))
 
     def _write_csv(self) -> None:
         columns = list(dict.fromkeys(key for row in self.rows for key in row))
-        tmp = self.folder / "log.csv.tmp"
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.folder / "log.csv")
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        atomic_write(self.folder / "log.csv", write)
 
     def _plot(self) -> None:
         import matplotlib
@@ -66,5 +68,5 @@ class RunLog:
         axes.grid(alpha=0.3)
         axes.legend(ncol=2 if len(exits) > 4 else 1, fontsize="small")
         figure.tight_layout()
-        figure.savefig(self.folder / "accuracy.png", dpi=100)
+        atomic_write(self.folder / "accuracy.png", lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
         plt.close(figure)

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rdn.data import BatchTransform, DataSpec, DataSplits, ImageDataset, eval_loader, train_loader
+from rdn.files import RunFolder, RunFolderError
 from rdn.train.checkpoint import (
     check_model_config,
     get_rng_state,
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# What a run writes into its folder (summary.json: the CLI's): a new run refuses a folder holding any of them.
+RUN_FILES = (CHECKPOINT_NAME, "log.json", "log.csv", "accuracy.png", "summary.json")
 # Settings that may change between a run and its resumption: they do not change what is computed.
 _RESUMABLE_CHANGES = {"progress", "num_workers", "eval_batch_size", "checkpoint_every"}
 
@@ -211,6 +214,7 @@ def fit(
     out: str | os.PathLike | None = None,
     model_config: dict | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     context: DistContext | None = None,
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
 ) -> FitResult:
@@ -225,18 +229,54 @@ def fit(
             default: derived from the model (RDNs carry their ``rdn_config``).
         resume: continue from ``out/checkpoint.pt`` if it exists (exactly where it stopped,
             mid-epoch included).
+        overwrite: ``out`` may hold an earlier run, whose files are deleted first. Without it (and
+            without ``resume``) a folder holding a run is refused: nothing is overwritten by accident.
         context: the process group (:func:`~rdn.train.distributed.setup_distributed`); default: one
             process on the model's device.
         callbacks: called with a :class:`StepInfo` after every optimisation step.
 
+    The run folder is checked (writable, not holding another run) and locked for the whole call
+    before any work starts (:class:`rdn.files.RunFolder`); only the main process writes it.
+
     Raises:
         NonFiniteLossError: the loss became NaN / inf (before the step that would apply it).
+        rdn.files.RunFolderError: ``out`` cannot be written, holds another run, or is in use.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if resume and out is None:
         raise ValueError("resume=True needs out, the run folder holding checkpoint.pt")
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True contradict each other: continue the run or replace it")
     context = context or DistContext(device=next(model.parameters()).device)
+    with ExitStack() as held:
+        refused = None
+        if out is not None and context.is_main:
+            try:
+                folder = held.enter_context(RunFolder(out))
+                folder.check_unused(RUN_FILES, resume=resume, overwrite=overwrite, describe=describe_run(folder.path))
+            except RunFolderError as error:
+                refused = error
+        # Every process learns the main one's verdict: a worker must not train on while the main one gave up.
+        if all_reduce_sum(torch.tensor([float(refused is not None)], device=context.device), context).item():
+            raise refused or RunFolderError(f"the main process refused the run folder {out} (see its error)")
+        return _fit(model, data, config, out, model_config, resume, context, callbacks)
+
+
+def describe_run(folder: Path) -> str:
+    """What the run in ``folder`` is, from its checkpoint's position (read as data), for error messages."""
+    path = folder / CHECKPOINT_NAME
+    if not path.is_file():
+        return ""
+    try:
+        state = load_checkpoint(path)
+    except ValueError:
+        return "an unreadable checkpoint"
+    epochs = (state.get("train_config") or {}).get("epochs", "?")
+    return f"epoch {state.get('epoch')} of {epochs}, step {state.get('step')}"
+
+
+def _fit(model, data, config, out, model_config, resume, context, callbacks) -> FitResult:
     device = context.device
     if config.batch_size % context.world_size:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {context.world_size} processes")
@@ -266,6 +306,7 @@ def fit(
     out = Path(out) if out is not None else None
     checkpoint_path = out / CHECKPOINT_NAME if out is not None else None
     step = 0
+    resumed_totals = None  # the interrupted epoch's running sums (summed loss, hits, samples, seconds)
     if resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, map_location=device)
         check_model_config(model_config, state["model_config"], checkpoint_path)
@@ -278,9 +319,10 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step = state["step"]
+        resumed_totals = state.get("epoch_totals")
     log = RunLog(out) if out is not None and context.is_main else None
 
-    def save(epoch: int, metrics: dict | None = None) -> None:
+    def save(epoch: int, metrics: dict | None = None, totals: Tensor | None = None) -> None:
         if checkpoint_path is None or not context.is_main:
             return
         save_checkpoint(checkpoint_path, {
@@ -290,6 +332,7 @@ def fit(
             "rng": get_rng_state(), "epoch": epoch, "step": step,
             "data": {"seed": config.seed, "epoch": epoch, "batch": step - epoch * steps_per_epoch},
             "train_config": config.to_dict(), "metrics": metrics,
+            "epoch_totals": totals.tolist() if totals is not None else None,
         })  # fmt: skip
 
     trained = model
@@ -309,8 +352,12 @@ def fit(
             data.train, batch_per_rank, seed=config.seed, epoch=epoch, rank=context.rank,
             world_size=context.world_size, skip_batches=skip, num_workers=config.num_workers,
         )  # fmt: skip
-        totals = torch.zeros(3, dtype=torch.float64)  # summed loss, top-1 hits of the largest exit, samples
-        started = time.perf_counter()
+        # Summed loss, top-1 hits of the largest exit, samples, seconds: checkpointed mid-epoch, so the
+        # epoch's logged metrics cover every step of it, also those before a resume.
+        totals = torch.zeros(4, dtype=torch.float64)
+        if skip and resumed_totals is not None:
+            totals = torch.tensor(resumed_totals, dtype=torch.float64)
+        started = time.perf_counter() - totals[3].item()
         bar = _progress_bar(config, context, epoch, steps_per_epoch, skip)
         for batch_index, (images, labels, keys) in enumerate(loader, start=skip):
             if batch_index >= steps_per_epoch:
@@ -342,15 +389,16 @@ def fit(
                 ema.update(model)
             step += 1
             global_batch = config.batch_size
-            totals += torch.tensor([mean_loss * global_batch, reduced[1].item() * context.world_size, global_batch],
-                                   dtype=torch.float64)  # fmt: skip
+            totals[:3] += torch.tensor([mean_loss * global_batch, reduced[1].item() * context.world_size,
+                                        global_batch], dtype=torch.float64)  # fmt: skip
             if bar is not None:
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{100 * totals[1] / totals[2]:.1f}%",
                                 img_s=f"{totals[2] / elapsed:.0f}", refresh=False)  # fmt: skip
                 bar.update(1)
             if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_index + 1 < steps_per_epoch:
-                save(epoch)
+                totals[3] = time.perf_counter() - started
+                save(epoch, totals=totals)
             info = StepInfo(epoch, step, mean_loss, reduced[2:].tolist())
             for callback in callbacks:
                 callback(info)
