@@ -11,13 +11,16 @@ proportional to the entry or to its past gradients) never moves them.
 
 ``block_mask`` is a registered bool buffer, so it travels with ``state_dict``; the splits are
 constructor arguments (they fix the parameter shapes, like ``in_channels`` of ``nn.Conv2d``).
+
+Bad arguments are refused when the layer is built (a TypeError / ValueError naming the argument),
+not on its first forward.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from rdn_kernels import make_layout, nested_conv2d, nested_linear
 from rdn_kernels.backends import KNOWN_BACKENDS
 from rdn_kernels.layout import NestedLayout
+from rdn_kernels.nested_conv.geometry import ConvGeometry
 
 __all__ = ["NestedConv2d", "NestedLinear", "split_channels"]
 
@@ -67,7 +71,25 @@ class _NestedLayer(nn.Module):
         self, in_splits, out_splits, block_mask, kernel_size: tuple[int, ...], bias: bool, backend: str, device, dtype
     ) -> None:
         """Create ``weight`` (D, C, *kernel_size), ``bias`` (D,) and the mask buffer, and initialise them."""
+        # Every argument is checked before the (possibly large) parameters are allocated.
+        self.backend = backend
+        if not isinstance(bias, bool):
+            # nn.Conv2d takes any truthy value; a tensor here is a mix-up with from_parameters.
+            raise TypeError(
+                f"bias must be a bool (whether to learn a bias), got {type(bias).__name__}; "
+                "from_parameters builds a layer from existing weight and bias tensors"
+            )
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating point torch.dtype (what the kernels compute in), got {dtype!r}")
         layout = make_layout(in_splits, out_splits, block_mask)
+        for name, splits in (("in_splits", layout.in_splits), ("out_splits", layout.out_splits)):
+            if sum(splits) == 0:
+                # nn.Conv2d builds such a layer but cannot run it (no outputs) or returns an empty
+                # output (no inputs), and the kernels' backward fails on it: refuse it here.
+                raise ValueError(
+                    f"{name} must have a positive sum (a nested layer needs at least one channel on each side), "
+                    f"got {splits}"
+                )
         factory = {"device": device, "dtype": dtype}
         shape = (sum(layout.out_splits), sum(layout.in_splits), *kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, **factory))
@@ -78,7 +100,6 @@ class _NestedLayer(nn.Module):
         # A Python copy of the mask: the forward passes it to the op without reading a tensor,
         # which keeps torch.compile graphs free of data-dependent breaks.
         self._layout = layout
-        self.backend = backend
         self.reset_parameters()
 
     @property
@@ -158,6 +179,12 @@ class _NestedLayer(nn.Module):
         ``kernel_size`` (and ``stride``, ``padding``, ``dilation``) for :class:`NestedConv2d`,
         none for :class:`NestedLinear`. The layer is created on ``weight``'s device and dtype.
         """
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must have a floating dtype, got {weight.dtype}")
+        if bias is not None and not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         nested = cls(
             in_splits,
             out_splits,
@@ -205,6 +232,36 @@ class _NestedLayer(nn.Module):
         return text
 
 
+def _kernel_pair(kernel_size: Any) -> tuple[int, int]:
+    """``kernel_size`` as a pair of ints >= 1.
+
+    The op reads the kernel from the weight's shape, so unlike stride / padding / dilation it has
+    no check of its own to reuse.
+    """
+    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
+        kernel_size = (kernel_size, kernel_size)
+    if (
+        not isinstance(kernel_size, (tuple, list))
+        or len(kernel_size) != 2
+        or any(isinstance(k, bool) or not isinstance(k, int) for k in kernel_size)
+    ):
+        raise TypeError(f"kernel_size must be an int or a pair of ints, got {kernel_size!r}")
+    if min(kernel_size) < 1:
+        raise ValueError(f"kernel_size must be >= 1 in each dimension, got {tuple(kernel_size)}")
+    return (kernel_size[0], kernel_size[1])
+
+
+def _check_source(name: str, module: Any, expected: type[nn.Module]) -> None:
+    """``module`` is an initialised ``nn.<expected>``: a lazy one has no channels or weight yet."""
+    if not isinstance(module, expected):
+        raise TypeError(f"{name} must be an nn.{expected.__name__}, got {type(module).__name__}")
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"{name} is an uninitialized lazy {type(module).__name__}: run a forward through it first, "
+            "so that its channels and weight exist"
+        )
+
+
 @torch.no_grad()
 def _copy_parameters(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
     """Copy ``weight`` and ``bias`` (when not None) into ``layer``'s parameters of the same shapes."""
@@ -213,9 +270,15 @@ def _copy_parameters(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> N
         layer.bias.copy_(bias)
 
 
-def _check_splits_match(name: str, splits: Sequence[int], channels: int, what: str) -> None:
-    if sum(splits) != channels:
-        raise ValueError(f"{name} must sum to the layer's {what} = {channels}, got {tuple(splits)} (sum {sum(splits)})")
+def _check_splits_match(in_splits: Any, out_splits: Any, block_mask: Any, source: nn.Module, what: str) -> None:
+    """Valid splits and mask whose splits sum to ``source``'s ``in_<what>`` / ``out_<what>``."""
+    layout = make_layout(in_splits, out_splits, block_mask)  # a bad sequence is refused by name first
+    for side, splits in (("in", layout.in_splits), ("out", layout.out_splits)):
+        channels = getattr(source, f"{side}_{what}")
+        if sum(splits) != channels:
+            raise ValueError(
+                f"{side}_splits must sum to the layer's {side}_{what} = {channels}, got {splits} (sum {sum(splits)})"
+            )
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -266,14 +329,12 @@ class NestedConv2d(_NestedLayer):
         dtype=None,
     ) -> None:
         super().__init__()
-        # nn.Conv2d validates and normalises the geometry to pairs; the op checks it again.
-        reference = nn.Conv2d(1, 1, kernel_size, stride, padding, dilation, bias=False, device="meta")
-        if isinstance(reference.padding, str):
-            raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
-        self.kernel_size: tuple[int, int] = reference.kernel_size
-        self.stride: tuple[int, int] = reference.stride
-        self.padding: tuple[int, int] = reference.padding
-        self.dilation: tuple[int, int] = reference.dilation
+        self.kernel_size: tuple[int, int] = _kernel_pair(kernel_size)
+        # The op's own check of the rest, run now rather than at the first forward.
+        geometry = ConvGeometry.from_args(stride, padding, dilation)
+        self.stride: tuple[int, int] = geometry.stride
+        self.padding: tuple[int, int] = geometry.padding
+        self.dilation: tuple[int, int] = geometry.dilation
         self._init_layer(in_splits, out_splits, block_mask, self.kernel_size, bias, backend, device, dtype)
 
     def forward(self, x: Tensor, stages: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
@@ -306,8 +367,7 @@ class NestedConv2d(_NestedLayer):
 
         ``conv`` must be a plain convolution: groups = 1 and zero padding.
         """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        _check_source("conv", conv, nn.Conv2d)
         if conv.groups != 1:
             raise ValueError(
                 f"conv has groups={conv.groups}; only plain convolutions (groups=1) can be nested — "
@@ -315,8 +375,7 @@ class NestedConv2d(_NestedLayer):
             )
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; nested convs support 'zeros' only")
-        _check_splits_match("in_splits", in_splits, conv.in_channels, "in_channels")
-        _check_splits_match("out_splits", out_splits, conv.out_channels, "out_channels")
+        _check_splits_match(in_splits, out_splits, block_mask, conv, "channels")
         return cls.from_parameters(
             conv.weight,
             conv.bias,
@@ -413,10 +472,8 @@ class NestedLinear(_NestedLayer):
         backend: str = "auto",
     ) -> NestedLinear:
         """A nested linear layer with ``linear``'s weight and bias (blocks outside the mask zeroed)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        _check_splits_match("in_splits", in_splits, linear.in_features, "in_features")
-        _check_splits_match("out_splits", out_splits, linear.out_features, "out_features")
+        _check_source("linear", linear, nn.Linear)
+        _check_splits_match(in_splits, out_splits, block_mask, linear, "features")
         return cls.from_parameters(linear.weight, linear.bias, in_splits, out_splits, block_mask, backend)
 
     def export_linear(self, s: int) -> nn.Linear:
