@@ -13,7 +13,7 @@ proportional to the entry or to its past gradients) never moves them.
 constructor arguments (they fix the parameter shapes, like ``in_channels`` of ``nn.Conv2d``).
 
 Bad arguments are refused when the layer is built (a TypeError / ValueError naming the argument),
-not on its first forward.
+not on its first forward; a saved mask is checked before anything is loaded.
 """
 
 from __future__ import annotations
@@ -221,9 +221,27 @@ class _NestedLayer(nn.Module):
         return weight, bias
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "block_mask"
+        if key in state_dict:
+            # Checked before the parent copies anything (weights included): a refused mask leaves
+            # this layer as it was, and its own state_dict loadable.
+            self._check_saved_mask(key, state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # The buffer may have been replaced by a saved mask: refresh the Python copy (validated).
+        # The buffer now holds the saved mask (checked above) or, where torch refused the entry
+        # (size mismatch), the old one: refresh the Python copy from it.
         self._layout = make_layout(self.in_splits, self.out_splits, self.block_mask.cpu())
+
+    def _check_saved_mask(self, key: str, mask: Any) -> None:
+        """Raise unless ``mask`` is a (K, K) lower-triangular bool tensor for this layer's splits."""
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"state_dict entry {key!r} must be a bool tensor (K, K), got {type(mask).__name__}")
+        try:
+            make_layout(self.in_splits, self.out_splits, mask.cpu())
+        except (TypeError, ValueError) as error:
+            raise type(error)(
+                f"state_dict entry {key!r} is not a mask for this layer (in_splits={self.in_splits}, "
+                f"out_splits={self.out_splits}): {error}"
+            ) from error
 
     def _structure_repr(self) -> str:
         text = f"in_splits={self.in_splits}, out_splits={self.out_splits}"

@@ -1,4 +1,7 @@
-"""Bad input to NestedConv2d / NestedLinear: a clear error naming the argument, never a broken module."""
+"""Bad input to NestedConv2d / NestedLinear: a clear error naming the argument, never a broken module.
+
+Also: a refused ``load_state_dict`` leaves the layer as it was.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import torch
 from torch import nn
 
 from rdn.nn import NestedConv2d, NestedLinear
+
+DTYPE = torch.float64
 
 
 @pytest.mark.parametrize(
@@ -85,3 +90,77 @@ def test_from_parameters_checks_the_tensors():
         NestedLinear.from_parameters(torch.ones(2, 2, dtype=torch.long), None, (1, 1), (1, 1))
     with pytest.raises(TypeError, match="bias must be a torch.Tensor or None"):
         NestedLinear.from_parameters(torch.ones(2, 2), [1.0, 2.0], (1, 1), (1, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# load_state_dict
+# ------------------------------------------------------------------------------------------------
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "bad_mask, error",
+    [
+        (torch.ones(3, 3, dtype=torch.bool), ValueError),  # not lower-triangular
+        (torch.ones(2, 2, dtype=torch.bool).tril(), ValueError),  # K=2 mask for a K=3 layer
+        (torch.ones(3, 3, dtype=torch.int64).tril(), TypeError),  # not bool
+        (torch.ones(3, 3, dtype=torch.uint8).tril(), TypeError),
+        ([[1, 0, 0], [1, 1, 0], [1, 1, 1]], TypeError),  # not a tensor
+    ],
+)
+@pytest.mark.parametrize("cls", ["conv", "linear"])
+def test_refused_mask_leaves_the_layer_unchanged(cls, bad_mask, error):
+    torch.manual_seed(0)
+    if cls == "conv":
+        make = lambda: NestedConv2d((2, 3, 2), (3, 2, 4), 3, padding=1, dtype=DTYPE)  # noqa: E731
+        x = torch.randn(2, 7, 5, 5, dtype=DTYPE)
+    else:
+        make = lambda: NestedLinear((2, 3, 2), (3, 2, 4), dtype=DTYPE)  # noqa: E731
+        x = torch.randn(2, 7, dtype=DTYPE)
+    target = make()
+    target.set_block_mask([[1, 0, 0], [0, 1, 0], [1, 0, 1]])
+    before, layout, y = _snapshot(target), target.layout, target(x)
+    state = make().state_dict()  # other weights, so a partial copy would show
+    state["block_mask"] = bad_mask
+    with pytest.raises(error, match="block_mask"):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert set(after) == set(before)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), f"{name} changed by a refused load"
+    assert target.layout == layout
+    assert torch.equal(target(x), y)
+    target.load_state_dict(target.state_dict())  # its own state still loads
+
+
+def test_refused_mask_inside_a_model_names_the_key():
+    model = nn.Sequential(nn.Identity(), NestedLinear((2, 2), (2, 2)))
+    state = model.state_dict()
+    state["1.block_mask"] = torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"'1\.block_mask'.*lower-triangular"):
+        model.load_state_dict(state)
+
+
+def test_size_mismatch_is_torchs_error_and_the_mask_stays_consistent():
+    torch.manual_seed(0)
+    target = NestedLinear((2, 2), (2, 2), dtype=DTYPE)
+    state = NestedLinear((2, 2), (2, 2), dtype=DTYPE).state_dict()
+    state["block_mask"] = torch.tensor([[True, False], [False, True]])
+    state["weight"] = torch.zeros(4, 5, dtype=DTYPE)
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        target.load_state_dict(state)
+    # torch copies the entries that fit (here the mask): the Python copy must follow the buffer.
+    assert target.layout.mask == tuple(tuple(row) for row in target.block_mask.tolist())
+    target.load_state_dict(target.state_dict())
+
+
+def test_load_with_assign_updates_the_layout():
+    source = NestedConv2d((2, 2), (2, 2), 1, block_mask=[[1, 0], [0, 1]], dtype=DTYPE)
+    target = NestedConv2d((2, 2), (2, 2), 1, dtype=DTYPE)
+    target.load_state_dict(source.state_dict(), assign=True)
+    assert target.layout.mask == ((True, False), (False, True))
+    x = torch.randn(1, 4, 3, 3, dtype=DTYPE)
+    assert torch.equal(target(x), source(x))
