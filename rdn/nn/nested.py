@@ -13,16 +13,19 @@ proportional to the entry or to its past gradients) never moves them.
 constructor arguments (they fix the parameter shapes, like ``in_channels`` of ``nn.Conv2d``).
 
 Bad arguments are refused when the layer is built (a TypeError / ValueError naming the argument),
-not on its first forward; a saved mask is checked before anything is loaded.
+not on its first forward; a saved mask is checked before anything is loaded. ``torch.jit.trace``
+records stock torch ops (see :meth:`_NestedLayer._traced_forward`); ``torch.jit.script`` is refused.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdn_kernels import make_layout, nested_conv2d, nested_linear
@@ -66,6 +69,7 @@ class _NestedLayer(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
     block_mask: Tensor
+    _export_method: str  # the method returning the stock torch layer of the first s groups
 
     def _init_layer(
         self, in_splits, out_splits, block_mask, kernel_size: tuple[int, ...], bias: bool, backend: str, device, dtype
@@ -243,11 +247,77 @@ class _NestedLayer(nn.Module):
                 f"out_splits={self.out_splits}): {error}"
             ) from error
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule first: refuse here, by name, rather than
+        # with an obscure failure deep in the compiler (the forward calls Python-registered ops).
+        raise TypeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward calls Python-registered "
+            f"ops). Use torch.jit.trace, which records stock torch ops for nested layers, or export to stock "
+            f"modules: {self._export_method}(s) for this layer, RussianDollNet.export(s) for a whole network."
+        )
+
+    def _traced_forward(self, x: Tensor, stages: tuple[int, int] | None, out: Tensor | None) -> Tensor:
+        """The forward in stock torch ops, for ``torch.jit.trace``: one dense op on the masked weight.
+
+        The tracer cannot record the rdn_kernels op (its mask argument is a list of bools), and a
+        trace of stock ops also runs where that op is not registered (C++, another process).
+        Blocks outside the mask are multiplied as zeros, as in ``export_conv`` / ``export_linear``.
+        """
+        with warnings.catch_warnings():
+            # The tracer warns that it fixes the values read here (input and out shapes, the
+            # splits as tensors): they are the layer's channel counts, constants by design.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            lo, hi = _check_stages(stages, self.num_groups)
+            start, stop = self.layout.out_offsets[lo], self.layout.out_offsets[hi]
+            prefix = self.layout.in_offsets[hi]
+            shape = tuple(int(size) for size in x.shape)
+            if len(shape) != self.weight.dim() or shape[1] not in (self.in_channels, prefix):
+                raise ValueError(
+                    f"input must be {self.weight.dim()}-D with C = {self.in_channels} channels"
+                    + (f" or the prefix {prefix} read by stages < {hi}" if prefix != self.in_channels else "")
+                    + f", got shape {shape}"
+                )
+            weight = self._masked_weight()[start:stop, :prefix]
+            bias = None if self.bias is None else self.bias[start:stop]
+            result = self._dense_forward(x[:, :prefix], weight, bias)
+            if out is None:
+                return result
+            expected = (shape[0], self.out_channels, *(int(size) for size in result.shape[2:]))
+            if not isinstance(out, Tensor):
+                raise TypeError(
+                    f"out must be a torch.Tensor of the full output shape {expected}, got {type(out).__name__}"
+                )
+            got = tuple(int(size) for size in out.shape)
+            if got != expected:
+                raise ValueError(f"out must have the full output shape {expected}, got {got}")
+            out.narrow(1, start, stop - start).copy_(result)
+            return out
+
+    def _dense_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The stock torch layer's functional (F.conv2d / F.linear) with this layer's geometry."""
+        raise NotImplementedError
+
     def _structure_repr(self) -> str:
         text = f"in_splits={self.in_splits}, out_splits={self.out_splits}"
         if self.layout != make_layout(self.in_splits, self.out_splits):
             text += f", block_mask={[[int(m) for m in row] for row in self.layout.mask]}"
         return text
+
+
+def _check_stages(stages: Any, num_groups: int) -> tuple[int, int]:
+    """``stages`` as (lo, hi) with 0 <= lo < hi <= K; None is all groups (the op's rule)."""
+    if stages is None:
+        return 0, num_groups
+    if (
+        not isinstance(stages, (tuple, list))
+        or len(stages) != 2
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in stages)
+    ):
+        raise TypeError(f"stages must be a pair of ints (lo, hi), got {stages!r}")
+    lo, hi = stages
+    if not 0 <= lo < hi <= num_groups:
+        raise ValueError(f"stages must satisfy 0 <= lo < hi <= K={num_groups}, got {tuple(stages)}")
+    return lo, hi
 
 
 def _kernel_pair(kernel_size: Any) -> tuple[int, int]:
@@ -332,6 +402,8 @@ class NestedConv2d(_NestedLayer):
     channels.
     """
 
+    _export_method = "export_conv"
+
     def __init__(
         self,
         in_splits: Sequence[int],
@@ -357,6 +429,8 @@ class NestedConv2d(_NestedLayer):
 
     def forward(self, x: Tensor, stages: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
         """(N, C, H, W) → (N, sum(out_splits[lo:hi]), H_out, W_out), or ``out`` with those groups written."""
+        if torch.jit.is_tracing():
+            return self._traced_forward(x, stages, out)
         return nested_conv2d(
             x,
             self.weight,
@@ -371,6 +445,9 @@ class NestedConv2d(_NestedLayer):
             out=out,
             backend=self.backend,
         )
+
+    def _dense_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
     @classmethod
     def from_conv(
@@ -445,6 +522,8 @@ class NestedLinear(_NestedLayer):
     Shapes: input (N, C) → output (N, D); ``stages``/``out`` as in :class:`NestedConv2d`.
     """
 
+    _export_method = "export_linear"
+
     def __init__(
         self,
         in_splits: Sequence[int],
@@ -468,6 +547,8 @@ class NestedLinear(_NestedLayer):
 
     def forward(self, x: Tensor, stages: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
         """(N, C) → (N, sum(out_splits[lo:hi])), or ``out`` (N, D) with those groups written."""
+        if torch.jit.is_tracing():
+            return self._traced_forward(x, stages, out)
         return nested_linear(
             x,
             self.weight,
@@ -479,6 +560,9 @@ class NestedLinear(_NestedLayer):
             out=out,
             backend=self.backend,
         )
+
+    def _dense_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
 
     @classmethod
     def from_linear(

@@ -1,15 +1,19 @@
 """Bad input to NestedConv2d / NestedLinear: a clear error naming the argument, never a broken module.
 
-Also: a refused ``load_state_dict`` leaves the layer as it was.
+Also: a refused ``load_state_dict`` leaves the layer as it was, and ``torch.jit.trace`` works
+(``torch.jit.script`` is refused with a message that says what to do instead).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from rdn.nn import NestedConv2d, NestedLinear
+from tests.utils import assert_close, nan_filled_like
 
 DTYPE = torch.float64
 
@@ -164,3 +168,100 @@ def test_load_with_assign_updates_the_layout():
     assert target.layout.mask == ((True, False), (False, True))
     x = torch.randn(1, 4, 3, 3, dtype=DTYPE)
     assert torch.equal(target(x), source(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# TorchScript
+# ------------------------------------------------------------------------------------------------
+
+
+class _StagedNet(nn.Module):
+    """Full, staged, prefix-input and ``out=`` calls of both nested layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = NestedConv2d((2, 3, 2), (3, 2, 4), 3, padding=1, block_mask=[[1, 0, 0], [0, 1, 0], [1, 1, 1]])
+        self.fc = NestedLinear((3, 2, 4), (2, 2, 3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        full = self.conv(x)
+        first = self.conv(x[:, :2], stages=(0, 1))
+        middle = self.conv(x, stages=(1, 2))
+        buffer = torch.zeros_like(full)
+        written = self.conv(x, stages=(1, 3), out=buffer)
+        features = full.mean(dim=(2, 3))
+        logits = self.fc(features)
+        head = self.fc(features[:, :5], stages=(0, 2))
+        return full, first, middle, written, logits, head
+
+
+def _trace(model: nn.Module, *inputs: torch.Tensor) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, inputs)
+    tracer_warnings = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    assert not tracer_warnings, tracer_warnings
+    return traced
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_trace_equals_eager_on_new_inputs_and_uses_stock_ops():
+    torch.manual_seed(0)
+    model = _StagedNet().double()
+    traced = _trace(model, torch.randn(2, 7, 6, 6, dtype=DTYPE))
+    x = torch.randn(3, 7, 5, 5, dtype=DTYPE)  # another batch and spatial size
+    for index, (got, want) in enumerate(zip(traced(x), model(x), strict=True)):
+        assert_close(got, want, what=f"output {index}")
+    # Stock ops only: the trace runs where the rdn:: ops are not registered (C++, other processes).
+    assert "rdn::" not in str(traced.inlined_graph)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_traced_layer_trains_like_the_eager_one():
+    torch.manual_seed(0)
+    module = NestedConv2d((2, 2), (3, 3), 3, padding=1, dtype=DTYPE)
+    x = torch.randn(2, 4, 5, 5, dtype=DTYPE)
+    traced = _trace(module, x)
+    grad_traced = torch.autograd.grad(traced(x).square().sum(), module.weight)[0]
+    grad_eager = torch.autograd.grad(module(x).square().sum(), module.weight)[0]
+    assert_close(grad_traced, grad_eager, what="weight grad")
+    assert (grad_traced[~module.weight_mask()] == 0).all()
+
+
+class _Call(nn.Module):
+    """``layer(x, stages=stages)``, with ``out=`` a NaN buffer of ``out_channels`` when given."""
+
+    def __init__(self, layer: nn.Module, stages=None, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.layer, self.stages, self.out_channels = layer, stages, out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None if self.out_channels is None else nan_filled_like(x[:, :1]).repeat(1, self.out_channels, 1, 1)
+        return self.layer(x, stages=self.stages, out=out)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_traced_forward_checks_its_arguments():
+    module = NestedConv2d((2, 3), (2, 2), 1)
+    x = torch.randn(1, 5, 2, 2)
+    for stages, error in (((1, 1), ValueError), ((0, 3), ValueError), ((0,), TypeError), ((0, True), TypeError)):
+        with pytest.raises(error, match="stages"):
+            torch.jit.trace(_Call(module, stages), x)
+    # 4 channels is neither C=5 nor the prefix 2 read by stages (0, 1).
+    with pytest.raises(ValueError, match=r"input must be 4-D with C = 5 channels or the prefix 2 .*\(1, 4, 2, 2\)"):
+        torch.jit.trace(_Call(module, (0, 1)), x[:, :4])
+    with pytest.raises(ValueError, match=r"input must be 4-D with C = 5 channels, got shape \(1, 5, 2\)"):
+        torch.jit.trace(_Call(module), x[:, :, 0])
+    with pytest.raises(ValueError, match=r"out must have the full output shape \(1, 4, 2, 2\), got \(1, 3, 2, 2\)"):
+        torch.jit.trace(_Call(module, out_channels=3), x)
+    traced = torch.jit.trace(_Call(module, (1, 2), out_channels=4), x)
+    with torch.no_grad():
+        assert_close(traced(x)[:, 2:], module(x)[:, 2:], what="traced out=")
+        assert traced(x)[:, :2].isnan().all()
+
+
+@pytest.mark.parametrize("module", [NestedConv2d((2, 2), (2, 2), 1), NestedLinear((2, 2), (2, 2))])
+def test_script_is_refused_with_the_alternatives(module):
+    for target in (module, nn.Sequential(nn.Identity(), module)):
+        with pytest.raises(TypeError, match=r"torch\.jit\.script.*torch\.jit\.trace.*export_"):
+            torch.jit.script(target)
