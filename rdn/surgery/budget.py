@@ -15,6 +15,10 @@ q^i of the earlier groups, which is how its N_K stays near the base's cost (its 
 - blocks are dropped in increasing order of score per MAC saved until N_K fits; every output
   group keeps its highest-scoring block.
 
+An output group whose blocks carry no energy at all on the calibration data (every score 0) keeps
+its first block, chosen by index, not by the data: :func:`prune_blocks` reports those groups and
+``nest`` records them in ``rdn_config["ties"]["mac_budget"]``. Non-finite energies are refused.
+
 The dropped blocks change N_{k+1}..N_K's function; joint fine-tuning recovers it (measured in
 ``benchmarks/results/``). The dropped blocks are stored in ``rdn_config["pruned_blocks"]``.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +36,9 @@ from torch import Tensor
 from rdn.models.profile import run_with_forward_hooks
 from rdn.nn import NestedConv2d, NestedLinear
 from rdn.surgery.network import RussianDollNet
+from rdn.surgery.select import check_finite_calibration
 
-__all__ = ["prune_blocks", "apply_pruned_blocks"]
+__all__ = ["Pruning", "prune_blocks", "apply_pruned_blocks"]
 
 
 @dataclass(frozen=True)
@@ -64,19 +70,28 @@ def _block_energies(layer: NestedConv2d | NestedLinear, x: Tensor, rows: range) 
 
 
 @torch.no_grad()
-def _candidates(net: RussianDollNet, calib: Tensor, first_group: int) -> list[_Block]:
-    """Every block of an added group, scored on one N_K forward of ``calib``."""
+def _candidates(net: RussianDollNet, calib: Tensor, first_group: int) -> tuple[list[_Block], dict[str, list[int]]]:
+    """Every block of an added group, scored on one N_K forward of ``calib``, and the output groups
+    whose blocks carry no energy at all ({layer: [out_group, ...]}: all their scores are 0)."""
     blocks: list[_Block] = []
+    unscored: dict[str, list[int]] = {}
 
     def record(name: str):
         def hook(layer, args, output):
             rows = range(first_group, layer.num_groups)
             energies = _block_energies(layer, args[0], rows)
+            if not all(math.isfinite(energy) for energy in energies.values()):
+                raise ValueError(
+                    f"mac_budget: the block energies of nested layer {name} on calib are not finite (its input "
+                    "or weights hold NaN or inf)"
+                )
             kernel = math.prod(layer.kernel_size) if isinstance(layer, NestedConv2d) else 1
             pixels = math.prod(output.shape[2:])  # per sample, as RussianDollNet.macs counts them
             for j in rows:
                 row = {i: energy for (jj, i), energy in energies.items() if jj == j}
                 total = sum(row.values())
+                if row and total == 0:
+                    unscored.setdefault(name, []).append(j)
                 for i, energy in row.items():
                     macs = layer.out_splits[j] * layer.in_splits[i] * kernel * pixels
                     share = energy / total if total > 0 else 0.0
@@ -86,11 +101,12 @@ def _candidates(net: RussianDollNet, calib: Tensor, first_group: int) -> list[_B
 
     hooks = [(layer, record(name)) for name, layer in net.nested_layers().items()]
     run_with_forward_hooks(net, calib, hooks)
-    return blocks
+    return blocks, unscored
 
 
 def _kept_per_row(blocks: list[_Block]) -> set[_Block]:
-    """The highest-scoring block of every (layer, output group): never dropped."""
+    """The highest-scoring block of every (layer, output group): never dropped (the first one when
+    every score of the group is 0)."""
     best: dict[tuple[str, int], _Block] = {}
     for block in blocks:
         key = (block.layer, block.out_group)
@@ -99,28 +115,37 @@ def _kept_per_row(blocks: list[_Block]) -> set[_Block]:
     return set(best.values())
 
 
-def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_macs: int) -> dict[str, list[list[int]]]:
+class Pruning(NamedTuple):
+    """:func:`prune_blocks`' result."""
+
+    pruned: dict[str, list[list[int]]]  # {layer: [[out_group, in_group], ...]}, as apply_pruned_blocks takes it
+    ties: dict[str, list[int]]  # {layer: [out_group, ...]} with no energy on calib: first block kept by index
+
+
+def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_macs: int) -> Pruning:
     """Drop blocks of the added groups until N_K does at most ``mac_budget × base_macs`` MACs.
 
     Args:
         net: an RDN made by ``nest(..., mode="expand")``; changed in place.
-        calib: calibration inputs (N, ...) of the RDN's input shape.
+        calib: calibration inputs (N, ...) of the RDN's input shape, finite, N >= 1.
         mac_budget: N_K's MACs over the base model's at most (module docstring).
         base_macs: the base model's MACs per sample.
     Returns:
-        {layer name: [[out_group, in_group], ...]}: the dropped blocks (0-based groups), as
-        :func:`apply_pruned_blocks` takes them.
+        The dropped blocks (0-based groups) and the output groups whose blocks carry no energy on
+        ``calib`` (:class:`Pruning`); nothing when N_K fits already.
     Raises:
-        ValueError: when dropping every candidate still leaves N_K above the budget.
+        ValueError: when dropping every candidate still leaves N_K above the budget, or when
+            ``calib`` or the block energies are not finite.
     """
     full = net.num_subnets
     max_macs = math.floor(mac_budget * base_macs)
     macs = net.macs(full)
     if macs <= max_macs:
-        return {}
+        return Pruning({}, {})
     if net.rdn_config["mode"] != "expand":
         raise ValueError("only expand mode has added groups whose blocks can be dropped")
-    blocks = _candidates(net, calib, first_group=net.rdn_config["k"])
+    check_finite_calibration(calib)
+    blocks, unscored = _candidates(net, calib, first_group=net.rdn_config["k"])
     kept = _kept_per_row(blocks)
     droppable = sorted((b for b in blocks if b not in kept), key=lambda b: (b.score / max(b.macs, 1), -b.macs))
     floor = macs - sum(b.macs for b in droppable)
@@ -142,7 +167,7 @@ def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_mac
     actual = net.macs(full)
     if actual != macs:
         raise AssertionError(f"block MACs ({macs}) disagree with RussianDollNet.macs ({actual})")
-    return pruned
+    return Pruning(pruned, unscored)
 
 
 def apply_pruned_blocks(net: RussianDollNet, pruned: dict[str, list[list[int]]]) -> None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from rdn.models.profile import run_with_forward_hooks
 from rdn.nn import NestedLinear
 from rdn.surgery.network import RussianDollNet
+from rdn.surgery.select import check_activations, check_finite_calibration
 from rdn.surgery.spaces import connections
 
 __all__ = ["compensate_dropped_connections"]
@@ -107,7 +108,8 @@ def compensate_dropped_connections(
     Args:
         net: an RDN made from ``base_model`` with ``copies="latest"`` (every copy a whole value).
         base_model: the base network (run once on ``calib`` for the targets).
-        calib: calibration inputs (N, ...) of the RDN's input shape.
+        calib: calibration inputs (N, ...) of the RDN's input shape, finite, N >= 1; the base model's
+            activations on them must be finite too (ValueError naming the node otherwise).
         shrinkage: ridge strength towards surgery's weights, relative to the mean input energy.
         max_positions: calibration (sample, pixel) pairs per layer, drawn at random beyond that.
     Returns:
@@ -117,6 +119,8 @@ def compensate_dropped_connections(
         raise ValueError("compensation needs copies='latest' (every copy a whole value)")
     if shrinkage <= 0 or not math.isfinite(shrinkage):
         raise ValueError(f"shrinkage must be a positive number, got {shrinkage}")
+    check_finite_calibration(calib)
+    check_activations(base_model, calib)  # the targets; a NaN would make every refit NaN
     generator = torch.Generator().manual_seed(seed)
     targets: dict[str, tuple[Tensor, Tensor]] = {}
     plans = {}  # nested layer name → its incomplete output copies
@@ -137,7 +141,7 @@ def compensate_dropped_connections(
         return hook
 
     # A nested layer's graph node calls the base model's module it replaces.
-    base_modules = {name: base_model.get_submodule(net._by_name[name].node.target) for name in plans}
+    base_modules = {name: base_model.get_submodule(net.base_module_name(name)) for name in plans}
     run_with_forward_hooks(base_model, calib, [(base_modules[name], record(name)) for name in plans])
 
     def refit(name: str):
@@ -145,6 +149,8 @@ def compensate_dropped_connections(
             in_space, out_space = net.nested_spaces(name)
             index, target = targets[name]
             phi = _sample(_patches(module, args[0]), index).double()
+            if not torch.isfinite(phi).all():  # the RDN's own activations (the base's were checked)
+                raise ValueError(f"compensate: the input of nested layer {name} is not finite on calib (NaN or inf)")
             _refit(module, phi, target, plans[name], base_modules[name].bias, out_space, in_space, shrinkage)
             return module.forward(*args, **kwargs)  # the refitted layer's output feeds the next layers
 

@@ -94,6 +94,19 @@ def call_node(node: fx.Node, fetch: Callable[[fx.Node], Any], module: nn.Module 
     return node.target(*args, **kwargs)
 
 
+def describe_node(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """A traced node as error messages name it: ``qualified.module (Type)``, or the function or method
+    it calls and the module it is called in (``modules``: the traced model's named modules)."""
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    if node.op == "placeholder":
+        return f"the model input {node.target!r}"
+    stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values() if path]
+    called = getattr(node.target, "__name__", str(node.target))
+    called = f".{called}()" if node.op == "call_method" else f"{called}()"
+    return f"{called}{f' in {stack[-1]}' if stack else ''} (node {node.name})"
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx`` trace of ``model`` with leaf modules kept whole."""
     try:
@@ -191,7 +204,36 @@ class SurgeryGraph:
     # Roles
     # ------------------------------------------------------------------------------------------
 
+    def _check_input(self, example: Tensor) -> None:
+        """Refuse calibration samples the model's first conv / linear layer cannot take, naming that
+        layer and what it takes (torch's own error would come from deep inside shape propagation)."""
+        sample = tuple(example.shape[1:])
+        for node in self.graph_module.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            for user in node.users:
+                module = self.modules.get(user.target) if user.op == "call_module" else None
+                if isinstance(module, nn.Conv2d):
+                    takes, layout = module.in_channels, f"(N, {module.in_channels}, H, W)"
+                    channels = sample[0] if len(sample) == 3 else None
+                elif isinstance(module, nn.Linear) and len(sample) == 1:
+                    takes, layout, channels = module.in_features, f"(N, {module.in_features})", sample[0]
+                else:
+                    continue
+                layer = f"{user.target} ({type(module).__name__})"
+                if channels is None:
+                    raise ValueError(
+                        f"calib must be {layout} for the model's first layer {layer}; its samples have shape {sample} "
+                        f"(calib shape (N, *sample))"
+                    )
+                if channels != takes:
+                    raise ValueError(
+                        f"calib has {channels} channels per sample (sample shape {sample}), but the model's first "
+                        f"layer {layer} takes {takes}: calib must be {layout}"
+                    )
+
     def _propagate_shapes(self, example: Tensor) -> None:
+        self._check_input(example)
         try:
             with torch.no_grad():
                 ShapeProp(self.graph_module).propagate(example)
@@ -450,17 +492,8 @@ class SurgeryGraph:
         return info.role == "nested" and info.node.target in self.skipped_targets
 
     def describe(self, name: str) -> str:
-        """Node ``name`` as error messages name it: ``qualified.module (Type)``, or the function or
-        method it calls and the module it is called in."""
-        node = self.infos[name].node
-        if node.op == "call_module":
-            return f"{node.target} ({type(self.modules[node.target]).__name__})"
-        if node.op == "placeholder":
-            return f"the model input {node.target!r}"
-        stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values() if path]
-        called = getattr(node.target, "__name__", str(node.target))
-        called = f".{called}()" if node.op == "call_method" else f"{called}()"
-        return f"{called}{f' in {stack[-1]}' if stack else ''} (node {name})"
+        """Node ``name`` as error messages name it (:func:`describe_node`)."""
+        return describe_node(self.infos[name].node, self.modules)
 
     def _why(self, root: str) -> str:
         """What the root cause ``root`` of an un-nested region does that un-nests it."""

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +12,7 @@ from rdn.surgery.budget import apply_pruned_blocks, prune_blocks
 from rdn.surgery.compensate import compensate_dropped_connections
 from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.network import RussianDollNet
-from rdn.surgery.select import calibration_batch, definers, select_orders
+from rdn.surgery.select import calibration_batch, check_activations, definers, eval_mode, select_orders
 
 __all__ = ["nest"]
 
@@ -22,18 +21,13 @@ COPIES = ("sum", "latest")
 SELECTIONS = ("greedy", "random")
 CONFIG_VERSION = 1
 # Keys added to version 1 after it was first written: configs without them mean these values.
-CONFIG_DEFAULTS = {"mac_budget": None, "pruned_blocks": {}, "copy_fraction": 1.0, "compensate": False}
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Surgery reads BN running statistics and must not update them."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+CONFIG_DEFAULTS = {
+    "mac_budget": None,
+    "pruned_blocks": {},
+    "copy_fraction": 1.0,
+    "compensate": False,
+    "ties": None,  # not recorded
+}
 
 
 def _default_skip(model: nn.Module) -> list[str] | None:
@@ -160,8 +154,13 @@ def nest(
             groups, see :mod:`rdn.surgery.spaces`) or ``"truncate"`` (K = k, violating blocks dropped).
         select: ``"greedy"`` (paper Algorithm 1 on the calibration activations) or ``"random"``
             (seeded by ``seed``).
-        calib: calibration inputs, a tensor (N, C, H, W) or a DataLoader / iterable of batches
-            (tensors or (input, target) pairs); used for shapes, costs and greedy selection.
+        calib: calibration inputs, a floating tensor (N, C, H, W), N >= 1, with finite values, or a
+            DataLoader / iterable of such batches (tensors or (input, target) pairs); used for shapes,
+            costs, greedy selection, ``mac_budget`` and ``compensate``. Those three score channels and
+            blocks with the base model's activations on it, so a node whose output is not finite is
+            refused by name. Where the scores tie, the unit / block index decides; ``rdn_config["ties"]``
+            records where (``{"select": {layout: [primary groups]}, "mac_budget": {layer: [output
+            groups]}}``).
         skip: layers kept un-nested: ``None`` = the stem and the first two blocks (``rdn.models``
             layout) or, for other models, every layer at output stride <= 4; an int n = the first n
             nestable layers; or a sequence of sub-modules / qualified module names.
@@ -209,9 +208,11 @@ def nest(
     batch = calibration_batch(calib)
     skip = _check_skip(model, skip)
     depth_split = _check_depth_split(model, depth_split)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         graph = SurgeryGraph(model, batch[:1], skip, k, mode, exact, depth_split, copy_fraction)
-        orders = select_orders(graph, batch, select, seed)
+        orders, select_ties = select_orders(graph, batch, select, seed)  # greedy checks the activations
+        if select == "random" and mac_budget is not None:  # block energies need them finite too
+            check_activations(graph.graph_module, batch)
     config = {
         "version": CONFIG_VERSION,
         "k": k,
@@ -229,6 +230,8 @@ def nest(
         "mac_budget": mac_budget,
         "pruned_blocks": {},
         "compensate": compensate,
+        # where the calibration scores tied and the index decided (select.py, budget.py)
+        "ties": {"select": select_ties, "mac_budget": {}},
     }
     net = RussianDollNet(graph, orders, config)
     if mac_budget is not None:
@@ -236,7 +239,9 @@ def nest(
 
         base_macs = profile_model(model, batch[:1]).macs
         with torch.no_grad():
-            net.rdn_config["pruned_blocks"] = prune_blocks(net, batch, mac_budget, base_macs)
+            pruning = prune_blocks(net, batch, mac_budget, base_macs)
+        net.rdn_config["pruned_blocks"] = pruning.pruned
+        net.rdn_config["ties"]["mac_budget"] = pruning.ties
     if compensate:  # after pruning: the refit knows every block that is gone
         compensate_dropped_connections(net, model, batch, seed=seed)
     return net
@@ -277,7 +282,7 @@ def build_from_config(config: dict, model: nn.Module | None) -> RussianDollNet:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = torch.zeros((1, *config["input_shape"]), dtype=dtype, device=device)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         graph = SurgeryGraph(
             model,
             example,

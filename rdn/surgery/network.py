@@ -283,6 +283,18 @@ class RussianDollNet(nn.Module):
         step = self._by_name[name]
         return self._space_of(step.inputs[0]), step.space
 
+    def layer_spaces(self) -> dict[str, ChannelSpace]:
+        """The output channel space of every layer of :attr:`layers` that writes channels (graph node
+        name → space; single-group for un-nested layers), in execution order. Channels of group q are
+        ``space.offsets[q]:space.offsets[q + 1]`` of the layer's output and of its per-channel tensors."""
+        return {step.name: step.space for step in self._steps if step.name in self.layers and step.space is not None}
+
+    def base_module_name(self, name: str) -> str:
+        """Qualified name, in the base model, of the module layer ``name`` (a key of :attr:`layers`) was made from."""
+        if name not in self.layers:
+            raise KeyError(f"{name!r} is not a layer of this RDN (its layers: {list(self.layers)})")
+        return self._by_name[name].node.target
+
     @staticmethod
     def _convert(node: fx.Node, module: nn.Module, role: str, in_space, space, copies: str) -> nn.Module:
         if role == "nested":

@@ -57,7 +57,7 @@ def test_pruned_rdn_keeps_one_pass_and_staged_paths(images):
 def test_blocks_drop_in_order_of_energy_per_mac(images):
     """Every dropped block costs less energy per MAC saved than any droppable block that stays."""
     net = nested_toy(exact=False)
-    blocks = _candidates(net, torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2)), K_PRIMARY)
+    blocks, _ = _candidates(net, torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2)), K_PRIMARY)
     assert blocks and all(block.out_group >= K_PRIMARY and 0 <= block.score <= 1 for block in blocks)
     pruned = nested_toy(exact=False, mac_budget=1.2).rdn_config["pruned_blocks"]
     kept = _kept_per_row(blocks)
