@@ -11,7 +11,7 @@ from torch import nn
 from rdn.models.profile import profile_model
 from rdn.surgery import RussianDollNet
 from rdn.surgery.budget import _candidates, _kept_per_row, apply_pruned_blocks
-from tests.surgery.checks import assert_paths_agree
+from tests.surgery.checks import assert_earlier_subnets_ignore_later_groups, assert_paths_agree
 from tests.surgery.test_nest import nested_toy
 from tests.surgery.toys import toy
 
@@ -50,8 +50,10 @@ def test_budget_is_met_and_only_added_groups_change(images, base_macs, budget):
         assert not torch.allclose(pruned(images, subnet=5), full(images, subnet=5))
 
 
-def test_pruned_rdn_keeps_one_pass_and_staged_paths(images):
-    assert_paths_agree(nested_toy(exact=False, mac_budget=1.2), images, export=True)
+def test_pruned_rdn_keeps_one_pass_and_staged_paths_and_the_nesting(images):
+    net = nested_toy(exact=False, mac_budget=1.2)
+    assert_paths_agree(net, images, export=True)
+    assert_earlier_subnets_ignore_later_groups(net, images)
 
 
 def test_blocks_drop_in_order_of_energy_per_mac(images):

@@ -13,7 +13,7 @@ from torch import nn
 from rdn.nn import NestedConv2d
 from rdn.surgery import RussianDollNet, nest
 from rdn.surgery.select import greedy_order, invisible_energy
-from tests.surgery.checks import perturb_later_groups, relative_error, staged_states
+from tests.surgery.checks import assert_earlier_subnets_ignore_later_groups, relative_error, staged_states
 from tests.surgery.toys import fused_norm_net, hand_count_net, squeeze_excite_net, toy
 
 ATOL = 1e-5
@@ -103,33 +103,34 @@ def test_staged_jumps_equal_direct_subnets(images, depth_split, jumps):
 
 @pytest.mark.parametrize("mode, exact, copies", MODES)
 def test_later_groups_never_change_earlier_subnets(images, mode, exact, copies):
-    """P1: perturbing parameters or activations of groups > s leaves N_s's logits bit-equal."""
+    """P1 on parameters and buffers: perturbing everything of groups >= s leaves N_s's logits bit-equal
+    through every path (tests/surgery/checks.py)."""
+    assert_earlier_subnets_ignore_later_groups(nested_toy(mode=mode, exact=exact, copies=copies), images)
+
+
+@pytest.mark.parametrize("mode, exact, copies", MODES)
+def test_later_activations_never_change_earlier_subnets(images, mode, exact, copies):
+    """P1 on activations: in the one-pass forward (the only path that computes the later groups
+    alongside N_s's), shifting every nested layer's later output groups leaves N_s's logits bit-equal."""
     rdn = nested_toy(mode=mode, exact=exact, copies=copies)
-    generator = torch.Generator().manual_seed(3)
     for s in range(1, rdn.num_subnets):
         with torch.no_grad():
-            alone, from_one_pass, later = rdn(images, subnet=s), rdn(images)[s - 1], rdn(images, subnet=s + 1)
-        perturb_later_groups(rdn, s, generator)
+            before = rdn(images)
 
-        def perturb_output(module, args, output, s=s):
-            step_space = next(
-                step.space for step in rdn._steps if step.name in rdn.layers and rdn.layers[step.name] is module
-            )
+        def shift_later_groups(layer, args, output, s=s):
             output = output.clone()
-            output[:, step_space.offsets[s] :] += 100.0
+            output[:, layer.layout.out_offsets[s] :] += 100.0
             return output
 
-        hooks = [
-            layer.register_forward_hook(perturb_output)
-            for layer in rdn.layers.values()
-            if isinstance(layer, NestedConv2d)
-        ]
-        with torch.no_grad():
-            assert torch.equal(rdn(images, subnet=s), alone)
-            assert torch.equal(rdn(images)[s - 1], from_one_pass)
-            assert not torch.allclose(rdn(images, subnet=s + 1), later)  # the perturbation is real
-        for hook in hooks:
-            hook.remove()
+        hooks = [layer.register_forward_hook(shift_later_groups) for layer in rdn.nested_layers().values()]
+        try:
+            with torch.no_grad():
+                after = rdn(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert all(torch.equal(after[e], before[e]) for e in range(s))
+        assert not torch.allclose(after[s], before[s])  # N_{s+1} reads the shifted groups: the shift is real
 
 
 @pytest.mark.parametrize("copies", ["sum", "latest"])
@@ -364,6 +365,7 @@ def test_depth_split_doubles_the_exits(images):
             torch.testing.assert_close(alone, logits[subnet - 1], atol=ATOL, rtol=ATOL)
             torch.testing.assert_close(state.logits, alone, atol=ATOL, rtol=ATOL)
         torch.testing.assert_close(rdn.export(3).eval()(images), rdn(images, subnet=3), atol=ATOL, rtol=ATOL)
+    assert_earlier_subnets_ignore_later_groups(rdn, images)  # shallow exits included
     rebuilt = RussianDollNet.from_config(rdn.rdn_config, model=toy())
     rebuilt.load_state_dict(rdn.state_dict())
     with torch.no_grad():
