@@ -55,8 +55,13 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 def _why_unavailable(name: str, device: torch.device) -> str:
-    if name == "cpp":
-        return f"the C++ extension did not load: build it with `{_extension.BUILD_COMMAND}`"
+    if name in ("cpp", "cuda") and not _extension.has_cpu_kernels():
+        if _extension.status() == "broken":
+            return (
+                f"the C++ extension is built but does not load ({_extension.state().import_error}): "
+                f"rebuild it with `{_extension.BUILD_COMMAND}`"
+            )
+        return f"the C++ extension is not built: build it with `{_extension.BUILD_COMMAND}`"
     if name == "triton":
         if not _triton_importable():
             return "triton is not installed"

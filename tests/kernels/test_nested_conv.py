@@ -14,15 +14,11 @@ import torch.nn.functional as F
 
 import rdn_kernels
 from rdn_kernels import make_layout, nested_conv2d, nested_linear
+from tests.kernels.availability import require_backend
 from tests.utils import assert_close, nan_filled_like
 
 BACKENDS = ["torch", "cpp"]
 DTYPES = [torch.float32, torch.float64]
-
-
-def _skip_unavailable(backend: str) -> None:
-    if backend not in rdn_kernels.available_backends("cpu"):
-        pytest.skip(f"backend {backend!r} is not available here (extension not built?)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +125,7 @@ def test_reference_equals_masked_dense(case: Case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @over_backends_cases_formats
 def test_forward_matches_reference(backend, case, dtype, channels_last):
-    _skip_unavailable(backend)
+    require_backend(backend)
     input, weight, bias = case.tensors(dtype, channels_last)
     layout = case.layout
     for stages in stage_ranges(layout.num_groups):
@@ -143,7 +139,7 @@ def test_forward_matches_reference(backend, case, dtype, channels_last):
 
 @over_backends_cases_formats
 def test_stages_write_into_out_slice(backend, case, channels_last):
-    _skip_unavailable(backend)
+    require_backend(backend)
     input, weight, bias = case.tensors(torch.float32, channels_last)
     layout = case.layout
     full = reference64(input, weight, bias, case, None)
@@ -166,7 +162,7 @@ def test_stages_write_into_out_slice(backend, case, channels_last):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @over_backends_cases_formats
 def test_backward_matches_reference(backend, case, dtype, channels_last):
-    _skip_unavailable(backend)
+    require_backend(backend)
     input, weight, bias = case.tensors(dtype, channels_last)
     layout = case.layout
     for stages in stage_ranges(layout.num_groups):
@@ -204,7 +200,7 @@ GRADCHECK_CASES = [CASES[2], CASES[3], CASES[4], CASES[8], CASES[9]]
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend, case, channels_last):
-    _skip_unavailable(backend)
+    require_backend(backend)
     input, weight, bias = case.tensors(torch.float64, channels_last)
     num_groups = len(case.in_splits)
     for stages in (None, (1, num_groups) if num_groups > 1 else None):
@@ -218,7 +214,7 @@ def test_gradcheck_float64(backend, case, channels_last):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nested_linear(backend):
-    _skip_unavailable(backend)
+    require_backend(backend)
     generator = torch.Generator().manual_seed(0)
     in_splits, out_splits = (3, 0, 5, 2), (4, 3, 3, 0)
     input = torch.randn(6, 10, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -242,7 +238,7 @@ def test_nested_linear(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_never_reads_later_groups(backend):
     """The first s output groups from the full input equal stages=(0, s) from only the first s input groups."""
-    _skip_unavailable(backend)
+    require_backend(backend)
     case = Case((4, 4, 4, 4), (6, 6, 6, 6), kernel=3, padding=1)
     layout = make_layout(case.in_splits, case.out_splits)
     input, weight, bias = case.tensors(torch.float32, channels_last=False)
@@ -264,7 +260,7 @@ def test_prefix_never_reads_later_groups(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_with_autograd(backend):
     """out= under autograd records the write, so gradients flow through the written slice."""
-    _skip_unavailable(backend)
+    require_backend(backend)
     case = CASES[2]
     input, weight, bias = (t.requires_grad_(True) for t in case.tensors(torch.float64, channels_last=False))
     out = torch.zeros(2, 24, 5, 6, dtype=torch.float64)
@@ -336,7 +332,7 @@ def test_bad_input_raises_clear_error(overrides, error, pattern):
 
 
 def test_cpp_rejects_unsupported_dtype():
-    _skip_unavailable("cpp")
+    require_backend("cpp")
     with pytest.raises(TypeError, match="backend 'cpp' supports"):
         bf16 = dict(dtype=torch.bfloat16)
         _call(input=torch.randn(1, 4, 5, 5, **bf16), weight=torch.randn(6, 4, 3, 3, **bf16), backend="cpp")
@@ -356,7 +352,7 @@ def test_nested_linear_bad_input():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    _skip_unavailable(backend)
+    require_backend(backend)
     case = CASES[3]
     input, weight, bias = case.tensors(torch.float64, channels_last=False)
     layout = case.layout
