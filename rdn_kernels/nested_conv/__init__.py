@@ -200,6 +200,8 @@ def _check_operands(input: Tensor, weight: Tensor, bias: Tensor | None, layout: 
     channels, out_channels = layout.in_offsets[-1], layout.out_offsets[-1]
     if weight.shape[0] != out_channels:
         raise ValueError(f"weight has {weight.shape[0]} output channels but sum(out_splits) = {out_channels}")
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(f"weight must have a kernel size >= 1 in both dims (kh, kw), got {tuple(weight.shape[2:])}")
     if weight.shape[1] != channels:
         raise ValueError(
             f"weight has {weight.shape[1]} input channels but sum(in_splits) = {channels}; nested "

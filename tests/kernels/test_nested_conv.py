@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import rdn_kernels
 from rdn_kernels import make_layout, nested_conv2d, nested_linear
+from rdn_kernels.backends import KNOWN_BACKENDS
 from tests.kernels.availability import require_backend
 from tests.utils import assert_close, nan_filled_like
 
@@ -329,6 +330,14 @@ def _call(**overrides):
 def test_bad_input_raises_clear_error(overrides, error, pattern):
     with pytest.raises(error, match=pattern):
         _call(**overrides)
+
+
+@pytest.mark.parametrize("kernel_size", [(0, 0), (0, 3), (3, 0)], ids=str)
+@pytest.mark.parametrize("backend", KNOWN_BACKENDS)
+def test_zero_size_kernel_is_refused_on_every_backend(backend, kernel_size):
+    """Checked before a backend is chosen (the cpp kernels used to return the bias alone)."""
+    with pytest.raises(ValueError, match=r"weight must have a kernel size >= 1"):
+        _call(weight=torch.randn(6, 4, *kernel_size), bias=torch.randn(6), backend=backend)
 
 
 def test_cpp_rejects_unsupported_dtype():
