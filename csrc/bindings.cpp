@@ -53,6 +53,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Nested conv2d forward of output groups lo..hi-1 (CPU).");
   m.def("nested_conv2d_backward_cpu", &backward_from_lists<rdn::cpu::backward>,
         "Nested conv2d backward (CPU): (grad_input, grad_weight, grad_bias).");
+  m.def("set_uninitialized_fill", &rdn::set_uninitialized_fill, py::arg("value"),
+        "Fill the output buffers the kernels allocate with `value` (None: leave them uninitialised).");
+  m.def("uninitialized_fill", &rdn::uninitialized_fill, "The fill value of new output buffers, or None.");
+  m.def("empty_like", &rdn::empty_like, py::arg("tensor"),
+        "A new buffer shaped like `tensor`, as the kernels allocate their outputs (for the tests).");
 #ifdef RDN_WITH_CUDA
   m.def("nested_conv2d_forward_cuda", &forward_from_lists<rdn::cuda::forward>,
         "Nested conv2d forward of output groups lo..hi-1 (CUDA).");

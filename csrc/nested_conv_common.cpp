@@ -2,6 +2,7 @@
 #include "nested_conv_common.h"
 
 #include <algorithm>
+#include <atomic>
 
 namespace rdn {
 namespace {
@@ -16,7 +17,32 @@ void append_run(std::vector<ChannelRange>& runs, int64_t begin, int64_t end) {
   }
 }
 
+// The debug fill of output buffers: set rarely (from Python), read by every allocation.
+std::atomic<bool> fill_enabled{false};
+std::atomic<double> fill_value{0.0};
+
+at::Tensor filled(at::Tensor buffer) {
+  if (fill_enabled.load(std::memory_order_relaxed) &&
+      (at::isFloatingType(buffer.scalar_type()) || at::isComplexType(buffer.scalar_type()))) {
+    buffer.fill_(fill_value.load(std::memory_order_relaxed));
+  }
+  return buffer;
+}
+
 }  // namespace
+
+void set_uninitialized_fill(std::optional<double> value) {
+  fill_value.store(value.value_or(0.0));
+  fill_enabled.store(value.has_value());
+}
+
+std::optional<double> uninitialized_fill() {
+  return fill_enabled.load() ? std::optional<double>(fill_value.load()) : std::nullopt;
+}
+
+at::Tensor empty(at::IntArrayRef size, const at::TensorOptions& options) { return filled(at::empty(size, options)); }
+
+at::Tensor empty_like(const at::Tensor& tensor) { return filled(at::empty_like(tensor)); }
 
 std::vector<ChannelRange> input_runs(const BlockLayout& layout, int64_t j) {
   std::vector<ChannelRange> runs;

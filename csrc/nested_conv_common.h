@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -41,6 +42,16 @@ using ForwardFn = at::Tensor(const at::Tensor& input, const at::Tensor& weight, 
 using BackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, bool has_bias,
     const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input, bool needs_weight);
+
+// Output buffers: every tensor a backend returns with memory it is expected to write in full
+// comes from these, not from at::empty. A debug switch (rdn_kernels._memory, set from Python
+// through the bindings; NaN in the tests) fills them, so that an element a kernel forgets to
+// write cannot pass a comparison because fresh memory happened to be zero. Only floating-point
+// and complex buffers are filled.
+void set_uninitialized_fill(std::optional<double> value);
+std::optional<double> uninitialized_fill();
+at::Tensor empty(at::IntArrayRef size, const at::TensorOptions& options);
+at::Tensor empty_like(const at::Tensor& tensor);
 
 // A half-open channel range [first, second).
 using ChannelRange = std::pair<int64_t, int64_t>;

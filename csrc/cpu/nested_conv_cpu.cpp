@@ -474,7 +474,7 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
   TORCH_CHECK(input.device().is_cpu(), "rdn cpp backend: expected CPU tensors");
   const at::Tensor weight_c = weight.contiguous();
   const int64_t channels = layout.out_offsets[hi] - layout.out_offsets[lo];
-  at::Tensor output = out ? *out : at::empty(output_shape(input, weight, geometry, channels),
+  at::Tensor output = out ? *out : rdn::empty(output_shape(input, weight, geometry, channels),
                                              input.options().memory_format(memory_format_of(input)));
   const int64_t out_base = out ? 0 : layout.out_offsets[lo];
   if (use_pointwise(input, weight, geometry) && is_pixel_matrix(output)) {
@@ -500,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   if (use_pointwise(input, weight, geometry) && is_pixel_matrix(grad_output)) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rdn_pointwise_backward", [&] {
       if (needs_input) {
-        grad_input = at::empty_like(input);
+        grad_input = rdn::empty_like(input);
         pointwise_grad_input<scalar_t>(grad_output, weight_c, layout, lo, hi, grad_input);
       }
       if (needs_weight) grad_weight = pointwise_grad_weight<scalar_t>(grad_output, input, weight_c, layout, lo, hi);
@@ -513,7 +513,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                            needs_input && !unfold_input, needs_weight);
     }
     if (unfold_input) {
-      grad_input = at::empty_like(input);
+      grad_input = rdn::empty_like(input);
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rdn_unfolded_grad_input", [&] {
         unfolded_grad_input<scalar_t>(grad_output, weight_c, layout, geometry, lo, hi, grad_input);
       });

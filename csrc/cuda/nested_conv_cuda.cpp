@@ -208,7 +208,7 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
   const auto shape = output_shape(input, weight, geometry, channels);
 
   if (!is_pointwise(weight, geometry) || !has_pointwise_kernel(input)) {
-    at::Tensor output = out ? *out : at::empty(shape, input.options().memory_format(memory_format_of(input)));
+    at::Tensor output = out ? *out : rdn::empty(shape, input.options().memory_format(memory_format_of(input)));
     general_forward(input, weight_c, bias_c, layout, geometry, lo, hi, output, out ? 0 : layout.out_offsets[lo]);
     return output;
   }
@@ -222,8 +222,10 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
   }
   // The result in the input's format when the kernels can write that directly (channels_last, or
   // (N, C, 1, 1)), else in a channels_last buffer converted below.
-  at::Tensor result = at::empty(shape, input.options().memory_format(memory_format_of(input)));
-  if (!is_pixel_matrix(result)) result = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor result = rdn::empty(shape, input.options().memory_format(memory_format_of(input)));
+  if (!is_pixel_matrix(result)) {
+    result = rdn::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  }
   pointwise_forward(pixels, weight_c, bias_tensor, layout, lo, hi, result, layout.out_offsets[lo]);
   if (out) {
     out->narrow(1, layout.out_offsets[lo], channels).copy_(result);
@@ -249,10 +251,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   const at::Tensor grad_pixels = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor input_pixels = input.contiguous(at::MemoryFormat::ChannelsLast);
   if (needs_input) {  // in the input's layout (what the op's fake reports), via channels_last if needed
-    grad_input = at::empty_like(input);
+    grad_input = rdn::empty_like(input);
     at::Tensor target = is_pixel_matrix(grad_input)
                             ? grad_input
-                            : at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+                            : rdn::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
     pointwise_grad_input(grad_pixels, weight_c, layout, lo, hi, target);
     if (!target.is_same(grad_input)) grad_input.copy_(target);
   }

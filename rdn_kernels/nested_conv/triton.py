@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rdn_kernels import _memory
 from rdn_kernels.backends import triton_interpreted
 from rdn_kernels.layout import NestedLayout
 
@@ -304,7 +305,7 @@ def forward(
     height_out, width_out = geometry.output_size(height, width, (kernel_h, kernel_w))
     if out is None:
         channels = layout.out_offsets[hi] - layout.out_offsets[lo]
-        result = torch.empty(
+        result = _memory.empty(
             (batch, channels, height_out, width_out),
             dtype=input.dtype,
             device=input.device,
@@ -347,7 +348,7 @@ def grad_input(
     batch, channels, height, width = input.shape
     kernel_h, kernel_w = weight.shape[2:]
     height_out, width_out = grad_output.shape[2:]
-    result = torch.empty_like(input, memory_format=output_memory_format(input))
+    result = _memory.empty_like(input, memory_format=output_memory_format(input))
     segments, runs, group_sizes = _grad_input_tables(layout, lo, hi, channels, input.device)
     phases, (tap_step_h, tap_step_w) = _phase_table(geometry, (kernel_h, kernel_w), input.device)
     stride_h, stride_w = geometry.stride

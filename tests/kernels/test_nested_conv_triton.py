@@ -4,8 +4,9 @@ The interpreter is chosen when the kernels are decorated (``triton.jit`` reads T
 then), and flipping the variable inside a shared pytest process would also change
 ``available_backends`` for every other test module. So the kernel tests below run only in a
 process started with TRITON_INTERPRET=1: in a plain ``pytest`` run they are skipped and
-:func:`test_interpreter_suite` starts that process on this file (one subprocess, its failures
-reported in the assertion). ``TRITON_INTERPRET=1 pytest tests/kernels/test_nested_conv_triton.py``
+:func:`test_interpreter_suite` starts that process on this file and on the backend-generic
+files that list ``triton`` among their backends (one subprocess, its failures reported in the
+assertion). ``TRITON_INTERPRET=1 pytest tests/kernels/test_nested_conv_triton.py``
 runs them directly.
 
 Under the interpreter the kernels use ``INTERPRETER_CONFIG``'s small tiles, so these tiny shapes
@@ -37,13 +38,17 @@ interpreter_only = pytest.mark.skipif(
     not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess started by test_interpreter_suite"
 )
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# This file and the backend-generic ones (every element written) whose triton cases need the interpreter.
+INTERPRETER_FILES = [
+    str(Path(__file__).with_name(name)) for name in ("test_nested_conv_triton.py", "test_uninitialized_fill.py")
+]
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter run")
 def test_interpreter_suite():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", *INTERPRETER_FILES, "-q", "-x", "-p", "no:cacheprovider"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
