@@ -12,6 +12,18 @@ Each backend module (``naive`` = the pure-PyTorch reference, ``cpp``, ``triton``
 ``forward(input, weight, bias, layout, geometry, lo, hi, out)`` and
 ``backward(grad_output, input, weight, has_bias, layout, geometry, lo, hi, needs_input,
 needs_weight)``.
+
+Every argument check lives here, before a backend is chosen, so that every backend behaves the
+same on bad input. That includes the ``out=`` contract, which follows PyTorch's own ``out=`` ops:
+
+- ``out`` must not overlap itself (an expanded tensor) nor ``input``, ``weight`` or ``bias``
+  (the same tensor, or views sharing memory): ValueError. Disjoint views of one buffer are fine.
+- The write is an in-place op: ``out``'s version counter is bumped, so overwriting a tensor that
+  autograd saved for backward makes that backward raise instead of using stale values.
+- Under grad mode, when ``out`` or an operand requires grad, the write is recorded (a copy into
+  ``out``'s channel slice): gradients flow through the written channels to the operands and not
+  to what they overwrote. ``out`` that is a leaf requiring grad (or a view of one) is refused,
+  as for any in-place op on such a leaf; under ``torch.no_grad()`` it is written.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from rdn_kernels._memory import check_out_aliasing
 from rdn_kernels.backends import resolve_backend
 from rdn_kernels.layout import NestedLayout, make_layout
 
@@ -70,8 +83,12 @@ def nested_conv2d(
         block_mask: (K, K) bool, lower-triangular; ``[j][i]`` true when output group j reads
             input group i. Default: all i <= j.
         stages: ``(lo, hi)`` computes output groups lo..hi-1 only. Default ``(0, K)``.
-        out: optional (N, D, H_out, W_out) buffer; the computed groups are written into their
-            channel slice and ``out`` is returned, its other channels untouched.
+        out: optional (N, D, H_out, W_out) buffer of input's dtype and device; the computed groups
+            are written into their channel slice and ``out`` is returned, its other channels
+            untouched. As with PyTorch's ``out=`` ops: ``out`` overlapping itself, ``input``,
+            ``weight`` or ``bias`` is a ValueError; the write bumps ``out``'s version counter;
+            under grad mode it is recorded by autograd, and a leaf ``out`` that requires grad is
+            a ValueError (see the module docstring).
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -90,14 +107,20 @@ def nested_conv2d(
             f"{tuple(weight.shape[2:])} with {geometry}: the output would be {height_out}×{width_out}"
         )
     if out is not None:
-        _check_out(out, input, (input.shape[0], weight.shape[0], height_out, width_out))
+        _check_out(out, input, weight, bias, (input.shape[0], weight.shape[0], height_out, width_out))
     backend = resolve_backend(backend, input.device, input.dtype)
     tensors = (input, weight, bias, out)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors[:3])
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if not needs_grad and _plain_eager(tensors):
         # Inference in plain eager mode: the registered op would only add dispatch overhead
         # (tens of µs, as much as a small stage's whole kernel), so call the backend directly.
-        return _backend(backend).forward(input, weight, bias, layout, geometry, lo, hi, out)
+        result = _backend(backend).forward(input, weight, bias, layout, geometry, lo, hi, out)
+        if out is not None:
+            # The compiled kernels write through raw pointers, unseen by autograd: bump the version
+            # as any in-place op does (the custom op does it too), so that a saved copy of `out`
+            # overwritten here is reported by backward instead of silently used.
+            torch.autograd.graph.increment_version(out)
+        return result
     args = (
         list(layout.in_splits),
         list(layout.out_splits),
@@ -112,7 +135,8 @@ def nested_conv2d(
     if out is None:
         return _nested_conv2d_op(input, weight, bias, *args)
     if needs_grad:
-        # The in-place op has no autograd formula; record the write as a copy autograd can see.
+        # The in-place op has no autograd formula; record the write as a copy autograd can see
+        # (also when only `out` is in a graph: what it held in these channels gets no gradient).
         result = _nested_conv2d_op(input, weight, bias, *args)
         out.narrow(1, layout.out_offsets[lo], result.shape[1]).copy_(result)
         return out
@@ -228,13 +252,21 @@ def _check_operands(input: Tensor, weight: Tensor, bias: Tensor | None, layout: 
             )
 
 
-def _check_out(out, input: Tensor, shape: tuple[int, ...]) -> None:
+def _check_out(out, input: Tensor, weight: Tensor, bias: Tensor | None, shape: tuple[int, ...]) -> None:
+    """The ``out=`` contract (module docstring), checked once for every backend."""
     if not isinstance(out, Tensor):
         raise TypeError(f"out must be a torch.Tensor of the full output shape {shape}, got {type(out).__name__}")
     if tuple(out.shape) != shape:
         raise ValueError(f"out must have the full output shape {shape}, got {tuple(out.shape)}")
     if out.dtype != input.dtype or out.device != input.device:
         raise TypeError(f"out must match input ({input.dtype} on {input.device}), got {out.dtype} on {out.device}")
+    if torch.is_grad_enabled() and out.requires_grad and (out if out._base is None else out._base).is_leaf:
+        raise ValueError(
+            "out is (a view of) a leaf tensor that requires grad: autograd cannot record an in-place write "
+            "into it, as for any in-place op on such a leaf. Call without out= (and use the result), pass a "
+            "buffer that does not require grad, or write under torch.no_grad()"
+        )
+    check_out_aliasing(out, {"input": input, "weight": weight, "bias": bias})
 
 
 # ----------------------------------------------------------------------------------------------

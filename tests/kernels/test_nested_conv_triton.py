@@ -38,9 +38,10 @@ interpreter_only = pytest.mark.skipif(
     not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess started by test_interpreter_suite"
 )
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# This file and the backend-generic ones (every element written) whose triton cases need the interpreter.
+# This file, and the backend-generic files whose triton cases need the interpreter.
 INTERPRETER_FILES = [
-    str(Path(__file__).with_name(name)) for name in ("test_nested_conv_triton.py", "test_uninitialized_fill.py")
+    str(Path(__file__).with_name(name))
+    for name in ("test_nested_conv_triton.py", "test_out_contract.py", "test_uninitialized_fill.py")
 ]
 
 
