@@ -1,5 +1,6 @@
-"""Helpers the surgery tests share: a relative error, the staged walk over the exits, and the
-nesting check (later groups never change earlier sub-networks, through any path)."""
+"""Helpers the surgery tests share: a relative error, the energy a layer's outputs lose to unseen
+inputs, the staged walk over the exits, and the nesting check (later groups never change earlier
+sub-networks, through any path)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdn.surgery import RussianDollNet, StagedState
@@ -14,6 +16,20 @@ from rdn.surgery import RussianDollNet, StagedState
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
+
+
+def lost_energy(layer: nn.Conv2d | nn.Linear, x: Tensor, invisible: Tensor) -> Tensor:
+    """(out_channels,) float64: Σ over the images and pixels of the squared part of each output channel
+    that comes from the ``invisible`` input channels ((in_channels,) bool), computed with plain
+    ``F.conv2d`` / ``F.linear`` on the masked input (independent of ``rdn.surgery.select``)."""
+    masked = (x * invisible.view(1, -1, *(1,) * (x.dim() - 2))).double()
+    weight = layer.weight.detach().double()
+    with torch.no_grad():
+        if isinstance(layer, nn.Conv2d):
+            y = F.conv2d(masked, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        else:
+            y = F.linear(masked, weight)
+    return y.transpose(0, 1).reshape(y.shape[1], -1).pow(2).sum(1)
 
 
 def staged_states(rdn: RussianDollNet, images: torch.Tensor) -> Iterator[tuple[int, StagedState]]:

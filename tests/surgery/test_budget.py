@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rdn.models.profile import profile_model
+from rdn.nn import NestedConv2d
 from rdn.surgery import RussianDollNet
-from rdn.surgery.budget import _candidates, _kept_per_row, apply_pruned_blocks
+from rdn.surgery.budget import apply_pruned_blocks
 from tests.surgery.checks import assert_earlier_subnets_ignore_later_groups, assert_paths_agree
 from tests.surgery.test_nest import nested_toy
 from tests.surgery.toys import toy
@@ -56,17 +59,67 @@ def test_pruned_rdn_keeps_one_pass_and_staged_paths_and_the_nesting(images):
     assert_earlier_subnets_ignore_later_groups(net, images)
 
 
-def test_blocks_drop_in_order_of_energy_per_mac(images):
-    """Every dropped block costs less energy per MAC saved than any droppable block that stays."""
-    net = nested_toy(exact=False)
-    blocks, _ = _candidates(net, torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2)), K_PRIMARY)
-    assert blocks and all(block.out_group >= K_PRIMARY and 0 <= block.score <= 1 for block in blocks)
-    pruned = nested_toy(exact=False, mac_budget=1.2).rdn_config["pruned_blocks"]
-    kept = _kept_per_row(blocks)
-    dropped = [b for b in blocks if [b.out_group, b.in_group] in pruned.get(b.layer, [])]
-    staying = [b for b in blocks if b not in kept and b not in dropped]
-    assert dropped and not set(dropped) & kept
-    assert max(b.score / b.macs for b in dropped) <= min(b.score / b.macs for b in staying)
+Block = tuple[str, int, int]  # (nested layer, output group, input group)
+
+
+@torch.no_grad()
+def block_scores(net: RussianDollNet, calib: torch.Tensor, first_group: int) -> dict[Block, tuple[float, int]]:
+    """(share of its output group's energy, MACs per sample) of every block of the output groups >=
+    ``first_group``, from first principles: the input X of every nested layer in one N_K forward of
+    ``calib``, and each block's contribution W[rows j, columns i] ⊗ X[columns i], computed in float64
+    with ``F.conv2d`` / ``F.linear`` on those slices; its energy is the squared norm over the images
+    and pixels, its share that energy over the sum of its output group's."""
+    inputs: dict[str, torch.Tensor] = {}
+    layers = net.nested_layers()
+    hooks = [layer.register_forward_hook(lambda module, args, output, name=name: inputs.__setitem__(name, args[0]))
+             for name, layer in layers.items()]  # fmt: skip
+    try:
+        net(calib)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scores: dict[Block, tuple[float, int]] = {}
+    for name, layer in layers.items():
+        rows, columns, x = layer.layout.out_offsets, layer.layout.in_offsets, inputs[name].double()
+        for j in range(first_group, layer.num_groups):
+            energies, macs = {}, {}
+            for i in range(j + 1):
+                if not layer.block_mask[j, i]:
+                    continue
+                weight = layer.weight[rows[j] : rows[j + 1], columns[i] : columns[i + 1]].double()
+                x_i = x[:, columns[i] : columns[i + 1]]
+                if isinstance(layer, NestedConv2d):
+                    y = F.conv2d(x_i, weight, None, layer.stride, layer.padding, layer.dilation)
+                else:
+                    y = F.linear(x_i, weight)
+                energies[i] = float(y.pow(2).sum())
+                macs[i] = weight.numel() * math.prod(y.shape[2:])  # per sample: out × in × kernel × pixels
+            total = sum(energies.values())
+            for i, energy in energies.items():
+                scores[(name, j, i)] = (energy / total, macs[i])
+    return scores
+
+
+@pytest.mark.parametrize("budget", [1.3, 1.2])  # at 1.3, ordering by energy alone (not per MAC) drops other blocks
+def test_blocks_drop_in_order_of_energy_per_mac(base_macs, budget):
+    """Every dropped block costs less energy per MAC saved than any droppable block that stays (each
+    output group keeps its best block), and dropping stopped as soon as N_K fit."""
+    calib = torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2))  # nested_toy's
+    scores = block_scores(nested_toy(exact=False, calib=calib), calib, K_PRIMARY)
+    net = nested_toy(exact=False, calib=calib, mac_budget=budget)
+    dropped = {(name, j, i) for name, blocks in net.rdn_config["pruned_blocks"].items() for j, i in blocks}
+    best = {}
+    for block, (score, _) in scores.items():
+        row = block[:2]
+        if row not in best or score > scores[best[row]][0]:
+            best[row] = block
+    kept, ratio = set(best.values()), {block: score / macs for block, (score, macs) in scores.items()}
+    staying = set(scores) - kept - dropped
+    assert dropped and staying and dropped <= set(scores) and not dropped & kept
+    assert max(ratio[b] for b in dropped) <= min(ratio[b] for b in staying) * (1 + 1e-6)
+    limit = math.floor(budget * base_macs)
+    last = max(dropped, key=lambda b: (ratio[b], -scores[b][1]))
+    assert net.macs(net.num_subnets) <= limit < net.macs(net.num_subnets) + scores[last][1]
 
 
 def test_config_round_trip_restores_the_masks(images):
