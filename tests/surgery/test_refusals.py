@@ -137,6 +137,7 @@ def test_budget_rows_without_energy_are_recorded_and_non_finite_energies_refused
         layer.weight[layer.layout.out_offsets[3] : layer.layout.out_offsets[4]] = 0
     result = prune_blocks(net, calib, 1.2, base_macs)
     assert result.ties == {name: [3]}
+    assert _nest_toy(mode="expand", exact=False, mac_budget=1.2).rdn_config["ties"]["mac_budget"] == {}
     with pytest.raises(ValueError, match="calib holds 1 non-finite value"):
         prune_blocks(_nest_toy(mode="expand", exact=False), _with_nan((8, 3, 10, 10)), 1.2, base_macs)
 
