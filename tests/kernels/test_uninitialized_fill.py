@@ -88,7 +88,10 @@ def test_every_output_and_gradient_element_is_written(backend, case, channels_la
     input, weight, bias = case.tensors(torch.float64, channels_last)
     num_groups = len(case.in_splits)
     # All groups, the first and the last alone (in ODD_CASES some of those are all zero-size).
-    for stages in dict.fromkeys([None, (0, 1), (num_groups - 1, num_groups)]):
+    # The Triton interpreter takes seconds per case: all groups only, test_nested_conv_triton
+    # checks its stages against the reference (on NaN-filled buffers as well).
+    stages_list = [None] if backend == "triton" else [None, (0, 1), (num_groups - 1, num_groups)]
+    for stages in dict.fromkeys(stages_list):
         leaves = [t.detach().clone().requires_grad_(True) for t in (input, weight, bias)]
         output = nested_conv2d(*leaves, **case.conv_kwargs, stages=stages, backend=backend)
         assert output.isfinite().all(), f"unwritten output elements, stages={stages}"
