@@ -224,7 +224,7 @@ class SurgeryGraph:
                 if channels is None:
                     raise ValueError(
                         f"calib must be {layout} for the model's first layer {layer}; its samples have shape {sample} "
-                        f"(calib shape (N, *sample))"
+                        "(one image without a batch dimension? calib[None] adds it)"
                     )
                 if channels != takes:
                     raise ValueError(

@@ -237,7 +237,8 @@ def nest(
     if mac_budget is not None:
         from rdn.models.profile import profile_model
 
-        base_macs = profile_model(model, batch[:1]).macs
+        with eval_mode(model):  # profile_model puts every module back in the model's mode, not its own
+            base_macs = profile_model(model, batch[:1]).macs
         with torch.no_grad():
             pruning = prune_blocks(net, batch, mac_budget, base_macs)
         net.rdn_config["pruned_blocks"] = pruning.pruned

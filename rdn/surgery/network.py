@@ -292,7 +292,7 @@ class RussianDollNet(nn.Module):
     def base_module_name(self, name: str) -> str:
         """Qualified name, in the base model, of the module layer ``name`` (a key of :attr:`layers`) was made from."""
         if name not in self.layers:
-            raise KeyError(f"{name!r} is not a layer of this RDN (its layers: {list(self.layers)})")
+            raise ValueError(f"name must be a layer of this RDN (a key of .layers: {list(self.layers)}), got {name!r}")
         return self._by_name[name].node.target
 
     @staticmethod

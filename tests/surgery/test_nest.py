@@ -340,6 +340,14 @@ def test_bad_models_and_calls(images):
         rdn.step(images)
 
 
+def test_surgery_leaves_every_module_in_its_mode(images):
+    """Surgery runs the base model in eval mode and gives every sub-module its own mode back."""
+    model = toy().train()
+    model.stem[1].eval()  # a frozen BN
+    nest(model, k=3, calib=images, skip=["stem"], mac_budget=1.2, exact=False, compensate=True)
+    assert model.training and model.body[1].training and not model.stem[1].training
+
+
 def test_channel_coupled_op_stays_outside():
     """A softmax over channels is not per channel: its inputs stay un-nested, the later conv is nested."""
     model = nn.Sequential(
