@@ -111,6 +111,12 @@ def nested_conv2d(
     backend = resolve_backend(backend, input.device, input.dtype)
     tensors = (input, weight, bias, out)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.jit.is_tracing():
+        # torch.jit.trace cannot record the registered op (its block mask is a list of bools) and
+        # would freeze the eager fast path's result into a constant: trace the reference's stock
+        # convolutions instead, which record, differentiate and run wherever TorchScript does.
+        result = nested_conv2d_reference(input, weight, bias, layout, geometry, lo, hi)
+        return result if out is None else _write_stages(out, result, layout, lo)
     if not needs_grad and _plain_eager(tensors):
         # Inference in plain eager mode: the registered op would only add dispatch overhead
         # (tens of µs, as much as a small stage's whole kernel), so call the backend directly.
@@ -137,10 +143,14 @@ def nested_conv2d(
     if needs_grad:
         # The in-place op has no autograd formula; record the write as a copy autograd can see
         # (also when only `out` is in a graph: what it held in these channels gets no gradient).
-        result = _nested_conv2d_op(input, weight, bias, *args)
-        out.narrow(1, layout.out_offsets[lo], result.shape[1]).copy_(result)
-        return out
+        return _write_stages(out, _nested_conv2d_op(input, weight, bias, *args), layout, lo)
     _nested_conv2d_out_op(input, weight, bias, *args, out)
+    return out
+
+
+def _write_stages(out: Tensor, result: Tensor, layout: NestedLayout, lo: int) -> Tensor:
+    """Copy the groups ``result`` holds (from group ``lo`` on) into their channel slice of ``out``."""
+    out.narrow(1, layout.out_offsets[lo], result.shape[1]).copy_(result)
     return out
 
 

@@ -393,6 +393,28 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled(input), block(input))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+@pytest.mark.parametrize("with_out", [False, True])
+def test_jit_trace_records_the_computation_not_a_constant(with_out):
+    """Traced on plain tensors without grad, the eager fast path used to be frozen into a constant."""
+    case = CASES[7]
+    input, weight, bias = case.tensors(torch.float32, channels_last=False)
+    kwargs = {**case.conv_kwargs, "stages": (1, case.layout.num_groups)} if with_out else case.conv_kwargs
+
+    def call(x):
+        out = torch.zeros(x.shape[0], weight.shape[0], *reference(x).shape[2:]) if with_out else None
+        return nested_conv2d(x, weight, bias, **kwargs, out=out)
+
+    def reference(x):
+        return nested_conv2d(x, weight, bias, **kwargs, backend="torch")
+
+    with torch.no_grad():
+        traced = torch.jit.trace(call, input)
+        other = torch.randn_like(input)
+        assert_close(traced(other), call(other), what="traced on new input")
+    assert "rdn::" not in str(traced.graph)
+
+
 def test_registered_op_visible_to_dispatch_modes():
     """Plain eager inference calls the backend directly; anything watching the dispatcher sees the op."""
     from torch.utils._python_dispatch import TorchDispatchMode
