@@ -16,6 +16,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import Any
 
 import torch
 
@@ -171,3 +172,19 @@ def _validated_layout(in_splits, out_splits, block_mask) -> NestedLayout:
             f"{len(in_splits)} and {len(out_splits)}"
         )
     return NestedLayout(in_splits, out_splits, _as_mask(block_mask, len(in_splits)))
+
+
+def check_stages(stages: Any, num_groups: int) -> tuple[int, int]:
+    """``stages`` as ``(lo, hi)`` with ``0 <= lo < hi <= num_groups``; ``None`` is all groups."""
+    if stages is None:
+        return 0, num_groups
+    if (
+        not isinstance(stages, (tuple, list))
+        or len(stages) != 2
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in stages)
+    ):
+        raise TypeError(f"stages must be a pair of ints (lo, hi), got {stages!r}")
+    lo, hi = stages
+    if not 0 <= lo < hi <= num_groups:
+        raise ValueError(f"stages must satisfy 0 <= lo < hi <= K={num_groups}, got {tuple(stages)}")
+    return lo, hi

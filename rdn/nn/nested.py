@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdn_kernels import make_layout, nested_conv2d, nested_linear
+from rdn_kernels import check_stages, make_layout, nested_conv2d, nested_linear
 from rdn_kernels.backends import KNOWN_BACKENDS
 from rdn_kernels.layout import NestedLayout
-from rdn_kernels.nested_conv.geometry import ConvGeometry
+from rdn_kernels.nested_conv.geometry import ConvGeometry, int_pair
 
 __all__ = ["NestedConv2d", "NestedLinear", "split_channels"]
 
@@ -267,7 +267,7 @@ class _NestedLayer(nn.Module):
             # The tracer warns that it fixes the values read here (input and out shapes, the
             # splits as tensors): they are the layer's channel counts, constants by design.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            lo, hi = _check_stages(stages, self.num_groups)
+            lo, hi = check_stages(stages, self.num_groups)
             start, stop = self.layout.out_offsets[lo], self.layout.out_offsets[hi]
             prefix = self.layout.in_offsets[hi]
             shape = tuple(int(size) for size in x.shape)
@@ -302,41 +302,6 @@ class _NestedLayer(nn.Module):
         if self.layout != make_layout(self.in_splits, self.out_splits):
             text += f", block_mask={[[int(m) for m in row] for row in self.layout.mask]}"
         return text
-
-
-def _check_stages(stages: Any, num_groups: int) -> tuple[int, int]:
-    """``stages`` as (lo, hi) with 0 <= lo < hi <= K; None is all groups (the op's rule)."""
-    if stages is None:
-        return 0, num_groups
-    if (
-        not isinstance(stages, (tuple, list))
-        or len(stages) != 2
-        or any(isinstance(s, bool) or not isinstance(s, int) for s in stages)
-    ):
-        raise TypeError(f"stages must be a pair of ints (lo, hi), got {stages!r}")
-    lo, hi = stages
-    if not 0 <= lo < hi <= num_groups:
-        raise ValueError(f"stages must satisfy 0 <= lo < hi <= K={num_groups}, got {tuple(stages)}")
-    return lo, hi
-
-
-def _kernel_pair(kernel_size: Any) -> tuple[int, int]:
-    """``kernel_size`` as a pair of ints >= 1.
-
-    The op reads the kernel from the weight's shape, so unlike stride / padding / dilation it has
-    no check of its own to reuse.
-    """
-    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
-        kernel_size = (kernel_size, kernel_size)
-    if (
-        not isinstance(kernel_size, (tuple, list))
-        or len(kernel_size) != 2
-        or any(isinstance(k, bool) or not isinstance(k, int) for k in kernel_size)
-    ):
-        raise TypeError(f"kernel_size must be an int or a pair of ints, got {kernel_size!r}")
-    if min(kernel_size) < 1:
-        raise ValueError(f"kernel_size must be >= 1 in each dimension, got {tuple(kernel_size)}")
-    return (kernel_size[0], kernel_size[1])
 
 
 def _check_source(name: str, module: Any, expected: type[nn.Module]) -> None:
@@ -419,7 +384,8 @@ class NestedConv2d(_NestedLayer):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.kernel_size: tuple[int, int] = _kernel_pair(kernel_size)
+        # The op reads the kernel from the weight's shape: the layer checks the size it allocates.
+        self.kernel_size: tuple[int, int] = int_pair("kernel_size", kernel_size, 1)
         # The op's own check of the rest, run now rather than at the first forward.
         geometry = ConvGeometry.from_args(stride, padding, dilation)
         self.stride: tuple[int, int] = geometry.stride

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from rdn_kernels._memory import check_out_aliasing
 from rdn_kernels.backends import resolve_backend
-from rdn_kernels.layout import NestedLayout, make_layout
+from rdn_kernels.layout import NestedLayout, check_stages, make_layout
 
 from .geometry import ConvGeometry, output_memory_format
 from .naive import nested_conv2d_reference
@@ -98,7 +98,7 @@ def nested_conv2d(
     _check_tensor("weight", weight, dims=4, shape_hint="(D, C, kh, kw)")
     layout = make_layout(in_splits, out_splits, block_mask)
     geometry = ConvGeometry.from_args(stride, padding, dilation)
-    lo, hi = _check_stages(stages, layout.num_groups)
+    lo, hi = check_stages(stages, layout.num_groups)
     _check_operands(input, weight, bias, layout, hi)
     height_out, width_out = geometry.output_size(input.shape[2], input.shape[3], weight.shape[2:])
     if height_out <= 0 or width_out <= 0:
@@ -213,21 +213,6 @@ def _check_tensor(name: str, tensor, dims: int, shape_hint: str) -> None:
         raise ValueError(f"{name} must be {dims}-D {shape_hint}, got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
-
-
-def _check_stages(stages, num_groups: int) -> tuple[int, int]:
-    if stages is None:
-        return 0, num_groups
-    if (
-        not isinstance(stages, (tuple, list))
-        or len(stages) != 2
-        or any(isinstance(s, bool) or not isinstance(s, int) for s in stages)
-    ):
-        raise TypeError(f"stages must be a pair of ints (lo, hi), got {stages!r}")
-    lo, hi = stages
-    if not 0 <= lo < hi <= num_groups:
-        raise ValueError(f"stages must satisfy 0 <= lo < hi <= K={num_groups}, got {tuple(stages)}")
-    return lo, hi
 
 
 def _check_operands(input: Tensor, weight: Tensor, bias: Tensor | None, layout: NestedLayout, hi: int) -> None:

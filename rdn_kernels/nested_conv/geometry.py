@@ -10,7 +10,8 @@ import torch
 from rdn_kernels.layout import NestedLayout
 
 
-def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+def int_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """``value`` (an int or a pair of ints, each >= ``minimum``) as a pair; errors name ``name``."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     if (
@@ -43,7 +44,7 @@ class ConvGeometry:
                 f"padding must be an int or a pair of ints, got the string {padding!r}; "
                 "give the explicit amount (for 'same' with an odd kernel k: (k - 1) // 2 · dilation)"
             )
-        return cls(_pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1))
+        return cls(int_pair("stride", stride, 1), int_pair("padding", padding, 0), int_pair("dilation", dilation, 1))
 
     def output_size(self, height: int, width: int, kernel_size) -> tuple[int, int]:
         def one(size: int, axis: int) -> int:

@@ -21,8 +21,8 @@ DTYPE = torch.float64
 @pytest.mark.parametrize(
     "geometry, error, match",
     [
-        ({"kernel_size": 0}, ValueError, r"kernel_size must be >= 1 in each dimension, got \(0, 0\)"),
-        ({"kernel_size": (3, 0)}, ValueError, r"kernel_size must be >= 1 in each dimension, got \(3, 0\)"),
+        ({"kernel_size": 0}, ValueError, r"kernel_size must be >= 1, got \(0, 0\)"),
+        ({"kernel_size": (3, 0)}, ValueError, r"kernel_size must be >= 1, got \(3, 0\)"),
         ({"kernel_size": -1}, ValueError, "kernel_size must be >= 1"),
         ({"kernel_size": 1.5}, TypeError, "kernel_size must be an int or a pair of ints"),
         ({"kernel_size": True}, TypeError, "kernel_size must be an int or a pair of ints"),
