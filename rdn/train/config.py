@@ -17,7 +17,9 @@ batch 1024, cosine schedule to 1e-5, EMA of the weights with decay 0.9999, BN de
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+
+from rdn.config import Config, setting
 
 __all__ = ["EXITS", "AMP_MODES", "TrainConfig"]
 
@@ -26,63 +28,49 @@ EXITS = ("all", "all_but_lightest", "largest")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class TrainConfig(Config):
     """Settings of one training run (pretraining a base model or fine-tuning an RDN).
 
-    Attributes:
-        epochs: passes over the training split.
-        batch_size: global batch (all processes together); must divide by the process count.
-        lr: peak learning rate; ``None``: 0.1 × batch_size / 256.
-        min_lr: learning rate at the end of the cosine schedule (paper: 1e-5).
-        warmup_epochs: linear warm-up from 0 to ``lr`` (fractional epochs allowed).
-        momentum, nesterov: SGD momentum (paper: Nesterov 0.9).
-        weight_decay: on conv / linear weights only (not BN, biases), paper 1e-4.
-        label_smoothing: of the cross-entropy targets.
-        grad_clip: max global gradient norm, ``None`` = no clipping.
-        ema_decay: EMA of the weights (with warm-up), ``None`` = no EMA.
-        bn_momentum: set on every BatchNorm before training, ``None`` = leave the model's.
-        exits: RDN only: which exits the joint loss trains (:data:`EXITS`).
-        exit_weights: RDN only: w_s of the joint loss Σ_s w_s·CE_s; ``None``: equal weights
-            summing to 1 over the trained exits (so the learning rate means what it means for the base model).
-        distill: RDN only: in-place distillation weight α: exits s < K learn
-            (1 - α)·CE(y) + α·KL(softmax(N_K, detached) ‖ softmax(N_s)); 0 = plain CE.
-        distill_temperature: temperature of the distillation softmaxes.
-        amp: mixed precision on GPU: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16``,
-            ``off``. Always off on CPU.
-        seed: seeds weights' dropout, data order and augmentation.
-        steps_per_epoch: cap on optimisation steps per epoch (smoke runs), ``None`` = the whole split.
-        checkpoint_every: also checkpoint every this many steps (mid-epoch resume), ``None`` = epoch ends only.
-        eval_batch_size: batch size of evaluation, per process.
-        num_workers: DataLoader workers.
-        progress: show a tqdm progress bar (rank 0).
+    Every field's meaning is its ``setting`` help below (also what ``rdn pretrain --help`` shows).
+    ``exit_weights``, ``exits`` and ``distill*`` apply to RDNs only. Validated when built; frozen
+    (use :meth:`replace`); serialised with a version (:mod:`rdn.config`).
     """
 
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float | None = None
-    min_lr: float = 1e-5
-    warmup_epochs: float = 1.0
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    grad_clip: float | None = None
-    ema_decay: float | None = 0.999
-    bn_momentum: float | None = 0.1
-    exits: str = "all"
-    exit_weights: tuple[float, ...] | None = None
-    distill: float = 0.0
-    distill_temperature: float = 1.0
-    amp: str = "auto"
-    seed: int = 0
-    steps_per_epoch: int | None = None
-    checkpoint_every: int | None = None
-    eval_batch_size: int = 512
-    num_workers: int = 0
-    progress: bool = True
+    epochs: int = setting(10, "passes over the training split")
+    batch_size: int = setting(128, "global batch size (all processes together; must divide by the process count)")
+    lr: float | None = setting(None, "peak learning rate; not set: 0.1 x batch_size / 256")
+    min_lr: float = setting(1e-5, "learning rate at the end of the cosine schedule (paper: 1e-5)")
+    warmup_epochs: float = setting(1.0, "linear warm-up from 0 to lr, in (fractional) epochs")
+    momentum: float = setting(0.9, "SGD momentum (paper: Nesterov 0.9)")
+    nesterov: bool = setting(True, "Nesterov momentum")
+    weight_decay: float = setting(1e-4, "weight decay of conv / linear weights (not BN, not biases); paper 1e-4")
+    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy targets")
+    grad_clip: float | None = setting(None, "clip the global gradient norm to this; not set: no clipping")
+    ema_decay: float | None = setting(0.999, "EMA of the weights (with warm-up), evaluated beside the raw weights; "
+                                             "not set: no EMA")
+    bn_momentum: float | None = setting(0.1, "set on every BatchNorm before training (paper 0.01, for 250k-step "
+                                             "runs); not set: leave the model's")
+    exits: str = setting("all", "RDN: which exits the joint loss trains (paper Table 5)", choices=EXITS)
+    exit_weights: tuple[float, ...] | None = setting(None, "RDN: w_1..w_K of the joint loss sum_s w_s CE_s; not "
+                                                           "set: equal weights summing to 1 over the trained exits")
+    distill: float = setting(0.0, "RDN: in-place distillation weight a: exits s < K learn (1 - a) CE + a "
+                                  "KL(N_K || N_s); 0 = plain CE")
+    distill_temperature: float = setting(1.0, "RDN: temperature of the distillation softmaxes")
+    amp: str = setting("auto", "mixed precision on GPU (auto: bf16 where supported, else fp16); never on CPU",
+                       choices=AMP_MODES)
+    seed: int = setting(0, "seed of weight init, dropout, data order and augmentation")
+    steps_per_epoch: int | None = setting(None, "cap on optimisation steps per epoch (smoke runs); not set: the "
+                                                "whole split")
+    checkpoint_every: int | None = setting(None, "also checkpoint every this many steps (mid-epoch resume); not "
+                                                 "set: at epoch ends")
+    eval_batch_size: int = setting(512, "batch size of evaluation, per process")
+    num_workers: int = setting(0, "DataLoader worker processes")
+    progress: bool = setting(True, "show a progress bar and epoch lines (main process)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def positive_int(name: str, value, allow_none: bool = False) -> None:
             if value is None and allow_none:
                 return
@@ -112,30 +100,16 @@ class TrainConfig:
         in_range("bn_momentum", self.bn_momentum, 0.0, 1.0, allow_none=True)
         in_range("distill", self.distill, 0.0, 1.0)
         in_range("distill_temperature", self.distill_temperature, 1e-3, 1e3)
-        if self.exits not in EXITS:
-            raise ValueError(f"exits must be one of {EXITS}, got {self.exits!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
         if self.exit_weights is not None:
-            self.exit_weights = tuple(float(w) for w in self.exit_weights)
+            # Frozen: the normalised tuple is stored the one way a frozen dataclass allows.
+            object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
             if any(w < 0 for w in self.exit_weights) or not any(self.exit_weights):
                 raise ValueError(f"exit_weights must be non-negative and not all zero, got {self.exit_weights}")
 
     @property
     def peak_lr(self) -> float:
         return 0.1 * self.batch_size / 256 if self.lr is None else self.lr
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)

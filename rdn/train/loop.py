@@ -199,11 +199,10 @@ def _set_bn_momentum(model: nn.Module, momentum: float | None) -> None:
 
 
 def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
-    current = config.to_dict()
-    changed = sorted(key for key in current if key not in _RESUMABLE_CHANGES and saved.get(key) != current[key])
+    """A run resumes only with the same training settings, apart from those that do not change results."""
+    changed = config.describe_differences(TrainConfig.from_dict(saved), ignore=_RESUMABLE_CHANGES)
     if changed:
-        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
-        raise ValueError(f"cannot resume {path} with different training settings ({details}); use a fresh --out folder")
+        raise ValueError(f"cannot resume {path} with different training settings ({changed}); use a fresh --out folder")
 
 
 def fit(

@@ -80,6 +80,6 @@ def test_config_rejects_bad_values():
         TrainConfig(exits="lightest")
     with pytest.raises(ValueError, match="distill must be"):
         TrainConfig(distill=2.0)
-    with pytest.raises(ValueError, match="unknown training settings"):
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \[.epochz.\]"):
         TrainConfig.from_dict({"epochz": 1})
     assert TrainConfig(batch_size=512).peak_lr == pytest.approx(0.2)

@@ -1,0 +1,97 @@
+"""rdn.config: typed frozen configs, JSON round trip with a version, migrations, differences, generated CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+
+from rdn.config import Config, ConfigError, add_config_arguments, config_from_arguments, setting
+from rdn.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Inner(Config):
+    size: int = setting(3, "an inner size")
+
+
+@dataclass(frozen=True)
+class Example(Config):
+    VERSION: ClassVar[int] = 3
+    # v1 had "width" only; v2 added "depth" (default 2); v3 renamed "width" to "channels".
+    MIGRATIONS: ClassVar[dict] = {
+        1: lambda values: {**values, "depth": 2},
+        2: lambda values: {"channels": values.pop("width"), **values},
+    }
+
+    channels: int = setting(8, "channels of the first layer")
+    depth: int = setting(2, "number of blocks")
+    mode: str = setting("expand", "how", choices=("expand", "truncate"))
+    scales: tuple[float, ...] = setting((1.0, 0.5), "scales")
+    budget: float | None = setting(None, "a budget")
+    exact: bool = setting(True, "exact")
+    inner: Inner = setting(Inner(), "nested config", cli=False)
+    hidden: int = setting(0, "not on the command line", cli=False)
+
+
+def test_round_trip_through_json_keeps_types():
+    config = Example(channels=4, scales=(2.0,), budget=1.5, inner=Inner(5))
+    text = config.to_json()
+    assert json.loads(text)["kind"] == "Example" and json.loads(text)["version"] == 3
+    again = Example.from_json(text)
+    assert again == config and isinstance(again.scales, tuple) and isinstance(again.inner, Inner)
+
+
+def test_frozen_and_replace_checks_again():
+    config = Example()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.depth = 3
+    assert config.replace(depth=5).depth == 5 and config.depth == 2
+    with pytest.raises(ConfigError, match=r"mode must be one of \['expand', 'truncate'\], got 'sideways'"):
+        config.replace(mode="sideways")
+
+
+def test_older_versions_are_migrated_and_future_or_foreign_ones_refused():
+    assert Example.from_dict({"kind": "Example", "version": 1, "width": 16}) == Example(channels=16, depth=2)
+    assert Example.from_dict({"version": 2, "width": 16, "depth": 7}) == Example(channels=16, depth=7)
+    with pytest.raises(ConfigError, match=r"Example version 4 cannot be read by this rdn \(versions 1..3\)"):
+        Example.from_dict({"version": 4})
+    with pytest.raises(ConfigError, match="expected a Example, got a TrainConfig"):
+        Example.from_dict(TrainConfig().to_dict())
+    with pytest.raises(ConfigError, match=r"unknown Example fields \['colour'\]"):
+        Example.from_dict({"version": 3, "colour": "red"})
+
+
+def test_differences_name_the_fields():
+    a, b = Example(), Example(depth=3, budget=1.2)
+    assert a.differences(b) == ["depth", "budget"] and a.differences(b, ignore=["budget"]) == ["depth"]
+    assert b.describe_differences(a) == "depth: 2 -> 3, budget: None -> 1.2"
+    with pytest.raises(ConfigError, match="cannot compare"):
+        a.differences(TrainConfig())
+
+
+def test_cli_is_generated_from_the_config():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Example, defaults={"depth": 4})
+    text = parser.format_help()
+    assert "--channels CHANNELS" in text and "(default: 8)" in text and "(default: 4)" in text
+    assert "--exact, --no-exact" in text and "(default: not set)" in text and "--hidden" not in text
+    arguments = parser.parse_args(["--channels", "2", "--no-exact", "--scales", "1", "3", "--mode", "truncate"])
+    config = config_from_arguments(Example, arguments, defaults={"depth": 4}, budget=0.5)
+    assert config == Example(channels=2, depth=4, exact=False, scales=(1.0, 3.0), mode="truncate", budget=0.5)
+    assert config_from_arguments(Example, parser.parse_args([])) == Example()  # nothing given: class defaults
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "sideways"])
+
+
+def test_train_config_is_a_versioned_config():
+    config = TrainConfig(epochs=3, exit_weights=[1, 2])
+    assert config.exit_weights == (1.0, 2.0)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    # What checkpoints before versioned configs stored: the plain fields, no kind or version.
+    legacy = {key: value for key, value in config.to_dict().items() if key not in ("kind", "version")}
+    assert TrainConfig.from_dict(legacy) == config
