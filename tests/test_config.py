@@ -11,6 +11,7 @@ from typing import ClassVar
 import pytest
 
 from rdn.config import Config, ConfigError, add_config_arguments, config_from_arguments, setting
+from rdn.surgery import NestConfig
 from rdn.train import TrainConfig
 
 
@@ -95,3 +96,20 @@ def test_train_config_is_a_versioned_config():
     # What checkpoints before versioned configs stored: the plain fields, no kind or version.
     legacy = {key: value for key, value in config.to_dict().items() if key not in ("kind", "version")}
     assert TrainConfig.from_dict(legacy) == config
+
+
+def test_nest_config_checks_its_options_by_name():
+    config = NestConfig(k=3, exact=False, copy_fraction=0.25, skip=["stem"])
+    assert config.skip == ("stem",) and config.num_subnets == 5
+    assert NestConfig.from_dict(json.loads(config.to_json())) == config
+    for changes, error, pattern in (
+        ({"k": 0}, ValueError, "k .* must be >= 1"),
+        ({"mode": "sideways"}, ConfigError, "mode must be one of"),
+        ({"copy_fraction": 0.5}, ValueError, "copy_fraction < 1 .* exact=False"),
+        ({"mac_budget": 1.1, "mode": "truncate"}, ValueError, "mac_budget drops blocks"),
+        ({"compensate": True, "copies": "sum"}, ValueError, "compensate=True needs copies='latest'"),
+        ({"skip": -1}, ValueError, "skip .* must be >= 0"),
+        ({"depth_split": True}, TypeError, "depth_split must be"),
+    ):
+        with pytest.raises(error, match=pattern):
+            NestConfig(**changes)

@@ -7,8 +7,9 @@ to fit a MAC budget (:mod:`rdn.surgery.budget`) and returns a :class:`RussianDol
 (:mod:`rdn.surgery.network`).
 """
 
+from rdn.surgery.config import NestConfig
 from rdn.surgery.nest import nest
 from rdn.surgery.network import RussianDollNet, StagedState
 from rdn.surgery.spaces import ChannelSpace
 
-__all__ = ["nest", "RussianDollNet", "StagedState", "ChannelSpace"]
+__all__ = ["nest", "NestConfig", "RussianDollNet", "StagedState", "ChannelSpace"]
