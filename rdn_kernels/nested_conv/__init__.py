@@ -160,8 +160,13 @@ def _plain_eager(tensors) -> bool:
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
-        and all(t is None or type(t) is Tensor for t in tensors)
+        and all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
     )
+
+
+# nn.Parameter is a plain tensor to the dispatcher (it disables __torch_function__): a module's
+# weights must not push every inference call of a nested layer onto the slower registered-op path.
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def nested_linear(

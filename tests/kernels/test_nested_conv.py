@@ -415,6 +415,24 @@ def test_jit_trace_records_the_computation_not_a_constant(with_out):
     assert "rdn::" not in str(traced.graph)
 
 
+def test_inference_with_parameters_skips_the_dispatcher(monkeypatch):
+    """A module's nn.Parameter weights are plain tensors: inference calls the backend directly."""
+    import rdn_kernels.nested_conv as op_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the registered op was called for plain eager inference")
+
+    case = CASES[2]
+    input, weight, bias = case.tensors(torch.float32, channels_last=False)
+    expected = nested_conv2d(input, weight, bias, **case.conv_kwargs)
+    monkeypatch.setattr(op_module, "_nested_conv2d_op", refuse)
+    weight, bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+    with torch.no_grad():
+        assert torch.equal(nested_conv2d(input, weight, bias, **case.conv_kwargs), expected)
+    with pytest.raises(AssertionError, match="registered op was called"):  # training still records autograd
+        nested_conv2d(input, weight, bias, **case.conv_kwargs)
+
+
 def test_registered_op_visible_to_dispatch_modes():
     """Plain eager inference calls the backend directly; anything watching the dispatcher sees the op."""
     from torch.utils._python_dispatch import TorchDispatchMode
