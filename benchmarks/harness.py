@@ -4,7 +4,9 @@ CPU: each callable is warmed up, then timed in *interleaved rounds*: every round
 of every implementation (in a rotated order), a sample being a loop long enough to dwarf the
 timer's resolution. Interleaving matters on a shared machine: load that comes and goes hits
 every implementation alike, so the ratios stay meaningful even when the absolute times drift.
-The median and quartiles of the samples are reported.
+The median and quartiles of the samples are reported. The interleaved rounds and the machine
+description come from :mod:`rdn_kernels.timing`; this module adds the warm-up by time, the
+quartiles and what only a benchmark records (triton version, git commit, date).
 
 GPU: ``triton.testing.do_bench`` (warm-up, L2 flush before every run, CUDA-event timing),
 median and quartiles.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-import os
 import re
 import statistics
 import subprocess
@@ -25,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from rdn_kernels.timing import device_name, interleaved_samples, machine_summary
 
 
 @dataclass(frozen=True)
@@ -89,18 +92,10 @@ def _warm_up_and_count(fn: Callable[[], object], config: TimingConfig) -> int:
 
 
 def _time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], config: TimingConfig) -> dict[str, Timing]:
-    names = list(fns)
-    calls_per_sample = {name: _warm_up_and_count(fns[name], config) for name in names}
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(config.rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, calls = fns[name], calls_per_sample[name]
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.perf_counter() - start) / calls * 1e3)
-    return {name: _summary(values) for name, values in samples.items()}
+    # The warm-up here is by time (it also sizes the samples), so the rounds need no more of it.
+    calls_per_sample = {name: _warm_up_and_count(fn, config) for name, fn in fns.items()}
+    samples = interleaved_samples(fns, config.rounds, warmup=0, calls=calls_per_sample)
+    return {name: _summary([seconds * 1e3 for seconds in values]) for name, values in samples.items()}
 
 
 def _summary(values_ms: list[float]) -> Timing:
@@ -147,27 +142,9 @@ def relative_error(actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tenso
 # ----------------------------------------------------------------------------------------------
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"
-
-
 def device_tag(device: torch.device) -> str:
     """File-name tag: ``cpu`` or the GPU name in lower case (``nvidia-h100-80gb-hbm3``)."""
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def _package_version(name: str) -> str:
@@ -192,12 +169,7 @@ def _git_commit() -> str:
 
 def machine_info(device: torch.device) -> dict[str, str]:
     """Everything a result needs beside it to be read later: device, CPU, versions, date."""
-    info = {
-        "device": device_name(device),
-        "cpu": _cpu_model(),
-        "cpu_cores": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
+    info = machine_summary(device) | {
         "triton": _package_version("triton"),
         "git_commit": _git_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
