@@ -109,6 +109,10 @@ def nested_conv2d(
     if out is not None:
         _check_out(out, input, weight, bias, (input.shape[0], weight.shape[0], height_out, width_out))
     backend = resolve_backend(backend, input.device, input.dtype)
+    if bias is not None:
+        # D elements: one contiguous copy here (differentiable, and free when already contiguous)
+        # spares every backend a strided bias read (the Triton forward read it as contiguous).
+        bias = bias.contiguous()
     tensors = (input, weight, bias, out)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.jit.is_tracing():

@@ -41,7 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # This file, and the backend-generic files whose triton cases need the interpreter.
 INTERPRETER_FILES = [
     str(Path(__file__).with_name(name))
-    for name in ("test_nested_conv_triton.py", "test_out_contract.py", "test_uninitialized_fill.py")
+    for name in ("test_nested_conv_triton.py", "test_out_contract.py", "test_uninitialized_fill.py",
+                 "test_operand_strides.py")
 ]
 
 
