@@ -72,6 +72,18 @@ def _count_tiles(table_ptr, num_entries, BLOCK_A: tl.constexpr):
 
 
 @triton.jit
+def _aligned_channel_base(base, CHANNEL_ALIGN: tl.constexpr):
+    """``base`` (a channel offset argument) with the alignment hint, where the hint can hold.
+
+    The JIT turns an int argument equal to 1 into a compile-time constant, which ``tl.multiple_of``
+    refuses; a base of 1 only occurs with CHANNEL_ALIGN == 1, where the hint would say nothing.
+    """
+    if CHANNEL_ALIGN > 1:
+        base = tl.multiple_of(base, CHANNEL_ALIGN)
+    return base
+
+
+@triton.jit
 def nested_conv_forward_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, segments_ptr, runs_ptr,
     num_segments, num_pixels, height, width, height_out, width_out, kernel_h, kernel_w,
@@ -98,7 +110,7 @@ def nested_conv_forward_kernel(
     pixel_tile = pid // num_channel_tiles
     segment, co_start, _ = _locate_tile(channel_tile, segments_ptr, num_segments, BLOCK_N, 1, False)
     co_stop = tl.multiple_of(tl.load(segments_ptr + 4 * segment + 1), CHANNEL_ALIGN)
-    y_channel_base = tl.multiple_of(y_channel_base, CHANNEL_ALIGN)
+    y_channel_base = _aligned_channel_base(y_channel_base, CHANNEL_ALIGN)
     run_first = tl.load(segments_ptr + 4 * segment + 2)
     run_stop = tl.load(segments_ptr + 4 * segment + 3)
 
@@ -186,7 +198,7 @@ def nested_conv_grad_input_kernel(
     pixel_tile = pid // num_channel_tiles
     segment, ci_start, _ = _locate_tile(channel_tile, segments_ptr, num_segments, BLOCK_N, 1, False)
     ci_stop = tl.multiple_of(tl.load(segments_ptr + 4 * segment + 1), CHANNEL_ALIGN)
-    go_channel_base = tl.multiple_of(go_channel_base, CHANNEL_ALIGN)
+    go_channel_base = _aligned_channel_base(go_channel_base, CHANNEL_ALIGN)
     run_first = tl.load(segments_ptr + 4 * segment + 2)
     run_stop = tl.load(segments_ptr + 4 * segment + 3)
     phase_h = phase // stride_w
@@ -269,7 +281,7 @@ def nested_conv_grad_weight_kernel(
     block, co_start, ci_start = _locate_tile(tl.program_id(0), blocks_ptr, num_blocks, BLOCK_M, BLOCK_N, True)
     co_stop = tl.multiple_of(tl.load(blocks_ptr + 4 * block + 1), CHANNEL_ALIGN)
     ci_stop = tl.multiple_of(tl.load(blocks_ptr + 4 * block + 3), CHANNEL_ALIGN)
-    go_channel_base = tl.multiple_of(go_channel_base, CHANNEL_ALIGN)
+    go_channel_base = _aligned_channel_base(go_channel_base, CHANNEL_ALIGN)
     r = tap // kernel_w
     s = tap % kernel_w
 
