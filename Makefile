@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 
 EXTENSION_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh) setup.py
 
-.PHONY: install data build demo test lint bench bench-gpu clean
+.PHONY: install data build demo test lint bench bench-gpu static-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ bench: build
 
 bench-gpu: build
 	$(PY) -m benchmarks.bench_nested_conv --device cuda
+
+# Rewrites the committed static-check tables (benchmarks/results/{cuda,triton}_static_check.md):
+# every CUDA kernel (nvcc) and Triton configuration compiled for sm_80/sm_90 without a GPU and
+# checked for spills, shared memory and tensor-core instructions. `make test` runs the same checks.
+static-check: install
+	$(PY) -m tools.static_check_cuda
+	$(PY) -m tools.static_check_triton
 
 clean:
 	rm -rf build rdn_kernels/*.so $(VENV)/.built

@@ -7,7 +7,7 @@ the blocks of the mask; one launch computes every group of a stage. This module 
 run under ``TRITON_INTERPRET=1`` (decided when this module is imported, like ``triton.jit``).
 
 The tile configurations are module-level constants (``FORWARD_CONFIGS``, ``GRAD_INPUT_CONFIGS``,
-``GRAD_WEIGHT_CONFIGS``) so that :mod:`rdn_kernels.nested_conv.static_check` can compile each
+``GRAD_WEIGHT_CONFIGS``) so that ``tools/static_check_triton.py`` can compile each
 one ahead of time for sm_90 and sm_80; a configuration that spills registers, overflows shared
 memory or misses the tensor cores there is removed from these lists, not tolerated.
 """

@@ -1,17 +1,19 @@
 """The CUDA sources compile with nvcc for sm_80 / sm_90, without spills, within shared memory,
 and the fp16 / bf16 kernels use tensor cores — checked without a GPU.
 
-Compilation is cached by source hash (see :mod:`rdn_kernels.nested_conv.cuda_static_check`), so
+Compilation is cached by source hash (see :mod:`tools.static_check_cuda`), so
 only the first run after an edit pays for nvcc.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
 
 import pytest
 
-from rdn_kernels.nested_conv import cuda_static_check as static_check
+from tools import static_check_cuda as static_check
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,24 @@ def compiled(nvcc) -> tuple[list[static_check.KernelResources], Future]:
 @pytest.fixture(scope="module")
 def kernels(compiled) -> list[static_check.KernelResources]:
     return compiled[0]
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_paths_are_the_checkouts_whatever_the_current_directory(tmp_path, monkeypatch):
+    """The tool lives in the repository, not in an installed package, and finds csrc/ from its own file."""
+    assert importlib.util.find_spec("rdn_kernels.nested_conv.cuda_static_check") is None
+    monkeypatch.chdir(tmp_path)
+    assert static_check.CUDA_SOURCE_DIR == REPO_ROOT / "csrc" / "cuda"
+    assert static_check.REPORT_PATH == REPO_ROOT / "benchmarks" / "results" / "cuda_static_check.md"
+    assert all(path.is_file() for path in static_check.cuda_sources())
+
+
+def test_no_sources_is_an_error_not_a_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(static_check, "CUDA_SOURCE_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no CUDA sources"):
+        static_check.cuda_sources()
 
 
 def test_there_are_cuda_sources():

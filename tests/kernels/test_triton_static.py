@@ -8,7 +8,9 @@ compiles about a hundred kernels (a few minutes on two cores), later runs take s
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +21,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def test_the_table_goes_to_the_checkouts_results_folder():
+    """The tool is not in the runtime package, and its default output does not depend on the current directory."""
+    from tools import static_check_triton as static_check
+
+    assert importlib.util.find_spec("rdn_kernels.nested_conv.static_check") is None
+    repo = Path(__file__).resolve().parents[2]
+    assert static_check.DEFAULT_OUTPUT == repo / "benchmarks" / "results" / "triton_static_check.md"
+
+
 def test_every_configuration_compiles_clean_for_sm90_and_sm80(tmp_path):
-    from rdn_kernels.nested_conv import static_check
+    from tools import static_check_triton as static_check
 
     output = tmp_path / "triton_static_check.md"
     assert static_check.main(["--output", str(output)]) == 0
@@ -48,8 +59,8 @@ def test_every_dtype_keeps_a_configuration_for_unaligned_channels():
 
 def test_check_catches_a_spilling_tile():
     """A 128×128×64 bf16 forward tile on 4 warps needs more than 255 registers: the check must say so."""
-    from rdn_kernels.nested_conv import static_check
     from rdn_kernels.nested_conv.triton import TileConfig
+    from tools import static_check_triton as static_check
 
     result = static_check.check_one("forward", 3, TileConfig(128, 128, 64, 4, 3), "bf16", 16, "sm_90")
     assert not result.ok

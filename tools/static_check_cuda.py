@@ -9,12 +9,13 @@ without tensor cores. The torch glue (``csrc/cuda/*.cpp``) and ``csrc/bindings.c
 ``RDN_WITH_CUDA`` are syntax-checked with the host compiler against this torch's headers.
 
 Results are cached by a hash of the sources, flags and compiler version, so a second run is
-instant. ``python -m rdn_kernels.nested_conv.cuda_static_check`` rewrites the committed table
-``benchmarks/results/cuda_static_check.md``.
+instant. ``python -m tools.static_check_cuda`` (in the repository root) rewrites the committed
+table ``benchmarks/results/cuda_static_check.md``; the exit status is 1 when a kernel breaks a rule.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import os
@@ -28,9 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tools import REPO_ROOT, RESULTS_DIR
+
 CUDA_SOURCE_DIR = REPO_ROOT / "csrc" / "cuda"
-REPORT_PATH = REPO_ROOT / "benchmarks" / "results" / "cuda_static_check.md"
+REPORT_PATH = RESULTS_DIR / "cuda_static_check.md"
 TARGETS = ("sm_80", "sm_90")
 # Static __shared__ memory per block is capped at 48 KiB on every architecture (more needs
 # dynamic shared memory and an opt-in attribute, which these kernels do not use).
@@ -99,7 +101,12 @@ def find_cuobjdump(nvcc: str | None = None) -> str | None:
 
 
 def cuda_sources() -> list[Path]:
-    return sorted(CUDA_SOURCE_DIR.glob("*.cu"))
+    """Every ``csrc/cuda/*.cu`` of the checkout; an error (not an empty list) when there is none."""
+    sources = sorted(CUDA_SOURCE_DIR.glob("*.cu"))
+    if not sources:
+        # An empty list would make every check pass vacuously.
+        raise FileNotFoundError(f"no CUDA sources under {CUDA_SOURCE_DIR}: run the tool from a checkout")
+    return sources
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -337,7 +344,7 @@ def render_markdown(rows: list[KernelResources], nvcc: str | None = None) -> str
         f"Compiled with `nvcc` ({version}) on {today}, no GPU involved: `{' '.join(NVCC_FLAGS)}`.",
         "Registers, stack and spills from `ptxas -v`; shared memory is static per block (limit "
         f"{STATIC_SHARED_LIMIT} B); tensor-core instructions are the `HMMA` count in `cuobjdump -sass`.",
-        "Regenerate with `python -m rdn_kernels.nested_conv.cuda_static_check`. This is a static check only: "
+        "Regenerate with `python -m tools.static_check_cuda`. This is a static check only: "
         "correctness on a GPU is `pytest -m cuda tests/kernels/test_nested_conv_cuda.py`.",
         "",
         "| source | kernel | dtype | target | registers | stack (B) | spill st/ld (B) | smem (B) | HMMA |",
@@ -354,12 +361,15 @@ def render_markdown(rows: list[KernelResources], nvcc: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=REPORT_PATH, help="markdown table to write")
+    args = parser.parse_args(argv)
     rows = check_kernels()
     checked = check_glue()
-    REPORT_PATH.parent.mkdir(parents=True, exist_ok=True)
-    REPORT_PATH.write_text(render_markdown(rows))
-    print(REPORT_PATH.read_text())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render_markdown(rows))
+    print(args.output.read_text())
     print(f"glue syntax-checked with RDN_WITH_CUDA: {', '.join(checked)}")
     return 1 if violations(rows) else 0
 
