@@ -110,9 +110,13 @@ def _kernels():
 KERNEL_SIZES = {"forward": (3, 1), "grad_input": (3,), "grad_weight": (3,)}
 
 
-def _sample(kernel_name: str, k: int) -> dict:
-    """Pointer element types and argument values of a representative k×k call (``T`` = the dtype)."""
-    n, c, size = _BATCH, _CHANNELS, _SIZE
+def _sample(kernel_name: str, k: int, channels: int = _CHANNELS, channel_base: int = 0) -> dict:
+    """Pointer element types and argument values of a representative k×k call (``T`` = the dtype).
+
+    ``channel_base``: the first computed output channel of a stage-shaped result (an int argument
+    the JIT turns into a constant when it is 1).
+    """
+    n, c, size = _BATCH, channels, _SIZE
     pixels = n * size * size
     # channels_last strides of (N, C, H, W) activations and (D, C, kh, kw) weights.
     act = {"n": size * size * c, "c": 1, "h": size * c, "w": c}
@@ -131,7 +135,7 @@ def _sample(kernel_name: str, k: int) -> dict:
                          "runs_ptr": "i32"},
             "values": {
                 **common, **strides("x", act), **strides("w", wgt), **strides("y", act),
-                "num_segments": _GROUPS, "num_pixels": pixels, "y_channel_base": 0,
+                "num_segments": _GROUPS, "num_pixels": pixels, "y_channel_base": channel_base,
                 "HAS_BIAS": True, "POINTWISE": k == 1,
             },
         }  # fmt: skip
@@ -142,14 +146,14 @@ def _sample(kernel_name: str, k: int) -> dict:
             "values": {
                 **common, **strides("go", act), **strides("w", wgt), **strides("gx", act),
                 "num_segments": _GROUPS, "num_phase_pixels": pixels, "phase_height": size, "phase_width": size,
-                "tap_step_h": 1, "tap_step_w": 1, "go_channel_base": 0,
+                "tap_step_h": 1, "tap_step_w": 1, "go_channel_base": channel_base,
             },
         }  # fmt: skip
     return {
         "pointers": {"x_ptr": "T", "go_ptr": "T", "gw_ptr": "T", "blocks_ptr": "i32"},
         "values": {
             **common, **strides("x", act), **strides("go", act), **strides("gw", wgt),
-            "num_blocks": _GROUPS, "num_pixels": pixels, "pixels_per_split": pixels, "go_channel_base": 0,
+            "num_blocks": _GROUPS, "num_pixels": pixels, "pixels_per_split": pixels, "go_channel_base": channel_base,
             "gw_stride_split": 0,
         },
     }  # fmt: skip
@@ -200,8 +204,11 @@ def check_one(
     precision: str,
     channel_align: int,
     target_name: str,
+    channels: int = _CHANNELS,
+    channel_base: int = 0,
 ) -> CheckResult:
-    """Compile one kernel configuration for one target and judge its resource usage."""
+    """Compile one kernel configuration for one target and judge its resource usage (a call with
+    ``channels`` channels channels_last, whose computed output channels start at ``channel_base``)."""
     kernel, _ = _kernels()[kernel_name]
     capability, shared_limit, tensor_core_op = TARGETS[target_name]
     result = CheckResult(
@@ -215,7 +222,7 @@ def check_one(
         config.num_stages,
     )
     compiled = triton.compile(
-        _source(kernel, _sample(kernel_name, kernel_size), precision, channel_align, config),
+        _source(kernel, _sample(kernel_name, kernel_size, channels, channel_base), precision, channel_align, config),
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )

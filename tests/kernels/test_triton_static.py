@@ -65,3 +65,18 @@ def test_check_catches_a_spilling_tile():
     result = static_check.check_one("forward", 3, TileConfig(128, 128, 64, 4, 3), "bf16", 16, "sm_90")
     assert not result.ok
     assert result.stack_bytes > 0 and any("spills" in problem for problem in result.problems)
+
+
+@pytest.mark.parametrize("kernel_name", ["forward", "grad_input", "grad_weight"])
+def test_unaligned_stage_and_channel_count_compile(kernel_name):
+    """What the JIT specialises for a stage starting at output channel 1 (an int argument of 1
+    becomes a constant) and for C = 24 channels_last (strides divisible by 8, not 16)."""
+    from rdn_kernels.nested_conv import triton as backend
+    from tools import static_check_triton as static_check
+
+    configs = {"forward": backend.FORWARD_CONFIGS, "grad_input": backend.GRAD_INPUT_CONFIGS,
+               "grad_weight": backend.GRAD_WEIGHT_CONFIGS}[kernel_name]  # fmt: skip
+    config = next(c for c in configs if "float32" in c.dtypes and c.min_align == 1)
+    for channels, channel_base in ((256, 1), (24, 0)):
+        result = static_check.check_one(kernel_name, 3, config, "fp32", 1, "sm_90", channels, channel_base)
+        assert result.ok, result.problems
