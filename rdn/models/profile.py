@@ -11,8 +11,9 @@ convention of the papers whose numbers we compare against:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,21 +59,35 @@ def _layer_macs(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) ->
 _COUNTED = (nn.Conv2d, nn.Linear, NestedConv2d, NestedLinear)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside; afterwards every sub-module gets its *own* mode back.
+
+    ``model.train(was_training)`` would not do: it sets every sub-module to the top module's mode,
+    so a BN frozen in eval mode inside a training model would come back in train mode.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def run_with_forward_hooks(
     model: nn.Module, input: Tensor, hooks: Iterable[tuple[nn.Module, Callable]], with_kwargs: bool = False
 ) -> Any:
     """``model(input)`` once in eval mode with forward ``hooks`` ((module, hook) pairs) registered.
 
-    The hooks are removed and the model is put back in the mode it was in afterwards, even on error.
+    The hooks are removed and every module is put back in its own mode afterwards, even on error.
     """
     handles = [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook in hooks]
-    was_training = model.training
     try:
-        model.eval()
-        return model(input)
+        with eval_mode(model):
+            return model(input)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
 
@@ -80,7 +95,7 @@ def run_with_forward_hooks(
 def profile_model(model: nn.Module, input: Tensor | tuple[int, ...] = (1, 3, 224, 224)) -> ModelProfile:
     """Run ``model`` once on ``input`` (a tensor, or a shape filled with zeros) and count MACs.
 
-    The model is run in eval mode and put back in the mode it was in.
+    The model is run in eval mode; every module gets its own mode back.
     """
     if not isinstance(input, Tensor):
         parameter = next(model.parameters(), None)

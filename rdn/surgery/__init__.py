@@ -10,6 +10,7 @@ to fit a MAC budget (:mod:`rdn.surgery.budget`) and returns a :class:`RussianDol
 from rdn.surgery.config import NestConfig
 from rdn.surgery.nest import nest
 from rdn.surgery.network import RussianDollNet, StagedState
+from rdn.surgery.record import NestRecord
 from rdn.surgery.spaces import ChannelSpace
 
-__all__ = ["nest", "NestConfig", "RussianDollNet", "StagedState", "ChannelSpace"]
+__all__ = ["nest", "NestConfig", "NestRecord", "RussianDollNet", "StagedState", "ChannelSpace"]

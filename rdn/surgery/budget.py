@@ -142,15 +142,15 @@ def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_mac
     macs = net.macs(full)
     if macs <= max_macs:
         return Pruning({}, {})
-    if net.rdn_config["mode"] != "expand":
+    if net.record.config.mode != "expand":
         raise ValueError("only expand mode has added groups whose blocks can be dropped")
     check_finite_calibration(calib)
-    blocks, unscored = _candidates(net, calib, first_group=net.rdn_config["k"])
+    blocks, unscored = _candidates(net, calib, first_group=net.record.config.k)
     kept = _kept_per_row(blocks)
     droppable = sorted((b for b in blocks if b not in kept), key=lambda b: (b.score / max(b.macs, 1), -b.macs))
     floor = macs - sum(b.macs for b in droppable)
     if floor > max_macs:
-        exact = net.rdn_config["exact"]
+        exact = net.record.config.exact
         hint = "; exact=True gives every channel a copy in the last group, exact=False does not" if exact else ""
         raise ValueError(
             f"mac_budget={mac_budget} is out of reach: with every block of the added groups dropped but one per "

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from rdn.models.profile import run_with_forward_hooks
 from rdn.nn import NestedLinear
 from rdn.surgery.network import RussianDollNet
-from rdn.surgery.select import check_activations, check_finite_calibration, eval_mode
+from rdn.surgery.select import check_activations, check_finite_calibration
 from rdn.surgery.spaces import connections
 
 __all__ = ["compensate_dropped_connections"]
@@ -115,7 +115,7 @@ def compensate_dropped_connections(
     Returns:
         The number of output copies refitted.
     """
-    if net.rdn_config["copies"] != "latest":
+    if net.record.config.copies != "latest":
         raise ValueError("compensation needs copies='latest' (every copy a whole value)")
     if shrinkage <= 0 or not math.isfinite(shrinkage):
         raise ValueError(f"shrinkage must be a positive number, got {shrinkage}")
@@ -125,7 +125,7 @@ def compensate_dropped_connections(
     targets: dict[str, tuple[Tensor, Tensor]] = {}
     plans = {}  # nested layer name → its incomplete output copies
     for name, layer in net.nested_layers().items():
-        rows = _incomplete_rows(layer, *net.nested_spaces(name), net.rdn_config["copies"])
+        rows = _incomplete_rows(layer, *net.nested_spaces(name), net.record.config.copies)
         if rows.any():
             plans[name] = rows
 
@@ -142,8 +142,7 @@ def compensate_dropped_connections(
 
     # A nested layer's graph node calls the base model's module it replaces.
     base_modules = {name: base_model.get_submodule(net.base_module_name(name)) for name in plans}
-    with eval_mode(base_model):  # run_with_forward_hooks restores the model's mode, not each module's
-        run_with_forward_hooks(base_model, calib, [(base_modules[name], record(name)) for name in plans])
+    run_with_forward_hooks(base_model, calib, [(base_modules[name], record(name)) for name in plans])
 
     def refit(name: str):
         def hook(module, args, kwargs, output):

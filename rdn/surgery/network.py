@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from rdn.nn import NestedConv2d, NestedLinear
 from rdn.surgery.graph import SurgeryGraph, call_node
+from rdn.surgery.record import NestRecord
 from rdn.surgery.spaces import (
     ChannelSpace,
     alignment_weight,
@@ -193,13 +194,13 @@ class RussianDollNet(nn.Module):
     Args:
         graph: the analysed base model.
         orders: unit order of every defined channel space (the selection's result).
-        config: the settings that rebuild this structure (:attr:`rdn_config`).
+        record: the options and findings that rebuild this structure (:attr:`record`).
     """
 
-    def __init__(self, graph: SurgeryGraph, orders: dict[str, list[int]], config: dict) -> None:
+    def __init__(self, graph: SurgeryGraph, orders: dict[str, list[int]], record: NestRecord) -> None:
         super().__init__()
-        self.rdn_config = copy.deepcopy(config)
-        copies = config["copies"]
+        self.record = record
+        copies = record.config.copies
         self.num_groups = graph.num_groups
         self.layers = nn.ModuleDict()
         self._steps: list[_Step] = []
@@ -268,6 +269,13 @@ class RussianDollNet(nn.Module):
                     nn.Flatten(),
                 )
             )
+
+    @property
+    def rdn_config(self) -> dict:
+        """Read-only compatibility view of :attr:`record`: a new dict in the flat version-1 layout
+        (``{"version": 1, "k", "mode", ..., "orders", "pruned_blocks", "ties"}``) on every access, so
+        writing into it changes nothing. ``from_config`` takes it; new code reads :attr:`record`."""
+        return self.record.to_legacy_dict()
 
     @property
     def num_subnets(self) -> int:
@@ -732,12 +740,13 @@ class RussianDollNet(nn.Module):
         return copy.deepcopy(layer)
 
     @classmethod
-    def from_config(cls, config: dict, model: nn.Module | None = None) -> RussianDollNet:
-        """Rebuild the structure saved in ``rdn_config`` (weights are then loaded with ``load_state_dict``).
+    def from_config(cls, config: NestRecord | dict, model: nn.Module | None = None) -> RussianDollNet:
+        """Rebuild the structure a record describes (weights are then loaded with ``load_state_dict``).
 
         Args:
-            config: :attr:`rdn_config` of the RDN to rebuild.
-            model: a base model of the same architecture; default: ``rdn.models.create(**config["base"])``.
+            config: the :attr:`record` of the RDN to rebuild, its ``to_dict()`` form, or its
+                :attr:`rdn_config` (also of older versions).
+            model: a base model of the same architecture; default: ``rdn.models.create(**record.base)``.
         """
         from rdn.surgery.nest import build_from_config
 

@@ -14,8 +14,7 @@ records them in ``rdn_config["ties"]``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -23,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rdn.models.profile import eval_mode
 from rdn.surgery.graph import SurgeryGraph, describe_node, trace
 
 CALIB_EXPECTED = (
@@ -97,19 +97,6 @@ class _FiniteRun(fx.Interpreter):
             f"inputs are finite: {cause}. Surgery scores channels and blocks with these activations "
             "(greedy select, mac_budget, compensate) and needs them finite"
         )
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside (surgery reads BN running statistics and must not update them); every
-    sub-module gets its own mode back afterwards (a frozen BN stays in eval mode)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ A file that refers to any other Python object is refused with :class:`UnsafeChec
 
     format, version     "rdn-checkpoint", 2
     model_config        how to rebuild the model: {"kind": "base", "create": {rdn.models.create kwargs}}
-                        or {"kind": "rdn", "rdn_config": RussianDollNet.rdn_config}
+                        or {"kind": "rdn", "rdn_config": RussianDollNet.record.to_dict()} (older files:
+                        the flat RussianDollNet.rdn_config dict, still read)
     model, ema          state dicts (ema: ModelEma.state_dict() or None)
     optimizer, scheduler, scaler   state dicts (None where not used, e.g. after `rdn nest`)
     rng                 torch (CPU + CUDA), numpy and python generator states, as tensors and lists
@@ -72,14 +73,14 @@ def model_config_of(model: nn.Module, create_kwargs: dict | None = None) -> dict
     """The ``model_config`` entry of a checkpoint for ``model``.
 
     Args:
-        model: a :class:`~rdn.surgery.RussianDollNet` (its ``rdn_config`` is used) or a base model.
+        model: a :class:`~rdn.surgery.RussianDollNet` (its typed ``record``, serialised) or a base model.
         create_kwargs: for a base model, the ``rdn.models.create`` arguments that rebuild it;
             without them the checkpoint records only the class name (it can be resumed, not rebuilt).
     """
     from rdn.surgery import RussianDollNet
 
     if isinstance(model, RussianDollNet):
-        return {"kind": "rdn", "rdn_config": model.rdn_config}
+        return {"kind": "rdn", "rdn_config": model.record.to_dict()}
     if create_kwargs is not None:
         return {"kind": "base", "create": dict(create_kwargs)}
     return {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
@@ -181,27 +182,35 @@ def _describe(model_config: dict) -> str:
     if kind == "base":
         return f"base model {model_config['create']}"
     if kind == "rdn":
-        config = model_config["rdn_config"]
-        return f"RDN (k={config.get('k')}, mode={config.get('mode')}) of {config.get('base')}"
+        record = model_config["rdn_config"]
+        return f"RDN (k={record.config.k}, mode={record.config.mode}) of {record.base}"
     return f"{kind} {model_config.get('class', '')}".strip()
 
 
 def _comparable(model_config: dict) -> dict:
-    """An RDN's model_config with the rdn_config keys newer versions added filled with their defaults."""
+    """``model_config`` with an RDN's record read into a :class:`~rdn.surgery.NestRecord` (any version)."""
     if model_config.get("kind") != "rdn":
         return model_config
-    from rdn.surgery.nest import with_config_defaults
+    from rdn.surgery import NestRecord
 
-    return {**model_config, "rdn_config": with_config_defaults(model_config["rdn_config"])}
+    return {**model_config, "rdn_config": NestRecord.read(model_config["rdn_config"])}
 
 
 def check_model_config(expected: dict, found: dict, path: str | os.PathLike) -> None:
-    """Raise :class:`CheckpointMismatchError` when a checkpoint was written for another model."""
+    """Raise :class:`CheckpointMismatchError` when a checkpoint was written for another model.
+
+    RDNs are compared as records (:class:`~rdn.surgery.NestRecord`, whatever version each file
+    holds), ignoring ``ties`` (how the surgery chose, not what it built); the error names the
+    differing fields.
+    """
     expected, found = _comparable(expected), _comparable(found)
-    if expected != found:
-        inner = "rdn_config" if expected.get("kind") == found.get("kind") == "rdn" else None
-        a, b = (expected[inner], found[inner]) if inner else (expected, found)
-        differing = sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+    if expected.get("kind") == found.get("kind") == "rdn":
+        differing = expected["rdn_config"].differences(found["rdn_config"], ignore=("ties",))
+    elif expected != found:
+        differing = sorted(key for key in set(expected) | set(found) if expected.get(key) != found.get(key))
+    else:
+        differing = []
+    if differing:
         raise CheckpointMismatchError(
             f"checkpoint {path} was written for {_describe(found)}, but this run has {_describe(expected)} "
             f"(they differ in {differing}); use a fresh --out folder or the matching model settings"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from rdn.models import count_params, profile_model
+from rdn.models.profile import run_with_forward_hooks
 from rdn.nn import NestedConv2d, NestedLinear
 
 
@@ -53,3 +55,18 @@ def test_nested_layers_count_only_the_computed_blocks():
     # Stage (1, 2) only: conv group 1 reads both input groups (1·4), fc group 1 reads 3 + 1 (2·4).
     second = profile_model(_NestedNet((1, 2)), (1, 4, 5, 5))
     assert second.layer_macs == {"conv": 4 * 9 * 25, "fc": 8}
+
+
+def test_every_module_gets_its_own_mode_back():
+    """Profiling runs in eval mode; a BN frozen in eval mode inside a training model stays frozen."""
+    model = _ToyNet().train()
+    model.bn.eval()
+    profile_model(model, (1, 3, 16, 16))
+    assert model.training and model.conv.training and not model.bn.training
+    with pytest.raises(RuntimeError, match="hook failed"):
+        run_with_forward_hooks(model, torch.zeros(1, 3, 16, 16), [(model.fc, _fail)])
+    assert model.training and model.conv.training and not model.bn.training
+
+
+def _fail(module, args, output):
+    raise RuntimeError("hook failed")

@@ -154,11 +154,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_checkpoints_from_before_the_newer_config_keys_still_match():
-    current = model_config_of(tiny_rdn(k=2))
-    older = {**current, "rdn_config": {key: value for key, value in current["rdn_config"].items()
-                                       if key not in ("mac_budget", "pruned_blocks")}}  # fmt: skip
+    net = tiny_rdn(k=2)
+    current = model_config_of(net)
+    assert current["rdn_config"]["kind"] == "NestRecord" and current["rdn_config"]["version"] == 2
+    # older checkpoints hold the flat version-1 rdn_config, the early ones without the keys added later
+    legacy = {"kind": "rdn", "rdn_config": net.rdn_config}
+    older = {"kind": "rdn", "rdn_config": {key: value for key, value in net.rdn_config.items()
+                                           if key not in ("mac_budget", "pruned_blocks", "ties")}}  # fmt: skip
+    check_model_config(current, legacy, "legacy.pt")
     check_model_config(current, older, "old.pt")
-    pruned = {**current, "rdn_config": {**current["rdn_config"], "pruned_blocks": {"x": [[2, 0]]}}}
+    check_model_config(older, current, "new.pt")
+    pruned = {**legacy, "rdn_config": {**legacy["rdn_config"], "pruned_blocks": {"x": [[2, 0]]}}}
     with pytest.raises(CheckpointMismatchError, match=r"differ in \['pruned_blocks'\]"):
         check_model_config(current, pruned, "pruned.pt")
 
