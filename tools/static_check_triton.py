@@ -135,7 +135,7 @@ def _sample(kernel_name: str, k: int, channels: int = _CHANNELS, channel_base: i
                          "runs_ptr": "i32"},
             "values": {
                 **common, **strides("x", act), **strides("w", wgt), **strides("y", act),
-                "num_segments": _GROUPS, "num_pixels": pixels, "y_channel_base": channel_base,
+                "num_segments": _GROUPS, "num_pixels": pixels, "y_channel_base": channel_base, "pixel_bucket": pixels,
                 "HAS_BIAS": True, "POINTWISE": k == 1,
             },
         }  # fmt: skip
@@ -146,7 +146,7 @@ def _sample(kernel_name: str, k: int, channels: int = _CHANNELS, channel_base: i
             "values": {
                 **common, **strides("go", act), **strides("w", wgt), **strides("gx", act),
                 "num_segments": _GROUPS, "num_phase_pixels": pixels, "phase_height": size, "phase_width": size,
-                "tap_step_h": 1, "tap_step_w": 1, "go_channel_base": channel_base,
+                "tap_step_h": 1, "tap_step_w": 1, "go_channel_base": channel_base, "pixel_bucket": pixels,
             },
         }  # fmt: skip
     return {

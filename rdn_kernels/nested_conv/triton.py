@@ -137,15 +137,28 @@ def _autotuned(kernel: triton.JITFunction, configs: tuple[TileConfig, ...], key:
 _forward = _autotuned(
     nested_conv_forward_kernel,
     FORWARD_CONFIGS,
-    ["num_pixels", "in_channels", "out_channels", "kernel_h", "kernel_w", "x_stride_c"],
+    ["pixel_bucket", "in_channels", "out_channels", "kernel_h", "kernel_w", "x_stride_c"],
     "x_ptr",
 )
 _grad_input = _autotuned(
     nested_conv_grad_input_kernel,
     GRAD_INPUT_CONFIGS,
-    ["num_phase_pixels", "in_channels", "out_channels", "kernel_h", "kernel_w", "go_stride_c"],
+    ["pixel_bucket", "in_channels", "out_channels", "kernel_h", "kernel_w", "go_stride_c"],
     "go_ptr",
 )
+
+
+def pixel_bucket(num_pixels: int) -> int:
+    """``num_pixels`` rounded up to a power of two: the autotuners' key instead of the exact count.
+
+    The early-exit engine's batch shrinks at every exit; keyed on the exact pixel count the
+    forward would re-tune (about a second per kernel and layer) for every remaining batch size.
+    Within a factor of two the best tile rarely changes. (grad-weight keeps exact counts: training
+    batches do not vary.)
+    """
+    return 1 << max(num_pixels - 1, 0).bit_length()
+
+
 _grad_weight = _autotuned(
     nested_conv_grad_weight_kernel,
     GRAD_WEIGHT_CONFIGS,
@@ -327,7 +340,7 @@ def forward(
             len(group_sizes), num_pixels, height, width, height_out, width_out, kernel_h, kernel_w,
             *geometry.stride, *geometry.padding, *geometry.dilation,
             *input.stride(), *weight.stride(), *result.stride(), channel_base,
-            layout.in_offsets[hi], layout.out_offsets[hi] - layout.out_offsets[lo],
+            layout.in_offsets[hi], layout.out_offsets[hi] - layout.out_offsets[lo], pixel_bucket(num_pixels),
             HAS_BIAS=bias is not None,
             POINTWISE=(kernel_h, kernel_w) == (1, 1) and geometry.is_pointwise_identity,
             **_kernel_options(layout, input.dtype, input.device),
@@ -365,7 +378,7 @@ def grad_input(
             len(group_sizes), num_phase_pixels, height, width, height_out, width_out, phase_height, phase_width,
             *geometry.stride, *geometry.padding, *geometry.dilation, tap_step_h, tap_step_w,
             *grad_output.stride(), layout.out_offsets[lo], *weight.stride(), *result.stride(),
-            channels, grad_output.shape[1], kernel_h, kernel_w,
+            channels, grad_output.shape[1], kernel_h, kernel_w, pixel_bucket(num_phase_pixels),
             **_kernel_options(layout, input.dtype, input.device),
         )  # fmt: skip
     return result

@@ -91,7 +91,7 @@ def nested_conv_forward_kernel(
     x_stride_n, x_stride_c, x_stride_h, x_stride_w,
     w_stride_o, w_stride_i, w_stride_h, w_stride_w,
     y_stride_n, y_stride_c, y_stride_h, y_stride_w, y_channel_base,
-    in_channels, out_channels,
+    in_channels, out_channels, pixel_bucket,
     HAS_BIAS: tl.constexpr, POINTWISE: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -100,8 +100,9 @@ def nested_conv_forward_kernel(
 
     M = output pixels (N·H_out·W_out), N = output channels of the segment, K = input channels.
     ``y_channel_base`` is subtracted from absolute output channels: 0 when writing into the full
-    ``out`` buffer, ``out_offsets[lo]`` for a stage-shaped result. ``in_channels`` and
-    ``out_channels`` only key the autotuner. POINTWISE: 1×1, stride 1, no padding (no bounds).
+    ``out`` buffer, ``out_offsets[lo]`` for a stage-shaped result. ``in_channels``,
+    ``out_channels`` and ``pixel_bucket`` (``num_pixels`` rounded up to a power of two) only key
+    the autotuner. POINTWISE: 1×1, stride 1, no padding (no bounds).
     """
     # Output-channel tiles vary fastest so that programs running together share the input tile.
     num_channel_tiles = _count_tiles(segments_ptr, num_segments, BLOCK_N)
@@ -177,7 +178,7 @@ def nested_conv_grad_input_kernel(
     go_stride_n, go_stride_c, go_stride_h, go_stride_w, go_channel_base,
     w_stride_o, w_stride_i, w_stride_h, w_stride_w,
     gx_stride_n, gx_stride_c, gx_stride_h, gx_stride_w,
-    in_channels, out_channels, kernel_h, kernel_w,
+    in_channels, out_channels, kernel_h, kernel_w, pixel_bucket,
     CHANNEL_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -189,7 +190,7 @@ def nested_conv_grad_input_kernel(
     ``phases`` (P, 4) is ``(first tap row, tap rows, first tap column, tap columns)``; the taps of
     a phase are first + t·tap_step. Segments without runs and phases without taps store zeros,
     so every element of dX is written. ``in_channels``, ``out_channels``, ``kernel_h``,
-    ``kernel_w`` only key the autotuner.
+    ``kernel_w`` and ``pixel_bucket`` only key the autotuner.
     """
     num_channel_tiles = _count_tiles(segments_ptr, num_segments, BLOCK_N)
     pid = tl.program_id(0)

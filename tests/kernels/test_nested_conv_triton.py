@@ -340,3 +340,13 @@ def test_tensors_beyond_int32_addressing_are_refused():
     huge = torch.empty((1, 2, 1 << 16, 1 << 15), device="meta")  # 2**32 elements per sample, no memory
     with pytest.raises(ValueError, match="int32"):
         _backend()._check_int32_extent("input", huge)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="inspects the compiled-Triton autotuners")
+def test_autotuners_key_on_pixel_buckets_not_exact_counts():
+    """The early-exit engine's shrinking batches must not re-tune the kernels at every batch size."""
+    backend = _backend()
+    assert [backend.pixel_bucket(n) for n in (0, 1, 2, 3, 784, 1024, 1025)] == [1, 1, 2, 4, 1024, 1024, 2048]
+    for autotuner in (backend._forward, backend._grad_input):
+        assert "pixel_bucket" in autotuner.keys
+        assert not {"num_pixels", "num_phase_pixels"} & set(autotuner.keys)
