@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -20,6 +21,10 @@ KNOWN_BACKENDS = ("torch", "cpp", "triton", "cuda")
 _CPP_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKEND_DTYPES = {"cpp": _CPP_DTYPES, "cuda": _CUDA_DTYPES}
+# Device types on which ``auto`` takes a compiled backend only after it passed a self-check
+# against the reference there (rdn_kernels.nested_conv.self_check): the GPU kernels were built
+# without a GPU and have not yet run on one.
+SELF_CHECKED_DEVICE_TYPES = frozenset({"cuda"})
 
 
 class BackendUnavailableError(RuntimeError):
@@ -73,17 +78,37 @@ def _why_unavailable(name: str, device: torch.device) -> str:
     return "it does not run on this device"
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map ``name`` (``"auto"`` or a backend) to a backend that can run this call."""
+def auto_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """What ``auto`` tries on ``device`` for ``dtype``, fastest first; the reference always last."""
+    available = available_backends(device)
+    if device.type == "cpu":
+        compiled = ["cpp"] if "cpp" in available and dtype in _CPP_DTYPES else []
+    else:
+        compiled = [name for name in ("cuda", "triton") if name in available and
+                    dtype in _BACKEND_DTYPES.get(name, (dtype,))]  # fmt: skip
+    return [*compiled, "torch"]
+
+
+def resolve_backend(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    verify: Callable[[str, str, torch.dtype], bool] | None = None,
+) -> str:
+    """Map ``name`` (``"auto"`` or a backend) to a backend that can run this call.
+
+    ``verify(backend, device, dtype)``: for ``auto`` on :data:`SELF_CHECKED_DEVICE_TYPES`, a
+    compiled backend is taken only when it returns True (the op passes its self-check); a backend
+    asked for by name is used as asked.
+    """
     if not isinstance(name, str) or (name != "auto" and name not in KNOWN_BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {list(KNOWN_BACKENDS)}, got {name!r}")
-    available = available_backends(device)
     if name == "auto":
-        if device.type == "cpu":
-            return "cpp" if "cpp" in available and dtype in _CPP_DTYPES else "torch"
-        if "cuda" in available and dtype in _CUDA_DTYPES:
-            return "cuda"
-        return "triton" if "triton" in available else "torch"
+        checked = verify is not None and device.type in SELF_CHECKED_DEVICE_TYPES
+        for candidate in auto_candidates(device, dtype):
+            if candidate == "torch" or not checked or verify(candidate, str(device), dtype):
+                return candidate
+    available = available_backends(device)
     if name not in available:
         raise BackendUnavailableError(
             f"backend {name!r} is not available for {device.type} tensors "

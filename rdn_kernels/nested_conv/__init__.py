@@ -41,6 +41,7 @@ from rdn_kernels.layout import NestedLayout, check_stages, make_layout
 
 from .geometry import ConvGeometry, output_memory_format
 from .naive import nested_conv2d_reference
+from .self_check import passes_self_check
 
 __all__ = ["nested_conv2d", "nested_linear", "nested_conv2d_reference"]
 
@@ -108,7 +109,7 @@ def nested_conv2d(
         )
     if out is not None:
         _check_out(out, input, weight, bias, (input.shape[0], weight.shape[0], height_out, width_out))
-    backend = resolve_backend(backend, input.device, input.dtype)
+    backend = resolve_backend(backend, input.device, input.dtype, verify=passes_self_check)
     if bias is not None:
         # D elements: one contiguous copy here (differentiable, and free when already contiguous)
         # spares every backend a strided bias read (the Triton forward read it as contiguous).
