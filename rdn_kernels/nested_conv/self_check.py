@@ -112,7 +112,6 @@ def _verdict(backend: str, device: str, dtype: torch.dtype) -> bool:
     return True
 
 
-@torch._dynamo.assume_constant_result
 def passes_self_check(backend: str, device: str, dtype: torch.dtype) -> bool:
     """Whether ``backend`` matched the reference on ``device`` / ``dtype`` (checked once per process).
 
@@ -121,3 +120,8 @@ def passes_self_check(backend: str, device: str, dtype: torch.dtype) -> bool:
     if os.environ.get("RDN_KERNELS_SELF_CHECK", "1") == "0":
         return True
     return _verdict(backend, device, dtype)
+
+
+# What torch.compiler.assume_constant_result(passes_self_check) sets, without importing Dynamo
+# (0.7 s) when rdn_kernels is imported; tests/kernels/test_self_check.py compiles through it.
+passes_self_check._dynamo_marked_constant = True  # type: ignore[attr-defined]

@@ -94,5 +94,14 @@ def test_under_torch_compile_the_verdict_is_a_constant(checked_cpu, broken_cpp):
     torch.testing.assert_close(compiled, expected)  # the broken backend was not compiled in
 
 
+def test_the_verdict_is_marked_as_torch_marks_constant_results():
+    def probe():
+        return True
+
+    torch.compiler.assume_constant_result(probe)
+    marks = {name for name in vars(probe) if name.startswith("_dynamo")}
+    assert marks and all(getattr(self_check.passes_self_check, name, None) for name in marks)
+
+
 def test_cpu_is_not_self_checked_in_production():
     assert "cpu" not in backends.SELF_CHECKED_DEVICE_TYPES and "cuda" in backends.SELF_CHECKED_DEVICE_TYPES
