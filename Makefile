@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 
 EXTENSION_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh) setup.py
 
-.PHONY: install data build demo test lint bench bench-gpu static-check clean
+.PHONY: install data build demo test lint bench bench-gpu gpu-check static-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ bench: build
 
 bench-gpu: build
 	$(PY) -m benchmarks.bench_nested_conv --device cuda
+
+# Every GPU check in one command (tools/gpu_check.py: build with CUDA, self-check, pytest -m cuda,
+# reduced kernel and training benchmarks; results in benchmarks/results/gpu_check_<gpu>/), within
+# 8 minutes. It runs on the GPU machine's own python3 (torch with CUDA): no venv, nothing to install.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m tools.gpu_check
 
 # Rewrites the committed static-check tables (benchmarks/results/{cuda,triton}_static_check.md):
 # every CUDA kernel (nvcc) and Triton configuration compiled for sm_80/sm_90 without a GPU and

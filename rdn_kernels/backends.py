@@ -78,6 +78,11 @@ def _why_unavailable(name: str, device: torch.device) -> str:
     return "it does not run on this device"
 
 
+def supported_dtypes(backend: str) -> tuple[torch.dtype, ...] | None:
+    """The dtypes ``backend`` has kernels for; ``None``: any floating dtype."""
+    return _BACKEND_DTYPES.get(backend)
+
+
 def auto_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
     """What ``auto`` tries on ``device`` for ``dtype``, fastest first; the reference always last."""
     available = available_backends(device)
@@ -85,7 +90,7 @@ def auto_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
         compiled = ["cpp"] if "cpp" in available and dtype in _CPP_DTYPES else []
     else:
         compiled = [name for name in ("cuda", "triton") if name in available and
-                    dtype in _BACKEND_DTYPES.get(name, (dtype,))]  # fmt: skip
+                    dtype in (supported_dtypes(name) or (dtype,))]  # fmt: skip
     return [*compiled, "torch"]
 
 
@@ -114,7 +119,7 @@ def resolve_backend(
             f"backend {name!r} is not available for {device.type} tensors "
             f"({_why_unavailable(name, device)}); available: {available}"
         )
-    supported = _BACKEND_DTYPES.get(name)
+    supported = supported_dtypes(name)
     if supported is not None and dtype not in supported:
         raise TypeError(
             f"backend {name!r} supports dtypes {[str(d) for d in supported]}, got {dtype}; "
