@@ -3,7 +3,7 @@
 Knobs (environment variables):
   FORCE_CUDA=1        build the CUDA kernels even when torch sees no GPU (needs nvcc and torch with CUDA)
   RDN_SKIP_CUDA=1     never build the CUDA kernels
-  TORCH_CUDA_ARCH_LIST  GPU architectures, default "8.0;9.0"
+  TORCH_CUDA_ARCH_LIST  GPU architectures, default "8.0;9.0+PTX" (PTX: later GPUs compile it at load)
   MAX_JOBS            parallel compile jobs (ninja)
 """
 
@@ -29,7 +29,7 @@ def extension():
         sources = [source for source in sources if "_avx" not in source]
     cxx_flags = ["-O3", "-fopenmp"]
     if _build_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         return CUDAExtension(
             "rdn_kernels._C",
