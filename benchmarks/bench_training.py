@@ -94,7 +94,7 @@ def run(device: torch.device, width_mult: float, k: int, batch: int, timing: Tim
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(10, (batch,), device=device)
     rdn = nest(base, k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs).to(device)
-    separate, largest = (RussianDollNet.from_config(rdn.rdn_config, base).to(device) for _ in range(2))
+    separate, largest = (RussianDollNet.from_config(rdn.record, base).to(device) for _ in range(2))
     for copy in (separate, largest):
         copy.load_state_dict(rdn.state_dict())
     K = rdn.num_subnets

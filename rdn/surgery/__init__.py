@@ -1,16 +1,20 @@
-"""Surgery: a pretrained network → a Russian doll network (DESIGN.md §4).
+"""Surgery: a pretrained network → a Russian doll network (DESIGN.md §4; docs/surgery.md).
 
-``nest(model, k, mode, select, calib, ...)`` analyses the model's dataflow graph
-(:mod:`rdn.surgery.graph`), orders the channels of every nested tensor (:mod:`rdn.surgery.select`),
-lays out copies and groups (:mod:`rdn.surgery.spaces`), optionally drops blocks of the added groups
-to fit a MAC budget (:mod:`rdn.surgery.budget`) and returns a :class:`RussianDollNet`
-(:mod:`rdn.surgery.network`).
+``nest(model, k, mode, select, calib, ...)`` (or ``nest(model, config=NestConfig(...), calib=...)``)
+analyses the model's dataflow graph (:mod:`rdn.surgery.graph`), orders the channels of every
+nested tensor (:mod:`rdn.surgery.passes.select`), writes down what to run as a plain-data plan
+(:mod:`rdn.surgery.plan`, made by :mod:`rdn.surgery.build`), optionally drops blocks of the added
+groups to fit a MAC budget (:mod:`rdn.surgery.passes.budget`) and refits what lost inputs
+(:mod:`rdn.surgery.passes.compensate`), and returns a :class:`RussianDollNet`
+(:mod:`rdn.surgery.network`), which executes the plan. Costs and export are functions of the plan
+(:mod:`rdn.surgery.costs`, :mod:`rdn.surgery.export`).
 """
 
 from rdn.surgery.config import NestConfig
 from rdn.surgery.nest import nest
 from rdn.surgery.network import RussianDollNet, StagedState
+from rdn.surgery.plan import Plan, Role
 from rdn.surgery.record import NestRecord
 from rdn.surgery.spaces import ChannelSpace
 
-__all__ = ["nest", "NestConfig", "NestRecord", "RussianDollNet", "StagedState", "ChannelSpace"]
+__all__ = ["nest", "NestConfig", "NestRecord", "Plan", "Role", "RussianDollNet", "StagedState", "ChannelSpace"]

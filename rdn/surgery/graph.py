@@ -2,7 +2,8 @@
 
 Design choice: the model is traced with ``torch.fx`` (any module that symbolic tracing handles:
 ``nn.Sequential`` stacks, torchvision / timm-style blocks with residual adds, SE gates, ...).
-Every node of the graph gets a role by the *type* of what it calls, never by attribute names:
+Every node of the graph gets a :class:`~rdn.surgery.plan.Role` by the *type* of what it calls,
+never by attribute names:
 
 - ``nested``: ``nn.Conv2d`` with groups = 1 and ``nn.Linear`` (except the classifier) — nested;
 - ``grouped``: ``nn.Conv2d`` with groups > 1 (depthwise included) — acts per conv group;
@@ -51,6 +52,7 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from rdn.nn import split_channels
+from rdn.surgery.plan import Role
 from rdn.surgery.spaces import ChannelSpace, channel_view, ladder, num_groups_for
 
 
@@ -124,13 +126,13 @@ class NodeInfo:
     """What surgery knows about one fx node."""
 
     node: fx.Node
-    role: str
+    role: Role
     shape: tuple[int, ...] | None = None  # output shape at the calibration batch, if a tensor
     dtype: torch.dtype | None = None
     module: nn.Module | None = None
     space_key: str | None = None  # root node name of the output's channel space
     inputs: list[str] = field(default_factory=list)  # tensor arguments that carry channels
-    why_opaque: str | None = None  # for role "opaque": why it is not per channel (error messages)
+    why_opaque: str | None = None  # for Role.OPAQUE: why it is not per channel (error messages)
 
 
 class SurgeryGraph:
@@ -173,10 +175,10 @@ class SurgeryGraph:
         self.plain = {
             name
             for name, info in self.infos.items()
-            if info.role == "nested" and info.node.target in self.skipped_targets
+            if info.role is Role.NESTED and info.node.target in self.skipped_targets
         }
         self._pin()
-        self.nested = [name for name, info in self.infos.items() if info.role == "nested" and name not in self.plain]
+        self.nested = [name for name, info in self.infos.items() if info.role is Role.NESTED and name not in self.plain]
         if not self.nested:
             raise ValueError(self._no_nested_layer_message())
         self._resolve_layouts()
@@ -246,14 +248,14 @@ class SurgeryGraph:
     def _classify(self, node: fx.Node) -> NodeInfo:
         meta = node.meta.get("tensor_meta")
         is_tensor = meta is not None and hasattr(meta, "shape")
-        info = NodeInfo(node, "meta")
+        info = NodeInfo(node, Role.META)
         if is_tensor:
             info.shape, info.dtype = tuple(meta.shape), meta.dtype
         if node.op == "placeholder":
-            info.role = "input"
+            info.role = Role.INPUT
             return info
         if node.op == "output":
-            info.role = "output"
+            info.role = Role.OUTPUT
             return info
         if node.op == "get_attr":
             raise ValueError(
@@ -267,17 +269,18 @@ class SurgeryGraph:
             module = self.modules[node.target]
             info.module = module
             if isinstance(module, nn.Conv2d):
-                info.role = "nested" if module.groups == 1 else "grouped"
+                info.role = Role.NESTED if module.groups == 1 else Role.GROUPED
                 return info
             if isinstance(module, nn.Linear):
-                info.role = "nested"
+                info.role = Role.NESTED
                 return info
             if _has_tensors(module) and not _per_channel_tensors(module, info.shape[1]):
-                info.role, info.why_opaque = "opaque", "has parameters or buffers that are not one value per channel"
+                info.role, info.why_opaque = Role.OPAQUE, "has parameters or buffers that are not one value per channel"
                 return info
         info.why_opaque = self._coupling(node, info)
-        per_channel_role = "channel_params" if info.module is not None and _has_tensors(info.module) else "channelwise"
-        info.role = per_channel_role if info.why_opaque is None else "opaque"
+        with_tensors = info.module is not None and _has_tensors(info.module)
+        per_channel = Role.CHANNEL_PARAMS if with_tensors else Role.CHANNELWISE
+        info.role = per_channel if info.why_opaque is None else Role.OPAQUE
         return info
 
     def _carries_channels(self, node: fx.Node) -> bool:
@@ -349,7 +352,7 @@ class SurgeryGraph:
         def value(arg: fx.Node):
             if arg.name in tensors:
                 return tensors[arg.name]
-            if self.infos[arg.name].role == "meta":  # e.g. x.size(0) of a probed tensor
+            if self.infos[arg.name].role is Role.META:  # e.g. x.size(0) of a probed tensor
                 return self._call(arg, tensors)
             raise ValueError(f"node {node.name} reads {arg.name}, which is not probed")
 
@@ -378,16 +381,16 @@ class SurgeryGraph:
                 f"got {result!r}; surgery replaces that layer with one head per sub-network"
             )
         info = self.infos[result.name]
-        info.role = "classifier"
+        info.role = Role.CLASSIFIER
         if len(result.users) != 1:
             raise ValueError(f"the classifier output {result.name} is used inside the model as well")
         return result.name
 
     def _resolve_skip(self, skip) -> tuple[str, ...]:
         """Targets of the nestable layers kept un-nested (see :func:`rdn.surgery.nest` for ``skip``)."""
-        nestable = [info for info in self.infos.values() if info.role == "nested"]
+        nestable = [info for info in self.infos.values() if info.role is Role.NESTED]
         if skip is None:  # output stride <= 4
-            (source,) = [info for info in self.infos.values() if info.role == "input"]
+            (source,) = [info for info in self.infos.values() if info.role is Role.INPUT]
             if len(source.shape) != 4:
                 return ()
             return tuple(
@@ -426,12 +429,12 @@ class SurgeryGraph:
         carriers = [
             info
             for info in self.infos.values()
-            if info.shape is not None and len(info.shape) >= 2 and info.role not in ("output", "classifier")
+            if info.shape is not None and len(info.shape) >= 2 and info.role not in (Role.OUTPUT, Role.CLASSIFIER)
         ]
         for info in carriers:
             self._parent[info.node.name] = info.node.name
         for info in carriers:
-            if info.role in ("channel_params", "channelwise"):
+            if info.role in (Role.CHANNEL_PARAMS, Role.CHANNELWISE):
                 for name in info.inputs:
                     self._union(info.node.name, name)
         for info in carriers:
@@ -446,7 +449,7 @@ class SurgeryGraph:
     def space_of(self, name: str) -> str:
         return self.infos[name].space_key
 
-    def _writers(self, role: str):
+    def _writers(self, role: Role) -> list[NodeInfo]:
         return [info for info in self.infos.values() if info.role == role]
 
     def _pin(self) -> None:
@@ -461,14 +464,14 @@ class SurgeryGraph:
             self._pinned_by[space] = (node, via)
             return True
 
-        for info in self._writers("input") + self._writers("opaque"):
+        for info in self._writers(Role.INPUT) + self._writers(Role.OPAQUE):
             pin(self.space_of(info.node.name), info.node.name)
         for name in sorted(self.plain, key=self.position):  # the skipped layers
             pin(self.space_of(name), name)
         changed = True
         while changed:
             changed = False
-            for info in self._writers("nested"):
+            for info in self._writers(Role.NESTED):
                 name = info.node.name
                 if name not in self.plain and self.space_of(name) in self._pinned_by:
                     self.plain.add(name)
@@ -477,10 +480,10 @@ class SurgeryGraph:
                 via = None if self._is_skipped(name) else self.space_of(name)
                 for source in self.infos[name].inputs:
                     changed |= pin(self.space_of(source), name, via)
-            for info in self._writers("opaque"):
+            for info in self._writers(Role.OPAQUE):
                 for source in info.inputs:
                     changed |= pin(self.space_of(source), info.node.name)
-            for info in self._writers("grouped"):  # a grouped conv's two sides share one layout
+            for info in self._writers(Role.GROUPED):  # a grouped conv's two sides share one layout
                 ends = (self.space_of(info.node.name), self.space_of(info.inputs[0]))
                 for space, other in (ends, ends[::-1]):
                     if other in self._pinned_by:
@@ -489,7 +492,7 @@ class SurgeryGraph:
 
     def _is_skipped(self, name: str) -> bool:
         info = self.infos[name]
-        return info.role == "nested" and info.node.target in self.skipped_targets
+        return info.role is Role.NESTED and info.node.target in self.skipped_targets
 
     def describe(self, name: str) -> str:
         """Node ``name`` as error messages name it (:func:`describe_node`)."""
@@ -498,9 +501,9 @@ class SurgeryGraph:
     def _why(self, root: str) -> str:
         """What the root cause ``root`` of an un-nested region does that un-nests it."""
         info = self.infos[root]
-        if info.role == "input":
+        if info.role is Role.INPUT:
             return "is un-nested (every sub-network reads all of it)"
-        if info.role == "opaque":
+        if info.role is Role.OPAQUE:
             return info.why_opaque or "does not act per channel"
         return "is kept un-nested by skip"
 
@@ -518,7 +521,7 @@ class SurgeryGraph:
 
     def _no_nested_layer_message(self) -> str:
         """The error when nothing is left to nest: which nodes un-nested which layers, and why."""
-        layers = [name for name, info in self.infos.items() if info.role == "nested"]
+        layers = [name for name, info in self.infos.items() if info.role is Role.NESTED]
         what = "nn.Conv2d (groups=1) and nn.Linear layers other than the classifier"
         if not layers:
             return f"the model has no nestable layer: surgery nests {what}, and it has none"
@@ -567,11 +570,11 @@ class SurgeryGraph:
         each member is a whole number of conv groups.
         """
         spaces = {self.space_of(name) for name in self.nested} | {
-            self.space_of(info.node.name) for info in self._writers("grouped")
+            self.space_of(info.node.name) for info in self._writers(Role.GROUPED)
         }
         spaces -= self.pinned
         self._layout_parent = {space: space for space in spaces}
-        grouped = [info for info in self._writers("grouped") if not self.is_pinned(info.node.name)]
+        grouped = [info for info in self._writers(Role.GROUPED) if not self.is_pinned(info.node.name)]
         for info in grouped:
             a, b = self._layout_root(self.space_of(info.node.name)), self._layout_root(self.space_of(info.inputs[0]))
             if a != b:
@@ -608,6 +611,10 @@ class SurgeryGraph:
         """Nested layers writing any space of ``layout``, in graph order; the first is its definer."""
         members = set(self.layouts[layout])
         return [name for name in self.nested if self.space_of(name) in members]
+
+    def layout_definers(self) -> dict[str, str]:
+        """First nested writer (graph order) of every layout → that layout, whose order its selection decides."""
+        return {self.layout_writers(layout)[0]: layout for layout in self.layouts}
 
     def primary_sizes(self, layout: str) -> tuple[int, ...]:
         """Units per primary group: near-equal, the remainder to the first groups (``split_channels``)."""

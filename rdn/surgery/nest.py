@@ -1,19 +1,31 @@
-"""``nest``: pretrained base model → :class:`RussianDollNet` (DESIGN.md §4)."""
+"""``nest``: pretrained base model → :class:`RussianDollNet` (DESIGN.md §4).
+
+The surgery in order: the options (:class:`NestConfig`) with the model-dependent ones resolved to
+module names → the graph analysis (:class:`~rdn.surgery.graph.SurgeryGraph`: roles, channel
+spaces, what stays un-nested) → the selection pass (unit orders) → the record and its plan
+(:func:`~rdn.surgery.build.make_plan`) → the network executing it, its modules made from the base
+model's (:func:`~rdn.surgery.build.build_modules`) → the budget pass (an edited plan) → the
+compensation pass (refitted weights).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from rdn.surgery.budget import apply_pruned_blocks, prune_blocks
-from rdn.surgery.compensate import compensate_dropped_connections
+from rdn.models.profile import eval_mode, profile_model
+from rdn.surgery.build import build_modules, make_plan
+from rdn.surgery.calibration import calibration_batch, check_activations
 from rdn.surgery.config import NestConfig
 from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.network import RussianDollNet
+from rdn.surgery.passes.budget import prune_blocks
+from rdn.surgery.passes.compensate import compensate_dropped_connections
+from rdn.surgery.passes.select import select_orders
 from rdn.surgery.record import NestRecord
-from rdn.surgery.select import calibration_batch, check_activations, definers, eval_mode, select_orders
 
 __all__ = ["nest"]
 
@@ -118,7 +130,7 @@ def nest(
             DataLoader / iterable of such batches (tensors or (input, target) pairs); used for shapes,
             costs, greedy selection, ``mac_budget`` and ``compensate``. Those three score channels and
             blocks with the base model's activations on it, so a node whose output is not finite is
-            refused by name. Where the scores tie, the unit / block index decides; ``rdn_config["ties"]``
+            refused by name. Where the scores tie, the unit / block index decides; ``record.ties``
             records where (``{"select": {layout: [primary groups]}, "mac_budget": {layer: [output
             groups]}}``).
         skip: layers kept un-nested: ``None`` = the stem and the first two blocks (``rdn.models``
@@ -144,10 +156,10 @@ def nest(
         mac_budget: expand mode only: at most this many times the base model's MACs for N_K
             (e.g. 1.15). Blocks of the added groups that carry the least of their outputs' energy
             on ``calib`` are dropped until N_K fits (sparse group dependencies, paper eq. 1; see
-            :mod:`rdn.surgery.budget`); N_1..N_k are not touched. ``None``: keep every block.
+            :mod:`rdn.surgery.passes.budget`); N_1..N_k are not touched. ``None``: keep every block.
         compensate: refit, on ``calib``, every output copy that misses some input channel (dropped
             or pruned connections) by least squares against the base layer's output, layer by
-            layer (:mod:`rdn.surgery.compensate`; ``copies="latest"`` only). Copies that read every
+            layer (:mod:`rdn.surgery.passes.compensate`; ``copies="latest"`` only). Copies that read every
             input keep the base weights (with ``exact`` N_K stays the base network).
         base: keyword arguments of ``rdn.models.create`` that rebuild ``model``'s architecture,
             stored in the record so ``RussianDollNet.from_config`` needs no model.
@@ -189,53 +201,19 @@ def nest(
         input_shape=tuple(batch.shape[1:]),
         orders=orders,
         pruned_blocks={},
-        # where the calibration scores tied and the index decided (select.py, budget.py)
+        # where the calibration scores tied and the index decided (passes/select.py, passes/budget.py)
         ties={"select": select_ties, "mac_budget": {}},
         base=base,
     )
-    net = RussianDollNet(graph, orders, record)
+    plan = make_plan(graph, record)
+    net = RussianDollNet(plan, build_modules(plan, graph))
     if config.mac_budget is not None:
-        from rdn.models.profile import profile_model
-
         base_macs = profile_model(model, batch[:1]).macs
         with torch.no_grad():
             pruning = prune_blocks(net, batch, config.mac_budget, base_macs)
-        net.record = net.record.replace(
-            pruned_blocks=pruning.pruned, ties={"select": select_ties, "mac_budget": pruning.ties}
-        )
+        edited = net.plan.with_pruned_blocks(pruning.pruned)
+        ties = {"select": select_ties, "mac_budget": pruning.ties}
+        net.use_plan(dataclasses.replace(edited, record=edited.record.replace(ties=ties)))
     if config.compensate:  # after pruning: the refit knows every block that is gone
         compensate_dropped_connections(net, model, batch, seed=config.seed)
-    return net
-
-
-def build_from_config(config: NestRecord | dict, model: nn.Module | None) -> RussianDollNet:
-    """Rebuild an RDN structure from its record (see :meth:`RussianDollNet.from_config`)."""
-    record = NestRecord.read(config)
-    options = record.config
-    if model is None:
-        if not record.base:
-            raise ValueError(
-                "config has no 'base' model arguments: pass model= (a base model of the same architecture)"
-            )
-        from rdn.models import create
-
-        model = create(**record.base)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    example = torch.zeros((1, *record.input_shape), dtype=dtype, device=device)
-    with eval_mode(model), torch.no_grad():
-        graph = SurgeryGraph(model, example, list(options.skip), options.k, options.mode, options.exact,
-                             options.depth_split, options.copy_fraction)  # fmt: skip
-    expected = set(definers(graph).values())
-    mismatched = set(record.orders) != expected or any(
-        len(order) != graph.unit_counts[layout] for layout, order in record.orders.items()
-    )
-    if mismatched:
-        raise ValueError(
-            f"config orders {[(name, len(order)) for name, order in record.orders.items()]} (layout, units) do "
-            f"not match this model's {[(name, graph.unit_counts[name]) for name in sorted(expected)]}; "
-            "the model's architecture differs from the one the config was made from"
-        )
-    net = RussianDollNet(graph, record.orders, record)
-    apply_pruned_blocks(net, record.pruned_blocks)
     return net

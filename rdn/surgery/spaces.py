@@ -207,8 +207,8 @@ class ChannelSpace:
 
 def nested_parameters(
     weight: Tensor, bias: Tensor | None, in_space: ChannelSpace, out_space: ChannelSpace, copies: str
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Weight, bias and block mask of the nested layer replacing a plain conv / linear layer.
+) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias of the nested layer replacing a plain conv / linear layer.
 
     Args:
         weight: (d, c, ...) of the base layer; bias (d,) or None.
@@ -217,18 +217,26 @@ def nested_parameters(
         weight (len(out), len(in), ...): copy o' (at group q) of output o reads input copy c' of c
         (at group G) with W[o, c] when, for ``"sum"``, ``previous_rung_group(o') < G <= q`` and,
         for ``"latest"``, ``G <= q < next_rung_group(c')``; else 0. The bias (on primaries only
-        for ``"sum"``) and the (K, K) bool block mask of the blocks holding any connection.
+        for ``"sum"``). The blocks holding any connection: :func:`block_mask`.
     """
     w = weight.detach()[out_space.source][:, in_space.source]
     reads = connections(in_space, out_space, copies).to(w.device)
     w = w * reads.view(*reads.shape, *(1,) * (w.dim() - 2)).to(w.dtype)
-    num_groups = out_space.num_groups
-    block_mask = torch.zeros(num_groups, num_groups, dtype=torch.bool)
-    for j in range(num_groups):
-        rows = reads[out_space.offsets[j] : out_space.offsets[j + 1]]
-        for i in range(j + 1):
-            block_mask[j, i] = bool(rows[:, in_space.offsets[i] : in_space.offsets[i + 1]].any())
-    return w, offsets_on_copies(bias, out_space, copies), block_mask
+    return w, offsets_on_copies(bias, out_space, copies)
+
+
+def block_mask(in_space: ChannelSpace, out_space: ChannelSpace, copies: str) -> tuple[tuple[bool, ...], ...]:
+    """(K, K) lower-triangular: whether block (output group j, input group i) holds any connection of
+    :func:`nested_parameters`' weight."""
+    reads = connections(in_space, out_space, copies)
+    out_offsets, in_offsets = out_space.offsets, in_space.offsets
+    return tuple(
+        tuple(
+            i <= j and bool(reads[out_offsets[j] : out_offsets[j + 1], in_offsets[i] : in_offsets[i + 1]].any())
+            for i in range(in_space.num_groups)
+        )
+        for j in range(out_space.num_groups)
+    )
 
 
 def connections(in_space: ChannelSpace, out_space: ChannelSpace, copies: str) -> Tensor:

@@ -218,7 +218,14 @@ def check_model_config(expected: dict, found: dict, path: str | os.PathLike) -> 
 
 
 def load_state_strict(module: nn.Module, state_dict: dict, path: str | os.PathLike, what: str = "model") -> None:
-    """``load_state_dict(strict=True)`` with shape mismatches reported as a checkpoint mismatch."""
+    """``load_state_dict(strict=True)`` with shape mismatches reported as a checkpoint mismatch.
+
+    A module with an ``upgrade_state_dict`` method (an RDN, whose older checkpoints store unfolded
+    heads) first brings ``state_dict`` to its current layout, so the comparison is with what it loads.
+    """
+    upgrade = getattr(module, "upgrade_state_dict", None)
+    if callable(upgrade):
+        state_dict = upgrade(state_dict)
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))

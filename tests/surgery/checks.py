@@ -21,7 +21,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def lost_energy(layer: nn.Conv2d | nn.Linear, x: Tensor, invisible: Tensor) -> Tensor:
     """(out_channels,) float64: Σ over the images and pixels of the squared part of each output channel
     that comes from the ``invisible`` input channels ((in_channels,) bool), computed with plain
-    ``F.conv2d`` / ``F.linear`` on the masked input (independent of ``rdn.surgery.select``)."""
+    ``F.conv2d`` / ``F.linear`` on the masked input (independent of ``rdn.surgery.passes.select``)."""
     masked = (x * invisible.view(1, -1, *(1,) * (x.dim() - 2))).double()
     weight = layer.weight.detach().double()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""``nest(..., mac_budget=...)``: blocks of the added groups dropped until N_K fits (rdn/surgery/budget.py)."""
+"""``nest(..., mac_budget=...)``: blocks of the added groups dropped until N_K fits (rdn/surgery/passes/budget.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from rdn.models.profile import profile_model
 from rdn.nn import NestedConv2d
 from rdn.surgery import RussianDollNet
-from rdn.surgery.budget import apply_pruned_blocks
+from rdn.surgery.passes.budget import apply_pruned_blocks
 from tests.surgery.checks import assert_earlier_subnets_ignore_later_groups, assert_paths_agree
 from tests.surgery.test_nest import nested_toy
 from tests.surgery.toys import toy

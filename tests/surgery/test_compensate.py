@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rdn.surgery import nest
-from rdn.surgery.compensate import compensate_dropped_connections
+from rdn.surgery.passes.compensate import compensate_dropped_connections
 from tests.surgery.checks import assert_earlier_subnets_ignore_later_groups, assert_paths_agree
 from tests.surgery.test_nest import nested_toy
 from tests.surgery.toys import toy

@@ -1,81 +1,108 @@
-"""Full-depth heads: alignment and shared classifier applied folded (``ExitAlignment``)."""
+"""Full-depth heads are stored as they are applied: one folded ``nn.Linear(F_s, C)`` per exit;
+state dicts of the older layout (alignment ``F_s → F`` before a shared classifier) still load."""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
-from rdn.surgery.network import ExitAlignment
+from rdn.surgery import RussianDollNet, costs, nest
+from tests.surgery.toys import toy
+
+CALIB = torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2))
+IMAGES = torch.randn(5, 3, 10, 10, generator=torch.Generator().manual_seed(1))
 
 
-def _head(features: int = 12, width: int = 16, classes: int = 5, dtype=torch.float64):
-    generator = torch.Generator().manual_seed(0)
-    alignment = ExitAlignment(features, width, bias=False, dtype=dtype)
-    classifier = nn.Linear(width, classes, dtype=dtype)
+def nested(depth_split: str | None = None, **kwargs) -> RussianDollNet:
+    return nest(toy(**kwargs), k=3, calib=CALIB, skip=["stem"], depth_split=depth_split).eval()
+
+
+def old_layout(net: RussianDollNet, seed: int = 0) -> tuple[OrderedDict, list[torch.Tensor], nn.Linear]:
+    """A state dict of ``net``'s structure in the version-1 layout: dense alignments (F, F_s) and a
+    classifier (F → C) after them; returns it, the alignments and that classifier."""
+    generator = torch.Generator().manual_seed(seed)
+    heads = net.plan.heads
+    state = OrderedDict((key, value) for key, value in net.state_dict().items() if not key.startswith("heads."))
+    classifier = nn.Linear(heads.feature_width, heads.num_classes)
     with torch.no_grad():
-        alignment.weight.copy_(torch.randn(alignment.weight.shape, generator=generator, dtype=dtype))
-    return alignment, classifier
+        classifier.weight.copy_(torch.randn(classifier.weight.shape, generator=generator))
+        classifier.bias.copy_(torch.randn(classifier.bias.shape, generator=generator))
+    alignments = [torch.randn(heads.feature_width, heads.features_of(s), generator=generator)
+                  for s in range(1, net.num_groups + 1)]  # fmt: skip
+    for s, alignment in enumerate(alignments):
+        state[f"heads.{s}.weight"] = alignment
+    if heads.split is None:  # version 1 always had the shared classifier
+        state["classifier.weight"], state["classifier.bias"] = classifier.weight.detach(), classifier.bias.detach()
+    else:
+        classifier.load_state_dict({"weight": state["classifier.weight"], "bias": state["classifier.bias"]})
+    state._metadata = OrderedDict(net.state_dict()._metadata)
+    state._metadata[""] = {"version": 1}
+    return state, alignments, classifier
 
 
-@pytest.mark.parametrize("batch", [1, 5, 6, 32])  # at most and more than C = 5 classes
-@pytest.mark.parametrize("grad", [True, False])
-def test_folded_logits_equal_the_chain(batch, grad):
-    alignment, classifier = _head()
-    features = torch.randn(batch, 12, dtype=torch.float64, requires_grad=grad)
-    with torch.set_grad_enabled(grad):
-        logits = alignment(features, classifier)
-    expected = classifier(alignment(features))
-    torch.testing.assert_close(logits, expected)
-    if grad:
-        weight = torch.randn_like(logits)
-        got = torch.autograd.grad((logits * weight).sum(), (features, alignment.weight, classifier.weight))
-        want = torch.autograd.grad((expected * weight).sum(), (features, alignment.weight, classifier.weight))
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b)
-
-
-class _Exit(nn.Module):
-    def __init__(self, alignment: ExitAlignment, classifier: nn.Linear) -> None:
-        super().__init__()
-        self.alignment, self.classifier = alignment, classifier
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.alignment(features, self.classifier)
-
-
-def test_gradcheck_of_the_folded_path():
-    exit_ = _Exit(*_head(features=4, width=6, classes=3))
-    names = ["alignment.weight", "classifier.weight", "classifier.bias"]
-    parameters = dict(exit_.named_parameters())
-    inputs = [torch.randn(8, 4, dtype=torch.float64)] + [parameters[name].detach() for name in names]
-
-    def logits(features, *weights):
-        return torch.func.functional_call(exit_, dict(zip(names, weights, strict=True)), (features,))
-
-    assert torch.autograd.gradcheck(logits, tuple(t.requires_grad_() for t in inputs))
-
-
-def test_inference_product_follows_weight_updates_and_conversions():
-    alignment, classifier = _head()
-    features = torch.randn(3, 12, dtype=torch.float64)
+def test_heads_are_the_folded_alignment_and_classifier():
+    """N_K's head starts as the base classifier on the features it copies (exact: the same logits)."""
+    model = toy()
+    net = nest(model, k=3, calib=CALIB, skip=["stem"]).eval()
+    heads = net.plan.heads
+    for s, head in enumerate(net.heads, start=1):
+        assert isinstance(head, nn.Linear) and head.weight.shape == (heads.num_classes, heads.features_of(s))
+        assert torch.equal(head.bias, model.fc.bias)
+    assert isinstance(net.classifier, nn.Identity) and not list(net.classifier.parameters())
     with torch.no_grad():
-        first = alignment(features, classifier)
-        assert torch.equal(alignment(features, classifier), first)  # reused
-        alignment.weight.mul_(2)  # an optimiser step / load_state_dict writes in place
-        torch.testing.assert_close(alignment(features, classifier), classifier(alignment(features)))
-        classifier.weight.add_(1)
-        torch.testing.assert_close(alignment(features, classifier), classifier(alignment(features)))
-        alignment.float(), classifier.float()
-        got = alignment(features.float(), classifier)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, classifier(alignment(features.float())))
+        torch.testing.assert_close(net(IMAGES)[-1], model.eval()(IMAGES), atol=1e-5, rtol=1e-5)
 
 
-def test_folded_layer_is_one_linear():
-    alignment, classifier = _head()
-    folded = alignment.folded(classifier)
-    assert type(folded) is nn.Linear and folded.weight.shape == (5, 12)
-    features = torch.randn(4, 12, dtype=torch.float64)
+@pytest.mark.parametrize("depth_split", [None, "body.2"])
+def test_stored_parameters_are_what_the_costs_count(depth_split):
+    """A checkpoint's size follows the parameter count: every head's stored parameters are what
+    ``params`` counts for it (full-depth: F_s·C + C; shallow: its block and the shared classifier)."""
+    net = nested(depth_split)
+    classifier = sum(p.numel() for p in net.classifier.parameters())
+    for subnet, (s, depth) in enumerate(net.exits, start=1):
+        head = net.heads[s - 1] if depth == 1 else net.depth_heads[s - 1]
+        stored = sum(p.numel() for p in head.parameters()) + (classifier if depth == 0 else 0)
+        assert costs.head_costs(net.plan, s, depth)[1] == stored
+        assert net.params(subnet) >= stored
+    head_floats = sum(value.numel() for key, value in net.state_dict().items() if key.startswith("heads."))
+    assert head_floats == sum((net.plan.heads.features_of(s) + 1) * 5 for s in range(1, net.num_groups + 1))
+
+
+@pytest.mark.parametrize("depth_split", [None, "body.2"])
+@pytest.mark.parametrize("with_metadata", [True, False])
+def test_version_1_state_dicts_load_folded(depth_split, with_metadata):
+    net = nested(depth_split)
+    state, alignments, classifier = old_layout(net)
+    if not with_metadata:  # a state dict rebuilt key by key: told by the heads' shapes
+        state = OrderedDict(state.items())
+    features = torch.randn(4, net.plan.heads.feature_space.offsets[-1])
+    upgraded = net.upgrade_state_dict(state)
+    assert set(upgraded) == set(net.state_dict()) and "heads.0.weight" in state  # the argument is left alone
+    for s in range(net.num_groups):
+        assert upgraded[f"heads.{s}.weight"].shape == net.heads[s].weight.shape
+    net.load_state_dict(state)
     with torch.no_grad():
-        torch.testing.assert_close(folded(features), classifier(alignment(features)))
+        for s, alignment in enumerate(alignments, start=1):
+            prefix = features[:, : net.plan.heads.features_of(s)]
+            torch.testing.assert_close(net.heads[s - 1](prefix), classifier(prefix @ alignment.T))
+        rebuilt = RussianDollNet.from_config(net.record, toy())
+        rebuilt.load_state_dict(upgraded)
+        for a, b in zip(rebuilt.eval()(IMAGES), net(IMAGES), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_version_tells_the_layout_when_features_and_classes_agree():
+    """F = C: the heads' shapes cannot tell the layouts apart; the state dict's version does."""
+    net = nested(num_classes=16)  # ToyNet's pooled features are 16 wide
+    assert net.plan.heads.feature_width == net.plan.heads.num_classes == 16
+    current = net.state_dict()
+    assert current._metadata[""]["version"] == 2
+    state, alignments, classifier = old_layout(net)
+    net.load_state_dict(state)
+    torch.testing.assert_close(net.heads[0].weight, classifier.weight.detach() @ alignments[0])
+    again = nested(num_classes=16)
+    again.load_state_dict(current)  # version 2: loaded as it is
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), current.values(), strict=True))

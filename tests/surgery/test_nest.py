@@ -12,7 +12,7 @@ from torch import nn
 
 from rdn.nn import NestedConv2d
 from rdn.surgery import RussianDollNet, nest
-from rdn.surgery.select import greedy_order
+from rdn.surgery.passes.select import greedy_order
 from tests.surgery.checks import (
     assert_earlier_subnets_ignore_later_groups,
     lost_energy,
@@ -249,9 +249,11 @@ def test_hand_counted_costs_truncate():
     assert rdn.macs(1) == stem + 4 * 4 * 64 + 3 * 4 * 64 + 3 * 5
     # N_2: conv1 all 8 × 4; conv2 groups 0 (3×4) and 1 (3×8); head 6→6→5 folded.
     assert rdn.macs(2) == stem + 8 * 4 * 64 + (3 * 4 + 3 * 8) * 64 + 6 * 5
-    stem_params, classifier_params = 4 * 3 * 9 + 4, 6 * 5 + 5
-    assert rdn.params(1) == stem_params + 4 * 4 + 2 * 4 + 3 * 4 + 3 * 6 + classifier_params
-    assert rdn.params(2) == stem_params + 8 * 4 + 2 * 8 + (3 * 4 + 3 * 8) + 6 * 6 + classifier_params
+    # Parameters: the folded head of N_s is what it stores, nn.Linear(F_s, 5) with the classifier's bias.
+    stem_params = 4 * 3 * 9 + 4
+    assert rdn.params(1) == stem_params + 4 * 4 + 2 * 4 + 3 * 4 + (3 * 5 + 5)
+    assert rdn.params(2) == stem_params + 8 * 4 + 2 * 8 + (3 * 4 + 3 * 8) + (6 * 5 + 5)
+    assert rdn.heads[1].weight.shape == (5, 6) and rdn.heads[1].bias.shape == (5,)
 
 
 @pytest.mark.parametrize("copies", ["sum", "latest"])

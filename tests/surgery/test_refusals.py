@@ -10,9 +10,9 @@ from torch import nn
 
 from rdn.models.profile import profile_model
 from rdn.surgery import RussianDollNet, nest
-from rdn.surgery.budget import prune_blocks
-from rdn.surgery.compensate import compensate_dropped_connections
-from rdn.surgery.select import greedy_order
+from rdn.surgery.passes.budget import prune_blocks
+from rdn.surgery.passes.compensate import compensate_dropped_connections
+from rdn.surgery.passes.select import greedy_order
 from tests.surgery.toys import toy
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rdn.surgery import RussianDollNet, nest
+from rdn.surgery import Role, RussianDollNet, nest
 from tests.surgery.checks import staged_states
 from tests.surgery.toys import squeeze_excite_net, toy
 
@@ -37,39 +37,37 @@ NETS = {
 def fill_uncomputed_groups(rdn: RussianDollNet, state, value: float) -> None:
     """Overwrite every buffered channel of groups the state has not computed yet."""
     for name, tensor in state.values.items():
-        space = rdn._by_name[name].space
+        space = rdn.plan.step(name).space
         if space is None or space.is_single_group or not isinstance(tensor, torch.Tensor):
             continue
-        region = next(
-            r for r, (first, stop) in enumerate(rdn._regions) if first <= rdn._steps.index(rdn._by_name[name]) < stop
-        )
-        tensor[:, space.offsets[state.widths[region]] :] = value
+        tensor[:, space.offsets[state.widths[rdn.plan.region_of(name)]] :] = value
 
 
 @pytest.mark.parametrize("kind", NETS)
 def test_state_caches_only_nested_inputs_and_head_inputs(images, kind):
     rdn = NETS[kind]()
-    nested_inputs = {step.inputs[0] for step in rdn._steps if step.role == "nested"}
-    heads = {rdn._features} | ({rdn._split} if rdn._split is not None else set())
-    channel_steps = [step for step in rdn._steps if step.space is not None and not step.space.is_single_group]
+    plan = rdn.plan
+    nested_inputs = {step.inputs[0] for step in plan.steps if step.role is Role.NESTED}
+    split, features = plan.heads.split, plan.heads.features
+    heads = {features} | ({split} if split is not None else set())
+    channel_steps = [step for step in plan.steps if step.space is not None and not step.space.is_single_group]
     with torch.no_grad():
         for subnet, state in staged_states(rdn, images):
             assert set(state.values) <= nested_inputs | heads
-            assert (rdn._split is None or rdn._split in state.values) and (
-                rdn._features in state.values or state.widths[-1] == 0  # deep part not run yet
+            assert (split is None or split in state.values) and (
+                features in state.values or state.widths[-1] == 0  # deep part not run yet
             )
             assert len(state.values) < len(channel_steps) // 2  # BN, activations, adds... are not kept
             for name, value in state.values.items():
-                space = rdn._by_name[name].space
+                space = plan.step(name).space
                 assert value.shape[0] == images.shape[0]
-                region = next(r for r, (first, stop) in enumerate(rdn._regions)
-                              if first <= rdn._steps.index(rdn._by_name[name]) < stop)  # fmt: skip
+                region = plan.region_of(name)
                 prefix = space.offsets[state.widths[region]] if not space.is_single_group else len(space)
                 # start keeps N_1's prefixes; a step moves them into full-width buffers, written in place
                 # (with a depth split a region only run once, by a jump, may still hold its prefix)
                 if subnet == 1:
                     assert value.shape[1] == prefix
-                elif rdn._split is None:
+                elif split is None:
                     assert value.shape[1] == len(space)
                 else:
                     assert value.shape[1] in (prefix, len(space))

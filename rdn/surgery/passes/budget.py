@@ -1,4 +1,4 @@
-"""Sparse group dependencies: drop blocks of the added groups until N_K fits a MAC budget.
+"""Budget pass: drop blocks of the added groups until N_K fits a MAC budget (sparse group dependencies).
 
 Expand mode keeps every connection of the base model by re-routing the violating ones into the
 k - 1 added groups (K = 2k - 1). With ``copies="latest"`` a copy in an added group recomputes its
@@ -17,10 +17,13 @@ q^i of the earlier groups, which is how its N_K stays near the base's cost (its 
 
 An output group whose blocks carry no energy at all on the calibration data (every score 0) keeps
 its first block, chosen by index, not by the data: :func:`prune_blocks` reports those groups and
-``nest`` records them in ``rdn_config["ties"]["mac_budget"]``. Non-finite energies are refused.
+``nest`` records them in ``NestRecord.ties["mac_budget"]``. Non-finite energies are refused.
 
-The dropped blocks change N_{k+1}..N_K's function; joint fine-tuning recovers it (measured in
-``benchmarks/results/``). The dropped blocks are stored in ``rdn_config["pruned_blocks"]``.
+The pass returns its edit (:class:`Pruning`) and changes nothing: the costs it checks are those of
+the edited plan (``plan.with_pruned_blocks``, :func:`rdn.surgery.costs.macs`), and
+:func:`apply_pruned_blocks` makes a network execute it. The dropped blocks change N_{k+1}..N_K's
+function; joint fine-tuning recovers it (measured in ``benchmarks/results/``). They are recorded
+in ``NestRecord.pruned_blocks``.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from torch import Tensor
 
 from rdn.models.profile import run_with_forward_hooks
 from rdn.nn import NestedConv2d, NestedLinear
+from rdn.surgery import costs
+from rdn.surgery.calibration import check_finite_calibration
 from rdn.surgery.network import RussianDollNet
-from rdn.surgery.select import check_finite_calibration
 
 __all__ = ["Pruning", "prune_blocks", "apply_pruned_blocks"]
 
@@ -86,7 +90,7 @@ def _candidates(net: RussianDollNet, calib: Tensor, first_group: int) -> tuple[l
                     "or weights hold NaN or inf)"
                 )
             kernel = math.prod(layer.kernel_size) if isinstance(layer, NestedConv2d) else 1
-            pixels = math.prod(output.shape[2:])  # per sample, as RussianDollNet.macs counts them
+            pixels = math.prod(output.shape[2:])  # per sample, as rdn.surgery.costs counts them
             for j in rows:
                 row = {i: energy for (jj, i), energy in energies.items() if jj == j}
                 total = sum(row.values())
@@ -123,34 +127,37 @@ class Pruning(NamedTuple):
 
 
 def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_macs: int) -> Pruning:
-    """Drop blocks of the added groups until N_K does at most ``mac_budget × base_macs`` MACs.
+    """The blocks of the added groups to drop so that N_K does at most ``mac_budget × base_macs`` MACs.
 
     Args:
-        net: an RDN made by ``nest(..., mode="expand")``; changed in place.
+        net: an RDN made by ``nest(..., mode="expand")``; run once on ``calib``, not changed
+            (:func:`apply_pruned_blocks` applies the result).
         calib: calibration inputs (N, ...) of the RDN's input shape, finite, N >= 1.
         mac_budget: N_K's MACs over the base model's at most (module docstring).
         base_macs: the base model's MACs per sample.
     Returns:
-        The dropped blocks (0-based groups) and the output groups whose blocks carry no energy on
+        The blocks to drop (0-based groups) and the output groups whose blocks carry no energy on
         ``calib`` (:class:`Pruning`); nothing when N_K fits already.
     Raises:
         ValueError: when dropping every candidate still leaves N_K above the budget, or when
             ``calib`` or the block energies are not finite.
     """
-    full = net.num_subnets
+    plan = net.plan
+    full = plan.num_subnets
     max_macs = math.floor(mac_budget * base_macs)
-    macs = net.macs(full)
+    macs = costs.macs(plan, full)
     if macs <= max_macs:
         return Pruning({}, {})
-    if net.record.config.mode != "expand":
+    options = plan.record.config
+    if options.mode != "expand":
         raise ValueError("only expand mode has added groups whose blocks can be dropped")
     check_finite_calibration(calib)
-    blocks, unscored = _candidates(net, calib, first_group=net.record.config.k)
+    blocks, unscored = _candidates(net, calib, first_group=options.k)
     kept = _kept_per_row(blocks)
     droppable = sorted((b for b in blocks if b not in kept), key=lambda b: (b.score / max(b.macs, 1), -b.macs))
     floor = macs - sum(b.macs for b in droppable)
     if floor > max_macs:
-        exact = net.record.config.exact
+        exact = options.exact
         hint = "; exact=True gives every channel a copy in the last group, exact=False does not" if exact else ""
         raise ValueError(
             f"mac_budget={mac_budget} is out of reach: with every block of the added groups dropped but one per "
@@ -163,23 +170,13 @@ def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_mac
             break
         pruned.setdefault(block.layer, []).append([block.out_group, block.in_group])
         macs -= block.macs
-    apply_pruned_blocks(net, pruned)
-    actual = net.macs(full)
+    actual = costs.macs(plan.with_pruned_blocks(pruned), full)
     if actual != macs:
-        raise AssertionError(f"block MACs ({macs}) disagree with RussianDollNet.macs ({actual})")
+        raise AssertionError(f"block MACs ({macs}) disagree with the pruned plan's ({actual})")
     return Pruning(pruned, unscored)
 
 
 def apply_pruned_blocks(net: RussianDollNet, pruned: dict[str, list[list[int]]]) -> None:
-    """Remove the blocks ``pruned`` ({layer: [[out_group, in_group], ...]}) from the nested layers' masks."""
-    nested = net.nested_layers()
-    for name, dropped in pruned.items():
-        layer = nested.get(name)
-        if layer is None:
-            raise ValueError(f"pruned_blocks names {name!r}, which is not a nested layer of this RDN")
-        mask = [list(row) for row in layer.layout.mask]
-        for out_group, in_group in dropped:
-            if not (0 <= in_group <= out_group < layer.num_groups and mask[out_group][in_group]):
-                raise ValueError(f"pruned_blocks of {name!r}: ({out_group}, {in_group}) is not a block of its mask")
-            mask[out_group][in_group] = False
-        layer.set_block_mask(mask)
+    """Make ``net`` execute its plan without the blocks ``pruned`` ({layer: [[out_group, in_group], ...]}):
+    they leave the nested layers' masks (their weights are zeroed) and join ``net.record.pruned_blocks``."""
+    net.use_plan(net.plan.with_pruned_blocks(pruned))

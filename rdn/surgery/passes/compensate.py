@@ -1,4 +1,4 @@
-"""Least-squares compensation of the connections a nested layer's copies cannot read.
+"""Compensation pass: least-squares refit of the connections a nested layer's copies cannot read.
 
 Surgery gives every output copy of channel o the base weights W[o, c] of the input channels its
 group can see and drops the rest (``rdn.surgery.spaces``): the primaries of expand mode, every
@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from rdn.models.profile import run_with_forward_hooks
 from rdn.nn import NestedLinear
+from rdn.surgery.calibration import check_activations, check_finite_calibration
 from rdn.surgery.network import RussianDollNet
-from rdn.surgery.select import check_activations, check_finite_calibration
+from rdn.surgery.plan import Step
 from rdn.surgery.spaces import connections
 
 __all__ = ["compensate_dropped_connections"]
@@ -50,10 +51,12 @@ def _sample(values: Tensor, index: Tensor) -> Tensor:
     return values.permute(0, 2, 1).reshape(-1, values.shape[1])[index.to(values.device)]
 
 
-def _incomplete_rows(layer: nn.Module, in_space, out_space, copies: str) -> Tensor:
-    """(len(out),) bool: output copies that miss some input channel (dropped or pruned connections)."""
+def _incomplete_rows(step: Step, copies: str) -> Tensor:
+    """(len(out),) bool: output copies of nested ``step`` that miss some input channel (dropped or pruned
+    connections)."""
+    in_space, out_space = step.input_space, step.space
     reads = connections(in_space, out_space, copies)
-    mask = torch.tensor(layer.layout.mask, dtype=torch.bool)
+    mask = torch.tensor(step.layer.layout.mask, dtype=torch.bool)
     in_groups, out_groups = in_space.group, out_space.group
     reads &= mask[out_groups][:, in_groups]
     seen = torch.zeros(len(out_space), in_space.channels, dtype=torch.bool)
@@ -123,11 +126,11 @@ def compensate_dropped_connections(
     check_activations(base_model, calib)  # the targets; a NaN would make every refit NaN
     generator = torch.Generator().manual_seed(seed)
     targets: dict[str, tuple[Tensor, Tensor]] = {}
-    plans = {}  # nested layer name → its incomplete output copies
-    for name, layer in net.nested_layers().items():
-        rows = _incomplete_rows(layer, *net.nested_spaces(name), net.record.config.copies)
+    incomplete = {}  # nested layer name → its incomplete output copies
+    for step in net.plan.nested_steps():
+        name, rows = step.name, _incomplete_rows(step, net.record.config.copies)
         if rows.any():
-            plans[name] = rows
+            incomplete[name] = rows
 
     def record(name: str):
         def hook(module, args, output):
@@ -141,8 +144,8 @@ def compensate_dropped_connections(
         return hook
 
     # A nested layer's graph node calls the base model's module it replaces.
-    base_modules = {name: base_model.get_submodule(net.base_module_name(name)) for name in plans}
-    run_with_forward_hooks(base_model, calib, [(base_modules[name], record(name)) for name in plans])
+    base_modules = {name: base_model.get_submodule(net.base_module_name(name)) for name in incomplete}
+    run_with_forward_hooks(base_model, calib, [(base_modules[name], record(name)) for name in incomplete])
 
     def refit(name: str):
         def hook(module, args, kwargs, output):
@@ -151,10 +154,10 @@ def compensate_dropped_connections(
             phi = _sample(_patches(module, args[0]), index).double()
             if not torch.isfinite(phi).all():  # the RDN's own activations (the base's were checked)
                 raise ValueError(f"compensate: the input of nested layer {name} is not finite on calib (NaN or inf)")
-            _refit(module, phi, target, plans[name], base_modules[name].bias, out_space, in_space, shrinkage)
+            _refit(module, phi, target, incomplete[name], base_modules[name].bias, out_space, in_space, shrinkage)
             return module.forward(*args, **kwargs)  # the refitted layer's output feeds the next layers
 
         return hook
 
-    run_with_forward_hooks(net, calib, [(net.layers[name], refit(name)) for name in plans], with_kwargs=True)
-    return sum(int(rows.sum()) for rows in plans.values())
+    run_with_forward_hooks(net, calib, [(net.layers[name], refit(name)) for name in incomplete], with_kwargs=True)
+    return sum(int(rows.sum()) for rows in incomplete.values())
