@@ -3,13 +3,17 @@ state dicts of the older layout (alignment ``F_s → F`` before a shared classif
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from rdn.surgery import RussianDollNet, costs, nest
+from rdn.train.checkpoint import load_state_strict
+from tests.surgery.checks import logits_by_path
 from tests.surgery.toys import toy
 
 CALIB = torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2))
@@ -106,3 +110,23 @@ def test_version_tells_the_layout_when_features_and_classes_agree():
     again = nested(num_classes=16)
     again.load_state_dict(current)  # version 2: loaded as it is
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), current.values(), strict=True))
+
+
+def test_a_checkpoint_written_before_the_plan_gives_the_same_logits():
+    """data/version1_depth_split.pt was written by the code before the plan / executor split and the
+    folded heads: ``nest(toy(), k=3, skip=["stem"], depth_split="body.2")`` with every parameter moved
+    (dense heads), its flat version-1 rdn_config, its state dict (unfolded heads) and the logits of every
+    exit through every path. Rebuilt and loaded now, it gives those logits (bit-identical on the machine
+    that wrote them; other CPUs may round convolutions differently, hence the tight tolerance)."""
+    saved = torch.load(Path(__file__).parent / "data" / "version1_depth_split.pt", weights_only=True)
+    net = RussianDollNet.from_config(json.loads(saved["rdn_config"]), model=toy())
+    load_state_strict(net, saved["state"], "version1_depth_split.pt")
+    net.eval()
+    images = saved["images"]
+    assert [net.macs(e) for e in range(1, net.num_subnets + 1)] == saved["macs"]
+    assert [net.peak_activation_bytes(e) for e in range(1, net.num_subnets + 1)] == saved["peak"]
+    now = logits_by_path(net, images, range(1, net.num_subnets + 1))
+    paths = {"one pass": "one_pass", "subnet=e": "alone", "staged": "staged", "export": "export"}
+    for path, key in paths.items():
+        for subnet, logits in now[path].items():
+            torch.testing.assert_close(logits, saved["logits"][key][subnet - 1], rtol=1e-6, atol=1e-6)
