@@ -11,10 +11,11 @@ over the processes; rank 0 alone draws the progress bar and writes logs and chec
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rdn.data import BatchTransform, DataSpec, DataSplits, ImageDataset, eval_loader, train_loader
+from rdn.data import BatchTransform, DataSpec, DataSplits, ImageDataset, eval_loader
 from rdn.files import RunFolder, RunFolderError
 from rdn.train.checkpoint import (
     check_model_config,
@@ -39,6 +40,7 @@ from rdn.train.distributed import DistContext, all_reduce_sum
 from rdn.train.log import RunLog
 from rdn.train.loss import JointLoss, exit_weights
 from rdn.train.optim import ModelEma, build_optimizer, build_scheduler
+from rdn.train.sources import TrainingSource, training_source
 
 __all__ = [
     "EvalResult",
@@ -122,27 +124,44 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    dataset: ImageDataset,
-    spec: DataSpec,
+    data: ImageDataset | Iterable[tuple[Tensor, Tensor]],
+    spec: DataSpec | None = None,
     *,
     batch_size: int = 512,
     context: DistContext | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> EvalResult:
-    """Top-1 / top-5 accuracy of every exit on ``dataset`` (each process evaluates its stride, counts are summed)."""
+    """Top-1 / top-5 accuracy of every exit, counts summed over the processes.
+
+    ``data``: an :class:`~rdn.data.ImageDataset` with its ``spec`` (each process evaluates its
+    stride, normalised here), or any iterable (e.g. a DataLoader) of ``(images, labels)`` batches
+    ready for the model (each process passes its own share).
+    """
     context = context or DistContext(device=next(model.parameters()).device)
+    if isinstance(data, ImageDataset):
+        if spec is None:
+            raise ValueError("evaluating an ImageDataset needs its spec (DataSpec: normalisation)")
+        transform = BatchTransform(spec, train=False)
+        batches = (
+            (transform(images.to(context.device), keys), labels.to(context.device))
+            for images, labels, keys in eval_loader(data, batch_size, rank=context.rank,
+                                                    world_size=context.world_size)
+        )  # fmt: skip
+    else:
+        batches = ((x.to(context.device), y.reshape(-1).to(context.device)) for x, y, *_ in data)
+    return _evaluate_batches(model, batches, context, amp_dtype)
+
+
+def _evaluate_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], context: DistContext,
+                      amp_dtype: torch.dtype | None) -> EvalResult:  # fmt: skip
     was_training = model.training
     model.eval()
-    transform = BatchTransform(spec, train=False)
-    k_top = min(5, spec.num_classes)
     counts = None  # (K + K + 2,): top-1 hits per exit, top-5 hits per exit, summed loss, samples
     try:
-        for images, labels, keys in eval_loader(dataset, batch_size, rank=context.rank, world_size=context.world_size):
-            x = transform(images.to(context.device), keys)
-            y = labels.to(context.device)
+        for x, y in batches:
             with _autocast(context.device, amp_dtype):
                 logits = [z.float() for z in _as_list(model(x))]
-            top = torch.stack([z.topk(k_top, dim=1).indices for z in logits])  # (K, N, k)
+            top = torch.stack([z.topk(min(5, z.shape[1]), dim=1).indices for z in logits])  # (K, N, k)
             hits = top == y[None, :, None]
             batch_counts = torch.cat([
                 hits[:, :, 0].sum(1), hits.any(2).sum(1),
@@ -207,9 +226,10 @@ def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
 
 def fit(
     model: nn.Module,
-    data: DataSplits,
+    data: DataSplits | Iterable[tuple[Tensor, Tensor]],
     config: TrainConfig,
     *,
+    eval_data: Iterable[tuple[Tensor, Tensor]] | None = None,
     out: str | os.PathLike | None = None,
     model_config: dict | None = None,
     resume: bool = False,
@@ -217,12 +237,18 @@ def fit(
     context: DistContext | None = None,
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
 ) -> FitResult:
-    """Train ``model`` on ``data.train``, evaluating every exit on ``data.test`` after each epoch.
+    """Train ``model``, evaluating every exit after each epoch.
 
     Args:
         model: a base classifier (one exit) or a RussianDollNet (K exits).
-        data: splits and spec from :func:`rdn.data.load_dataset`.
-        config: the run's settings.
+        data: a DataLoader (or any iterable) of ``(images, labels)`` batches ready for the model —
+            this process's share under torchrun — or :class:`rdn.data.DataSplits` (the package's
+            in-memory datasets: trains on ``data.train``, evaluates on ``data.test``). What makes
+            a loader resume exactly: :mod:`rdn.train.sources`.
+        config: the run's settings (``batch_size`` is the global batch of DataSplits; with a
+            loader it only sets the default learning rate: the loader decides its batches).
+        eval_data: with a loader, the evaluation batches (this process's share), or None: no
+            per-epoch evaluation.
         out: run folder for ``checkpoint.pt`` and the logs (``None``: nothing written).
         model_config: how to rebuild the model (see :func:`~rdn.train.checkpoint.model_config_of`);
             default: derived from the model (RDNs carry their ``rdn_config``).
@@ -259,7 +285,8 @@ def fit(
         # Every process learns the main one's verdict: a worker must not train on while the main one gave up.
         if all_reduce_sum(torch.tensor([float(refused is not None)], device=context.device), context).item():
             raise refused or RunFolderError(f"the main process refused the run folder {out} (see its error)")
-        return _fit(model, data, config, out, model_config, resume, context, callbacks)
+        source = training_source(data, config, context, eval_data)
+        return _fit(model, source, config, out, model_config, resume, context, callbacks)
 
 
 def describe_run(folder: Path) -> str:
@@ -275,18 +302,9 @@ def describe_run(folder: Path) -> str:
     return f"epoch {state.get('epoch')} of {epochs}, step {state.get('step')}"
 
 
-def _fit(model, data, config, out, model_config, resume, context, callbacks) -> FitResult:
+def _fit(model, source: TrainingSource, config, out, model_config, resume, context, callbacks) -> FitResult:
     device = context.device
-    if config.batch_size % context.world_size:
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {context.world_size} processes")
-    batch_per_rank = config.batch_size // context.world_size
-    full_steps = len(data.train) // context.world_size // batch_per_rank
-    if full_steps == 0:
-        raise ValueError(
-            f"batch_size {config.batch_size} is larger than the {len(data.train)} training samples "
-            f"({context.world_size} process(es)); use a batch size <= {len(data.train)}"
-        )
-    steps_per_epoch = min(full_steps, config.steps_per_epoch or full_steps)
+    steps_per_epoch = source.steps_per_epoch()
     total_steps = steps_per_epoch * config.epochs
 
     model_config = model_config or model_config_of(model)
@@ -342,15 +360,10 @@ def _fit(model, data, config, out, model_config, resume, context, callbacks) -> 
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not all(weights),
         )
-    transform = BatchTransform(data.spec, train=True, seed=config.seed)
     history = list(log.rows) if log is not None else []
     for epoch in range(step // steps_per_epoch, config.epochs):
         skip = step - epoch * steps_per_epoch
         trained.train()
-        loader = train_loader(
-            data.train, batch_per_rank, seed=config.seed, epoch=epoch, rank=context.rank,
-            world_size=context.world_size, skip_batches=skip, num_workers=config.num_workers,
-        )  # fmt: skip
         # Summed loss, top-1 hits of the largest exit, samples, seconds: checkpointed mid-epoch, so the
         # epoch's logged metrics cover every step of it, also those before a resume.
         totals = torch.zeros(4, dtype=torch.float64)
@@ -358,11 +371,8 @@ def _fit(model, data, config, out, model_config, resume, context, callbacks) -> 
             totals = torch.tensor(resumed_totals, dtype=torch.float64)
         started = time.perf_counter() - totals[3].item()
         bar = _progress_bar(config, context, epoch, steps_per_epoch, skip)
-        for batch_index, (images, labels, keys) in enumerate(loader, start=skip):
-            if batch_index >= steps_per_epoch:
-                break
-            x = transform(images.to(device, non_blocking=True), keys, epoch)
-            y = labels.to(device, non_blocking=True)
+        batches = itertools.islice(source.epoch(epoch, skip), steps_per_epoch - skip)  # never a batch too many
+        for batch_index, (x, y) in enumerate(batches, start=skip):
             with _autocast(device, amp_dtype):
                 logits = _as_list(trained(x))
             loss, exit_ce = loss_fn(logits, y)
@@ -387,7 +397,7 @@ def _fit(model, data, config, out, model_config, resume, context, callbacks) -> 
             if ema is not None:
                 ema.update(model)
             step += 1
-            global_batch = config.batch_size
+            global_batch = len(y) * context.world_size
             totals[:3] += torch.tensor([mean_loss * global_batch, reduced[1].item() * context.world_size,
                                         global_batch], dtype=torch.float64)  # fmt: skip
             if bar is not None:
@@ -410,13 +420,11 @@ def _fit(model, data, config, out, model_config, resume, context, callbacks) -> 
             "train_top1": round(float(100 * totals[1] / max(totals[2], 1)), 3),
             "images_per_s": round(float(totals[2] / epoch_s), 1), "epoch_s": round(epoch_s, 2),
         }  # fmt: skip
-        eval_batch = config.eval_batch_size
-        result = evaluate(model, data.test, data.spec, batch_size=eval_batch, context=context, amp_dtype=amp_dtype)
-        row |= {"test_loss": round(result.loss, 5), **result.as_row("test_")}
-        if ema is not None:
-            ema_result = evaluate(ema.module, data.test, data.spec, batch_size=eval_batch, context=context,
-                                  amp_dtype=amp_dtype)  # fmt: skip
-            row |= ema_result.as_row("ema_test_")
+        if source.eval_batches() is not None:
+            result = _evaluate_batches(model, source.eval_batches(), context, amp_dtype)
+            row |= {"test_loss": round(result.loss, 5), **result.as_row("test_")}
+            if ema is not None:
+                row |= _evaluate_batches(ema.module, source.eval_batches(), context, amp_dtype).as_row("ema_test_")
         history = [r for r in history if r["epoch"] != row["epoch"]] + [row]
         if log is not None:
             log.append(row)
