@@ -132,7 +132,7 @@ def make_plan(graph: SurgeryGraph, record: NestRecord) -> Plan:
 
 
 class Modules(NamedTuple):
-    """The modules of an RDN (:class:`~rdn.surgery.network.RussianDollNet`'s constructor arguments)."""
+    """What a :class:`~rdn.surgery.network.RussianDollNet` holds besides its plan, and the mode it starts in."""
 
     layers: dict[str, nn.Module]  # graph node name → layer, for every step the plan holds a layer for
     heads: list[nn.Linear]  # heads[s - 1]: nn.Linear(F_s, C), the folded head of the full-depth exit of width s

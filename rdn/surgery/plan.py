@@ -275,7 +275,7 @@ class Plan:
         position = self.position(name)
         return next(r for r, (first, stop) in enumerate(self.regions) if first <= position < stop)
 
-    def exit(self, subnet, what: str = "subnet") -> tuple[int, int]:
+    def exit(self, subnet: int, what: str = "subnet") -> tuple[int, int]:
         """(width s, depth) of exit number ``subnet`` (1-based), checked."""
         if isinstance(subnet, bool) or not isinstance(subnet, int):
             raise TypeError(f"{what} must be an int in 1..{self.num_subnets}, got {subnet!r}")

@@ -22,6 +22,8 @@ Versions (the serialised form is :meth:`rdn.config.Config.to_dict`'s)::
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -108,7 +110,7 @@ class NestRecord(Config):
             raise ConfigError("config has no 'version': pass RussianDollNet.rdn_config or NestRecord.to_dict()")
         return cls.from_dict(data)
 
-    def differences(self, other: Config, ignore=()) -> list[str]:
+    def differences(self, other: Config, ignore: Iterable[str] = ()) -> list[str]:
         """Differing fields by name, the options' own (``k``, ``mode``, ...) instead of ``config``."""
         if type(other) is not type(self):
             raise ConfigError(f"cannot compare a {type(self).__name__} with a {type(other).__name__}")
@@ -117,7 +119,7 @@ class NestRecord(Config):
         found = [name for name in _FINDINGS if name not in skipped and getattr(self, name) != getattr(other, name)]
         return options + found
 
-    def describe_differences(self, other: Config, ignore=()) -> str:
+    def describe_differences(self, other: Config, ignore: Iterable[str] = ()) -> str:
         def value(record: NestRecord, name: str) -> Any:
             return getattr(record.config if name not in _FINDINGS else record, name)
 
@@ -140,10 +142,10 @@ class NestRecord(Config):
             "input_shape": list(self.input_shape),
             "orders": {layout: list(order) for layout, order in self.orders.items()},
             "depth_split": config.depth_split,
-            "base": None if self.base is None else dict(self.base),
+            "base": copy.deepcopy(self.base),
             "copy_fraction": config.copy_fraction,
             "mac_budget": config.mac_budget,
             "pruned_blocks": {name: [list(block) for block in blocks] for name, blocks in self.pruned_blocks.items()},
             "compensate": config.compensate,
-            "ties": None if self.ties is None else {key: dict(value) for key, value in self.ties.items()},
+            "ties": copy.deepcopy(self.ties),
         }

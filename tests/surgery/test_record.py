@@ -54,7 +54,8 @@ def test_rdn_config_is_a_read_only_view(pruned):
     view = pruned.rdn_config
     assert view["version"] == 1 and view["mac_budget"] == 1.2 and view["pruned_blocks"]
     view["k"] = 7
-    assert pruned.rdn_config["k"] == 3 and pruned.record.config.k == 3
+    view["ties"]["select"].setdefault("x", []).append(0)
+    assert pruned.rdn_config["k"] == 3 and pruned.record.config.k == 3 and "x" not in pruned.record.ties["select"]
 
 
 def test_version_1_dicts_are_migrated(pruned):
