@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rdn.data import BatchTransform, DataSpec, DataSplits, ImageDataset, eval_loader
 from rdn.files import RunFolder, RunFolderError
 from rdn.train.checkpoint import (
+    CheckpointMismatchError,
     check_model_config,
     get_rng_state,
     load_checkpoint,
@@ -224,6 +225,21 @@ def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
         raise ValueError(f"cannot resume {path} with different training settings ({changed}); use a fresh --out folder")
 
 
+def _check_current_layout(model: nn.Module, saved: dict, path: Path) -> None:
+    """Refuse to resume a run whose weights are stored in an older layout of this model: they load
+    (upgraded), but the optimizer and EMA states saved beside them keep the old shapes."""
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    if upgrade is None:
+        return
+    upgraded = upgrade(saved)
+    if upgraded.keys() != saved.keys() or any(upgraded[key].shape != saved[key].shape for key in saved):
+        raise CheckpointMismatchError(
+            f"{path} was written by an older rdn whose RDN heads were stored unfolded: its weights load (e.g. "
+            "`rdn finetune --from` it, or rdn.train.load_model), but its optimizer state does not fit the current "
+            "heads, so this run cannot resume; start a new fine-tuning from it"
+        )
+
+
 def fit(
     model: nn.Module,
     data: DataSplits | Iterable[tuple[Tensor, Tensor]],
@@ -251,7 +267,7 @@ def fit(
             per-epoch evaluation.
         out: run folder for ``checkpoint.pt`` and the logs (``None``: nothing written).
         model_config: how to rebuild the model (see :func:`~rdn.train.checkpoint.model_config_of`);
-            default: derived from the model (RDNs carry their ``rdn_config``).
+            default: derived from the model (RDNs carry their record, :class:`rdn.surgery.NestRecord`).
         resume: continue from ``out/checkpoint.pt`` if it exists (exactly where it stopped,
             mid-epoch included).
         overwrite: ``out`` may hold an earlier run, whose files are deleted first. Without it (and
@@ -328,6 +344,7 @@ def _fit(model, source: TrainingSource, config, out, model_config, resume, conte
         state = load_checkpoint(checkpoint_path, map_location=device)
         check_model_config(model_config, state["model_config"], checkpoint_path)
         _check_resumable(state["train_config"], config, checkpoint_path)
+        _check_current_layout(model, state["model"], checkpoint_path)
         load_state_strict(model, state["model"], checkpoint_path)
         if ema is not None:
             ema.load_state_dict(state["ema"])

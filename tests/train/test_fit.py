@@ -23,7 +23,7 @@ from rdn.train import (
     recalibrate_batch_norm,
     save_checkpoint,
 )
-from rdn.train.checkpoint import check_model_config
+from rdn.train.checkpoint import check_model_config, load_state_strict
 from tests.train.helpers import TinyNet, synthetic, tiny_rdn
 
 BASE = {"name": "mobilenet_v2", "num_classes": 10, "input_size": 16, "in_chans": 1, "width_mult": 0.1}
@@ -217,3 +217,20 @@ def test_recalibrate_batch_norm_averages_batch_statistics():
     torch.testing.assert_close(model[2].running_mean, features.mean(1).mean(0))
     torch.testing.assert_close(model[2].running_var, features.var(1).mean(0))
     assert model[2].momentum == 0.01 and not model.training
+
+
+def test_a_run_checkpointed_before_folded_heads_is_refused_not_resumed(tmp_path):
+    """Its weights load (upgraded), but its optimizer state has the old heads' shapes."""
+    from tests.surgery.test_heads import old_layout
+
+    net = tiny_rdn()
+    cfg = config(epochs=1)
+    old_state, _, _ = old_layout(net)
+    save_checkpoint(tmp_path / "checkpoint.pt", {
+        "model_config": model_config_of(net), "model": old_state, "ema": None, "optimizer": {}, "scheduler": {},
+        "scaler": {}, "rng": {}, "epoch": 0, "step": 3, "train_config": cfg.to_dict(),
+    })  # fmt: skip
+    with pytest.raises(CheckpointMismatchError, match="RDN heads were stored unfolded: its weights load .* cannot "
+                                                      "resume"):  # fmt: skip
+        fit(tiny_rdn(), synthetic(), cfg, out=tmp_path, resume=True)
+    load_state_strict(tiny_rdn(), load_checkpoint(tmp_path)["model"], tmp_path)  # the weights themselves still load
