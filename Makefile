@@ -49,7 +49,7 @@ build: $(VENV)/.built
 DEMO_ARGS ?=
 demo: build data
 	$(PY) -m rdn_kernels.demo
-	$(PY) -m rdn pipeline --dataset fashion-mnist --model mobilenet_v2 --k 4 --out runs/demo $(DEMO_ARGS)
+	$(PY) -m rdn pipeline --data fashion_mnist --model mobilenet_v2 --k 4 --out runs/demo $(DEMO_ARGS)
 
 test: build data
 	$(PY) -m pytest -q

@@ -10,7 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("nn", "models", "surgery", "data", "train", "order", "policy", "inference", "pipeline", "cli")
+_SUBMODULES = ("nn", "models", "surgery", "data", "train", "order", "policy", "inference", "config", "files",
+               "errors", "steps", "deploy", "experiments", "pipeline", "cli")
 
 # Public names re-exported at top level, mapped to the module that defines them.
 _ATTRIBUTES: dict[str, str] = {"nest": "rdn.surgery", "RussianDollNet": "rdn.surgery"}

@@ -1,76 +1,165 @@
-"""``rdn pipeline``: options and presets, the CLI hook, dataset fall-back, resume safety, atomic
-outputs; the whole ``--quick`` run (slow) and its resumption."""
+"""``rdn pipeline`` (rdn.experiments): the config and its presets, options, migration of old
+settings, resume safety, the step runner, the report's comparisons; the whole ``--quick`` run
+(slow), its resumption, ``rdn infer`` on it."""
 
 import argparse
 import json
+import re
 import time
 
 import pytest
 import torch
 
-from rdn import pipeline
+from rdn.cli import build_parser, main
+from rdn.config import ConfigError
+from rdn.errors import DataError, RunMismatchError
+from rdn.experiments import pipeline
+from rdn.experiments.config import ABLATIONS, PRESETS, ExperimentConfig, from_arguments
+from rdn.experiments.report import comparisons, surgery_summary
+from rdn.experiments.runner import Step, run_steps
 from rdn.models import create
-from rdn.surgery import nest
+from rdn.steps import DataConfig
+from rdn.surgery import NestConfig, nest
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    pipeline.add_arguments(parser)
-    return parser.parse_args(list(argv))
+    return build_parser().parse_args(["pipeline", *argv])
+
+
+def config_of(*argv: str) -> ExperimentConfig:
+    return from_arguments(parse(*argv))
 
 
 def test_presets_and_overrides():
-    quick = pipeline._settings(parse("--out", "x", "--quick"))
-    assert quick["dataset"] == "mnist5k" and quick["quick"] and quick["k"] == 4
-    assert {key: quick[key] for key in pipeline.PRESETS["quick"]} == pipeline.PRESETS["quick"]
-    default = pipeline._settings(parse("--out", "x", "--dataset", "fashion-mnist", "--base-epochs", "3", "--k", "3"))
-    assert default["dataset"] == "fashion_mnist" and default["base_epochs"] == 3 and default["k"] == 3
-    assert default["finetune_epochs"] == pipeline.PRESETS["default"]["finetune_epochs"]
-    assert pipeline._settings(parse("--out", "x", "--quick", "--dataset", "mnist-5k"))["dataset"] == "mnist5k"
-    assert default["exact"] and default["mac_budget"] is None and default["copy_fraction"] == 1
-    assert default["finetune_lr"] is None and pipeline._finetune_lr_summary(default) == ""
-    tuned = pipeline._settings(parse("--out", "x", "--finetune-lr", "0.0125"))
-    assert tuned["finetune_lr"] == 0.0125 and "learning rate 0.0125" in pipeline._finetune_lr_summary(tuned)
-    budget = pipeline._settings(parse("--out", "x", "--no-exact", "--mac-budget", "1.15", "--copy-fraction", "0.5"))
-    assert not budget["exact"] and budget["mac_budget"] == 1.15 and budget["copy_fraction"] == 0.5
-    assert "copies for 0.5 of each" in pipeline._surgery_summary(budget)
-    assert "at most 1.15× the base" in pipeline._surgery_summary(budget)
+    assert config_of("--quick") == PRESETS["quick"] and config_of() == PRESETS["default"]
+    quick = PRESETS["quick"]
+    assert quick.data.dataset == "mnist5k" and quick.preset == "quick" and quick.nest.k == 4
+    default = config_of("--data", "fashion_mnist", "--base-epochs", "3", "--k", "3", "--seed", "5")
+    assert default.data.dataset == "fashion_mnist" and default.base_epochs == 3 and default.nest.k == 3
+    assert default.finetune_epochs == PRESETS["default"].finetune_epochs
+    assert default.seed == 5 and default.nest.seed == 5  # one seed for the run, the surgery's included
+    assert default.nest.exact and default.nest.mac_budget is None and default.nest.copy_fraction == 1
+    tuned = config_of("--quick", "--finetune-lr", "0.0125", "--epsilons", "0.1", "0.2")
+    assert tuned.finetune_lr == 0.0125 and tuned.epsilons == (0.1, 0.2) and tuned.batch_size == quick.batch_size
+    budget = config_of("--no-exact", "--mac-budget", "1.15", "--copy-fraction", "0.5")
+    assert not budget.nest.exact and budget.nest.mac_budget == 1.15 and budget.nest.copy_fraction == 0.5
+    assert "copies for 0.5 of each" in surgery_summary(budget.nest)
+    assert "at most 1.15× the base" in surgery_summary(budget.nest)
     with pytest.raises(SystemExit):
-        parse("--out", "x", "--dataset", "imagenet")
+        parse("--data", "imagenet")
+    with pytest.raises(ConfigError, match="epsilons must be target errors in"):
+        config_of("--epsilons", "1.5")
+    with pytest.raises(ConfigError, match="copy_fraction < 1"):
+        config_of("--copy-fraction", "0.5")  # exact surgery copies every channel
 
 
-def test_cli_hands_the_pipeline_command_to_this_module():
-    from rdn.cli import build_parser
+def test_the_config_round_trips_through_json():
+    config = PRESETS["quick"].replace(epsilons=(0.1,), nest=NestConfig(k=3, exact=False, copy_fraction=0.5))
+    assert ExperimentConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["version"] == ExperimentConfig.VERSION
 
-    args = build_parser(with_pipeline=True).parse_args(["pipeline", "--out", "runs/x", "--quick", "--k", "2"])
-    assert args.pipeline_available and args.quick and args.k == 2 and args.out == "runs/x"
+
+def test_default_run_folder():
+    assert str(pipeline.default_folder(PRESETS["default"])) == "runs/mobilenet_v2-fashion_mnist-k4-seed0"
+    assert str(pipeline.default_folder(config_of("--quick", "--k", "2", "--seed", "3"))) == \
+        "runs/mobilenet_v2-mnist5k-k2-seed3-quick"  # fmt: skip
+    assert parse().out is None
 
 
 def test_missing_fashion_mnist_falls_back_to_mnist5k(monkeypatch, tmp_path, capsys):
     import rdn.data
 
     monkeypatch.setattr(rdn.data, "FASHION_MNIST_DIR", tmp_path / "absent")
-    settings = pipeline._settings(parse("--out", "x"))
-    data = pipeline._load_data(settings, None)
-    assert settings["dataset"] == "mnist5k" and data.spec.name == "mnist5k"
+    data, config = pipeline._load_data(PRESETS["default"], None)
+    assert config.data.dataset == "mnist5k" and data.spec.name == "mnist5k"
+    assert config.replace(data=DataConfig()) == PRESETS["default"]  # nothing else changed
     assert "falling back to MNIST-5k" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError):  # an explicit root is never replaced silently
-        pipeline._load_data(pipeline._settings(parse("--out", "x")), str(tmp_path))
+    with pytest.raises(DataError):  # an explicit root is never replaced silently
+        pipeline._load_data(PRESETS["default"], str(tmp_path))
+
+
+# The settings.json a quick run wrote before ExperimentConfig (a plain dict, no version), minus the
+# keys that older folders still did not have.
+UNVERSIONED_QUICK = {
+    "dataset": "mnist5k", "width_mult": 0.25, "base_epochs": 1, "finetune_epochs": 1, "steps_per_epoch": 8,
+    "batch_size": 64, "bn_momentum": 0.1, "monitor_samples": 256, "policy_samples": 500, "policy_epochs": 20,
+    "policy_hidden": 16, "calib_samples": 64, "bench_batch": 256, "repeats": 1, "time_every_subnet": False,
+    "model": "mobilenet_v2", "k": 4, "seed": 0, "epsilons": None, "quick": True, "all_exits": False,
+    "ablations": False, "depth_split": None, "bench_device": None, "bench_threads": None,
+}  # fmt: skip
+
+
+def test_unversioned_settings_are_migrated():
+    config = ExperimentConfig.from_dict(UNVERSIONED_QUICK)
+    assert config.preset == "quick" and config.data == DataConfig(dataset="mnist5k")
+    assert config.nest == NestConfig(k=4, mode="expand", select="greedy", exact=True, copy_fraction=1.0, seed=0)
+    assert (config.steps_per_epoch, config.batch_size, config.finetune_lr, config.lr) == (8, 64, None, None)
+    assert config.warmup_epochs == 1.0  # what the old pipeline's training ran with
 
 
 def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
-    settings = pipeline._settings(parse("--out", "x", "--quick"))
-    pipeline._check_resumable(tmp_path, settings)
-    pipeline._check_resumable(tmp_path, dict(settings, repeats=7))  # timing repeats do not change results
-    with pytest.raises(ValueError, match="base_epochs"):
-        pipeline._check_resumable(tmp_path, dict(settings, base_epochs=5))
-    older = {key: value for key, value in settings.items() if key not in pipeline._SETTINGS_ADDED_LATER}
-    (tmp_path / "settings.json").write_text(json.dumps(older))  # written before those settings existed
-    pipeline._check_resumable(tmp_path, settings)
-    with pytest.raises(ValueError, match="mac_budget"):
-        pipeline._check_resumable(tmp_path, dict(settings, mac_budget=1.15))
-    with pytest.raises(ValueError, match="finetune_lr"):
-        pipeline._check_resumable(tmp_path, dict(settings, finetune_lr=0.01))
+    config = PRESETS["quick"]
+    pipeline.check_resumable(tmp_path, config)
+    assert ExperimentConfig.from_json((tmp_path / "settings.json").read_text()) == config
+    pipeline.check_resumable(tmp_path, config.replace(repeats=7, ablations=True))  # timing, optional step
+    with pytest.raises(RunMismatchError, match=r"base_epochs: 1 -> 5"):
+        pipeline.check_resumable(tmp_path, config.replace(base_epochs=5))
+    with pytest.raises(RunMismatchError, match=r"nest\.k: 4 -> 3"):
+        pipeline.check_resumable(tmp_path, config.replace(nest=config.nest.replace(k=3)))
+
+    (tmp_path / "settings.json").write_text(json.dumps(UNVERSIONED_QUICK))  # written by the old pipeline
+    old = ExperimentConfig.from_dict(UNVERSIONED_QUICK)
+    pipeline.check_resumable(tmp_path, old)  # resumes, and the file is now this config's JSON
+    assert json.loads((tmp_path / "settings.json").read_text())["kind"] == "ExperimentConfig"
+    with pytest.raises(RunMismatchError, match=r"nest\.mac_budget: None -> 1\.15"):
+        pipeline.check_resumable(tmp_path, old.replace(nest=old.nest.replace(exact=False, mac_budget=1.15)))
+    with pytest.raises(RunMismatchError, match="finetune_lr"):
+        pipeline.check_resumable(tmp_path, old.replace(finetune_lr=0.01))
+
+
+def test_runner_skips_steps_whose_outputs_exist(tmp_path, capsys):
+    calls = []
+
+    def write(name):
+        def run():
+            calls.append(name)
+            (tmp_path / name).write_text(name)
+
+        return run
+
+    steps = [Step("first", ("a.txt",), write("a.txt")), Step("second", ("b.txt", "c.txt"), write("b.txt")),
+             Step("always", (), lambda: calls.append("always"))]  # fmt: skip
+    assert run_steps(tmp_path, steps) == ["first", "second", "always"]
+    (tmp_path / "c.txt").write_text("")
+    assert run_steps(tmp_path, steps) == ["always"]  # both outputs of "second" exist now
+    (tmp_path / "b.txt").unlink()
+    assert run_steps(tmp_path, steps) == ["second", "always"]
+    assert calls == ["a.txt", "b.txt", "always", "always", "b.txt", "always"]
+    assert "[1/3] first: done, skipped (a.txt exist)" in capsys.readouterr().out
+
+
+def point(name, accuracy, macs, epsilon=None, parameter=None, saving=0.0):
+    return {"name": name, "accuracy": accuracy, "macs": macs, "epsilon": epsilon, "parameter": parameter,
+            "saving": saving, "top5": 1.0, "exit_fractions": [1.0]}  # fmt: skip
+
+
+def test_comparisons_state_results_not_targets():
+    evaluation = {
+        "static": [point("N_1", 0.70, 1e6), point("N_2", 0.80, 4e6)],
+        "base": point("base", 0.81, 2e6),
+        "engine": point("dynamic", 0.79, 2e6, 0.2, 0.5, saving=0.5),
+        "dynamic": [point("dynamic", 0.79, 2e6, 0.2, 0.5), point("dynamic", 0.80, 4e6, 0.1, None)],
+        "confidence": [point("confidence", 0.79, 3e6, 0.2, 0.9), point("confidence", 0.75, 1.5e6, 0.3, 0.8)],
+        "measurements": [{"name": "N_2 static", "batch_size": 8, "images_per_second": 100.0},
+                         {"name": "dynamic ε=0.2000", "batch_size": 8, "images_per_second": 150.0}],
+    }  # fmt: skip
+    text = "\n".join(comparisons(evaluation))
+    assert "top-1 79.00 % vs 80.00 % (-1.00 points), 2.00 vs 4.00 MMACs per image (50.0 % fewer)" in text
+    assert "static N_K -1.00 points at 2.00× its MACs; dynamic inference -2.00 points at 1.00× its MACs" in text
+    assert "150.0 images/s, static N_K 100.0 images/s (1.50×)" in text
+    # The fallback point (parameter None) is not compared; 79 %: 2.00 vs the 79 % confidence point's 3.00.
+    assert "79.00 %: 2.00 vs 3.00. Dynamic inference needs fewer MACs at 1 of these 1 accuracies." in text
+    assert not re.search(r"\bmet\b|target", text)
 
 
 @pytest.mark.slow
@@ -86,42 +175,74 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(rdn.train, "fit", recording_fit)
     out = tmp_path / "run"
-    options = ("--out", str(out), "--quick", "--no-progress", "--finetune-lr", "0.02")
+    options = ("pipeline", "--out", str(out), "--quick", "--no-progress", "--finetune-lr", "0.02")
     started = time.perf_counter()
-    pipeline.main(parse(*options))
+    assert main(list(options)) == 0
     first = time.perf_counter() - started
+    log = capsys.readouterr()
     for name in ("settings.json", "base/result.json", "nested.pt", "finetune/result.json", "outputs/test.pt",
                  "order.json", "order.png", "policy.pt", "calibration.json", "evaluation.json", "report.md",
-                 "tradeoff.png"):
+                 "tradeoff.png", "finetune/summary.json"):
         assert (out / name).exists(), name
+    assert "USDT" not in log.err and "profiler_start" not in log.err
+    assert "Warning" not in log.err  # fall-backs are printed as notes
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["engine"]["minus_outputs"]["top1_points"] == pytest.approx(0, abs=0.5)
     assert len(evaluation["static"]) == 7 and len(evaluation["dynamic"]) == len(evaluation["confidence"])
+    # The smoke preset learns: well above chance (10 classes) on the whole test split.
+    assert evaluation["base"]["accuracy"] > 0.3 and evaluation["static"][-1]["accuracy"] > 0.3
     report = (out / "report.md").read_text()
-    assert "| RDN N_K |" in report and "RDN† (dynamic" in report and "## Targets" in report
-    capsys.readouterr()
+    assert "| RDN N_K |" in report and "RDN† (dynamic" in report and "## Comparisons" in report
+    assert "Smoke preset (`--quick`)" in report.splitlines()[2]
+    assert not re.search(r"\bmet\b|target", report.split("## Comparisons")[1].split("##")[0])
+    assert "## Targets" not in report
 
     started = time.perf_counter()
-    pipeline.main(parse(*options))
+    assert main(list(options)) == 0
     again = time.perf_counter() - started
     log = capsys.readouterr().out
     assert log.count("done, skipped") == 7  # every step but the report
     assert again < first
 
     # --ablations on the finished run: only the ablations and the report run.
-    pipeline.main(parse(*options, "--ablations"))
+    assert main([*options, "--ablations"]) == 0
     log = capsys.readouterr().out
     assert log.count("done, skipped") == 7 and "[8/9] ablations" in log
     report = (out / "report.md").read_text()
-    for name in pipeline.ABLATIONS:
+    for name in ABLATIONS:
         result = json.loads((out / "ablations" / name / "test.json").read_text())
         assert len(result["top1"]) == 7 and all(0.0 <= top1 <= 1.0 for top1 in result["top1"])
         assert result["macs"] == pytest.approx([point["macs"] for point in evaluation["static"]])
         assert f"| {name}: " in report
-    # Pretraining and training from scratch keep the default rate (0.1 x 64 / 256); fine-tuning uses --finetune-lr.
-    assert peak_lrs == {"base": 0.025, "finetune": 0.02, "random_select": 0.02, "from_scratch": 0.025,
+    # Pretraining and training from scratch use the preset's rate (--lr 0.05); fine-tuning uses --finetune-lr.
+    assert peak_lrs == {"base": 0.05, "finetune": 0.02, "random_select": 0.02, "from_scratch": 0.05,
                         "all_but_lightest": 0.02, "largest_only": 0.02}  # fmt: skip
-    assert "at peak learning rate 0.02" in report
+    assert "fine-tuning 1 epoch(s) at peak learning rate 0.02" in report
+
+    # Another setting on the same folder: refused, naming it.
+    assert main([*options, "--base-epochs", "2"]) == 2
+    assert "base_epochs: 1 -> 2" in capsys.readouterr().err
+
+    # The run is deployable: its policy decides per image.
+    images = tmp_path / "images"
+    write_test_images(images, count=6)
+    assert main(["infer", str(images), "--from", str(out), "--out", str(tmp_path / "p.json")]) == 0
+    predictions = json.loads((tmp_path / "p.json").read_text())
+    operating = json.loads((out / "calibration.json").read_text())["operating_epsilon"]
+    assert len(predictions) == 6 and f"ε = {operating:g}" in capsys.readouterr().err
+    assert all(1 <= p["exit"] <= 7 and p["macs"] > 0 for p in predictions)
+
+
+def write_test_images(folder, count: int) -> None:
+    """``count`` 28 × 28 grey PNGs of MNIST-5k test digits."""
+    from PIL import Image
+
+    from rdn.data import load_dataset
+
+    folder.mkdir(parents=True)
+    test = load_dataset("mnist5k").test
+    for index in range(count):
+        Image.fromarray(test.images[index, 0].numpy()).save(folder / f"digit{index}.png")
 
 
 @pytest.mark.parametrize("depth_split", [None, 6])
@@ -134,12 +255,12 @@ def test_exit_grid_and_nesting_order_cells(depth_split):
     model = create("mobilenet_v2", num_classes=10, input_size=28, in_chans=1, width_mult=0.25)
     net = nest(model, k=2, calib=torch.randn(4, 1, 28, 28), depth_split=depth_split).eval()
     exits = list(range(1, net.num_subnets + 1))
-    grid = pipeline._exit_grid(net, [float(e) for e in exits])
+    grid = pipeline.exit_grid(net, [float(e) for e in exits])
     assert (len(grid), len(grid[0])) == (net.num_groups, 1 if depth_split is None else 2)
     cells = [(w, d) for w in range(len(grid)) for d in range(len(grid[0]))]
-    assert sorted(pipeline._cell_exit(net, cell) for cell in cells) == exits
-    assert all(grid[w][d] == pipeline._cell_exit(net, (w, d)) for w, d in cells)
-    macs = pipeline._exit_grid(net, [float(net.macs(e)) for e in exits])
+    assert sorted(pipeline.cell_exit(net, cell) for cell in cells) == exits
+    assert all(grid[w][d] == pipeline.cell_exit(net, (w, d)) for w, d in cells)
+    macs = pipeline.exit_grid(net, [float(net.macs(e)) for e in exits])
     order = nesting_order(macs, grid)  # accuracy = exit number: every cell is worth visiting
-    path_exits = [pipeline._cell_exit(net, cell) for cell in order.path]
+    path_exits = [pipeline.cell_exit(net, cell) for cell in order.path]
     assert path_exits == sorted(path_exits) and path_exits[-1] == net.num_subnets

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import rdn.cli
-from rdn import pipeline
 from rdn.cli import main
+from rdn.experiments import pipeline
+from rdn.experiments.config import from_arguments
 from rdn.files import RunFolder, RunFolderError
 from rdn.train import TrainConfig, fit, load_checkpoint, load_model, save_checkpoint
 from rdn.train.checkpoint import FORMAT, UnsafeCheckpointError, get_rng_state, set_rng_state
@@ -84,7 +85,7 @@ def test_pipeline_refuses_a_trapped_checkpoint(trapped, tmp_path):
     out = tmp_path / "pipeline"
     args = pipeline_args(out)
     (out / "base").mkdir(parents=True)
-    (out / "settings.json").write_text(json.dumps(pipeline._settings(args)))
+    (out / "settings.json").write_text(from_arguments(args).to_json())
     (out / "base" / "result.json").write_text("{}")  # the pretraining step is done: its checkpoint is loaded
     (out / "base" / "checkpoint.pt").write_bytes((folder / "checkpoint.pt").read_bytes())
     with pytest.raises(UnsafeCheckpointError, match=r"base/checkpoint.pt refers to the Python objects"):

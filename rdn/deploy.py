@@ -1,0 +1,404 @@
+"""Deployment: an RDN's predictions on image files (``rdn infer``) and its sub-networks as stock
+modules (``rdn export``).
+
+Both start from a trained RDN (:func:`load_deployable`): a ``finetune`` (or ``nest``) run folder,
+its ``checkpoint.pt``, or a ``pipeline`` run folder (its ``finetune/`` run, and its policy for early
+exits). The input's channels, size and normalisation come from the run's ``summary.json``
+(``data_spec``, written by :func:`rdn.steps.train`); for runs written before that record, name the
+dataset the model was trained on (``dataset=``) and its spec is rebuilt by loading it.
+
+Example::
+
+    deployable = load_deployable("runs/demo")                       # a pipeline run
+    rule = ExitRule.choose(deployable)                              # its policy at its operating point
+    predictions = predict(deployable, find_images(["photos/"]), rule)
+    write_predictions(predictions, "predictions.csv")
+    export_subnet(deployable, 3, "exported/")                       # N_3 as TorchScript & co
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from rdn.data import IMAGE_SUFFIXES, BatchTransform, DataSpec
+from rdn.errors import DeployError
+from rdn.files import atomic_write, load_torch_data, write_json
+from rdn.steps import DataConfig, load_data, load_trained, spec_from_summary
+
+__all__ = [
+    "EXPORT_FILES",
+    "Deployable",
+    "ExitRule",
+    "Prediction",
+    "decode_images",
+    "export_subnet",
+    "find_images",
+    "load_deployable",
+    "predict",
+    "write_predictions",
+]
+
+# What `export_subnet` writes into its folder, by format, and its description.
+_EXPORT_NAMES = {"state_dict": "state_dict.pt", "torchscript": "model.torchscript.pt",
+                 "exported_program": "model.pt2", "onnx": "model.onnx"}  # fmt: skip
+EXPORT_FILES = (*_EXPORT_NAMES.values(), "export.json")
+
+
+@dataclass(frozen=True)
+class Deployable:
+    """A trained RDN ready to run: the network (eval mode), its input spec, where it came from.
+
+    Attributes:
+        net: the :class:`~rdn.surgery.RussianDollNet`.
+        spec: channels, size, normalisation and class names of its input.
+        checkpoint: the checkpoint it was loaded from.
+        run: the run folder given (a pipeline run's policy is found there).
+    """
+
+    net: nn.Module
+    spec: DataSpec
+    checkpoint: Path
+    run: Path
+
+
+def load_deployable(source: str | os.PathLike, *, use_ema: bool = True, dataset: str | None = None,
+                    data_root: str | os.PathLike | None = None) -> Deployable:  # fmt: skip
+    """The RDN of a run (module docstring); its EMA weights when it has them and ``use_ema``.
+
+    Raises :class:`DeployError` when the run records no input spec and no ``dataset`` is given, or
+    when the spec does not fit the network (another dataset's channels, size or classes).
+    """
+    path = Path(source)
+    run = path if path.is_dir() else path.parent
+    if path.is_dir() and not (path / "checkpoint.pt").is_file() and (path / "finetune" / "checkpoint.pt").is_file():
+        path = path / "finetune"  # a pipeline run folder: its fine-tuned RDN
+    net, _, checkpoint = load_trained(path, "rdn", use_ema=use_ema)
+    summary = checkpoint.parent / "summary.json"
+    spec = spec_from_summary(json.loads(summary.read_text())) if summary.is_file() else None
+    if spec is None:
+        if dataset is None:
+            raise DeployError(f"{checkpoint.parent} does not record its input's size and normalisation (no data_spec "
+                              "in summary.json: a run older than that record); name the dataset it was trained on "
+                              "(--data NAME, and --data-root if needed)")  # fmt: skip
+        spec = load_data(DataConfig(dataset=dataset), data_root, seed=0).spec
+    net.eval()
+    with torch.no_grad():
+        try:
+            classes = net(torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size), subnet=1).shape[1]
+        except RuntimeError as error:  # the convolutions refuse another number of input channels
+            raise DeployError(f"{checkpoint} does not take {spec.in_chans}-channel images ({spec.name}): {error}"
+                              ) from error  # fmt: skip
+    if classes != spec.num_classes:
+        raise DeployError(f"{checkpoint} predicts {classes} classes, its data spec ({spec.name}) has "
+                          f"{spec.num_classes}")  # fmt: skip
+    return Deployable(net, spec, checkpoint, run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which exit each image takes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """Where images leave the network: a static sub-network N_s, or the early-exit policy at ε.
+
+    Build it with :meth:`static`, :meth:`early_exit` or :meth:`choose`.
+    """
+
+    subnet: int | None = None
+    policy: nn.Module | None = None
+    epsilon: float | None = None
+    lam: float | None = None
+
+    @classmethod
+    def static(cls, net: nn.Module, subnet: int) -> ExitRule:
+        if isinstance(subnet, bool) or not isinstance(subnet, int) or not 1 <= subnet <= net.num_subnets:
+            raise DeployError(f"subnet must be one of 1..{net.num_subnets} (this RDN's sub-networks), got {subnet!r}")
+        return cls(subnet=subnet)
+
+    @classmethod
+    def early_exit(cls, net: nn.Module, source: str | os.PathLike, epsilon: float | None = None) -> ExitRule:
+        """The policy of ``source`` (a pipeline run folder or its ``policy.pt``) at the calibrated ``epsilon``
+        (default: the run's operating point from ``calibration.json`` beside it)."""
+        policy, operating = _load_policy(net, source)
+        if epsilon is None:
+            if operating is None:
+                raise DeployError(f"{source}: no calibration.json beside the policy names an operating point; give "
+                                  f"--epsilon, one of {sorted(policy.lambdas)}")  # fmt: skip
+            epsilon = operating
+        epsilon = _calibrated(policy, epsilon, source)
+        return cls(policy=policy, epsilon=epsilon, lam=policy.lambdas[epsilon])
+
+    @classmethod
+    def choose(cls, deployable: Deployable, subnet: int | None = None, policy: str | os.PathLike | None = None,
+               epsilon: float | None = None) -> ExitRule:  # fmt: skip
+        """``rdn infer``'s choice: ``subnet``, else ``policy``, else the policy of the pipeline run the
+        network came from; a :class:`DeployError` when none applies or they contradict each other."""
+        if subnet is not None and (policy is not None or epsilon is not None):
+            raise DeployError("--subnet runs one sub-network for every image; --policy / --epsilon choose per image: "
+                              "give one of them")  # fmt: skip
+        if subnet is not None:
+            return cls.static(deployable.net, subnet)
+        if policy is None:
+            if not (deployable.run / "policy.pt").is_file():
+                raise DeployError(f"{deployable.run} has no early-exit policy (policy.pt of an `rdn pipeline` run): "
+                                  f"give --subnet S (1..{deployable.net.num_subnets}) or --policy")  # fmt: skip
+            policy = deployable.run
+        return cls.early_exit(deployable.net, policy, epsilon)
+
+    def describe(self) -> str:
+        if self.subnet is not None:
+            return f"static N_{self.subnet}"
+        return f"early exits at ε = {self.epsilon:g} (λ* = {self.lam})"
+
+
+def _load_policy(net: nn.Module, source: str | os.PathLike) -> tuple[nn.Module, float | None]:
+    """(the policy of ``source`` sized for ``net``, the operating ε of its calibration.json or None)."""
+    from rdn.policy import ExitPolicy
+
+    path = Path(source)
+    path = path / "policy.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise DeployError(f"{source}: no policy.pt (an `rdn pipeline` run folder or its policy.pt is expected)")
+    state = load_torch_data(path, what="policy file")[0]
+    if "mlp.0.weight" not in state or "_extra_state" not in state:
+        raise DeployError(f"{path} is not an exit policy's state_dict (rdn.policy.ExitPolicy)")
+    policy = ExitPolicy.for_network(net, hidden=state["mlp.0.weight"].shape[0], mode=state["_extra_state"]["mode"])
+    own = policy.state_dict()
+    differing = [f"{key}: {tuple(state[key].shape)} vs {tuple(own[key].shape)}" for key in own
+                 if isinstance(own[key], Tensor) and (key not in state or state[key].shape != own[key].shape)]
+    if differing or set(state) != set(own):
+        raise DeployError(f"{path} is the policy of another network (its state vs this RDN's: "
+                          f"{'; '.join(differing[:3]) or sorted(set(state) ^ set(own))})")  # fmt: skip
+    policy.load_state_dict(state)
+    calibration = path.parent / "calibration.json"
+    operating = json.loads(calibration.read_text()).get("operating_epsilon") if calibration.is_file() else None
+    return policy.eval(), operating
+
+
+def _calibrated(policy: nn.Module, epsilon: float, source) -> float:
+    """The calibrated ε equal to ``epsilon`` up to the 4 decimals reports print; DeployError otherwise."""
+    calibrated = sorted(policy.lambdas)
+    if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and math.isfinite(epsilon):
+        nearest = min(calibrated, key=lambda e: abs(e - epsilon), default=None)
+        if nearest is not None and abs(nearest - epsilon) <= 5e-5:
+            return nearest
+    raise DeployError(f"ε = {epsilon!r} was not calibrated for the policy of {source}; calibrated: "
+                      f"{', '.join(f'{e:g}' for e in calibrated)}")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files (:data:`rdn.data.IMAGE_SUFFIXES`) among ``paths``, folders searched recursively, sorted."""
+    found: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise DeployError(f"{item} does not exist")
+    if not found:
+        raise DeployError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
+    return found
+
+
+def _torchvision_decoder() -> Callable[[Path, int, int], Tensor] | None:
+    try:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+        from torchvision.transforms.v2.functional import resize
+    except ImportError:
+        return None
+
+    def decode(path: Path, channels: int, size: int) -> Tensor:
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        image = decode_image(read_file(str(path)), mode=mode)
+        # antialias=True: the same filter as Pillow's bilinear resize (what rdn.data's folder dataset uses).
+        return image if image.shape[-2:] == (size, size) else resize(image, [size, size], antialias=True)
+
+    return decode
+
+
+def _pillow_decoder() -> Callable[[Path, int, int], Tensor] | None:
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    import numpy as np
+
+    def decode(path: Path, channels: int, size: int) -> Tensor:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)  # as rdn.data's folder dataset
+            pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, -1)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+    return decode
+
+
+def decode_images(files: Sequence[Path], spec: DataSpec) -> Tensor:
+    """uint8 (N, C, H, W) of the image ``files`` converted to ``spec``'s channels (grey or RGB) and size.
+
+    Decoded with torchvision when it is installed, else Pillow; a :class:`DeployError` when neither
+    is, or when a file is not an image either can read.
+    """
+    decode = _torchvision_decoder() or _pillow_decoder()
+    if decode is None:
+        raise DeployError("decoding images needs torchvision or Pillow, and neither is installed: pip install pillow")
+    images = []
+    for path in files:
+        try:
+            images.append(decode(path, spec.in_chans, spec.image_size))
+        except (OSError, RuntimeError, ValueError) as error:  # the decoders' "not an image I can read"
+            raise DeployError(f"{path} cannot be decoded as an image: {error}") from error
+    return torch.stack(images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction: its class (index and name), the softmax probability of that class,
+    the 1-based exit that produced it and the multiply-accumulates spent on it (policy included)."""
+
+    file: str
+    label: int
+    class_name: str
+    probability: float
+    exit: int
+    macs: float
+
+
+@torch.no_grad()
+def predict(deployable: Deployable, files: Sequence[Path], rule: ExitRule, batch_size: int = 64,
+            device: torch.device | str | None = None) -> list[Prediction]:  # fmt: skip
+    """Predictions for the image ``files`` under ``rule``, ``batch_size`` images per forward pass."""
+    from rdn.inference import dynamic_forward
+    from rdn.policy import exit_macs
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DeployError(f"batch size must be a positive int, got {batch_size!r}")
+    device = torch.device(device or "cpu")
+    net, spec = deployable.net.to(device).eval(), deployable.spec
+    policy = rule.policy.to(device) if rule.policy is not None else None
+    transform = BatchTransform(spec, train=False)
+    costs = exit_macs(net)
+    predictions = []
+    for begin in range(0, len(files), batch_size):
+        chunk = files[begin : begin + batch_size]
+        x = transform(decode_images(chunk, spec).to(device), torch.arange(len(chunk)))
+        if rule.subnet is not None:
+            logits, exits = net(x, subnet=rule.subnet), torch.full((len(chunk),), rule.subnet)
+            macs = costs[exits - 1]
+        else:
+            output = dynamic_forward(net, policy, x, rule.lam)
+            logits, exits = output.logits, output.exits.cpu()
+            macs = costs[exits - 1] + policy.decision_macs(exits)
+        probability, label = torch.softmax(logits.float(), dim=1).max(dim=1)
+        predictions += [Prediction(str(path), int(c), spec.classes[int(c)], float(p), int(e), float(m))
+                        for path, c, p, e, m in zip(chunk, label.cpu(), probability.cpu(), exits, macs, strict=True)]
+    return predictions
+
+
+def write_predictions(predictions: Sequence[Prediction], path: str | os.PathLike | None = None) -> None:
+    """``path`` ending in ``.csv`` or ``.json`` (written atomically), or CSV on stdout when ``None``."""
+    rows = [dataclasses.asdict(p) for p in predictions]
+    if path is not None and Path(path).suffix.lower() == ".json":
+        write_json(path, rows)
+        return
+    if path is not None and Path(path).suffix.lower() != ".csv":
+        raise DeployError(f"predictions file {path}: the name must end in .csv or .json")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=[field.name for field in dataclasses.fields(Prediction)])
+    writer.writeheader()
+    writer.writerows(rows)
+    if path is None:
+        sys.stdout.write(text.getvalue())
+    else:
+        atomic_write(path, lambda tmp: tmp.write_text(text.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+
+def export_subnet(deployable: Deployable, subnet: int, out: str | os.PathLike,
+                  formats: Sequence[str] | None = None) -> dict[str, Path]:  # fmt: skip
+    """Write sub-network N_``subnet`` as a module of stock layers (:meth:`RussianDollNet.export`) into ``out``.
+
+    Formats: ``state_dict`` (``torch.save`` of its state dict), ``torchscript`` (``torch.jit.trace``
+    on one input of the spec's shape; runs any batch size), ``exported_program`` (``torch.export``
+    with a dynamic batch dimension, saved with ``torch.export.save``: what torch now recommends over
+    TorchScript), ``onnx`` (``torch.onnx.export``, needs the onnx package, dynamic batch); default:
+    the first three, and onnx when installed.
+    Beside them ``export.json``: input shape, normalisation, class names, MACs and parameters.
+    Files already in ``out`` are replaced. Returns format → path.
+    """
+    net, spec = deployable.net.cpu().eval(), deployable.spec
+    ExitRule.static(net, subnet)  # checks subnet
+    onnx_installed = importlib.util.find_spec("onnx") is not None
+    if formats is None:
+        formats = ["state_dict", "torchscript", "exported_program"] + (["onnx"] if onnx_installed else [])
+    unknown = sorted(set(formats) - set(_EXPORT_NAMES))
+    if unknown or not formats:
+        raise DeployError(f"export formats must be among {list(_EXPORT_NAMES)}, got {list(formats)}")
+    if "onnx" in formats and not onnx_installed:
+        raise DeployError("ONNX export needs the onnx package (pip install onnx); the other formats do not")
+    out = Path(out)
+    module = net.export(subnet).eval()
+    example = torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size)
+    written: dict[str, Path] = {}
+    if "state_dict" in formats:
+        state = module.state_dict()
+        written["state_dict"] = atomic_write(out / _EXPORT_NAMES["state_dict"], lambda tmp: torch.save(state, tmp))
+    if "torchscript" in formats:
+        with torch.no_grad():
+            traced = torch.jit.trace(module, example)
+        written["torchscript"] = atomic_write(out / _EXPORT_NAMES["torchscript"], lambda tmp: traced.save(str(tmp)))
+    if "exported_program" in formats:
+        # Traced on two images: an example batch of 1 would specialise the batch dimension to 1.
+        program = torch.export.export(module, (example.expand(2, -1, -1, -1),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))  # fmt: skip
+        written["exported_program"] = atomic_write(out / _EXPORT_NAMES["exported_program"],
+                                                   lambda tmp: torch.export.save(program, tmp))  # fmt: skip
+    if "onnx" in formats:
+        written["onnx"] = atomic_write(out / _EXPORT_NAMES["onnx"], lambda tmp: _onnx_export(module, example, tmp))
+    written["description"] = write_json(out / EXPORT_FILES[-1], {
+        "source": str(deployable.checkpoint), "subnet": subnet, "input_shape": ["batch", *example.shape[1:]],
+        "preprocessing": "pixels / 255, then (x - mean) / std per channel", "mean": list(spec.mean),
+        "std": list(spec.std), "classes": list(spec.classes), "macs": net.macs(subnet), "params": net.params(subnet),
+        "files": {kind: path.name for kind, path in written.items()}, "torch": torch.__version__,
+    })  # fmt: skip
+    return written
+
+
+def _onnx_export(module: nn.Module, example: Tensor, path: Path) -> None:
+    import onnx
+
+    # dynamo=False: the TorchScript-based exporter, which needs onnx only (the dynamo one also needs onnxscript).
+    torch.onnx.export(module, (example,), str(path), input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)  # fmt: skip
+    onnx.checker.check_model(str(path))
