@@ -68,7 +68,7 @@ QUICK_STEPS = 10
 _QUICK = {"dataset": "mnist5k", "epochs": 1, "steps_per_epoch": QUICK_STEPS}
 # TrainConfig fields that only mean something for an RDN (several exits).
 _RDN_TRAINING = ("exits", "exit_weights", "distill", "distill_temperature")
-# Old option names, still accepted with a warning: old → (new, dest, conversion).
+# Dataset names as the pipeline's --dataset spelled them (still accepted by that deprecated alias).
 _OLD_DATASET_NAMES = {"fashion-mnist": "fashion_mnist", "mnist-5k": "mnist5k"}
 
 

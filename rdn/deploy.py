@@ -225,7 +225,7 @@ def _torchvision_decoder() -> Callable[[Path, int, int], Tensor] | None:
     try:
         from torchvision.io import ImageReadMode, decode_image, read_file
         from torchvision.transforms.v2.functional import resize
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch: Pillow decodes
         return None
 
     def decode(path: Path, channels: int, size: int) -> Tensor:
@@ -258,8 +258,8 @@ def _pillow_decoder() -> Callable[[Path, int, int], Tensor] | None:
 def decode_images(files: Sequence[Path], spec: DataSpec) -> Tensor:
     """uint8 (N, C, H, W) of the image ``files`` converted to ``spec``'s channels (grey or RGB) and size.
 
-    Decoded with torchvision when it is installed, else Pillow; a :class:`DeployError` when neither
-    is, or when a file is not an image either can read.
+    Decoded with torchvision when it is installed and loads with this torch, else Pillow; a
+    :class:`DeployError` when neither is usable, or when a file is not an image the decoder reads.
     """
     decode = _torchvision_decoder() or _pillow_decoder()
     if decode is None:

@@ -66,6 +66,21 @@ def test_default_run_folder():
     assert parse().out is None
 
 
+def test_without_out_the_run_goes_to_its_default_folder(tmp_path, monkeypatch, capsys):
+    """``rdn pipeline`` without --out: the folder under runs/ is named, printed, checked and used."""
+    def no_steps(folder, steps):  # what the run would leave for the summary it prints at the end
+        assert [step.title for step in steps][-1] == "report"
+        (folder / "evaluation.json").write_text(json.dumps(EVALUATION))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "run_steps", no_steps)
+    assert main(["pipeline", "--quick", "--data", "synthetic", "--k", "2"]) == 0
+    folder = tmp_path / "runs" / "mobilenet_v2-synthetic-k2-seed0-quick"
+    assert f"run folder: {folder.relative_to(tmp_path)} (--out chooses another)" in capsys.readouterr().out
+    saved = ExperimentConfig.from_json((folder / "settings.json").read_text())
+    assert saved == PRESETS["quick"].replace(data=DataConfig(dataset="synthetic"), nest=NestConfig(k=2))
+
+
 def test_missing_fashion_mnist_falls_back_to_mnist5k(monkeypatch, tmp_path, capsys):
     import rdn.data
 
@@ -143,17 +158,19 @@ def point(name, accuracy, macs, epsilon=None, parameter=None, saving=0.0):
             "saving": saving, "top5": 1.0, "exit_fractions": [1.0]}  # fmt: skip
 
 
+EVALUATION = {
+    "static": [point("N_1", 0.70, 1e6), point("N_2", 0.80, 4e6)],
+    "base": point("base", 0.81, 2e6),
+    "engine": point("dynamic", 0.79, 2e6, 0.2, 0.5, saving=0.5),
+    "dynamic": [point("dynamic", 0.79, 2e6, 0.2, 0.5), point("dynamic", 0.80, 4e6, 0.1, None)],
+    "confidence": [point("confidence", 0.79, 3e6, 0.2, 0.9), point("confidence", 0.75, 1.5e6, 0.3, 0.8)],
+    "measurements": [{"name": "N_2 static", "batch_size": 8, "images_per_second": 100.0},
+                     {"name": "dynamic ε=0.2000", "batch_size": 8, "images_per_second": 150.0}],
+}  # fmt: skip
+
+
 def test_comparisons_state_results_not_targets():
-    evaluation = {
-        "static": [point("N_1", 0.70, 1e6), point("N_2", 0.80, 4e6)],
-        "base": point("base", 0.81, 2e6),
-        "engine": point("dynamic", 0.79, 2e6, 0.2, 0.5, saving=0.5),
-        "dynamic": [point("dynamic", 0.79, 2e6, 0.2, 0.5), point("dynamic", 0.80, 4e6, 0.1, None)],
-        "confidence": [point("confidence", 0.79, 3e6, 0.2, 0.9), point("confidence", 0.75, 1.5e6, 0.3, 0.8)],
-        "measurements": [{"name": "N_2 static", "batch_size": 8, "images_per_second": 100.0},
-                         {"name": "dynamic ε=0.2000", "batch_size": 8, "images_per_second": 150.0}],
-    }  # fmt: skip
-    text = "\n".join(comparisons(evaluation))
+    text = "\n".join(comparisons(EVALUATION))
     assert "top-1 79.00 % vs 80.00 % (-1.00 points), 2.00 vs 4.00 MMACs per image (50.0 % fewer)" in text
     assert "static N_K -1.00 points at 2.00× its MACs; dynamic inference -2.00 points at 1.00× its MACs" in text
     assert "150.0 images/s, static N_K 100.0 images/s (1.50×)" in text

@@ -128,7 +128,7 @@ def render_report(folder: str | Path) -> str:
         "",
     ]
     if config.preset == "quick":
-        lines += [f"> Smoke preset (`--quick`): {_training_summary(config)}. It checks that every step runs end to "
+        lines += ["> Smoke preset (`--quick`): a few training steps per stage. It checks that every step runs end to "
                   "end; its numbers do not measure the method (run without `--quick` for that).", ""]  # fmt: skip
     lines += [
         f"Data: {evaluation.get('data', config.data.dataset)}. Trained and evaluated on {evaluation['device']}; timed "
