@@ -163,7 +163,9 @@ class ExitRule:
     def describe(self) -> str:
         if self.subnet is not None:
             return f"static N_{self.subnet}"
-        return f"early exits at ε = {self.epsilon:g} (λ* = {self.lam})"
+        if self.lam is None:
+            return f"early exits at ε = {self.epsilon:g} (not reached in calibration: every image runs N_K)"
+        return f"early exits at ε = {self.epsilon:g} (λ* = {self.lam:.4g})"
 
 
 def _load_policy(net: nn.Module, source: str | os.PathLike) -> tuple[nn.Module, float | None]:
@@ -382,8 +384,10 @@ def export_subnet(deployable: Deployable, subnet: int, out: str | os.PathLike,
         # Traced on two images: an example batch of 1 would specialise the batch dimension to 1.
         program = torch.export.export(module, (example.expand(2, -1, -1, -1),),
                                       dynamic_shapes=({0: torch.export.Dim("batch")},))  # fmt: skip
+        archive = io.BytesIO()  # torch.export.save warns about a file name not ending in .pt2 (the temporary's)
+        torch.export.save(program, archive)
         written["exported_program"] = atomic_write(out / _EXPORT_NAMES["exported_program"],
-                                                   lambda tmp: torch.export.save(program, tmp))  # fmt: skip
+                                                   lambda tmp: tmp.write_bytes(archive.getvalue()))  # fmt: skip
     if "onnx" in formats:
         written["onnx"] = atomic_write(out / _EXPORT_NAMES["onnx"], lambda tmp: _onnx_export(module, example, tmp))
     written["description"] = write_json(out / EXPORT_FILES[-1], {

@@ -84,6 +84,8 @@ def test_resume_refuses_another_models_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert pretrain(tmp_path, "--width-mult", "0.25", "--resume") == 2
     assert "was written for base model" in capsys.readouterr().err
+    assert pretrain(tmp_path, "--lr", "0.5", "--resume") == 2  # fit refuses before its first step: a user error
+    assert "with different training settings (lr: " in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_exit_status_3(tmp_path, capsys, monkeypatch):
