@@ -327,3 +327,15 @@ def test_entry_point_on_cuda(tmp_path):
     _, rows = _read_csv(paths["csv"])
     assert all(row["status"] == "ok" for row in rows if row["role"] == "baseline")
     assert all(row["status"] in ("ok",) or row["status"].startswith("error") for row in rows if row["role"] == "ours")
+
+
+def test_data_path_benchmark_plumbing(tmp_path):
+    """bench_data's pieces on a tiny JPEG folder: the folder, its subsets, the loader throughput."""
+    from benchmarks import bench_data
+
+    folder = bench_data.build_folder(tmp_path / "jpeg", image_size=16, limit=60)
+    train = sorted((folder / "train").rglob("*.jpg"))
+    assert len(train) == 54 and len(list((folder / "val").rglob("*.jpg"))) == 6
+    subset = bench_data.subset_folder(folder, tmp_path / "subset", 20)
+    assert len(list((subset / "train").rglob("*.jpg"))) == 20 and (subset / "val").is_dir()
+    assert bench_data.loader_throughput(subset, image_size=16, batch=4, workers=0) > 0
