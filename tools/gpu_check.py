@@ -26,6 +26,7 @@ build, 1 of tests, 3–4 of benchmarks: within the 8 minutes a loan allows (neve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -89,6 +90,11 @@ def plan_steps(out: Path, dry_run: bool) -> list[Step]:
         Step("kernels channels_last", _python(*kernels, "--channels-last", "--name", "gpu_check_nhwc"), 240),
         Step("training", _python(*training), 180),
     ]
+    if dry_run:
+        # One thread per step: the dry run shares the CPU with the test run that started it, and
+        # oversubscribed OpenMP threads spin (a 5 s step took minutes beside another job).
+        steps = [dataclasses.replace(step, environment=(*step.environment, ("OMP_NUM_THREADS", "1")))
+                 for step in steps]  # fmt: skip
     return steps
 
 
