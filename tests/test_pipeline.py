@@ -180,7 +180,7 @@ def test_comparisons_state_results_not_targets():
 
 
 @pytest.mark.slow
-def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+def test_quick_pipeline_end_to_end_and_resume(tmp_path, capfd, monkeypatch):
     import rdn.train
 
     # Which peak learning rate each training ran with, by run sub-folder.
@@ -196,12 +196,12 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     started = time.perf_counter()
     assert main(list(options)) == 0
     first = time.perf_counter() - started
-    log = capsys.readouterr()
+    log = capfd.readouterr()
     for name in ("settings.json", "base/result.json", "nested.pt", "finetune/result.json", "outputs/test.pt",
                  "order.json", "order.png", "policy.pt", "calibration.json", "evaluation.json", "report.md",
                  "tradeoff.png", "finetune/summary.json"):
         assert (out / name).exists(), name
-    assert "USDT" not in log.err and "profiler_start" not in log.err
+    assert "USDT" not in log.err and "profiler_start" not in log.err  # libkineto writes them to fd 2: capfd
     assert "Warning" not in log.err  # fall-backs are printed as notes
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["engine"]["minus_outputs"]["top1_points"] == pytest.approx(0, abs=0.5)
@@ -217,13 +217,13 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     started = time.perf_counter()
     assert main(list(options)) == 0
     again = time.perf_counter() - started
-    log = capsys.readouterr().out
+    log = capfd.readouterr().out
     assert log.count("done, skipped") == 7  # every step but the report
     assert again < first
 
     # --ablations on the finished run: only the ablations and the report run.
     assert main([*options, "--ablations"]) == 0
-    log = capsys.readouterr().out
+    log = capfd.readouterr().out
     assert log.count("done, skipped") == 7 and "[8/9] ablations" in log
     report = (out / "report.md").read_text()
     for name in ABLATIONS:
@@ -238,7 +238,7 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
 
     # Another setting on the same folder: refused, naming it.
     assert main([*options, "--base-epochs", "2"]) == 2
-    assert "base_epochs: 1 -> 2" in capsys.readouterr().err
+    assert "base_epochs: 1 -> 2" in capfd.readouterr().err
 
     # The run is deployable: its policy decides per image.
     images = tmp_path / "images"
@@ -246,7 +246,7 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert main(["infer", str(images), "--from", str(out), "--out", str(tmp_path / "p.json")]) == 0
     predictions = json.loads((tmp_path / "p.json").read_text())
     operating = json.loads((out / "calibration.json").read_text())["operating_epsilon"]
-    assert len(predictions) == 6 and f"ε = {operating:g}" in capsys.readouterr().err
+    assert len(predictions) == 6 and f"ε = {operating:g}" in capfd.readouterr().err
     assert all(1 <= p["exit"] <= 7 and p["macs"] > 0 for p in predictions)
 
 
