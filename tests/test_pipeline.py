@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,28 @@ def test_unversioned_settings_are_migrated():
     assert config.nest == NestConfig(k=4, mode="expand", select="greedy", exact=True, copy_fraction=1.0, seed=0)
     assert (config.steps_per_epoch, config.batch_size, config.finetune_lr, config.lr) == (8, 64, None, None)
     assert config.warmup_epochs == 1.0  # what the old pipeline's training ran with
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("**/settings.json")), ids=lambda p: str(p.relative_to(RESULTS)))
+def test_the_repositorys_recorded_runs_still_read(path):
+    """settings.json files committed under benchmarks/results read; those the old pipeline wrote migrate."""
+    saved = json.loads(path.read_text())
+    config = ExperimentConfig.from_dict(saved)
+    if "version" not in saved:
+        assert config.data.dataset == saved["dataset"] and config.nest.k == saved["k"]
+        assert config.nest.mode == "expand" and config.nest.exact == saved.get("exact", True)
+    assert ExperimentConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*/evaluation.json")), ids=lambda p: p.parent.name)
+def test_comparisons_of_the_repositorys_recorded_runs(path):
+    """The report's comparisons render from evaluation.json files the old pipeline wrote."""
+    evaluation = json.loads(path.read_text())
+    lines = comparisons(evaluation)
+    assert len(lines) == 4 and f"ε = {evaluation['engine']['epsilon']:.4f}" in lines[0]
 
 
 def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
