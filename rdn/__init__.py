@@ -14,7 +14,7 @@ _SUBMODULES = ("nn", "models", "surgery", "data", "train", "order", "policy", "i
                "errors", "steps", "deploy", "experiments", "pipeline", "cli")
 
 # Public names re-exported at top level, mapped to the module that defines them.
-_ATTRIBUTES: dict[str, str] = {"nest": "rdn.surgery", "RussianDollNet": "rdn.surgery"}
+_ATTRIBUTES: dict[str, str] = {"nest": "rdn.surgery", "NestConfig": "rdn.surgery", "RussianDollNet": "rdn.surgery"}
 
 
 def __getattr__(name: str):
