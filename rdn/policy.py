@@ -85,6 +85,8 @@ class ExitOutputs:
         statistics: (N, K, 3) float32, exit k's :func:`softmax_statistics` (max probability, margin,
             normalised entropy).
         labels: (N,) int64.
+        predictions: (N, K) int64, exit k's top-1 class (what consistency with N_K is measured on,
+            :mod:`rdn.calibration`); ``None`` in outputs collected before it was recorded.
     """
 
     features: Tensor
@@ -92,6 +94,7 @@ class ExitOutputs:
     correct_top5: Tensor
     statistics: Tensor
     labels: Tensor
+    predictions: Tensor | None = None
 
     def __post_init__(self) -> None:
         n, k = self.correct.shape if self.correct.dim() == 2 else (None, None)
@@ -106,6 +109,8 @@ class ExitOutputs:
             raise ValueError(f"features must be (N={n}, F_1), got {tuple(self.features.shape)}")
         if tuple(self.labels.shape) != (n,):
             raise ValueError(f"labels must be (N={n},), got {tuple(self.labels.shape)}")
+        if self.predictions is not None and tuple(self.predictions.shape) != (n, k):
+            raise ValueError(f"predictions must be (N, K) = {(n, k)}, got {tuple(self.predictions.shape)}")
 
     @property
     def num_samples(self) -> int:
@@ -126,12 +131,13 @@ class ExitOutputs:
 
     def state_dict(self) -> dict[str, Tensor]:
         """Plain tensors (``torch.save`` / ``torch.load(weights_only=True)`` round trip)."""
-        return asdict(self)
+        return {name: value for name, value in asdict(self).items() if value is not None}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> ExitOutputs:
         names = {f.name for f in fields(cls)}
-        if set(state) != names:
+        # Outputs collected before predictions were recorded still load (without them).
+        if set(state) not in (names, names - {"predictions"}):
             raise ValueError(f"an ExitOutputs state needs exactly the keys {sorted(names)}, got {sorted(state)} "
                              "(outputs collected by an older version: collect them again)")
         return cls(**state)
@@ -212,6 +218,7 @@ def collect_exit_outputs(
                 parts["correct_top5"].append((top == y[:, None, None]).any(-1).cpu())
                 parts["statistics"].append(softmax_statistics(logits).cpu())
                 parts["labels"].append(y.cpu())
+                parts["predictions"].append(top[..., 0].cpu())
     finally:
         net.train(was_training)
     if not parts["labels"]:
