@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 import rdn_kernels
 from rdn_kernels import make_layout, nested_conv2d
+from rdn_kernels.timing import time_median
 
 
 def _median_ms(function, repeats: int = 20) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * time_median(function, repeats=repeats)
 
 
 def main() -> None:
