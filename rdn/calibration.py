@@ -43,6 +43,7 @@ __all__ = [
     "consistency_losses",
     "fixed_sequence_test",
     "lambda_grid",
+    "minimum_samples",
     "threshold_grid",
 ]
 
@@ -63,6 +64,13 @@ def check_risk_level(delta: float, alpha: float) -> tuple[float, float]:
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha (1 - the confidence of the guarantee) must lie in (0, 1), got {alpha}")
     return float(delta), float(alpha)
+
+
+def minimum_samples(delta: float, alpha: float) -> int:
+    """The fewest calibration samples with which any candidate can pass: even zero losses give the
+    p-value (1 − δ)^n, which must be ≤ α. Fewer samples always keep N_K (0 for δ = 0: never passes)."""
+    delta, alpha = check_risk_level(delta, alpha)
+    return 0 if delta == 0 else math.ceil(math.log(alpha) / math.log1p(-delta))
 
 
 def binomial_p_value(losses: int, n: int, delta: float) -> float:

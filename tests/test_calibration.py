@@ -143,3 +143,49 @@ def test_the_policy_calibrated_on_consistency():
     with pytest.raises(ValueError, match="no per-exit predictions"):
         calibrate_consistency(policy, old, delta=0.02)
     assert ExitOutputs.from_state_dict(old.state_dict()).predictions is None  # older files still load
+
+
+def test_minimum_samples():
+    n = calibration.minimum_samples(0.005, 0.1)
+    assert n == 460 and binomial_p_value(0, n, 0.005) <= 0.1 < binomial_p_value(0, n - 1, 0.005)
+    assert calibration.minimum_samples(0.0, 0.1) == 0
+
+
+def test_the_experiment_config_refuses_bad_tolerances_by_name():
+    from rdn.config import ConfigError
+    from rdn.experiments.config import PRESETS
+
+    assert (PRESETS["default"].tolerance, PRESETS["default"].risk_alpha) == (0.005, 0.1)
+    with pytest.raises(ConfigError, match="tolerance"):
+        PRESETS["default"].replace(tolerance=1.5)
+    with pytest.raises(ConfigError, match="risk_alpha"):
+        PRESETS["default"].replace(risk_alpha=0.0)
+
+
+def test_the_report_states_the_guarantee_and_what_was_achieved():
+    from rdn.experiments.report import comparisons
+
+    def point(accuracy, macs, saving=0.0):
+        return {"name": "x", "accuracy": accuracy, "macs": macs, "epsilon": None, "parameter": None,
+                "saving": saving, "top5": 1.0, "exit_fractions": [1.0]}  # fmt: skip
+
+    def test(accuracy, saving, disagreement):
+        return {"accuracy_drop_points": 100 * (0.80 - accuracy), "saving": saving, "disagreement": disagreement,
+                "accuracy": accuracy, "macs": 4e6 * (1 - saving)}  # fmt: skip
+
+    controlled = RiskControl("policy", 0.5, 0.005, 0.1, 5000, 0.003, 0.02, 0.6, 40)
+    confidence = RiskControl("confidence", 0.9, 0.005, 0.1, 5000, 0.004, 0.05, 0.3, 90)
+    evaluation = {
+        "static": [point(0.70, 1e6), point(0.80, 4e6)], "base": point(0.81, 2e6),
+        "engine": point(0.797, 1.6e6, 0.6), "dynamic": [], "confidence": [],
+        "measurements": [{"name": "N_2 static", "batch_size": 8, "images_per_second": 100.0},
+                         {"name": "dynamic δ=0.005", "batch_size": 8, "images_per_second": 150.0}],
+        "risk_control": {"policy": controlled.to_dict() | {"test": test(0.797, 0.6, 0.004)},
+                         "confidence": confidence.to_dict() | {"test": test(0.798, 0.3, 0.0045)},
+                         "lambda_star": {"epsilon": 0.202, "parameter": None, "test": test(0.80, -0.001, 0.0)}},
+    }  # fmt: skip
+    text = "\n".join(comparisons(evaluation))
+    assert "operating point (δ = 0.005 tolerated disagreement with N_K at confidence 0.9, λ = 0.5" in text
+    assert "differs from N_K's is <= 0.005, so the accuracy drop against N_K is <= 0.5 points" in text
+    assert "top-1 79.70 % (-0.30 points against N_K), 60.0 % fewer MACs, 0.40 % of test images" in text
+    assert "(within δ)" in text and "λ* = N_K (fallback)): top-1 80.00 % (+0.00 points against N_K)" in text

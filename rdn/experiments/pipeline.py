@@ -17,10 +17,14 @@ where it stopped; the two training steps also resume mid-run from their checkpoi
    (:mod:`rdn.order`; the width × depth grid: one depth column, or two with ``--depth-split``).
 6. ``policy.pt`` / ``calibration.json``: the policy MLP (BCE on a training subset), allowed to exit
    only at the sub-networks of the nesting order (``--all-exits``: at every one), λ* for every ε on
-   the calibration split, and the confidence baseline's τ for the same ε (any exit).
+   the calibration split, and the confidence baseline's τ for the same ε (any exit); the operating
+   point: the λ (and τ) that :mod:`rdn.calibration` certifies to disagree with N_K on at most
+   ``--tolerance`` of unseen images with probability ≥ 1 − ``--risk-alpha`` (labels unused).
 7. ``evaluation.json``: on the test split: static N_1..N_K and the base model; the policy and the
-   confidence baseline per ε (from the collected per-exit outputs, exact per sample), the real
-   early-exit engine (:mod:`rdn.inference`) at the operating point, cross-checked against them;
+   confidence baseline per ε (from the collected per-exit outputs, exact per sample); the
+   risk-controlled operating point, its confidence baseline and the λ* rule at the ε nearest N_K's
+   error + 0.2 points against N_K (accuracy drop, saving, disagreement); the real early-exit engine
+   (:mod:`rdn.inference`) at the operating point, cross-checked against them;
    wall-clock throughput and peak memory of base, N_s static and dynamic on one batch.
 8. ``ablations/NAME/test.json`` (only with ``--ablations``): the paper's ablations in small
    (:data:`~rdn.experiments.config.ABLATIONS`), each nested, fine-tuned (resumable) and evaluated.
@@ -412,11 +416,38 @@ class _Pipeline:
             if missed:
                 print(f"  note: at ε = {', '.join(missed)} no setting of {rule} reaches accuracy 1 - ε on the "
                       "calibration split; it falls back to N_K there", flush=True)  # fmt: skip
+        controlled = self._risk_control(policy)
         state = policy.state_dict()
         atomic_write(self.folder / "policy.pt", lambda tmp: torch.save(state, tmp))
         exits = (policy.allowed.nonzero().squeeze(1) + 1).tolist()
         write_json(self.folder / "calibration.json", {"pairs": pairs, "operating_epsilon": operating, "exits": exits,
-                                                      "policy": json.loads(policy.calibration_json())})  # fmt: skip
+                                                      "policy": json.loads(policy.calibration_json()),
+                                                      "risk_control": controlled})  # fmt: skip
+
+    def _risk_control(self, policy: nn.Module) -> dict:
+        """The operating point: λ (and the confidence baseline's τ, calibrated the same way) certified
+        by :mod:`rdn.calibration` to disagree with N_K on at most ``tolerance`` of unseen images, with
+        probability ≥ 1 − ``risk_alpha``. Calibrated on the calibration split, labels unused: it is
+        exchangeable with the test split and neither the network nor the policy trained on it (the
+        training split is not valid: the network fits it, the policy learned from its outputs)."""
+        from rdn.calibration import calibrate_confidence_consistency, calibrate_consistency, minimum_samples
+        from rdn.policy import exit_macs, exit_savings
+
+        calib, c = self.outputs["calib"], self.config
+        if calib.predictions is None:
+            raise DataError(f"{self.folder / 'outputs'} was collected by an older rdn (no per-exit predictions, which "
+                            "the risk-controlled calibration needs): delete that folder and run again")  # fmt: skip
+        needed = minimum_samples(c.tolerance, c.risk_alpha)
+        if c.tolerance > 0 and calib.num_samples < needed:
+            print(f"  note: certifying tolerance {c.tolerance:g} at risk-alpha {c.risk_alpha:g} needs at least "
+                  f"{needed} calibration images, the split holds {calib.num_samples}: the operating point runs N_K",
+                  flush=True)  # fmt: skip
+        macs = exit_macs(self.net)
+        return {
+            "policy": calibrate_consistency(policy, calib, c.tolerance, c.risk_alpha, macs=macs).to_dict(),
+            "confidence": calibrate_confidence_consistency(calib, c.tolerance, c.risk_alpha,
+                                                           savings=exit_savings(self.net)).to_dict(),
+        }  # fmt: skip
 
     def evaluate(self) -> None:
         write_json(self.folder / "evaluation.json", self._evaluation())
@@ -443,11 +474,27 @@ class _Pipeline:
                                           extra_macs=policy.decision_macs(exits)))  # fmt: skip
             confidence.append(evaluate_exits(confidence_exits(test.confidence, tau), test, macs, "confidence", epsilon,
                                              tau))  # fmt: skip
+        controlled = self.calibration["risk_control"]
+        lam, tau = controlled["policy"]["parameter"], controlled["confidence"]["parameter"]
+        exits = policy.exits(test.features, test.statistics, lam)
+        simulated = evaluate_exits(exits, test, macs, "dynamic", None, lam, extra_macs=policy.decision_macs(exits))
+        confidence_exits_test = confidence_exits(test.confidence, tau)
+        risk_control = {
+            rule: controlled[rule] | {"test": _against_n_k(point, static[-1], test, chosen)}
+            for rule, point, chosen in (
+                ("policy", simulated, exits),
+                ("confidence", evaluate_exits(confidence_exits_test, test, macs, "confidence", None, tau),
+                 confidence_exits_test),
+            )
+        }  # fmt: skip
+        # The paper's λ* rule at the operating ε, compared on the same terms.
         operating = self.calibration["operating_epsilon"]
-        lam = policy.lambda_for(operating)
+        star = policy.exits(test.features, test.statistics, policy.lambda_for(operating))
+        star_point = next(point for point in dynamic if point.epsilon == operating)
+        risk_control["lambda_star"] = {"epsilon": operating, "parameter": policy.lambda_for(operating),
+                                       "test": _against_n_k(star_point, static[-1], test, star)}  # fmt: skip
         batches = self.batches(data.test, c.bench_batch, device)
-        engine = evaluate_dynamic(net, policy, lam, batches, epsilon=operating, progress=self.progress)
-        simulated = next(point for point in dynamic if point.epsilon == operating)
+        engine = evaluate_dynamic(net, policy, lam, batches, progress=self.progress)
         # The engine's staged path and the one-pass outputs round differently (GPU kernels especially):
         # a sample near a decision boundary may exit elsewhere or flip its prediction. Report how much.
         difference = {"top1_points": 100 * (engine.accuracy - simulated.accuracy), "macs": engine.macs - simulated.macs}
@@ -479,9 +526,10 @@ class _Pipeline:
             "dynamic": [asdict(p) for p in dynamic],
             "confidence": [asdict(p) for p in confidence],
             "engine": asdict(engine) | {"minus_outputs": difference},
+            "risk_control": risk_control,
             "base": base_point,
             "params": {"N_K": net.params(k), "policy": sum(p.numel() for p in policy.parameters())},
-            "measurements": [asdict(m) | {"name": f"dynamic ε={operating:.4f}"} if m.name == "dynamic" else asdict(m)
+            "measurements": [asdict(m) | {"name": f"dynamic δ={c.tolerance:g}"} if m.name == "dynamic" else asdict(m)
                              for m in measurements],
             "device": str(device),
             "bench_device": str(bench_device),
@@ -518,3 +566,13 @@ class _Pipeline:
 
     def report(self) -> None:
         write_report(self.folder)
+
+
+def _against_n_k(point, static_k, outputs, exits: Tensor) -> dict:
+    """What a rule achieved on the test split against static N_K: its accuracy drop (points), MAC
+    saving and disagreement rate with N_K's predictions (the risk the calibration controls)."""
+    from rdn.calibration import consistency_losses
+
+    return {"accuracy_drop_points": 100 * (static_k.accuracy - point.accuracy), "saving": point.saving,
+            "disagreement": consistency_losses(outputs, exits).double().mean().item(), "accuracy": point.accuracy,
+            "macs": point.macs}  # fmt: skip

@@ -78,7 +78,7 @@ def comparisons(evaluation: dict) -> list[str]:
     dynamic_timing = next(m for m in evaluation["measurements"] if m["name"].startswith("dynamic"))
     static_timing = measurements[f"N_{len(evaluation['static'])} static"]
     lines = [
-        f"- Dynamic inference at the operating point (ε = {engine['epsilon']:.4f}, run by the early-exit engine) "
+        f"- Dynamic inference at the operating point ({_operating(evaluation)}, run by the early-exit engine) "
         f"against static N_K: top-1 {100 * engine['accuracy']:.2f} % vs {100 * static_k['accuracy']:.2f} % "
         f"({100 * (engine['accuracy'] - static_k['accuracy']):+.2f} points), {engine['macs'] / 1e6:.2f} vs "
         f"{static_k['macs'] / 1e6:.2f} MMACs per image ({_fewer(engine['saving'])}).",
@@ -90,6 +90,7 @@ def comparisons(evaluation: dict) -> list[str]:
         f"{dynamic_timing['images_per_second']:.1f} images/s, static N_K {static_timing['images_per_second']:.1f} "
         f"images/s ({dynamic_timing['images_per_second'] / static_timing['images_per_second']:.2f}×).",
     ]
+    lines += _risk_control_lines(evaluation)
     # At equal accuracy: the cheapest confidence point (or static N_K) at least as accurate on the test split.
     rivals = evaluation["confidence"] + [static_k]
     pairs = []
@@ -108,6 +109,43 @@ def comparisons(evaluation: dict) -> list[str]:
                  f"static N_K, at least as accurate on the test split; top-1: dynamic vs baseline MMACs): {details}. "
                  f"Dynamic inference needs fewer MACs at {wins} of these {len(pairs)} accuracies.")  # fmt: skip
     return lines
+
+
+def _operating(evaluation: dict) -> str:
+    """The operating point in words: the risk-controlled one, or the λ* rule's ε of older runs."""
+    controlled = evaluation.get("risk_control")
+    if controlled is None:
+        return f"ε = {evaluation['engine']['epsilon']:.4f}"
+    policy = controlled["policy"]
+    lam = "N_K for every image" if policy["parameter"] is None else f"λ = {policy['parameter']:.4g}"
+    return f"δ = {policy['delta']:g} tolerated disagreement with N_K at confidence {1 - policy['alpha']:g}, {lam}"
+
+
+def _risk_control_lines(evaluation: dict) -> list[str]:
+    """What the risk-controlled calibration guarantees, what it and the rules compared with it achieved."""
+    controlled = evaluation.get("risk_control")
+    if controlled is None:
+        return []
+
+    def achieved(test: dict) -> str:
+        change = 0.0 - test["accuracy_drop_points"] + 0.0  # + 0.0: no "-0.00"
+        return (f"top-1 {100 * test['accuracy']:.2f} % ({change:+.2f} points against N_K), "
+                f"{_fewer(test['saving'])} MACs, "
+                f"{100 * test['disagreement']:.2f} % of test images predicted differently from N_K")  # fmt: skip
+
+    policy, confidence, star = controlled["policy"], controlled["confidence"], controlled["lambda_star"]
+    within = "within" if policy["test"]["disagreement"] <= policy["delta"] else "beyond"
+    return [
+        f"- Guaranteed by the calibration ({policy['n']} calibration images, labels unused): {policy['guarantee']}. "
+        f"On the calibration images: {100 * policy['risk']:.2f} % disagreement, {_fewer(policy['saving'])} MACs. "
+        f"Achieved on the test split: {achieved(policy['test'])} ({within} δ).",
+        f"- The max-softmax confidence baseline calibrated the same way (τ = "
+        f"{'N_K' if confidence['parameter'] is None else format(confidence['parameter'], '.4g')}): "
+        f"{achieved(confidence['test'])}.",
+        f"- The paper's λ* rule at ε = {star['epsilon']:.4f} (calibration accuracy ≥ 1 − ε, no guarantee; λ* = "
+        f"{'N_K (fallback)' if star['parameter'] is None else format(star['parameter'], '.4g')}): "
+        f"{achieved(star['test'])}.",
+    ]
 
 
 def render_report(folder: str | Path) -> str:
@@ -147,11 +185,11 @@ def render_report(folder: str | Path) -> str:
         f"| RDN N_K | {_mb(memory[f'N_{k} static']['peak_bytes'])} | {static[-1]['macs'] / 1e6:.2f} | "
         f"{params['N_K'] / 1e6:.3f} | {100 * static[-1]['accuracy']:.2f} | {100 * static[-1]['top5']:.2f} | "
         f"{k} sub-networks |",
-        f"| RDN† (dynamic, ε = {engine['epsilon']:.4f}) | {_mb(dynamic_memory['peak_bytes'])} | "
+        f"| RDN† (dynamic, {_operating(evaluation).split(',')[0]}) | {_mb(dynamic_memory['peak_bytes'])} | "
         f"{engine['macs'] / 1e6:.2f} | {(params['N_K'] + params['policy']) / 1e6:.3f} | "
         f"{100 * engine['accuracy']:.2f} | {100 * engine['top5']:.2f} | {k} sub-networks |",
         "",
-        "RDN† is measured with the real early-exit engine over the whole test split; minus the same ε computed "
+        "RDN† is measured with the real early-exit engine over the whole test split; minus the same rule computed "
         f"from the per-exit outputs: top-1 {engine['minus_outputs']['top1_points']:+.2f} points, "
         f"{engine['minus_outputs']['macs'] / 1e6:+.3f} MMACs. Its MACs include the policy MLP's "
         f"({params['policy']} parameters).",
@@ -186,7 +224,8 @@ def render_report(folder: str | Path) -> str:
         "",
         "## Calibration",
         "",
-        f"(ε, λ*) pairs (stored in policy.pt and calibration.json); operating point ε = "
+        *_calibration_lines(calibration),
+        f"The paper's rule: (ε, λ*) pairs (stored in policy.pt and calibration.json); its compared ε = "
         f"{calibration['operating_epsilon']:.4f} (the ε nearest N_K's calibration error + {OPERATING_OFFSET}). The "
         f"policy may exit at {', '.join(f'N_{s}' for s in calibration['exits'])}; the confidence baseline at every "
         "exit.",
@@ -196,6 +235,29 @@ def render_report(folder: str | Path) -> str:
         *_ablation_lines(config, static, _ablations(folder)),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_lines(calibration: dict) -> list[str]:
+    """The risk-controlled operating point's calibration (runs before it existed have none)."""
+    controlled = calibration.get("risk_control")
+    if controlled is None:
+        return []
+    rows = ["| Rule | δ | α | Parameter | Calibration disagreement | p-value | Candidates tested | Saving |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, result in (("policy (λ)", controlled["policy"]), ("confidence (τ)", controlled["confidence"])):
+        parameter = "N_K" if result["parameter"] is None else f"{result['parameter']:.4g}"
+        p_value = "" if result["p_value"] is None else f"{result['p_value']:.3g}"
+        rows.append(f"| {name} | {result['delta']:g} | {result['alpha']:g} | {parameter} | "
+                    f"{100 * result['risk']:.2f} % | {p_value} | {result['tested']} | "
+                    f"{100 * result['saving']:.1f} % |")  # fmt: skip
+    return [
+        "Operating point: Learn-then-Test (fixed-sequence testing over a grid of λ resp. τ from always-N_K to the "
+        "most aggressive, exact binomial p-value of H0 'disagreement with N_K > δ', rdn.calibration) on the "
+        f"calibration split's {controlled['policy']['n']} images. Guarantee: {controlled['policy']['guarantee']}.",
+        "",
+        *rows,
+        "",
+    ]
 
 
 def _tradeoff_table(points: list[dict]) -> list[str]:
