@@ -176,7 +176,7 @@ class RiskControl:
 
 
 def _calibrate(rule: str, outputs: ExitOutputs, decide: Callable[[float | None], Tensor],
-               grid: Sequence[float | None], cost: Callable[[Tensor], float], delta: float,
+               grid: Sequence[float | None], cost: Callable[[Tensor, float | None], float], delta: float,
                alpha: float) -> RiskControl:  # fmt: skip
     """Learn-then-Test over ``grid`` (``grid[0]`` must be ``None``, always N_K: risk 0, not tested)."""
     delta, alpha = check_risk_level(delta, alpha)
@@ -198,7 +198,7 @@ def _calibrate(rule: str, outputs: ExitOutputs, decide: Callable[[float | None],
         n=outputs.num_samples,
         risk=consistency_losses(outputs, chosen).double().mean().item(),
         p_value=p_values[last] if last >= 0 else None,
-        saving=cost(chosen),
+        saving=cost(chosen, grid[last + 1]),
         tested=len(p_values),
     )
 
@@ -223,10 +223,10 @@ def calibrate_consistency(policy: ExitPolicy, outputs: ExitOutputs, delta: float
         probabilities = policy.stage_probabilities(outputs.features.to(device), outputs.statistics.to(device)).cpu()
     savings, allowed, stages = policy.savings.cpu(), policy.allowed.cpu(), policy.planning_stages().cpu()
 
-    def cost(exits: Tensor) -> float:
+    def cost(exits: Tensor, lam: float | None) -> float:
         if macs is None:
             return savings[exits - 1].mean().item()
-        spent = macs.cpu().double()[exits - 1] + policy.decision_macs(exits)
+        spent = macs.cpu().double()[exits - 1] + policy.rule_macs(exits, lam)
         return 1.0 - spent.mean().item() / macs[-1].item()
 
     return _calibrate("policy", outputs, lambda lam: planned_exits(probabilities, savings, lam, allowed, stages),
@@ -240,7 +240,7 @@ def calibrate_confidence_consistency(
     that Learn-then-Test certifies. ``savings`` (K,) r_k gives the reported saving (else 0)."""
     savings = torch.zeros(outputs.num_exits, dtype=torch.float64) if savings is None else savings.cpu().double()
 
-    def cost(exits: Tensor) -> float:
+    def cost(exits: Tensor, tau: float | None) -> float:
         return savings[exits - 1].mean().item()
 
     return _calibrate("confidence", outputs, lambda tau: confidence_exits(outputs.confidence, tau),

@@ -44,10 +44,12 @@ class DynamicOutput:
     Attributes:
         logits: (N, num_classes), row i from sub-network N_{exits[i]}.
         exits: (N,) int64, 1-based exit of every sample.
+        static: the batch ran static N_K in one pass, without the policy (λ = ``None``).
     """
 
     logits: Tensor
     exits: Tensor
+    static: bool = False
 
 
 @torch.no_grad()
@@ -60,8 +62,15 @@ def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | 
     the current stage N_s leave the batch; the others go straight to the next exit any of them
     plans (or where the policy plans again), computing the groups in between in one staged call
     per layer. The loop stops as soon as no sample goes on.
+
+    ``lam=None`` (always N_K, e.g. a calibration that certified no early exit) runs static N_K in
+    one pass instead: the staged path would reach the same logits slower and holding every stage's
+    buffers, and the policy has nothing to decide.
     """
     policy.check_network(net)
+    if lam is None:
+        exits = torch.full((x.shape[0],), net.num_subnets, dtype=torch.long, device=x.device)
+        return DynamicOutput(net(x, subnet=net.num_subnets), exits, static=True)
     with capture_first_features(net) as captured:
         state = net.start(x)
     features = captured[-1]
@@ -115,7 +124,8 @@ def evaluate_dynamic(
     """Accuracy, top-5 and average MACs of :func:`dynamic_forward` over ``data`` ((x, y) batches).
 
     The MACs of a sample are ``net.macs(exit)`` of its exit plus the policy's own MACs
-    (:meth:`~rdn.policy.ExitPolicy.decision_macs`: one evaluation per planning stage it went through).
+    (:meth:`~rdn.policy.ExitPolicy.rule_macs`: one evaluation per planning stage it went through,
+    none on the static path of ``lam=None``).
     """
     from tqdm.auto import tqdm
 
@@ -131,7 +141,7 @@ def evaluate_dynamic(
         correct += int((top[:, 0] == y).sum())
         top5 += int((top == y[:, None]).any(1).sum())
         exits = output.exits.cpu()
-        total_macs += (macs[exits - 1] + policy.decision_macs(exits)).sum().item()
+        total_macs += (macs[exits - 1] + policy.rule_macs(exits, lam)).sum().item()
         counts += torch.bincount(exits - 1, minlength=net.num_subnets).double()
         total += y.shape[0]
     if total == 0:

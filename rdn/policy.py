@@ -475,6 +475,13 @@ class ExitPolicy(nn.Module):
         evaluations = self.planning_stages().cpu().long().cumsum(0)
         return evaluations[exits.cpu() - 1].double() * self.macs()
 
+    def rule_macs(self, exits: Tensor, lam: float | None) -> Tensor:
+        """(N,) float64 MACs the rule at λ spends on samples leaving at ``exits``: none for ``None``
+        (always N_K: the engine runs static N_K without the policy), else :meth:`decision_macs`."""
+        if lam is None:
+            return torch.zeros(exits.shape[0], dtype=torch.float64)
+        return self.decision_macs(exits)
+
     def check_outputs(self, outputs: ExitOutputs) -> None:
         """ValueError unless ``outputs`` come from a network with this policy's exits and feature width."""
         if outputs.num_exits != self.num_exits or outputs.feature_width != self.feature_width:

@@ -136,15 +136,6 @@ def test_depth_split_exits(allowed):
     run_and_check_against_the_rule(net, policy, x, 0.5)
 
 
-def test_fallback_with_restricted_exits_is_one_jump(net, monkeypatch):
-    targets: list[int] = []
-    sizes = record_steps(net, monkeypatch, targets)
-    policy = forced_policy(net, 1)
-    policy.restrict_exits([1, net.num_subnets])
-    output = dynamic_forward(net, policy, torch.randn(5, 1, 28, 28), None)
-    assert sizes == [5] and targets == [net.num_subnets] and output.exits.eq(net.num_subnets).all()
-
-
 def test_samples_spread_over_several_exits(net):
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     exits = dynamic_forward(net, spread_policy(net, x), x, 0.3).exits
@@ -160,13 +151,23 @@ def test_all_exit_at_first_stage_never_steps(net, monkeypatch):
         torch.testing.assert_close(output.logits, net(x, subnet=1), rtol=1e-4, atol=1e-4)
 
 
-def test_fallback_runs_every_stage_for_everyone(net, monkeypatch):
+@pytest.mark.parametrize("allowed", [None, [1, 5]])
+def test_fallback_is_static_n_k(net, allowed, monkeypatch):
+    """λ = None (always N_K): one static pass of N_K, never the staged path nor the policy; its
+    logits are static N_K's and no policy MACs are counted."""
+    policy = forced_policy(net, 1)
+    if allowed is not None:
+        policy.restrict_exits(allowed)
     sizes = record_steps(net, monkeypatch)
+    monkeypatch.setattr(net, "start", lambda x: pytest.fail("the staged path ran"))
+    monkeypatch.setattr(policy, "plan", lambda *args: pytest.fail("the policy ran"))
     x = torch.randn(5, 1, 28, 28)
-    output = dynamic_forward(net, forced_policy(net, 1), x, None)  # None: always N_K
-    assert sizes == [5] * (net.num_subnets - 1) and output.exits.eq(net.num_subnets).all()
+    output = dynamic_forward(net, policy, x, None)
+    assert sizes == [] and output.static and output.exits.eq(net.num_subnets).all()
     with torch.no_grad():
-        torch.testing.assert_close(output.logits, net(x, subnet=net.num_subnets), rtol=1e-4, atol=1e-4)
+        assert torch.equal(output.logits, net(x, subnet=net.num_subnets))
+    measured = evaluate_dynamic(net, policy, None, [(x, torch.zeros(5, dtype=torch.long))], progress=False)
+    assert measured.macs == pytest.approx(net.macs(net.num_subnets)) and measured.saving == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("mode", ["sequential", "one_shot"])

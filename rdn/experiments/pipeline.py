@@ -477,7 +477,7 @@ class _Pipeline:
         controlled = self.calibration["risk_control"]
         lam, tau = controlled["policy"]["parameter"], controlled["confidence"]["parameter"]
         exits = policy.exits(test.features, test.statistics, lam)
-        simulated = evaluate_exits(exits, test, macs, "dynamic", None, lam, extra_macs=policy.decision_macs(exits))
+        simulated = evaluate_exits(exits, test, macs, "dynamic", None, lam, extra_macs=policy.rule_macs(exits, lam))
         confidence_exits_test = confidence_exits(test.confidence, tau)
         risk_control = {
             rule: controlled[rule] | {"test": _against_n_k(point, static[-1], test, chosen)}
