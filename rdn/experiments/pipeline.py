@@ -471,7 +471,7 @@ class _Pipeline:
             epsilon, lam, tau = pair["epsilon"], pair["lambda"], pair["tau"]
             exits = policy.exits(test.features, test.statistics, lam)
             dynamic.append(evaluate_exits(exits, test, macs, "dynamic", epsilon, lam,
-                                          extra_macs=policy.decision_macs(exits)))  # fmt: skip
+                                          extra_macs=policy.rule_macs(exits, lam)))  # fmt: skip
             confidence.append(evaluate_exits(confidence_exits(test.confidence, tau), test, macs, "confidence", epsilon,
                                              tau))  # fmt: skip
         controlled = self.calibration["risk_control"]
