@@ -123,6 +123,7 @@ class ExitRule:
     policy: nn.Module | None = None
     epsilon: float | None = None
     lam: float | None = None
+    guarantee: str | None = None  # what a risk-controlled calibration certified (rdn.calibration)
 
     @classmethod
     def static(cls, net: nn.Module, subnet: int) -> ExitRule:
@@ -132,9 +133,14 @@ class ExitRule:
 
     @classmethod
     def early_exit(cls, net: nn.Module, source: str | os.PathLike, epsilon: float | None = None) -> ExitRule:
-        """The policy of ``source`` (a pipeline run folder or its ``policy.pt``) at the calibrated ``epsilon``
-        (default: the run's operating point from ``calibration.json`` beside it)."""
-        policy, operating = _load_policy(net, source)
+        """The policy of ``source`` (a pipeline run folder or its ``policy.pt``): at the calibrated
+        ``epsilon`` (the paper's λ* rule) when given, else at the run's risk-controlled λ from the
+        ``calibration.json`` beside it (with its guarantee), else at its λ* operating point."""
+        policy, calibration = _load_policy(net, source)
+        certified = calibration.get("risk_control", {}).get("policy")
+        if epsilon is None and certified is not None:
+            return cls(policy=policy, lam=certified["parameter"], guarantee=certified["guarantee"])
+        operating = calibration.get("operating_epsilon")
         if epsilon is None:
             if operating is None:
                 raise DeployError(f"{source}: no calibration.json beside the policy names an operating point; give "
@@ -163,13 +169,16 @@ class ExitRule:
     def describe(self) -> str:
         if self.subnet is not None:
             return f"static N_{self.subnet}"
+        if self.guarantee is not None:
+            where = "every image runs N_K" if self.lam is None else f"λ = {self.lam:.4g}"
+            return f"early exits, risk-controlled ({where}): {self.guarantee}"
         if self.lam is None:
             return f"early exits at ε = {self.epsilon:g} (not reached in calibration: every image runs N_K)"
         return f"early exits at ε = {self.epsilon:g} (λ* = {self.lam:.4g})"
 
 
-def _load_policy(net: nn.Module, source: str | os.PathLike) -> tuple[nn.Module, float | None]:
-    """(the policy of ``source`` sized for ``net``, the operating ε of its calibration.json or None)."""
+def _load_policy(net: nn.Module, source: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """(the policy of ``source`` sized for ``net``, the calibration.json beside it or {})."""
     from rdn.policy import ExitPolicy
 
     path = Path(source)
@@ -188,8 +197,7 @@ def _load_policy(net: nn.Module, source: str | os.PathLike) -> tuple[nn.Module, 
                           f"{'; '.join(differing[:3]) or sorted(set(state) ^ set(own))})")  # fmt: skip
     policy.load_state_dict(state)
     calibration = path.parent / "calibration.json"
-    operating = json.loads(calibration.read_text()).get("operating_epsilon") if calibration.is_file() else None
-    return policy.eval(), operating
+    return policy.eval(), json.loads(calibration.read_text()) if calibration.is_file() else {}
 
 
 def _calibrated(policy: nn.Module, epsilon: float, source) -> float:
@@ -317,7 +325,7 @@ def predict(deployable: Deployable, files: Sequence[Path], rule: ExitRule, batch
         else:
             output = dynamic_forward(net, policy, x, rule.lam)
             logits, exits = output.logits, output.exits.cpu()
-            macs = costs[exits - 1] + policy.decision_macs(exits)
+            macs = costs[exits - 1] + policy.rule_macs(exits, rule.lam)
         probability, label = torch.softmax(logits.float(), dim=1).max(dim=1)
         predictions += [Prediction(str(path), int(c), spec.classes[int(c)], float(p), int(e), float(m))
                         for path, c, p, e, m in zip(chunk, label.cpu(), probability.cpu(), exits, macs, strict=True)]

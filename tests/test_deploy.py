@@ -123,6 +123,17 @@ def test_infer_with_an_early_exit_policy(run, images, tmp_path, capsys):
     assert main(["infer", str(images), "--from", str(run), "--policy", str(policy_dir), "--subnet", "1"]) == 2
     assert "give one of them" in capsys.readouterr().err
 
+    # A run with a risk-controlled calibration: its certified λ is the default, stated with its guarantee.
+    guarantee = "with probability >= 0.9 ... <= 0.05"
+    for certified, exits in ((0.05, expected.exits.tolist()), (None, [net.num_subnets] * len(files))):
+        (policy_dir / "calibration.json").write_text(json.dumps({"operating_epsilon": 0.25, "risk_control": {
+            "policy": {"parameter": certified, "guarantee": guarantee}}}))  # fmt: skip
+        assert main(["infer", str(images), "--from", str(run), "--policy", str(policy_dir), "--out", str(out)]) == 0
+        rows = json.loads(out.read_text())
+        assert [row["exit"] for row in rows] == exits and "risk-controlled" in capsys.readouterr().err
+        if certified is None:  # always N_K runs static N_K: no policy MACs
+            assert {row["macs"] for row in rows} == {net.macs(net.num_subnets)}
+
 
 def test_infer_refusals(run, images, tmp_path, capsys, monkeypatch):
     assert main(["infer", str(images), "--from", str(run)]) == 2  # a finetune run has no policy
