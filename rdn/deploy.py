@@ -254,12 +254,13 @@ def _pillow_decoder() -> Callable[[Path, int, int], Tensor] | None:
         return None
     import numpy as np
 
+    from rdn.data.folder import decode_image
+
     def decode(path: Path, channels: int, size: int) -> Tensor:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)  # as rdn.data's folder dataset
-            pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, -1)
+        image = decode_image(path, "L" if channels == 1 else "RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)  # as rdn.data's folder dataset
+        pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, -1)
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
     return decode
