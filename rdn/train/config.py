@@ -59,6 +59,10 @@ class TrainConfig(Config):
     distill_temperature: float = setting(1.0, "RDN: temperature of the distillation softmaxes")
     amp: str = setting("auto", "mixed precision on GPU (auto: bf16 where supported, else fp16); never on CPU",
                        choices=AMP_MODES)
+    channels_last: bool = setting(False, "train in the channels_last memory format (model and batches): the fast "
+                                         "layout of tensor-core convolutions on GPUs")
+    compile: bool = setting(False, "run the training forward through torch.compile (the model itself stays "
+                                   "eager: checkpoints, EMA and evaluation are unchanged)")
     seed: int = setting(0, "seed of weight init, dropout, data order and augmentation")
     steps_per_epoch: int | None = setting(None, "cap on optimisation steps per epoch (smoke runs); not set: the "
                                                 "whole split")

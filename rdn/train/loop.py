@@ -325,6 +325,9 @@ def _fit(model, source: TrainingSource, config, out, model_config, resume, conte
 
     model_config = model_config or model_config_of(model)
     model.to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     _set_bn_momentum(model, config.bn_momentum)
     weights = exit_weights(num_exits(model), config.exits, config.exit_weights)
     loss_fn = JointLoss(weights, config.label_smoothing, config.distill, config.distill_temperature)
@@ -377,6 +380,8 @@ def _fit(model, source: TrainingSource, config, out, model_config, resume, conte
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not all(weights),
         )
+    if config.compile:
+        trained = torch.compile(trained)  # same parameters: optimizer, EMA and checkpoints see the eager model
     history = list(log.rows) if log is not None else []
     for epoch in range(step // steps_per_epoch, config.epochs):
         skip = step - epoch * steps_per_epoch
@@ -390,6 +395,8 @@ def _fit(model, source: TrainingSource, config, out, model_config, resume, conte
         bar = _progress_bar(config, context, epoch, steps_per_epoch, skip)
         batches = itertools.islice(source.epoch(epoch, skip), steps_per_epoch - skip)  # never a batch too many
         for batch_index, (x, y) in enumerate(batches, start=skip):
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=memory_format)
             with _autocast(device, amp_dtype):
                 logits = _as_list(trained(x))
             loss, exit_ce = loss_fn(logits, y)

@@ -234,3 +234,26 @@ def test_a_run_checkpointed_before_folded_heads_is_refused_not_resumed(tmp_path)
                                                       "resume"):  # fmt: skip
         fit(tiny_rdn(), synthetic(), cfg, out=tmp_path, resume=True)
     load_state_strict(tiny_rdn(), load_checkpoint(tmp_path)["model"], tmp_path)  # the weights themselves still load
+
+
+def test_channels_last_training_matches_the_default_layout():
+    """The memory format changes how convolutions run, not what they compute."""
+    runs = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        result = fit(tiny_rdn(), synthetic(), config(epochs=1, steps_per_epoch=3, channels_last=channels_last))
+        runs.append(result)
+    weight = runs[1].model.stem.weight if hasattr(runs[1].model, "stem") else next(runs[1].model.parameters())
+    assert weight.dim() != 4 or weight.is_contiguous(memory_format=torch.channels_last)
+    for key, value in runs[0].model.state_dict().items():
+        torch.testing.assert_close(runs[1].model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert runs[1].history[-1]["train_loss"] == pytest.approx(runs[0].history[-1]["train_loss"], rel=1e-4)
+
+
+def test_compiled_training_matches_eager():
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        runs.append(fit(tiny_rdn(), synthetic(), config(epochs=1, steps_per_epoch=2, compile=compile)))
+    for key, value in runs[0].model.state_dict().items():
+        torch.testing.assert_close(runs[1].model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
