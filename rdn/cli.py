@@ -344,9 +344,10 @@ def _run_folder(args: argparse.Namespace) -> Iterator[None]:
         raise CliError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     with RunFolder(args.out) as folder:
         if args.command == "export":
-            folder.check_unused(EXPORT_FILES, resume=False, overwrite=args.overwrite, describe="an export")
+            folder.check_unused(EXPORT_FILES, resume=False, overwrite=args.overwrite, describe=lambda: "an export")
         else:
-            folder.check_unused(RUN_FILES, resume=resume, overwrite=args.overwrite, describe=describe_run(folder.path))
+            folder.check_unused(RUN_FILES, resume=resume, overwrite=args.overwrite,
+                                describe=lambda: describe_run(folder.path))
         yield
 
 

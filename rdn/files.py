@@ -225,14 +225,16 @@ class RunFolder:
         """Which of ``names`` already exist in the folder."""
         return [name for name in names if (self.path / name).exists()]
 
-    def check_unused(self, names: Iterable[str], *, resume: bool, overwrite: bool, describe: str = "") -> None:
+    def check_unused(self, names: Iterable[str], *, resume: bool, overwrite: bool,
+                     describe: Callable[[], str] | None = None) -> None:  # fmt: skip
         """Refuse to start a new run over files of an earlier one.
 
         Args:
             names: the files this job writes.
             resume: the job continues the run already in the folder (its own checks apply).
             overwrite: the user asked to replace the earlier run: its files are removed now.
-            describe: what the earlier run is (e.g. its epoch and model), for the message.
+            describe: says what the earlier run is (e.g. its epoch), for the message; called only
+                when refusing (reading a checkpoint to say so costs a full load).
         """
         found = self.existing(names)
         if not found or resume:
@@ -241,7 +243,8 @@ class RunFolder:
             for name in found:
                 (self.path / name).unlink()
             return
-        what = f" ({describe})" if describe else ""
+        described = describe() if describe is not None else ""
+        what = f" ({described})" if described else ""
         raise RunFolderError(
             f"{self.what} {self.path} already holds a run{what}: {', '.join(found)}. Starting a new run there would "
             "overwrite it: pass --resume (resume=True) to continue it, --overwrite (overwrite=True) to replace it, "

@@ -99,7 +99,8 @@ def test_run_folder_refuses_an_earlier_run_unless_resumed_or_overwritten(tmp_pat
         (folder.path / "notes.txt").write_text("the user's")
         with pytest.raises(RunFolderError, match=r"run folder .*run already holds a run \(epoch 3\): checkpoint.pt.*"
                                                  r"--resume .*--overwrite"):  # fmt: skip
-            folder.check_unused(["checkpoint.pt", "log.json"], resume=False, overwrite=False, describe="epoch 3")
+            folder.check_unused(["checkpoint.pt", "log.json"], resume=False, overwrite=False,
+                                describe=lambda: "epoch 3")
         assert (folder.path / "checkpoint.pt").read_text() == "earlier"
         folder.check_unused(["checkpoint.pt", "log.json"], resume=True, overwrite=False)
         assert (folder.path / "checkpoint.pt").exists()

@@ -41,7 +41,7 @@ from rdn.train.distributed import DistContext, all_reduce_sum
 from rdn.train.log import RunLog
 from rdn.train.loss import JointLoss, exit_weights
 from rdn.train.optim import ModelEma, build_optimizer, build_scheduler
-from rdn.train.sources import TrainingSource, training_source
+from rdn.train.sources import TrainingSource, dataset_eval_batches, training_source
 
 __all__ = [
     "EvalResult",
@@ -142,12 +142,7 @@ def evaluate(
     if isinstance(data, ImageDataset):
         if spec is None:
             raise ValueError("evaluating an ImageDataset needs its spec (DataSpec: normalisation)")
-        transform = BatchTransform(spec, train=False)
-        batches = (
-            (transform(images.to(context.device), keys), labels.to(context.device))
-            for images, labels, keys in eval_loader(data, batch_size, rank=context.rank,
-                                                    world_size=context.world_size)
-        )  # fmt: skip
+        batches = dataset_eval_batches(data, BatchTransform(spec, train=False), batch_size, context)
     else:
         batches = ((x.to(context.device), y.reshape(-1).to(context.device)) for x, y, *_ in data)
     return _evaluate_batches(model, batches, context, amp_dtype)
@@ -295,7 +290,8 @@ def fit(
         if out is not None and context.is_main:
             try:
                 folder = held.enter_context(RunFolder(out))
-                folder.check_unused(RUN_FILES, resume=resume, overwrite=overwrite, describe=describe_run(folder.path))
+                folder.check_unused(RUN_FILES, resume=resume, overwrite=overwrite,
+                                    describe=lambda: describe_run(folder.path))
             except RunFolderError as error:
                 refused = error
         # Every process learns the main one's verdict: a worker must not train on while the main one gave up.

@@ -35,11 +35,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
-from rdn.data import BatchTransform, DataSplits, eval_loader, train_loader
+from rdn.data import BatchTransform, DataSplits, ImageDataset, eval_loader, train_loader
 from rdn.train.config import TrainConfig
 from rdn.train.distributed import DistContext
 
-__all__ = ["LoaderSource", "SplitsSource", "TrainingSource", "training_source"]
+__all__ = ["LoaderSource", "SplitsSource", "TrainingSource", "dataset_eval_batches", "training_source"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -93,10 +93,14 @@ class SplitsSource(TrainingSource):
             yield x, labels.to(device, non_blocking=True)
 
     def eval_batches(self) -> Iterable[Batch]:
-        context = self.context
-        for images, labels, keys in eval_loader(self.data.test, self.config.eval_batch_size, rank=context.rank,
-                                                world_size=context.world_size):  # fmt: skip
-            yield self._eval_transform(images.to(context.device), keys), labels.to(context.device)
+        return dataset_eval_batches(self.data.test, self._eval_transform, self.config.eval_batch_size, self.context)
+
+
+def dataset_eval_batches(dataset: ImageDataset, transform: BatchTransform, batch_size: int,
+                         context: DistContext) -> Iterator[Batch]:  # fmt: skip
+    """Normalised evaluation batches ``(x, y)`` of an in-memory dataset on the device, this process's stride."""
+    for images, labels, keys in eval_loader(dataset, batch_size, rank=context.rank, world_size=context.world_size):
+        yield transform(images.to(context.device), keys), labels.to(context.device)
 
 
 class LoaderSource(TrainingSource):
