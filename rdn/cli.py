@@ -274,8 +274,8 @@ def build_parser(with_pipeline: bool = True) -> argparse.ArgumentParser:
         "infer", formatter_class=_FORMATTER, help="predict classes of image files with an RDN",
         description="Predictions for image files (a folder, searched recursively, or single files): class, exit "
         "taken and MACs per image, with a static sub-network (--subnet) or early exits (--policy; a pipeline run "
-        "folder given to --from uses its policy by default). Images are decoded with torchvision when installed, "
-        "else Pillow, and resized to the model's input size.",
+        "folder given to --from uses its policy by default). Images are decoded with Pillow and resized to the model's "
+        "input size.",
     )  # fmt: skip
     infer.add_argument("images", nargs="+", help="image files or folders of them")
     infer.add_argument("--from", dest="source", required=True,

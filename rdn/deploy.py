@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,55 +231,31 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _torchvision_decoder() -> Callable[[Path, int, int], Tensor] | None:
-    try:
-        from torchvision.io import ImageReadMode, decode_image, read_file
-        from torchvision.transforms.v2.functional import resize
-    except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch: Pillow decodes
-        return None
-
-    def decode(path: Path, channels: int, size: int) -> Tensor:
-        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-        image = decode_image(read_file(str(path)), mode=mode)
-        # antialias=True: the same filter as Pillow's bilinear resize (what rdn.data's folder dataset uses).
-        return image if image.shape[-2:] == (size, size) else resize(image, [size, size], antialias=True)
-
-    return decode
-
-
-def _pillow_decoder() -> Callable[[Path, int, int], Tensor] | None:
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
+def _decode(path: Path, channels: int, size: int) -> Tensor:
+    """uint8 (C, H, W) of one image file, grey or RGB, resized to ``size`` as rdn.data's folder dataset does."""
     import numpy as np
+    from PIL import Image  # Pillow: a dependency of matplotlib, always there with rdn
 
     from rdn.data.folder import decode_image
 
-    def decode(path: Path, channels: int, size: int) -> Tensor:
-        image = decode_image(path, "L" if channels == 1 else "RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)  # as rdn.data's folder dataset
-        pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, -1)
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-
-    return decode
+    image = decode_image(path, "L" if channels == 1 else "RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, -1)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def decode_images(files: Sequence[Path], spec: DataSpec) -> Tensor:
     """uint8 (N, C, H, W) of the image ``files`` converted to ``spec``'s channels (grey or RGB) and size.
 
-    Decoded with torchvision when it is installed and loads with this torch, else Pillow; a
-    :class:`DeployError` when neither is usable, or when a file is not an image the decoder reads.
+    Decoded by Pillow (:func:`rdn.data.folder.decode_image`, the training folder dataset's decoder);
+    a :class:`DeployError` when a file is not an image Pillow reads.
     """
-    decode = _torchvision_decoder() or _pillow_decoder()
-    if decode is None:
-        raise DeployError("decoding images needs torchvision or Pillow, and neither is installed: pip install pillow")
     images = []
     for path in files:
         try:
-            images.append(decode(path, spec.in_chans, spec.image_size))
-        except (OSError, RuntimeError, ValueError) as error:  # the decoders' "not an image I can read"
+            images.append(_decode(path, spec.in_chans, spec.image_size))
+        except (OSError, ValueError) as error:  # "not an image I can read"
             raise DeployError(f"{path} cannot be decoded as an image: {error}") from error
     return torch.stack(images)
 
