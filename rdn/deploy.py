@@ -188,7 +188,9 @@ def _load_policy(net: nn.Module, source: str | os.PathLike) -> tuple[nn.Module, 
     state = load_torch_data(path, what="policy file")[0]
     if "mlp.0.weight" not in state or "_extra_state" not in state:
         raise DeployError(f"{path} is not an exit policy's state_dict (rdn.policy.ExitPolicy)")
-    policy = ExitPolicy.for_network(net, hidden=state["mlp.0.weight"].shape[0], mode=state["_extra_state"]["mode"])
+    extra = state["_extra_state"]
+    policy = ExitPolicy.for_network(net, hidden=state["mlp.0.weight"].shape[0], mode=extra["mode"],
+                                    target=extra.get("target", "correctness"))  # fmt: skip
     own = policy.state_dict()
     differing = [f"{key}: {tuple(state[key].shape)} vs {tuple(own[key].shape)}" for key in own
                  if isinstance(own[key], Tensor) and (key not in state or state[key].shape != own[key].shape)]

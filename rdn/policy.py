@@ -8,7 +8,20 @@ Lagrangian of the paper's eq. 3 gives, for a fixed λ ≥ 0, the plan
 
     plan_s(x) = argmax_{k ≥ s} (r_k + λ) · p_k(x | stage s)
 
-λ = 0 maximises the expected saving alone, λ → ∞ the predicted accuracy alone. Two modes:
+λ = 0 maximises the expected saving alone, λ → ∞ the predicted accuracy alone. p_k is learned for
+one of two targets:
+
+- ``"agreement"`` (the default): p_k(x) ≈ Pr(N_k predicts the class N_K predicts), learned without
+  labels, with p_K = 1 by construction. Then λ = ∞ is exactly "always N_K" and lowering λ lets
+  samples leave early in order of predicted agreement: the rule moves continuously away from N_K,
+  which is what the risk-controlled calibration against consistency with N_K (:mod:`rdn.calibration`)
+  walks along. Measured on the pipeline's Fashion-MNIST RDN: docs/design.md.
+- ``"correctness"`` (the paper's): p_k(x) ≈ Pr(N_k classifies x correctly). At λ = ∞ it already sends
+  every sample whose early exit looks as likely correct as N_K to that exit (71 % of the images, 1.3 %
+  of them predicted differently from N_K, on the same RDN), so a calibration that tolerates less
+  disagreement than that certifies nothing but N_K.
+
+Two modes:
 
 - ``"sequential"`` (the default: fewer MACs near N_K's accuracy, see :class:`ExitPolicy`): the plan
   is made again at every exit the rule may take, with that exit's statistics; a sample stops at
@@ -40,6 +53,7 @@ from torch import Tensor, nn
 __all__ = [
     "MODES",
     "STATISTICS",
+    "TARGETS",
     "ExitOutputs",
     "ExitPolicy",
     "OperatingPoint",
@@ -63,6 +77,11 @@ __all__ = [
 STATISTICS = ("confidence", "margin", "entropy")
 # Decision modes of :class:`ExitPolicy`.
 MODES = ("sequential", "one_shot")
+# What :class:`ExitPolicy` learns p_k(x) of: exit k agrees with N_K's prediction, or is correct.
+TARGETS = ("agreement", "correctness")
+# In agreement mode p_K = 1 by construction and every other p_k is kept below it, so that the rule at
+# λ = ∞ (score p_k) is exactly "always N_K" even where the sigmoid saturates to 1 in float32.
+_BELOW_ONE = 1.0 - 1e-6
 
 # Bisection steps of the calibration searches: the parameter lives in [0, 1], 2^-40 is far below
 # any change of a decision that float32 probabilities can express.
@@ -396,6 +415,7 @@ class ExitPolicy(nn.Module):
             pipeline's Fashion-MNIST RDN (5k training samples, 3 seeds): at λ → ∞ the rule reached
             86.7–86.9 % on the calibration split with 16 against 86.1–86.4 % with 32 or 64 — wider
             MLPs over-fit and never reached N_K's accuracy (86.9 %), so ε near N_K's error fell back to N_K.
+        target: ``"agreement"`` (default) or ``"correctness"`` (module docstring).
         mode: ``"sequential"`` (default): plan again at every exit the rule may take, stop when the
             plan names the current exit; ``"one_shot"``: the paper's rule, plan once at N_1 from
             its features. Measured on a CPU-trained Fashion-MNIST RDN (MobileNetV2 0.25, k = 4,
@@ -407,11 +427,16 @@ class ExitPolicy(nn.Module):
 
     Buffers ``feature_mean`` / ``feature_scale`` standardise the features (set by :func:`fit_policy`),
     ``allowed`` (K,) marks the exits the rule may pick (:meth:`restrict_exits`, e.g. to the nesting order);
-    the mode and the (ε, λ*) pairs (:attr:`lambdas`) travel in the ``state_dict`` as extra state.
+    the mode, the target and the (ε, λ*) pairs (:attr:`lambdas`) travel in the ``state_dict`` as extra state.
     """
 
     def __init__(
-        self, feature_width: int, savings: Sequence[float] | Tensor, hidden: int = 16, mode: str = "sequential"
+        self,
+        feature_width: int,
+        savings: Sequence[float] | Tensor,
+        hidden: int = 16,
+        mode: str = "sequential",
+        target: str = "agreement",
     ) -> None:
         super().__init__()
         for name, value in (("feature_width", feature_width), ("hidden", hidden)):
@@ -421,6 +446,9 @@ class ExitPolicy(nn.Module):
         if savings.numel() < 1 or not bool(((savings >= 0) & (savings <= 1)).all()):
             raise ValueError(f"savings must be K >= 1 values r_k in [0, 1], got {savings.tolist()}")
         self.mode = _check_mode(mode)
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        self.target = target
         num_exits = savings.numel()
         self.register_buffer("savings", savings)
         self.register_buffer("feature_mean", torch.zeros(feature_width))
@@ -438,9 +466,10 @@ class ExitPolicy(nn.Module):
         self.lambdas: dict[float, float | None] = {}
 
     @classmethod
-    def for_network(cls, net: nn.Module, hidden: int = 16, mode: str = "sequential") -> ExitPolicy:
+    def for_network(cls, net: nn.Module, hidden: int = 16, mode: str = "sequential",
+                    target: str = "agreement") -> ExitPolicy:  # fmt: skip
         """A policy sized for ``net`` (a RussianDollNet): F_1 from N_1's head, r_k from ``net.macs``."""
-        return cls(first_feature_width(net), exit_savings(net), hidden, mode)
+        return cls(first_feature_width(net), exit_savings(net), hidden, mode, target)
 
     @property
     def feature_width(self) -> int:
@@ -520,8 +549,13 @@ class ExitPolicy(nn.Module):
         return self.mlp(torch.cat([features, known[..., :-1].flatten(1), known[..., -1]], dim=1))
 
     def probabilities(self, features: Tensor, statistics: Tensor) -> Tensor:
-        """(N, F_1), (N, s, 3) → (N, K) p_k(x) estimated at stage s."""
-        return torch.sigmoid(self(features, statistics))
+        """(N, F_1), (N, s, 3) → (N, K) p_k(x) estimated at stage s (agreement target: p_K = 1, the
+        others < 1)."""
+        probabilities = torch.sigmoid(self(features, statistics))
+        if self.target == "agreement":
+            probabilities = torch.cat([probabilities[:, :-1].clamp(max=_BELOW_ONE),
+                                       torch.ones_like(probabilities[:, -1:])], dim=1)  # fmt: skip
+        return probabilities
 
     def plan(self, features: Tensor, statistics: Tensor, lam: float | None) -> Tensor:
         """(N,) 1-based exit ≥ s planned at stage s = ``statistics.shape[1]`` under λ (``None``: N_K)."""
@@ -552,12 +586,15 @@ class ExitPolicy(nn.Module):
         return self.lambdas[epsilon]
 
     def get_extra_state(self) -> dict:
-        return {"mode": self.mode, "lambdas": [[epsilon, lam] for epsilon, lam in sorted(self.lambdas.items())]}
+        return {"mode": self.mode, "target": self.target,
+                "lambdas": [[epsilon, lam] for epsilon, lam in sorted(self.lambdas.items())]}  # fmt: skip
 
     def set_extra_state(self, state: dict) -> None:
-        if state["mode"] != self.mode:
-            raise ValueError(f"the state is of a {state['mode']!r} policy, this one is {self.mode!r}: build it "
-                             f"with mode={state['mode']!r}")
+        target = state.get("target", "correctness")  # policies saved before targets existed learned correctness
+        for name, theirs, ours in (("mode", state["mode"], self.mode), ("target", target, self.target)):
+            if theirs != ours:
+                raise ValueError(f"the state is of a policy with {name}={theirs!r}, this one has {name}={ours!r}: "
+                                 f"build it with {name}={theirs!r}")
         self.lambdas = {float(epsilon): (None if lam is None else float(lam)) for epsilon, lam in state["lambdas"]}
 
     def calibration_json(self) -> str:
@@ -569,6 +606,7 @@ class ExitPolicy(nn.Module):
         return json.dumps(
             {
                 "mode": self.mode,
+                "target": self.target,
                 "rule": rule,
                 "savings": self.savings.tolist(),
                 "pairs": [{"epsilon": e, "lambda": lam} for e, lam in sorted(self.lambdas.items())],
@@ -592,7 +630,8 @@ def fit_policy(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Train ``policy`` with BCE against each exit's observed correctness on ``outputs``.
+    """Train ``policy`` with BCE against each exit's observed target on ``outputs``: agreement of its
+    prediction with N_K's (labels unused; N_K's own p_K = 1 is not learned), or its correctness.
 
     Every sample is seen once per stage s where the policy may run (:meth:`ExitPolicy.planning_stages`
     of all exits, so that restricting the exits later needs no retraining), with the statistics of
@@ -609,11 +648,20 @@ def fit_policy(
     device = policy.feature_mean.device
     features = outputs.features.to(device, policy.feature_mean.dtype)
     statistics = outputs.statistics.to(device, policy.feature_mean.dtype)
-    targets = outputs.correct.to(device, policy.feature_mean.dtype)
+    if policy.target == "agreement":
+        if outputs.predictions is None:
+            raise ValueError("an agreement policy learns from the exits' predictions, and these outputs have none "
+                             "(collected by an older version: collect them again)")
+        observed = outputs.predictions == outputs.predictions[:, -1:]
+    else:
+        observed = outputs.correct
+    targets = observed.to(device, policy.feature_mean.dtype)
     with torch.no_grad():
         policy.feature_mean.copy_(features.mean(0))
         policy.feature_scale.copy_(features.std(0, unbiased=False).clamp_min(1e-6))
     stages = range(1, policy.num_exits + 1) if policy.mode == "sequential" else [1]
+    if policy.target == "agreement":
+        stages = [stage for stage in stages if stage < policy.num_exits]  # at N_K nothing is left to learn
     # One row per (stage, sample): the stage and the sample index.
     rows = torch.cartesian_prod(torch.tensor(list(stages)), torch.arange(outputs.num_samples)).reshape(-1, 2)
     exit_numbers = torch.arange(1, policy.num_exits + 1, device=device)
@@ -630,13 +678,15 @@ def fit_policy(
             known = exit_numbers[None, :] <= stage_of[:, None]
             logits = policy(features[sample], statistics[sample] * known[..., None])
             weights = (exit_numbers[None, :] >= stage_of[:, None]).to(logits.dtype)
+            if policy.target == "agreement":
+                weights[:, -1] = 0.0  # N_K agrees with itself: p_K = 1 is fixed, not learned
             loss = (F.binary_cross_entropy_with_logits(logits, targets[sample], reduction="none") * weights).sum() \
-                / weights.sum()  # fmt: skip
+                / weights.sum().clamp_min(1.0)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * chunk.shape[0]
-        losses.append(total / rows.shape[0])
+        losses.append(total / max(rows.shape[0], 1))
     policy.eval()
     return losses
 

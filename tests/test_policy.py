@@ -158,9 +158,10 @@ def test_epsilon_type(epsilon):
 # ----------------------------------------------------------------------------------------------
 
 
-def fresh_policy(outputs: ExitOutputs, mode: str = "sequential", epochs: int = 40) -> ExitPolicy:
+def fresh_policy(outputs: ExitOutputs, mode: str = "sequential", epochs: int = 40,
+                 target: str = "correctness") -> ExitPolicy:  # fmt: skip
     torch.manual_seed(0)
-    policy = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16, mode=mode)
+    policy = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16, mode=mode, target=target)
     fit_policy(policy, outputs, epochs=epochs, batch_size=64, lr=1e-2, progress=False)
     return policy
 
@@ -232,7 +233,7 @@ def test_sequential_policy_uses_what_later_exits_see():
     savings = [0.8, 0.5, 0.0]
     costs = {}
     for mode in ("sequential", "one_shot"):
-        policy = ExitPolicy(outputs.feature_width, savings, hidden=16, mode=mode)
+        policy = ExitPolicy(outputs.feature_width, savings, hidden=16, mode=mode, target="correctness")
         fit_policy(policy, outputs, epochs=30, batch_size=64, lr=1e-2, progress=False)
         lam = calibrate_lambda(policy, outputs, [0.01])[0.01]
         with torch.no_grad():
@@ -315,7 +316,7 @@ def test_calibration_travels_with_the_state_dict(tmp_path):
     with pytest.warns(RuntimeWarning):
         calibrate_lambda(policy, outputs, [0.08, 0.2, 1e-6])
     torch.save(policy.state_dict(), tmp_path / "policy.pt")
-    loaded = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16, mode="one_shot")
+    loaded = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=16, mode="one_shot", target="correctness")
     loaded.load_state_dict(torch.load(tmp_path / "policy.pt", weights_only=True))
     assert loaded.lambdas == policy.lambdas
     assert torch.equal(loaded.exits(outputs.features, outputs.statistics, loaded.lambda_for(0.2)),
@@ -411,3 +412,81 @@ def test_policy_for_network(net):
     policy.check_network(net)
     with pytest.raises(ValueError, match="sub-networks"):
         ExitPolicy(policy.feature_width + 1, policy.savings).check_network(net)
+
+
+# ----------------------------------------------------------------------------------------------
+# The agreement target: p_k ≈ Pr(N_k predicts what N_K predicts), p_K = 1
+# ----------------------------------------------------------------------------------------------
+
+
+def agreeing_outputs(n: int = 600, seed: int = 0) -> ExitOutputs:
+    """``synthetic_outputs`` with predictions: a wrong exit predicts the class after the label, so
+    exit k agrees with N_K exactly when both are right or both wrong. Labels are random."""
+    outputs = synthetic_outputs(n=n, seed=seed)
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(seed + 100))
+    predictions = torch.where(outputs.correct, labels[:, None], (labels[:, None] + 1) % 10)
+    return ExitOutputs(outputs.features, outputs.correct, outputs.correct_top5, outputs.statistics, labels,
+                       predictions)  # fmt: skip
+
+
+def test_agreement_probabilities_pin_the_last_exit_to_one():
+    policy = ExitPolicy(4, [0.7, 0.4, 0.0], hidden=8, target="agreement")
+    with torch.no_grad():
+        policy.mlp[-1].bias.fill_(40.0)  # sigmoid(40) is exactly 1 in float32
+        p = policy.probabilities(torch.randn(5, 4), torch.rand(5, 2, 3))
+    assert torch.equal(p[:, -1], torch.ones(5))
+    assert bool((p[:, :-1] < 1).all())
+    # λ = ∞ compares p_k alone: the pinned p_K wins everywhere, so the rule is exactly "always N_K".
+    statistics = torch.rand(5, 3, 3)
+    assert torch.equal(policy.exits(torch.randn(5, 4), statistics, math.inf), torch.full((5,), 3))
+
+
+def test_agreement_policy_learns_without_labels():
+    train, held_out = agreeing_outputs(seed=0), agreeing_outputs(seed=1)
+    scrambled = ExitOutputs(train.features, ~train.correct, ~train.correct_top5, train.statistics,
+                            train.labels.flip(0), train.predictions)  # fmt: skip
+    policy = fresh_policy(scrambled, epochs=20, target="agreement")
+    reference = fresh_policy(train, epochs=20, target="agreement")
+    for name, value in policy.state_dict().items():  # labels and correctness are never read
+        if isinstance(value, Tensor):
+            assert torch.equal(value, reference.state_dict()[name]), name
+    with torch.no_grad():
+        p = policy.probabilities(held_out.features, held_out.statistics[:, :1])[:, :-1]
+    agree = (held_out.predictions == held_out.predictions[:, -1:])[:, :-1].float()
+    bce = torch.nn.functional.binary_cross_entropy(p, agree).item()
+    marginal = agree.mean(0).clamp(1e-6, 1 - 1e-6)
+    entropy = -(marginal * marginal.log() + (1 - marginal) * (1 - marginal).log()).mean().item()
+    assert bce < 0.7 * entropy  # a constant predictor gets the entropy; agreement is noisier than correctness here
+    with pytest.raises(ValueError, match="predictions"):
+        fresh_policy(synthetic_outputs(), epochs=1, target="agreement")
+
+
+def test_agreement_lambda_path_starts_at_the_last_exit():
+    """Lowering λ from ∞ lets samples leave early one by one: the saving grows from 0 and the
+    disagreement with N_K stays small at first, which is what the consistency calibration needs."""
+    from rdn.calibration import calibrate_consistency, consistency_losses
+
+    outputs = agreeing_outputs(n=2000, seed=2)
+    policy = fresh_policy(agreeing_outputs(seed=0), epochs=20, target="agreement")
+    exits = [policy.exits(outputs.features, outputs.statistics, lam) for lam in (math.inf, 1e6, 20.0, 1.0, 0.0)]
+    leaving = [(e < 3).double().mean().item() for e in exits]
+    assert leaving[0] == 0.0
+    assert leaving == sorted(leaving) and leaving[-1] > 0.5
+    assert consistency_losses(outputs, exits[2]).double().mean().item() < 0.05
+    control = calibrate_consistency(policy, outputs, delta=0.05, alpha=0.1)
+    assert control.parameter is not None and control.saving > 0.2
+
+
+def test_target_travels_with_the_state_dict():
+    agreement = ExitPolicy(4, [0.5, 0.0], hidden=8)
+    assert agreement.target == "agreement"
+    correctness = ExitPolicy(4, [0.5, 0.0], hidden=8, target="correctness")
+    with pytest.raises(ValueError, match="target='correctness'"):
+        agreement.set_extra_state(correctness.get_extra_state())
+    older = {"mode": "sequential", "lambdas": []}  # saved before targets existed: correctness
+    correctness.set_extra_state(older)
+    with pytest.raises(ValueError, match="target"):
+        agreement.set_extra_state(older)
+    with pytest.raises(ValueError, match="target"):
+        ExitPolicy(4, [0.5, 0.0], target="accuracy")
+    assert json.loads(agreement.calibration_json())["target"] == "agreement"
