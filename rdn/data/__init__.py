@@ -12,8 +12,11 @@ Datasets (``load_dataset(name, root=...)``):
 - ``folder``: an ImageFolder layout, ``root/<class>/<image>`` (split here with the seed) or
   ``root/train/<class>/...`` + ``root/test/<class>/...`` (``val`` accepted for ``test``).
 - ``synthetic``: class templates plus noise, for unit tests only.
+- ``imagefolder``: ImageNet's layout, ``root/train/<class>/<image>`` + ``root/val/<class>/<image>``,
+  streamed from disk instead of loaded: :func:`rdn.data.folder.folder_splits` (``load_dataset``
+  refuses it).
 
-Every dataset is an :class:`ImageDataset` over in-memory uint8 tensors (N, C, H, W). Splits are
+Every in-memory dataset is an :class:`ImageDataset` over in-memory uint8 tensors (N, C, H, W). Splits are
 deterministic given ``seed``: ``train`` / ``calib`` (carved out of the training data; used by the
 surgery's greedy selection and the exit policy's calibration) / ``test``.
 
@@ -55,7 +58,7 @@ __all__ = [
     "train_loader",
 ]
 
-DATASETS = ("fashion_mnist", "mnist5k", "cifar10", "folder", "synthetic")
+DATASETS = ("fashion_mnist", "mnist5k", "cifar10", "folder", "imagefolder", "synthetic")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -340,6 +343,9 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if name == "imagefolder":
+        raise ValueError("imagefolder is streamed from disk, not loaded into memory: use "
+                         "rdn.data.folder.folder_splits (rdn.steps.load_data does)")  # fmt: skip
     if image_size is not None and name != "folder":
         raise ValueError(f"image_size applies to the 'folder' dataset only, got image_size={image_size} for {name!r}")
     root = Path(root).expanduser() if root is not None else None

@@ -15,6 +15,13 @@ The transforms are the standard ImageNet recipe, on uint8 ``(C, H, W)`` tensors:
 - evaluation: resize the shorter side to ``image_size / 0.875`` (256 for 224), centre crop;
 - both: scale to [0, 1] and normalise by the ImageNet mean and std (or the ones given).
 
+The command line and the pipeline stream a folder through :func:`folder_splits` (``--data
+imagefolder --data-root PATH``): a :class:`FolderSplits` with the same three splits as the
+in-memory :class:`rdn.data.DataSplits` (train, a seeded calibration split held out of
+``train/``, and ``val/`` as the test split) and a :class:`~rdn.data.DataSpec` (channels, size,
+normalisation, class names) that a run records for ``rdn infer``. Its loaders
+(:meth:`FolderSplits.train_loader`, :meth:`FolderSplits.eval_loader`) decode batch by batch.
+
 Crop and resize are one Pillow call (``Image.resize(size, box=crop)``). Random draws use torch's
 RNG, which each DataLoader worker seeds from the loader's generator: with a generator (as
 :func:`image_folder_loaders` gives), ``fit`` re-seeds it per epoch and a resumed run sees
@@ -23,9 +30,11 @@ exactly the images an uninterrupted one does.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +42,31 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from rdn.data import DataSpec
+from rdn.errors import DataError
+
 __all__ = [
+    "GREY_MEAN",
+    "GREY_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "EvalTransform",
+    "FolderSplits",
     "ImageFolder",
     "TrainTransform",
+    "UnreadableImageError",
     "decode_image",
+    "folder_splits",
     "image_folder_loaders",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Grey folders: the mean of ImageNet's channel statistics.
+GREY_MEAN = (0.449,)
+GREY_STD = (0.226,)
+# Pillow modes read as one channel (the rest are converted to RGB).
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 # The evaluation resize: the shorter side to image_size / CROP_FRACTION (224 → 256).
 CROP_FRACTION = 0.875
 
@@ -64,6 +86,10 @@ def decode_image(path: str | os.PathLike, mode: str = "RGB"):
             return image.convert(mode)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot decode image {path}: {error}") from error
+
+
+class UnreadableImageError(DataError, ValueError):
+    """An image file Pillow cannot decode, found when it is loaded (a user error: the file is named)."""
 
 
 def _to_tensor(image, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -185,7 +211,23 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
-        return self.transform(decode_image(path, self.mode)), label
+        try:
+            image = decode_image(path, self.mode)
+        except ValueError as error:
+            raise UnreadableImageError(str(error)) from None
+        return self.transform(image), label
+
+    def subset(self, indices: Sequence[int] | Tensor) -> ImageFolder:
+        """The samples ``indices`` (in that order) as a folder dataset of the same classes and transform."""
+        part = copy.copy(self)
+        part.samples = [self.samples[int(index)] for index in indices]
+        return part
+
+    def with_transform(self, transform: Callable) -> ImageFolder:
+        """The same samples under another transform (e.g. training files without augmentation)."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
 
 def image_folder_loaders(
@@ -215,7 +257,205 @@ def image_folder_loaders(
     # No persistent workers: each epoch's workers are seeded afresh from the generator ``fit`` re-seeds,
     # which is what makes a resumed epoch draw the same augmentation as an uninterrupted one.
     common = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
-    train = DataLoader(train_set, batch_size, sampler=train_sampler, drop_last=True,
-                       generator=torch.Generator().manual_seed(seed), **common)  # fmt: skip
-    val = DataLoader(val_set, batch_size, sampler=val_sampler, **common)
+    train = _FolderLoader(train_set, batch_size, sampler=train_sampler, drop_last=True,
+                          generator=torch.Generator().manual_seed(seed), **common)  # fmt: skip
+    val = _FolderLoader(val_set, batch_size, sampler=val_sampler, **common)
     return train, val
+
+
+class _FolderLoader(DataLoader):
+    """A DataLoader whose worker processes' :class:`UnreadableImageError` reaches the caller as one
+    line naming the file (DataLoader re-raises it with the worker's whole traceback as the message)."""
+
+    def __iter__(self) -> Iterator:
+        return _plain_errors(super().__iter__())
+
+
+def _plain_errors(batches: Iterator) -> Iterator:
+    try:
+        yield from batches
+    except UnreadableImageError as error:
+        message = str(error)
+        marker = f"{UnreadableImageError.__name__}: "
+        if marker in message:  # raised in a worker: the original message ends its traceback
+            raise UnreadableImageError(message.rsplit(marker, 1)[1].strip()) from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder as the three splits of a run (the command line's --data imagefolder)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FolderSplits:
+    """A streamed image folder as a run's splits, the counterpart of the in-memory :class:`rdn.data.DataSplits`.
+
+    Attributes:
+        train: the training files (``train/`` less ``calib``), :class:`TrainTransform`.
+        calib: a seeded random part of ``train/`` held out (surgery's greedy selection, the exit
+            policy's calibration), :class:`EvalTransform`.
+        test: ``val/`` (or ``test/``), :class:`EvalTransform`.
+        spec: channels, crop size, normalisation and class names (``name`` is ``imagefolder``;
+            ``crop_padding`` / ``flip`` describe the in-memory augmentation and are unused here).
+        root: the folder.
+        num_workers: DataLoader worker processes of every loader (0: decode in this process).
+
+    Every split's files are in a seeded random order, so the first ``n`` of a split (calibration
+    images, a policy's training subset, a timing batch) mix the classes.
+    """
+
+    train: ImageFolder
+    calib: ImageFolder
+    test: ImageFolder
+    spec: DataSpec
+    root: Path
+    num_workers: int = 0
+
+    def summary(self) -> str:
+        spec = self.spec
+        return (
+            f"imagefolder {self.root} (streamed from disk): {len(self.train)} train / {len(self.calib)} calib / "
+            f"{len(self.test)} val, {spec.num_classes} classes, {spec.in_chans}x{spec.image_size}x{spec.image_size}"
+        )
+
+    def eval_transform(self) -> EvalTransform:
+        return EvalTransform(self.spec.image_size, mean=self.spec.mean, std=self.spec.std)
+
+    def train_loader(self, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Shuffled, augmented training batches, this process's shard (``batch_size`` per process).
+
+        A ``DistributedSampler`` (``fit`` sets its epoch) and a generator (``fit`` re-seeds it per
+        epoch): a resumed run sees the batches of an uninterrupted one, with the same ``num_workers``
+        (each worker's augmentation draws from its own seed, so the worker count changes them).
+        """
+        _check_positive("batch_size", batch_size)
+        per_rank = len(self.train) // world_size
+        if batch_size > per_rank:
+            raise ValueError(f"batch_size {batch_size} (per process, {world_size} process(es)) is larger than the "
+                             f"{per_rank} training images each process gets from {len(self.train)}; use a batch "
+                             f"size <= {per_rank}")  # fmt: skip
+        sampler = DistributedSampler(self.train, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        return _FolderLoader(self.train, batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
+                             generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available())
+
+    def eval_loader(self, dataset: ImageFolder, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                    limit: int | None = None) -> DataLoader:  # fmt: skip
+        """Batches of the first ``limit`` (default all) samples of ``dataset`` (one of the splits, or a
+        subset of one) under the evaluation transform, in order, strided over the processes (every
+        sample once: counts add up exactly)."""
+        from rdn.data import _StridedSampler
+
+        _check_positive("batch_size", batch_size)
+        dataset = dataset.with_transform(self.eval_transform())
+        if limit is not None and limit < len(dataset):
+            dataset = dataset.subset(range(limit))
+        return _FolderLoader(dataset, batch_size, sampler=_StridedSampler(len(dataset), rank, world_size),
+                             num_workers=self.num_workers, pin_memory=torch.cuda.is_available())  # fmt: skip
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _probe_mode(folder: ImageFolder) -> str:
+    """``L`` when the first image of every class is grey, else ``RGB`` (headers only; a file Pillow
+    cannot open is an :class:`UnreadableImageError` now rather than in the middle of training)."""
+    from PIL import Image
+
+    first: dict[int, Path] = {}
+    for path, label in folder.samples:
+        first.setdefault(label, path)
+    modes = []
+    for path in first.values():
+        try:
+            with Image.open(path) as image:
+                modes.append(image.mode)
+        except (OSError, ValueError) as error:
+            raise UnreadableImageError(f"cannot decode image {path}: {error}") from None
+    return "L" if all(mode in _GREY_MODES for mode in modes) else "RGB"
+
+
+def _seeded_order(dataset: ImageFolder, seed: int) -> ImageFolder:
+    return dataset.subset(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+def folder_splits(
+    root: str | os.PathLike | None,
+    *,
+    image_size: int | None = None,
+    calib_size: int | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> FolderSplits:
+    """``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` as a run's streamed splits.
+
+    Only the file lists are read (and one image header per class, for the channels): nothing is
+    decoded until a loader asks. Args: ``image_size``: the crop side (default 224); ``calib_size``:
+    training images held out for calibration (default a tenth, at most 5,000); ``seed``: the
+    calibration split and the splits' orders; ``num_workers``: the loaders' worker processes.
+    Grey folders (every class's first image grey) give 1-channel images normalised by
+    :data:`GREY_MEAN` / :data:`GREY_STD`, the others RGB by ImageNet's mean and std.
+
+    Raises ``FileNotFoundError`` (folder, ``train/``, ``val/``, classes or images missing) or
+    ``ValueError`` (train and val classes differ, a bad size) naming the data root
+    (``--data-root``), :class:`UnreadableImageError` for an image Pillow cannot open.
+    """
+    if root is None:
+        raise ValueError("the imagefolder data needs --data-root PATH: a folder holding train/<class>/<image> and "
+                         "val/<class>/<image> (ImageNet's layout)")  # fmt: skip
+    root = Path(root).expanduser()
+    where = f"--data-root {root}"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{where}: no such folder (expected train/<class>/<image> and val/<class>/<image> "
+                                "in it)")  # fmt: skip
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"{where}: no train/ folder (expected train/<class>/<image> and val/<class>/<image>)")
+    val_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+    if val_dir is None:
+        raise FileNotFoundError(f"{where}: no val/ folder (expected train/<class>/<image> and val/<class>/<image>)")
+    if image_size is not None:
+        _check_positive("image_size", image_size)
+    if num_workers is None or isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    classes = _class_folders(root / "train")
+    if not classes:
+        raise FileNotFoundError(f"{where}: train/ has no class sub-folders (expected train/<class>/<image>)")
+    val_classes = _class_folders(val_dir)
+    if val_classes != classes:
+        missing, extra = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+        raise ValueError(f"{where}: the classes of train/ and {val_dir.name}/ differ (only in train/: "
+                         f"{missing[:5] or 'none'}{' ...' if len(missing) > 5 else ''}; only in {val_dir.name}/: "
+                         f"{extra[:5] or 'none'}{' ...' if len(extra) > 5 else ''})")  # fmt: skip
+    size = image_size or 224
+    try:
+        train = ImageFolder(root / "train", classes=classes)
+        test = ImageFolder(val_dir, classes=classes)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{where}: {error}") from None
+    for split, dataset in (("train", train), (val_dir.name, test)):
+        found = {label for _, label in dataset.samples}
+        empty = [name for label, name in enumerate(classes) if label not in found]
+        if empty:
+            raise FileNotFoundError(f"{where}: {split}/ classes without images: {empty[:5]}"
+                                    f"{' ...' if len(empty) > 5 else ''}")  # fmt: skip
+    mode = _probe_mode(train)
+    mean, std = (GREY_MEAN, GREY_STD) if mode == "L" else (IMAGENET_MEAN, IMAGENET_STD)
+    calib_size = min(5000, max(1, len(train) // 10)) if calib_size is None else calib_size
+    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or not 0 < calib_size < len(train):
+        raise ValueError(f"calib_size must be in 1..{len(train) - 1} ({where}: train/ holds {len(train)} images), "
+                         f"got {calib_size!r}")  # fmt: skip
+    for dataset in (train, test):
+        dataset.mode = mode
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    calib = train.subset(order[:calib_size]).with_transform(EvalTransform(size, mean=mean, std=std))
+    train = train.subset(order[calib_size:]).with_transform(TrainTransform(size, mean=mean, std=std))
+    test = _seeded_order(test, seed + 2).with_transform(EvalTransform(size, mean=mean, std=std))
+    spec = DataSpec("imagefolder", tuple(classes), 1 if mode == "L" else 3, size, mean, std, crop_padding=0,
+                    flip=True)  # fmt: skip
+    return FolderSplits(train, calib, test, spec, root, num_workers)

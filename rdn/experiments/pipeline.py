@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -51,7 +52,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rdn.data import DataSplits, ImageDataset
 from rdn.errors import DataError, RunMismatchError
 from rdn.experiments.config import (
     ABLATIONS,
@@ -64,7 +64,16 @@ from rdn.experiments.config import (
 from rdn.experiments.report import comparisons, surgery_summary, write_report
 from rdn.experiments.runner import Step, run_steps
 from rdn.files import LOCK_NAME, RunFolder, RunFolderError, atomic_write, load_torch_data, write_json
-from rdn.steps import calibration_batch, load_data, nest_model, resolve_device, train
+from rdn.steps import (
+    Data,
+    calibration_batch,
+    eval_batches,
+    evaluate_split,
+    load_data,
+    nest_model,
+    resolve_device,
+    train,
+)
 
 __all__ = ["cell_exit", "default_folder", "exit_grid", "main", "run"]
 
@@ -130,7 +139,7 @@ def run(
     return folder
 
 
-def _load_data(config: ExperimentConfig, root: str | os.PathLike | None) -> tuple[DataSplits, ExperimentConfig]:
+def _load_data(config: ExperimentConfig, root: str | os.PathLike | None) -> tuple[Data, ExperimentConfig]:
     """The run's data; Fashion-MNIST not installed (and no ``root`` given) falls back to MNIST-5k, said so."""
     try:
         return load_data(config.data, root, config.seed), config
@@ -219,7 +228,7 @@ class _Pipeline:
     """The steps of one run and what they share: the config, the folder, the data, and the earlier
     steps' outputs, each read from its file the first time a step needs it."""
 
-    def __init__(self, config: ExperimentConfig, folder: Path, data: DataSplits, device: torch.device,
+    def __init__(self, config: ExperimentConfig, folder: Path, data: Data, device: torch.device,
                  progress: bool) -> None:  # fmt: skip
         self.config, self.folder, self.data, self.device, self.progress = config, folder, data, device, progress
 
@@ -251,23 +260,18 @@ class _Pipeline:
                     in_chans=spec.in_chans, width_mult=self.config.width_mult)  # fmt: skip
 
     @cached_property
-    def monitored(self) -> ImageDataset:
+    def monitored(self):
         """The seeded random test subset the per-epoch evaluation watches (the test split may be
-        ordered by class: MNIST-5k's csv is)."""
+        ordered by class: MNIST-5k's csv is); an :class:`ImageDataset`, or an ImageFolder of a streamed folder."""
         test = self.data.test
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.config.seed))
         return test.subset(order[: self.config.monitor_samples].sort().values)
 
     def batches(self, dataset, batch_size: int, device: torch.device, limit: int | None = None
                 ) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
-        """Normalised evaluation batches (x, y) of the first ``limit`` samples of ``dataset``."""
-        from rdn.data import BatchTransform, eval_loader
-
-        transform = BatchTransform(self.data.spec, train=False)
-        if limit is not None and limit < len(dataset):
-            dataset = dataset.subset(torch.arange(limit))
-        for images, labels, keys in eval_loader(dataset, batch_size):
-            yield transform(images.to(device), keys), labels.to(device)
+        """Normalised evaluation batches (x, y) of the first ``limit`` samples of ``dataset`` (a streamed
+        folder decodes them from disk batch by batch: :func:`rdn.steps.eval_batches`)."""
+        return eval_batches(self.data, dataset, batch_size, device, limit)
 
     def train(self, model: nn.Module, name: str, epochs: int, model_config: dict, exits: str = "all",
               lr: float | None = None) -> None:  # fmt: skip
@@ -280,7 +284,7 @@ class _Pipeline:
         config = TrainConfig(epochs=epochs, batch_size=c.batch_size, lr=lr, warmup_epochs=min(c.warmup_epochs, epochs),
                              steps_per_epoch=c.steps_per_epoch, bn_momentum=c.bn_momentum, seed=c.seed, exits=exits,
                              progress=self.progress)  # fmt: skip
-        splits = DataSplits(self.data.train, self.data.calib, self.monitored, self.data.spec)
+        splits = dataclasses.replace(self.data, test=self.monitored)
         folder = self.folder / name
         result = train(model, splits, config, folder, model_config=model_config, resume=True, device=str(self.device),
                        summary={"command": "pipeline", "step": name})  # fmt: skip
@@ -457,7 +461,6 @@ class _Pipeline:
         from rdn.inference import benchmark, evaluate_dynamic
         from rdn.models.profile import profile_model
         from rdn.policy import confidence_exits, evaluate_exits, exit_macs
-        from rdn.train import evaluate
         from rdn_kernels.timing import cpu_name
 
         net, policy, c, data, device = self.net, self.policy, self.config, self.data, self.device
@@ -501,7 +504,7 @@ class _Pipeline:
 
         input_shape = (1, data.spec.in_chans, data.spec.image_size, data.spec.image_size)
         base_profile = profile_model(base, input_shape)
-        base_result = evaluate(base, data.test, data.spec, batch_size=c.bench_batch)
+        base_result = evaluate_split(base, data, data.test, batch_size=c.bench_batch)
         base_point = dict(name="base", accuracy=base_result.top1[0] / 100, top5=base_result.top5[0] / 100,
                           macs=float(base_profile.macs), params=base_profile.params)  # fmt: skip
 
