@@ -11,10 +11,11 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("nn", "models", "surgery", "data", "train", "order", "policy", "inference", "config", "files",
-               "errors", "steps", "deploy", "experiments", "pipeline", "cli")
+               "errors", "steps", "deploy", "early_exit", "experiments", "pipeline", "cli")
 
 # Public names re-exported at top level, mapped to the module that defines them.
-_ATTRIBUTES: dict[str, str] = {"nest": "rdn.surgery", "NestConfig": "rdn.surgery", "RussianDollNet": "rdn.surgery"}
+_ATTRIBUTES: dict[str, str] = {"nest": "rdn.surgery", "NestConfig": "rdn.surgery", "RussianDollNet": "rdn.surgery",
+                               "EarlyExitModel": "rdn.early_exit"}
 
 
 def __getattr__(name: str):
