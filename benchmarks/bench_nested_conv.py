@@ -1,7 +1,10 @@
 """Nested conv / linear kernel benchmark: our backends against the baselines, on the same tensors.
 
-    python -m benchmarks.bench_nested_conv --device cpu|cuda [--quick] [--modes forward,stage,backward]
-                                           [--out benchmarks/results]
+    rdn-bench-kernels --device cpu|cuda [--quick] [--modes forward,stage,backward] [--out benchmarks/results]
+    rdn-bench-kernels --shape C,D,H,W,k[,stride] [--k 4] [--batch 16] [--dtypes fp32] [--channels-last]
+
+``rdn-bench-kernels`` is the console script the package installs (``pip install -e .``, ``make
+install``); ``python -m benchmarks.bench_nested_conv`` is the same command.
 
 Every case (layer, batch, K, dtype, mode) times, in one measurement on the same tensors
 (DESIGN.md §2, "How kernel speed is judged"):
@@ -13,6 +16,9 @@ Every case (layer, batch, K, dtype, mode) times, in one measurement on the same 
   *per-stage loop* — one conv per output group on contiguous weight slices (made outside the
   timed region, as a model storing one parameter per stage would hold them) and input slices,
   then a concatenation;
+  *block sparse (BSR)* — ``torch.sparse`` with only the triangle's blocks stored, times the input
+  as a (C·k², N·H·W) matrix (on a GPU Triton's ``bsr_dense_mm`` where it applies); see
+  :func:`_block_sparse`. torch.sparse is beta: its failure is reported in the row, not raised;
 - the reference points: *dense* (the full conv, structure ignored) and *grouped* (groups = K,
   block-diagonal; only when K divides C and D);
 - the ideals: FLOP-ideal = dense time × useful fraction, and on a known GPU the roofline
@@ -38,7 +44,9 @@ in float64; a mismatch is reported as status ``wrong`` and kept out of "best of 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import groupby
@@ -137,6 +145,7 @@ class Implementation:
     run: Callable[[], object] | None
     result: Callable[[object], tuple[Tensor, ...]] | None = None
     unavailable: str | None = None
+    fallible: bool = False  # a failure is reported as the row's status (ours, and library paths in beta)
 
 
 def _conv(layer: LayerShape, input: Tensor, weight: Tensor, groups: int = 1) -> Tensor:
@@ -271,9 +280,122 @@ def _grouped(case: Case, ops: Operands) -> Implementation:
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# The block-sparse peer: torch.sparse with the triangle's blocks
+# ----------------------------------------------------------------------------------------------
+
+BLOCK_SPARSE = "block sparse (BSR)"
+
+
+def _sparse(matrix: Tensor, block: int) -> Tensor:
+    """``matrix`` with only its non-zero (block, block) blocks stored; CSR when block = 1."""
+    with warnings.catch_warnings():  # "sparse ... support is in beta state", once per layout: known
+        warnings.filterwarnings("ignore", message="Sparse (BSR|CSR) tensor support is in beta")
+        return matrix.to_sparse_bsr((block, block)) if block > 1 else matrix.to_sparse_csr()
+
+
+def _sparse_matmul(device: torch.device, block: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """sparse (M, K) @ dense (K, N): on a GPU Triton's ``bsr_dense_mm`` where its rules allow
+    (power-of-two blocks >= 16, N divisible by 16), else cuSPARSE / MKL through ``torch.mm``."""
+    if device.type == "cuda" and block >= 16 and block & (block - 1) == 0:
+        try:
+            from torch.sparse._triton_ops import bsr_dense_mm
+        except ImportError:
+            return torch.mm
+        return lambda sparse, dense: (bsr_dense_mm if dense.shape[1] % 16 == 0 else torch.mm)(sparse, dense)
+    return torch.mm
+
+
+def _columns(layer: LayerShape, input: Tensor) -> Tensor:
+    """The input as the (C · k², N · L) matrix that a (D, C · k²) weight multiplies: a view or a
+    reshape for 1×1 stride 1 and linear layers, ``F.unfold`` (im2col) otherwise."""
+    if layer.is_linear:
+        return input.t()
+    if layer.kernel == 1 and layer.stride == 1:
+        return input.transpose(0, 1).reshape(input.shape[1], -1)
+    unfolded = F.unfold(input, layer.kernel, padding=layer.padding, stride=layer.stride)  # (N, C·k², L)
+    return unfolded.transpose(0, 1).reshape(unfolded.shape[1], -1)
+
+
+def _from_columns(layer: LayerShape, columns: Tensor, like: Tensor) -> Tensor:
+    """(channels, N · H_out · W_out) back to (N, channels, H_out, W_out) in ``like``'s memory format
+    (``like``: any tensor of the layer's output size and layout); (N, channels) for a linear layer."""
+    if layer.is_linear:
+        return columns.t()
+    batch, height_out, width_out = like.shape[0], *like.shape[2:]
+    output = columns.view(columns.shape[0], batch, height_out, width_out).transpose(0, 1)
+    return output.contiguous(memory_format=_memory_format(like))
+
+
+def _memory_format(tensor: Tensor) -> torch.memory_format:
+    channels_last = tensor.dim() == 4 and tensor.stride(1) == 1 and tensor.shape[1] > 1
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _block_sparse(case: Case, ops: Operands) -> Implementation:
+    """The peer a performance engineer tries next: the layer as a sparse matrix product that stores
+    only the triangle's blocks (BSR with the largest square block dividing every group's (d_j, c_i·k²)
+    block — MKL's CPU BSR takes square blocks only — or CSR when that is 1), times the input as columns.
+
+    The sparse weights (and, in backward mode, the transposed one and the mask's CSR pattern) are
+    built outside the timed region, like masked dense's masked copy. Backward: torch.sparse has no
+    autograd for BSR on the CPU, so the gradients are written out: grad_input = Wᵀ · G (then
+    ``F.fold`` for a k×k), grad_weight = G · Xᵀ sampled on the mask (``torch.sparse.sampled_addmm``).
+    """
+    layer, layout = case.layer, ops.layout
+    taps = layer.kernel**2
+    lo, hi = case.stages
+    read = layout.in_offsets[hi]
+    rows = slice(layout.out_offsets[lo], layout.out_offsets[hi])
+    sizes = [*(c * taps for c in layout.in_splits[:hi]), *layout.out_splits[lo:hi]]
+    block = math.gcd(*(size for size in sizes if size)) or 1
+    matrix = (ops.weight * ops.mask)[rows, :read].reshape(rows.stop - rows.start, read * taps)
+    matmul = _sparse_matmul(ops.weight.device, block)
+    try:
+        sparse_weight = _sparse(matrix, block)
+    except RuntimeError as failure:  # a dtype or device without sparse conversions
+        return Implementation(BLOCK_SPARSE, "baseline", None, unavailable=f"n/a: {failure}"[:200])
+    like = ops.grad_output
+
+    if case.mode != "backward":
+        input = ops.input[:, :read]
+        return Implementation(BLOCK_SPARSE, "baseline",
+                              lambda: _from_columns(layer, matmul(sparse_weight, _columns(layer, input)), like),
+                              lambda y: (y,), fallible=True)
+    transposed = _sparse(matrix.t().contiguous(), block)
+    pattern = (ops.mask.reshape(ops.mask.shape[0], -1) != 0).to(ops.weight.dtype).to_sparse_csr()
+    unfolds = not layer.is_linear and (layer.kernel != 1 or layer.stride != 1)
+
+    def grad_input_from(columns: Tensor) -> Tensor:
+        if not unfolds:
+            return _from_columns(layer, columns, ops.input)
+        unfolded = columns.view(columns.shape[0], ops.input.shape[0], -1).transpose(0, 1)
+        grad = F.fold(unfolded, (layer.height, layer.width), layer.kernel, padding=layer.padding, stride=layer.stride)
+        return grad.contiguous(memory_format=_memory_format(ops.input))
+
+    def run():
+        input_columns = _columns(layer, ops.input)
+        output = _from_columns(layer, matmul(sparse_weight, input_columns), like)
+        gradient = _output_columns(layer, ops.grad_output)
+        grad_input = grad_input_from(matmul(transposed, gradient))
+        grad_weight = torch.sparse.sampled_addmm(pattern, gradient, input_columns.t(), beta=0.0)
+        return output, grad_input, grad_weight
+
+    def result(values):
+        _, grad_input, grad_weight = values
+        return grad_input, grad_weight.to_dense().view(ops.weight.shape)
+
+    return Implementation(BLOCK_SPARSE, "baseline", run, result, fallible=True)
+
+
+def _output_columns(layer: LayerShape, grad_output: Tensor) -> Tensor:
+    """grad_output (N, D, H_out, W_out) as the (D, N · H_out · W_out) matrix; (D, N) for a linear layer."""
+    return grad_output.t() if layer.is_linear else grad_output.transpose(0, 1).reshape(grad_output.shape[1], -1)
+
+
 def implementations(case: Case, ops: Operands, backends: Sequence[str]) -> list[Implementation]:
-    return [*(_ours(case, ops, backend) for backend in backends), *_baselines(case, ops), _dense(case, ops),
-            _grouped(case, ops)]
+    return [*(_ours(case, ops, backend) for backend in backends), *_baselines(case, ops), _block_sparse(case, ops),
+            _dense(case, ops), _grouped(case, ops)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +426,7 @@ def check_implementation(
     try:
         error = relative_error(impl.result(impl.run()), expected)
     except Exception as failure:
-        if impl.role != "ours":
+        if impl.role != "ours" and not impl.fallible:
             raise
         return f"error: {type(failure).__name__}: {failure}".replace("\n", " ")[:300], None
     return ("ok" if error <= CHECK_TOLERANCE[dtype] else "wrong"), error
@@ -436,8 +558,17 @@ def _choice_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+def _custom_shape(text: str) -> LayerShape:
+    values = _int_list(text)
+    if len(values) not in (5, 6) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,D,H,W,k or C,D,H,W,k,stride (positive integers), got {text!r}")
+    in_channels, out_channels, height, width, kernel, *stride = values
+    return LayerShape(in_channels, out_channels, height, width, kernel, stride[0] if stride else 1, kernel // 2,
+                      sources=(f"custom --shape {text}",))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_nested_conv",
+    parser = argparse.ArgumentParser(prog="rdn-bench-kernels",
                                      description="Benchmark the nested conv kernels against their baselines.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="the quick subset of shapes, stages and timing")
@@ -450,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", type=_choice_list(tuple(_DTYPES)), help="override the plan's dtypes")
     parser.add_argument("--models", help="keep only layers of these models (comma-separated name prefixes, "
                                          "e.g. resnext50,efficientnet_lite0)")
+    parser.add_argument("--shape", type=_custom_shape, metavar="C,D,H,W,k[,stride]",
+                        help="benchmark this one convolution instead of the plan's layers (C → D channels, "
+                             "H×W input, k×k kernel, padding k // 2, stride 1 unless given); K, batch, dtype, "
+                             "layout and modes come from the other options")
     parser.add_argument("--stages", choices=("all", "ends"), help="override the plan's stage selection")
     parser.add_argument("--channels-last", action="store_true", help="NHWC inputs (convolutions only)")
     parser.add_argument("--backends", type=_choice_list(KNOWN_BACKENDS),
@@ -464,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _select_plan(args: argparse.Namespace) -> Plan:
     chosen = plan(args.plan or ("cpu" if args.device == "cpu" else "gpu") + ("-quick" if args.quick else ""))
+    if args.shape:
+        if args.models:
+            raise SystemExit("--shape and --models both choose the layers: give one")
+        chosen = replace(chosen, layers=(args.shape,))
     if args.models:
         prefixes = tuple(p.strip() for p in args.models.split(",") if p.strip())
         layers = tuple(layer for layer in chosen.layers if any(m.startswith(prefixes) for m in layer.models))
@@ -494,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     info = machine_info(device)
     info |= {"backends": ", ".join(backends), "memory_format": "channels_last"
              if args.channels_last else "contiguous", "timing": str(config),
-             "command": " ".join(["python -m benchmarks.bench_nested_conv", *(sys.argv[1:] if argv is None else argv)])}
+             "command": " ".join(["rdn-bench-kernels", *(sys.argv[1:] if argv is None else argv)])}
     print(f"{len(cases)} cases on {info['device']} ({info['cpu']}, {info['torch_threads']} threads)", flush=True)
     rows = run_cases(cases, device, config, memory_format, backends, progress=lambda line: print(line, flush=True))
     stem = f"{args.name}_{device_tag(device)}" + ("_quick" if args.quick else "")
@@ -504,5 +643,11 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     return paths
 
 
-if __name__ == "__main__":
+def console_main() -> int:
+    """The ``rdn-bench-kernels`` command (pyproject's console script): :func:`main`, exit status 0."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())

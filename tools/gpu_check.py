@@ -14,7 +14,8 @@ cannot take the others' time:
    path, training steps).
 4. ``kernels``: the reduced kernel benchmark (``benchmarks.bench_nested_conv --plan gpu-quick``:
    full forward, one incremental stage, forward + backward; bf16 and fp32; batch 128 and 1;
-   ours against cuDNN dense, masked dense, the per-stage loop and grouped conv, with the
+   ours against cuDNN dense, masked dense, the per-stage loop, block-sparse BSR (Triton's
+   ``bsr_dense_mm`` where its block rules allow, cuSPARSE otherwise) and grouped conv, with the
    roofline), in both memory layouts.
 5. ``training``: the joint training step against the base model's (``benchmarks.bench_training``).
 

@@ -8,14 +8,19 @@ Everything is written into pytest's tmp dir, never into benchmarks/results.
 from __future__ import annotations
 
 import csv
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import roofline
 from benchmarks.bench_nested_conv import (
+    BLOCK_SPARSE,
     Implementation,
     check_implementation,
     expected_result,
@@ -83,7 +88,8 @@ def test_entry_point_writes_csv_markdown_and_plot(tmp_path, one_thread):
     }
     ours = set(available_backends(CPU))
     assert {r["implementation"] for r in rows if r["role"] == "ours"} == ours
-    assert {r["implementation"] for r in rows if r["role"] == "baseline"} == {"masked dense", "per-stage loop"}
+    assert {r["implementation"] for r in rows if r["role"] == "baseline"} == {"masked dense", "per-stage loop",
+                                                                               BLOCK_SPARSE}
     # Every correct implementation passed the float64 check and was timed; grouped runs only where K | C, D.
     for row in rows:
         if row["role"] != "reference":
@@ -100,7 +106,8 @@ def test_entry_point_writes_csv_markdown_and_plot(tmp_path, one_thread):
 
     text = paths["markdown"].read_text()
     table_header = next(line for line in text.splitlines() if line.startswith("| shape |"))
-    for column in (*ours, "masked dense", "per-stage loop", "dense", "grouped", "FLOP-ideal ms", SPEEDUP_COLUMN):
+    for column in (*ours, "masked dense", "per-stage loop", BLOCK_SPARSE, "dense", "grouped", "FLOP-ideal ms",
+                   SPEEDUP_COLUMN):
         assert f"| {column} |" in table_header
     table_rows = _case_rows(text)
     assert len(table_rows) == len(cases)
@@ -163,7 +170,7 @@ def test_backward_check_sees_unmasked_weight_gradient():
     assert grad_input.shape == ops.input.shape and grad_weight.shape == ops.weight.shape
     assert torch.all(grad_weight[ops.mask == 0] == 0)
     by_name = {impl.name: impl for impl in implementations(case, ops, available_backends(CPU))}
-    for name in ("masked dense", "per-stage loop", *available_backends(CPU)):
+    for name in ("masked dense", "per-stage loop", BLOCK_SPARSE, *available_backends(CPU)):
         assert check_implementation(by_name[name], expected, torch.float32)[0] == "ok", name
     dense_as_ours = Implementation("dense", "ours", by_name["dense"].run, tuple)
     assert check_implementation(dense_as_ours, expected, torch.float32)[0] == "wrong"
@@ -187,6 +194,77 @@ def test_cpu_timer_reports_medians_of_interleaved_samples():
         measure({"x": lambda: None}, torch.device("meta"), config)
     with pytest.raises(ValueError, match="rounds"):
         TimingConfig(rounds=0)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("layer", [
+    LayerShape(12, 20, 5, 4, sources=("t",)),  # block size gcd(3, 5) = 1: CSR
+    LayerShape(16, 24, 3, 3, sources=("t",)),  # blocks of 2 (in_splits 4, out_splits 6 at K = 4): BSR
+    LayerShape(8, 12, 6, 5, kernel=3, stride=2, padding=1, sources=("t",)),  # through F.unfold / F.fold
+    LayerShape(12, 8, is_linear=True, sources=("t",)),
+], ids=["csr", "bsr", "3x3-s2", "linear"])
+@pytest.mark.parametrize("mode", ["forward", "stage", "backward"])
+def test_block_sparse_peer_is_checked_like_every_baseline(layer, mode, memory_format):
+    case = Case(layer, batch=2, num_groups=4, dtype=torch.float32, mode=mode, stage=2 if mode == "stage" else None)
+    ops = make_operands(case, CPU, memory_format)
+    expected = expected_result(case, ops.to(torch.float64))
+    peer = next(impl for impl in implementations(case, ops, []) if impl.name == BLOCK_SPARSE)
+    assert peer.role == "baseline"
+    status, error = check_implementation(peer, expected, torch.float32)
+    assert status == "ok" and error < 1e-5
+    if mode != "backward" and not layer.is_linear:  # the output keeps the layer's memory format
+        output = peer.run()
+        assert output.is_contiguous(memory_format=memory_format)
+
+
+def test_a_failing_block_sparse_peer_is_reported_not_raised():
+    case = Case(LayerShape(8, 8, 2, 2, sources=("t",)), batch=2, num_groups=2, dtype=torch.float32, mode="forward")
+    ops = make_operands(case, CPU, torch.contiguous_format)
+    expected = expected_result(case, ops.to(torch.float64))
+
+    def unsupported():
+        raise RuntimeError("no sparse kernel for this dtype")
+
+    peer = Implementation(BLOCK_SPARSE, "baseline", unsupported, tuple, fallible=True)
+    status, error = check_implementation(peer, expected, torch.float32)
+    assert status == "error: RuntimeError: no sparse kernel for this dtype" and error is None
+
+
+def test_custom_shape_from_the_command_line(tmp_path, one_thread):
+    paths = main(["--shape", "10,14,5,6,3", "--k", "2", "--batch", "3", "--modes", "forward,stage", "--channels-last",
+                  "--timing", "tiny", "--out", str(tmp_path), "--name", "custom", *one_thread])
+    rows, info = read_csv(paths["csv"])
+    assert {(r["in_channels"], r["out_channels"], r["height"], r["width"], r["kernel"], r["stride"], r["padding"])
+            for r in rows} == {(10, 14, 5, 6, 3, 1, 1)}
+    assert {r["batch"] for r in rows} == {3} and {r["K"] for r in rows} == {2}
+    assert {r["sources"] for r in rows} == {"custom --shape 10,14,5,6,3"}
+    assert all(r["status"] == "ok" for r in rows if r["role"] != "reference")
+    assert "--shape 10,14,5,6,3" in paths["markdown"].read_text()
+    strided = main(["--shape", "8,8,9,9,1,2", "--k", "2", "--batch", "1", "--modes", "forward", "--timing", "tiny",
+                    "--out", str(tmp_path), "--name", "strided", *one_thread])
+    assert {r["stride"] for r in read_csv(strided["csv"])[0]} == {2}
+
+
+@pytest.mark.parametrize("text", ["10,14,5,6", "10,14,5,6,0", "a,b,c,d,e", "1,2,3,4,5,6,7"])
+def test_custom_shape_is_validated(text, capsys):
+    with pytest.raises(SystemExit):
+        main(["--shape", text])
+    assert "--shape" in capsys.readouterr().err
+
+
+def test_the_installed_command_runs_outside_the_checkout(tmp_path):
+    """``rdn-bench-kernels`` (pyproject's console script) works from any directory, no PYTHONPATH:
+    the benchmark is part of the installed distribution (``pip install -e .`` / ``make install``)."""
+    command = Path(sys.executable).parent / "rdn-bench-kernels"
+    assert command.exists(), "rdn-bench-kernels is not installed: run `pip install --no-build-isolation -e .`"
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment["OMP_NUM_THREADS"] = "1"
+    completed = subprocess.run([str(command), "--shape", "8,12,4,4,1", "--k", "2", "--batch", "1", "--modes",
+                                "forward", "--timing", "tiny", "--threads", "1", "--out", "results"],
+                               cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert (tmp_path / "results" / "nested_conv_cpu.md").exists()
+    assert "1x1 8→12 @4" in (tmp_path / "results" / "nested_conv_cpu.md").read_text()
 
 
 def test_cli_rejects_unknown_modes(capsys):
@@ -325,7 +403,11 @@ def test_entry_point_on_cuda(tmp_path):
     paths = main(["--device", "cuda", "--plan", "tiny", "--timing", "tiny", "--k", "4", "--dtypes", "fp32,bf16",
                   "--out", str(tmp_path)])
     _, rows = _read_csv(paths["csv"])
-    assert all(row["status"] == "ok" for row in rows if row["role"] == "baseline")
+    assert all(row["status"] == "ok" for row in rows
+               if row["role"] == "baseline" and row["implementation"] != BLOCK_SPARSE)
+    # torch.sparse's GPU paths (Triton's bsr_dense_mm, cuSPARSE) are beta: a failure is reported, not raised.
+    assert all(row["status"] == "ok" or row["status"].startswith(("error", "n/a"))
+               for row in rows if row["implementation"] == BLOCK_SPARSE)
     assert all(row["status"] in ("ok",) or row["status"].startswith("error") for row in rows if row["role"] == "ours")
 
 

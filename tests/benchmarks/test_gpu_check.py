@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from benchmarks.bench_nested_conv import BLOCK_SPARSE
 from tools import gpu_check
 
 
@@ -16,6 +17,9 @@ def test_dry_run_runs_every_step_into_one_folder(tmp_path):
         assert f"| {step} | pass |" in summary
     names = {path.name for path in tmp_path.iterdir()}
     assert {"gpu_check_nchw_cpu.md", "gpu_check_nhwc_cpu.md", "training_cost_cpu.md"} <= names
+    for table in ("gpu_check_nchw_cpu.md", "gpu_check_nhwc_cpu.md"):  # every peer, block-sparse included
+        header = next(line for line in (tmp_path / table).read_text().splitlines() if line.startswith("| shape |"))
+        assert all(f"| {peer} |" in header for peer in ("masked dense", "per-stage loop", BLOCK_SPARSE, "grouped"))
     assert "cpp torch.float32: pass" in (tmp_path / "self_check.log").read_text()
 
 
