@@ -248,7 +248,7 @@ def rebuild(record: NestRecord, model: nn.Module | None = None) -> tuple[Plan, M
     example = torch.zeros((1, *record.input_shape), dtype=dtype, device=device)
     with eval_mode(model), torch.no_grad():
         graph = trace_base(model, record, example)
-    expected = set(graph.layout_definers().values())
+    expected = set(graph.layouts)
     mismatched = set(record.orders) != expected or any(
         len(order) != graph.unit_counts[layout] for layout, order in record.orders.items()
     )

@@ -11,6 +11,7 @@ copied as they are).
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from rdn.nn import NestedLinear
+from rdn.surgery.graph import concat_inputs
 from rdn.surgery.plan import Plan, Role, Step
 from rdn.surgery.spaces import channel_view
 
@@ -56,6 +58,18 @@ def _export_layer(layer: nn.Module, step: Step, s: int) -> nn.Module:
     return copy.deepcopy(layer)
 
 
+def _export_concat(graph: fx.Graph, plan: Plan, step: Step, s: int, mapping: dict[fx.Node, fx.Node]) -> fx.Node:
+    """Groups 0..s-1 of a concatenation as stock nodes: every part's channels of group q, group after group."""
+    pieces = []
+    for q in range(s):
+        for part in concat_inputs(step.node):
+            space = plan.step(part.name).space
+            if space.splits[q]:
+                channels = slice(space.offsets[q], space.offsets[q + 1])
+                pieces.append(graph.call_function(operator.getitem, (mapping[part], (slice(None), channels))))
+    return graph.call_function(torch.cat, (pieces, 1))
+
+
 def export_exit(
     plan: Plan,
     layers: Mapping[str, nn.Module],
@@ -84,6 +98,8 @@ def export_exit(
         if step.role is Role.CLASSIFIER:
             root[head_name] = copy.deepcopy(heads[s - 1])
             mapping[node] = graph.call_module(head_name, (mapping[node.args[0]],))
+        elif step.role is Role.CONCAT:
+            mapping[node] = _export_concat(graph, plan, step, s, mapping)
         elif node.op == "call_module":
             root[step.name] = _export_layer(layers[step.name], step, s)
             mapping[node] = graph.call_module(step.name, *fx.node.map_arg((node.args, node.kwargs), mapping.get))

@@ -42,6 +42,7 @@ are refused; channel concatenation and channel-coupled ops stay in the un-nested
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from rdn.nn import split_channels
 from rdn.surgery.plan import Role
-from rdn.surgery.spaces import ChannelSpace, channel_view, ladder, num_groups_for
+from rdn.surgery.spaces import ChannelSpace, ConcatSpace, channel_view, ladder, num_groups_for
 
 
 def _has_tensors(module: nn.Module) -> bool:
@@ -77,6 +78,23 @@ def _holds_tensors(meta) -> bool:
     if isinstance(meta, dict):
         return any(_holds_tensors(item) for item in meta.values())
     return False
+
+
+_CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def concat_inputs(node: fx.Node) -> list[fx.Node] | None:
+    """The tensors a ``torch.cat`` on the channels (dim 1) joins, in order; None for any other node."""
+    if node.op != "call_function" or node.target not in _CONCATENATIONS:
+        return None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) or meta is None:
+        return None
+    if not all(isinstance(t, fx.Node) for t in tensors) or dim % len(meta.shape) != 1:
+        return None
+    return list(tensors)
 
 
 def _listed(texts: list[str], most: int = 8) -> str:
@@ -176,6 +194,7 @@ class SurgeryGraph:
         self.modules = dict(self.graph_module.named_modules())
         self._propagate_shapes(example)
         self.after_classifier = self._strip_after_classifier()
+        self._drop_whole_slices()
         self.infos: dict[str, NodeInfo] = {}
         for node in self.graph_module.graph.nodes:
             self.infos[node.name] = self._classify(node)
@@ -183,6 +202,7 @@ class SurgeryGraph:
         self.classifier = self._find_classifier()
         self._parent: dict[str, str] = {}
         self._build_spaces()
+        self._build_parts()
         self.skipped_targets = self._resolve_skip(skip)
         self.plain = {
             name
@@ -292,6 +312,32 @@ class SurgeryGraph:
         self.graph_module.recompile()
         return [describe_node(node, modules) for node in chain]
 
+    def _drop_whole_slices(self) -> None:
+        """Replace by their input the slices that keep every element (``out[:, :self.out_chs]`` of
+        timm's GhostNet where ``out_chs`` is all the channels): in an RDN the tensor may hold more
+        channels than the base's (the copies), and the slice would cut them."""
+        graph = self.graph_module.graph
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+                continue
+            source, index = node.args
+            meta = source.meta.get("tensor_meta") if isinstance(source, fx.Node) else None
+            if meta is None or not hasattr(meta, "shape"):
+                continue
+            index = index if isinstance(index, tuple) else (index,)
+            if len(index) > len(meta.shape) or not all(
+                isinstance(item, slice) and item.step in (None, 1) and item.start in (None, 0)
+                and (item.stop is None or (isinstance(item.stop, int) and item.stop >= size))
+                for item, size in zip(index, meta.shape, strict=False)
+            ):  # fmt: skip
+                continue
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            changed = True
+        if changed:
+            self.graph_module.recompile()
+
     def _value_preserving_input(self, node: fx.Node) -> fx.Node | None:
         """The one tensor ``node`` reads when it returns that tensor's values in their order (a probe), else None."""
         if node.op not in ("call_module", "call_method", "call_function") or len(node.users) > 1:
@@ -351,6 +397,10 @@ class SurgeryGraph:
             return info
         if not is_tensor or len(info.shape) < 2:
             return info  # sizes, tuples and scalars: recomputed as they are
+        parts = concat_inputs(node)
+        if parts is not None and all(self._carries_channels(part) for part in parts):
+            info.role = Role.CONCAT
+            return info
         if node.op == "call_module":
             module = self.modules[node.target]
             info.module = module
@@ -429,6 +479,16 @@ class SurgeryGraph:
             return (
                 "couples all channels (its first output channels change, or it fails, when the later input "
                 "channels are left out), so no channel group can be computed without the later ones"
+            )
+        repeated = torch.cat([torch.arange(count), torch.arange(count)])  # an RDN tensor holds copies
+        try:
+            longer = run(repeated)
+        except Exception:
+            longer = None
+        if longer is None or longer.shape[1] != 2 * count or not torch.allclose(longer, full[:, repeated], atol=1e-6):
+            return (
+                f"depends on the number of channels ({count}; it fails or cuts them when given more, as a "
+                "sub-network with channel copies has)"
             )
         return None
 
@@ -510,7 +570,12 @@ class SurgeryGraph:
             self._parent[second] = first
 
     def position(self, name: str) -> int:
-        return self._order[name]
+        """Index of node ``name`` in graph order (a part of a grouped conv's output: that conv's)."""
+        return self._order[name.split("/")[0]]
+
+    def _rank(self, name: str) -> tuple[int, str]:
+        """A total order of spaces (parts of one conv's output share its position)."""
+        return self.position(name), name
 
     def _build_spaces(self) -> None:
         self._order = {name: index for index, name in enumerate(self.infos)}
@@ -540,17 +605,109 @@ class SurgeryGraph:
     def _writers(self, role: Role) -> list[NodeInfo]:
         return [info for info in self.infos.values() if info.role == role]
 
+    # ------------------------------------------------------------------------------------------
+    # Concatenations: composite spaces made of parts
+    # ------------------------------------------------------------------------------------------
+
+    def leaves(self, space: str) -> tuple[str, ...]:
+        """The simple spaces a space is made of: its parts when it holds a concatenation, else itself."""
+        return self.parts.get(space, (space,))
+
+    def _build_parts(self) -> None:
+        """The parts of every space that holds a channel concatenation (see :class:`ConcatSpace`).
+
+        A ``torch.cat`` on the channels makes a *composite* space whose parts are the (simple) spaces of
+        what it joins; a grouped conv reading a composite space writes one whose parts are new simple
+        spaces (``"<conv>/<i>"``), each sharing its layout with the input part it is computed from.
+        Where one space holds several of these (a residual add of two concatenations), their parts
+        must have the same channel counts, and the matching parts share one layout; otherwise, or
+        where a grouped conv's groups straddle two parts, the space stays un-nested.
+        """
+        self.parts: dict[str, tuple[str, ...]] = {}
+        self._part_channels: dict[str, int] = {}  # parts made for grouped convs → channels
+        self._links: list[tuple[str, str, str]] = []  # (space, space, node): one layout, pinned together
+        self._group_counts: list[tuple[str, int]] = []  # (space, conv groups in it): a unit is whole groups
+        self._conflicts: list[tuple[str, str]] = []  # (space, node) kept un-nested
+        self._reasons: dict[str, str] = {}  # node → why it un-nests what it touches (not its role's reason)
+        for info in self.infos.values():
+            name = info.node.name
+            if info.role is Role.CONCAT:
+                joined = concat_inputs(info.node)
+                made = tuple(leaf for part in joined for leaf in self.leaves(self.space_of(part.name)))
+            elif info.role is Role.GROUPED:
+                made = self._grouped_parts(info)
+                if made is None:
+                    continue
+            else:
+                continue
+            space = self.space_of(name)
+            known = self.parts.get(space)
+            if known is None:
+                self.parts[space] = made
+            elif [self.channels(leaf) for leaf in known] == [self.channels(leaf) for leaf in made]:
+                self._links += [(a, b, name) for a, b in zip(known, made, strict=True) if a != b]
+            else:
+                sizes = [[self.channels(leaf) for leaf in leaves] for leaves in (known, made)]
+                self._conflict(space, name, f"joins concatenations of different channel splits {sizes[0]}, {sizes[1]}")
+        for info in self._writers(Role.GROUPED):
+            name = info.node.name
+            out_space, in_space = self.space_of(name), self.space_of(info.inputs[0])
+            if (out_space in self.parts) != (in_space in self.parts):
+                why = "reads or writes a concatenation while the other side of it is not one"
+                self._conflict(out_space, name, why)
+                self._conflict(in_space, name, why)
+            elif out_space not in self.parts:
+                self._links.append((out_space, in_space, name))
+                self._group_counts.append((out_space, info.module.groups))
+
+    def _grouped_parts(self, info: NodeInfo) -> tuple[str, ...] | None:
+        """The parts a grouped conv writes when it reads a composite space (None: it reads a simple one)."""
+        name, conv = info.node.name, info.module
+        in_space = self.space_of(info.inputs[0])
+        if in_space not in self.parts:
+            return None
+        per_group_in, per_group_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+        leaves = self.parts[in_space]
+        if any(self.channels(leaf) % per_group_in for leaf in leaves):
+            self._conflict(in_space, name, f"is a grouped conv whose groups of {per_group_in} channels straddle "
+                           f"the parts {[self.channels(leaf) for leaf in leaves]} of the concatenation it reads")
+            return None
+        made = []
+        for index, leaf in enumerate(leaves):
+            part = f"{name}/{index}"
+            groups = self.channels(leaf) // per_group_in
+            self._part_channels[part] = groups * per_group_out
+            self._links.append((part, leaf, name))
+            self._group_counts.append((part, groups))
+            made.append(part)
+        return tuple(made)
+
+    def _conflict(self, space: str, node: str, why: str) -> None:
+        self._conflicts.append((space, node))
+        self._reasons.setdefault(node, why)
+
+    # ------------------------------------------------------------------------------------------
+    # The un-nested region
+    # ------------------------------------------------------------------------------------------
+
     def _pin(self) -> None:
-        """Fixed point of the un-nested region (module docstring), remembering what pinned each space."""
+        """Fixed point of the un-nested region (module docstring), remembering what pinned each space.
+
+        Pinning works on simple spaces (a composite space's parts): a part may be un-nested (it lies in
+        group 0) while the other parts of its concatenation are nested; a layer writing a composite
+        space writes all of it, so it is un-nested as soon as one part is, and then so is every part.
+        """
         # pinned space → (node that pinned it, the space whose own cause explains that node, or None:
         # the node is the root cause — the input, an opaque node or a skipped layer)
         self._pinned_by: dict[str, tuple[str, str | None]] = {}
 
         def pin(space: str, node: str, via: str | None = None) -> bool:
-            if space in self._pinned_by:
-                return False
-            self._pinned_by[space] = (node, via)
-            return True
+            changed = False
+            for leaf in self.leaves(space):
+                if leaf not in self._pinned_by:
+                    self._pinned_by[leaf] = (node, via)
+                    changed = True
+            return changed
 
         for info in self._writers(Role.INPUT) + self._writers(Role.OPAQUE):
             pin(self.space_of(info.node.name), info.node.name)
@@ -558,6 +715,8 @@ class SurgeryGraph:
             if info.why_opaque is not None:
                 for source in info.inputs:
                     pin(self.space_of(source), info.node.name)
+        for space, node in self._conflicts:
+            pin(space, node)
         for name in sorted(self.plain, key=self.position):  # the skipped layers
             pin(self.space_of(name), name)
         changed = True
@@ -565,22 +724,26 @@ class SurgeryGraph:
             changed = False
             for info in self._writers(Role.NESTED):
                 name = info.node.name
-                if name not in self.plain and self.space_of(name) in self._pinned_by:
+                if name not in self.plain and self._pinned_leaf(self.space_of(name)) is not None:
                     self.plain.add(name)
                     changed = True
             for name in sorted(self.plain, key=self.position):  # an un-nested layer reads all of its input
-                via = None if self._is_skipped(name) else self.space_of(name)
+                via = None if self._is_skipped(name) else self._pinned_leaf(self.space_of(name))
+                changed |= pin(self.space_of(name), name, via)  # and writes all of its output in group 0
                 for source in self.infos[name].inputs:
                     changed |= pin(self.space_of(source), name, via)
             for info in self._writers(Role.OPAQUE):
                 for source in info.inputs:
                     changed |= pin(self.space_of(source), info.node.name)
-            for info in self._writers(Role.GROUPED):  # a grouped conv's two sides share one layout
-                ends = (self.space_of(info.node.name), self.space_of(info.inputs[0]))
-                for space, other in (ends, ends[::-1]):
+            for a, b, node in self._links:  # linked spaces share one layout: un-nested together
+                for space, other in ((a, b), (b, a)):
                     if other in self._pinned_by:
-                        changed |= pin(space, info.node.name, other)
+                        changed |= pin(space, node, other)
         self.pinned: set[str] = set(self._pinned_by)
+
+    def _pinned_leaf(self, space: str) -> str | None:
+        """The first un-nested part of ``space`` (itself when simple), None when it has none."""
+        return next((leaf for leaf in self.leaves(space) if leaf in self._pinned_by), None)
 
     def _is_skipped(self, name: str) -> bool:
         info = self.infos[name]
@@ -592,6 +755,8 @@ class SurgeryGraph:
 
     def _why(self, root: str) -> str:
         """What the root cause ``root`` of an un-nested region does that un-nests it."""
+        if root in self._reasons:
+            return self._reasons[root]
         info = self.infos[root]
         if info.role is Role.INPUT:
             return "is un-nested (every sub-network reads all of it)"
@@ -605,7 +770,7 @@ class SurgeryGraph:
         if self._is_skipped(name):
             return name, []
         through: list[str] = []
-        node, via = self._pinned_by[self.space_of(name)]
+        node, via = self._pinned_by[self._pinned_leaf(self.space_of(name))]
         while via is not None:
             through.append(node)
             node, via = self._pinned_by[via]
@@ -643,9 +808,12 @@ class SurgeryGraph:
         )
 
     def is_pinned(self, name: str) -> bool:
-        return self.space_of(name) in self.pinned
+        """Whether the output of node ``name`` is un-nested (all of it in group 0)."""
+        return all(leaf in self.pinned for leaf in self.leaves(self.space_of(name)))
 
     def channels(self, space: str) -> int:
+        if space in self._part_channels:
+            return self._part_channels[space]
         return self.infos[space].shape[1]
 
     # ------------------------------------------------------------------------------------------
@@ -653,33 +821,34 @@ class SurgeryGraph:
     # ------------------------------------------------------------------------------------------
 
     def _resolve_layouts(self) -> None:
-        """Group the nested spaces into *layouts* and fix their unit counts.
+        """Group the nested (simple) spaces into *layouts* and fix their unit counts.
 
         A grouped conv maps its input's units one to one onto its output's, so both spaces share
         one layout (order, primary groups, copies). In MobileNeXt a whole stage is one layout: the
-        residual stream is the output of every block's last depthwise conv. A layout has n units,
-        n = gcd of every member's channel count and every linking conv's group count, so a unit of
-        each member is a whole number of conv groups.
+        residual stream is the output of every block's last depthwise conv. The matching parts of two
+        concatenations added together share one layout too. A layout has n units, n = gcd of every
+        member's channel count and every linking conv's group count, so a unit of each member is a
+        whole number of conv groups.
         """
-        spaces = {self.space_of(name) for name in self.nested} | {
-            self.space_of(info.node.name) for info in self._writers(Role.GROUPED)
-        }
+        writers = self.nested + [info.node.name for info in self._writers(Role.GROUPED)]
+        spaces = {leaf for name in writers for leaf in self.leaves(self.space_of(name))}
+        spaces |= {leaf for leaves in self.parts.values() for leaf in leaves} | set(self._part_channels)
         spaces -= self.pinned
         self._layout_parent = {space: space for space in spaces}
-        grouped = [info for info in self._writers(Role.GROUPED) if not self.is_pinned(info.node.name)]
-        for info in grouped:
-            a, b = self._layout_root(self.space_of(info.node.name)), self._layout_root(self.space_of(info.inputs[0]))
-            if a != b:
-                first, second = sorted((a, b), key=self.position)
-                self._layout_parent[second] = first
+        for a, b, _ in self._links:
+            if a in spaces and b in spaces:
+                a, b = self._layout_root(a), self._layout_root(b)
+                if a != b:
+                    first, second = sorted((a, b), key=self._rank)
+                    self._layout_parent[second] = first
         self.layouts: dict[str, list[str]] = {}
-        for space in sorted(spaces, key=self.position):
+        for space in sorted(spaces, key=self._rank):
             self.layouts.setdefault(self._layout_root(space), []).append(space)
         self.unit_counts: dict[str, int] = {}
         for layout, members in self.layouts.items():
             counts = [self.channels(space) for space in members]
             counts += [
-                info.module.groups for info in grouped if self._layout_root(self.space_of(info.node.name)) == layout
+                groups for space, groups in self._group_counts if space in spaces and self.layout_of(space) == layout
             ]
             self.unit_counts[layout] = math.gcd(*counts)
             if self.unit_counts[layout] < self.k:
@@ -700,13 +869,20 @@ class SurgeryGraph:
         return self._layout_root(space)
 
     def layout_writers(self, layout: str) -> list[str]:
-        """Nested layers writing any space of ``layout``, in graph order; the first is its definer."""
+        """Nested layers writing any space of ``layout`` (or a concatenation holding one), in graph order."""
         members = set(self.layouts[layout])
-        return [name for name in self.nested if self.space_of(name) in members]
+        return [name for name in self.nested if members.intersection(self.leaves(self.space_of(name)))]
 
     def layout_definers(self) -> dict[str, str]:
-        """First nested writer (graph order) of every layout → that layout, whose order its selection decides."""
-        return {self.layout_writers(layout)[0]: layout for layout in self.layouts}
+        """First nested writer (graph order) of a space of every layout → that layout, whose order its
+        selection decides. A layout written only as part of concatenations (no such writer) has none:
+        its units keep their index order."""
+        definers = {}
+        for layout in self.layouts:
+            simple = [name for name in self.layout_writers(layout) if self.space_of(name) not in self.parts]
+            if simple:
+                definers[simple[0]] = layout
+        return definers
 
     def primary_sizes(self, layout: str) -> tuple[int, ...]:
         """Units per primary group: near-equal, the remainder to the first groups (``split_channels``)."""
@@ -723,18 +899,22 @@ class SurgeryGraph:
         rungs = {layout: [{g} for g in range(self.k)] for layout in self.layouts}
 
         def occupied(space: str) -> set[int]:
-            if space in self.pinned:
-                return {0}
-            layout = self.layout_of(space)
-            copied = self.copied_sizes(layout) or self.primary_sizes(layout)
-            return set(range(self.k)).union(*(r for g, r in enumerate(rungs[layout]) if copied[g]))
+            groups = set()
+            for leaf in self.leaves(space):
+                if leaf in self.pinned:
+                    groups.add(0)
+                    continue
+                layout = self.layout_of(leaf)
+                copied = self.copied_sizes(layout) or self.primary_sizes(layout)
+                groups |= set(range(self.k)).union(*(r for g, r in enumerate(rungs[layout]) if copied[g]))
+            return groups
 
         changed = True
         while changed:
             changed = False
-            for layout in self.layouts:
-                for writer in self.layout_writers(layout):
-                    needed = occupied(self.space_of(self.infos[writer].inputs[0]))
+            for writer in self.nested:
+                needed = occupied(self.space_of(self.infos[writer].inputs[0]))
+                for layout in {self.layout_of(leaf) for leaf in self.leaves(self.space_of(writer))}:
                     for g in range(self.k):
                         candidates = ladder(g, self.k, self.mode, self.exact)
                         for group in needed:
@@ -744,8 +924,14 @@ class SurgeryGraph:
                                 changed = True
         return {layout: tuple(tuple(sorted(r)) for r in value) for layout, value in rungs.items()}
 
-    def space(self, space: str, orders: dict[str, Iterable[int]]) -> ChannelSpace:
-        """The :class:`ChannelSpace` of ``space`` given the unit order of every layout."""
+    def space(self, space: str, orders: dict[str, Iterable[int]]) -> ChannelSpace | ConcatSpace:
+        """The :class:`ChannelSpace` of ``space`` given the unit order of every layout (a
+        :class:`ConcatSpace` of its parts' for a concatenation with a nested part)."""
+        if space in self.parts:
+            leaves = self.parts[space]
+            if all(leaf in self.pinned for leaf in leaves):
+                return ChannelSpace.single_group(self.channels(space), self.num_groups)
+            return ConcatSpace(self.num_groups, tuple(self.space(leaf, orders) for leaf in leaves))
         if space in self.pinned:
             return ChannelSpace.single_group(self.channels(space), self.num_groups)
         layout = self.layout_of(space)

@@ -47,10 +47,10 @@ from rdn.nn import NestedConv2d, NestedLinear
 from rdn.surgery import costs
 from rdn.surgery.build import Modules, rebuild
 from rdn.surgery.export import export_exit
-from rdn.surgery.graph import call_node
+from rdn.surgery.graph import call_node, concat_inputs
 from rdn.surgery.plan import Plan, Role, Step
 from rdn.surgery.record import NestRecord
-from rdn.surgery.spaces import ChannelSpace, channel_view
+from rdn.surgery.spaces import ChannelSpace, ConcatSpace, channel_view, concat_groups
 
 __all__ = ["RussianDollNet", "StagedState"]
 
@@ -164,12 +164,12 @@ class RussianDollNet(nn.Module):
         """The nested layers (graph node name → layer), in execution order."""
         return {step.name: self.layers[step.name] for step in self._plan.nested_steps()}
 
-    def nested_spaces(self, name: str) -> tuple[ChannelSpace, ChannelSpace]:
+    def nested_spaces(self, name: str) -> tuple[ChannelSpace | ConcatSpace, ChannelSpace | ConcatSpace]:
         """(input space, output space) of nested layer ``name``: the channel copies it reads and writes."""
         step = self._plan.step(name)
         return step.input_space, step.space
 
-    def layer_spaces(self) -> dict[str, ChannelSpace]:
+    def layer_spaces(self) -> dict[str, ChannelSpace | ConcatSpace]:
         """The output channel space of every layer of :attr:`layers` that writes channels (graph node
         name → space; single-group for un-nested layers), in execution order. Channels of group q are
         ``space.offsets[q]:space.offsets[q + 1]`` of the layer's output and of its per-channel tensors."""
@@ -205,9 +205,17 @@ class RussianDollNet(nn.Module):
             module = self.layers[step.name]
         return call_node(step.node, fetch, module)
 
-    def _channels(self, step: Step, start: int, stop: int, fetch) -> Tensor:
-        """Channels ``start:stop`` of a grouped / channel-param / channel-wise step; ``fetch`` gives
-        its channel inputs already cut to the matching channels."""
+    def _channels(self, step: Step, lo: int, hi: int, fetch) -> Tensor:
+        """Groups ``lo..hi-1`` of a grouped / channel-param / channel-wise / concatenation step; ``fetch``
+        gives its channel inputs already cut to the matching groups."""
+        if step.role is Role.CONCAT:
+            parts = concat_inputs(step.node)
+            spaces = [self._plan.step(part.name).space for part in parts]
+            # a part without channels in these groups was not computed by this stage: nothing to fetch
+            values = [fetch(part) if space.offsets[lo] < space.offsets[hi] else None
+                      for part, space in zip(parts, spaces, strict=True)]  # fmt: skip
+            return concat_groups(values, spaces, lo, hi)
+        start, stop = step.space.offsets[lo], step.space.offsets[hi]
         whole = start == 0 and stop == len(step.space)  # the layer as it is: no sliced parameters
         if step.role is Role.GROUPED and not whole:
             return grouped_conv_channels(self.layers[step.name], fetch(step.node.all_input_nodes[0]), start, stop)
@@ -234,7 +242,7 @@ class RussianDollNet(nn.Module):
                 values[name] = self.layers[name](self._nested_source(step, values, hi), stages=(0, hi))
             elif role not in (Role.CLASSIFIER, Role.OUTPUT) and step.space.offsets[hi]:
                 fetch = lambda n: self._prefix(values, n.name, hi)  # noqa: E731
-                values[name] = self._channels(step, 0, step.space.offsets[hi], fetch)
+                values[name] = self._channels(step, 0, hi, fetch)
             self._release(index, values, keep)
 
     def _run_groups(self, lo: int, hi: int, values: dict[str, Any], region: tuple[int, int]) -> None:
@@ -277,7 +285,7 @@ class RussianDollNet(nn.Module):
         if step.role is Role.NESTED:
             result = self.layers[name](self._nested_source(step, values, hi), stages=(lo, hi), out=buffer)
         else:
-            result = self._channels(step, start, stop, fetch)
+            result = self._channels(step, lo, hi, fetch)
             if buffer is not None:
                 buffer[:, start:stop] = result
         # a buffered tensor's new groups are read through the buffer, so in-place ops reach it

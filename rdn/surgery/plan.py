@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from rdn.surgery.record import NestRecord
-from rdn.surgery.spaces import ChannelSpace
+from rdn.surgery.spaces import ChannelSpace, ConcatSpace
 from rdn_kernels import make_layout
 from rdn_kernels.layout import NestedLayout
 
@@ -57,6 +57,7 @@ class Role(enum.Enum):
     GROUPED = "grouped"  # grouped / depthwise nn.Conv2d: acts per conv group
     CHANNEL_PARAMS = "channel_params"  # per-channel parameters (BN, BN + act): run on a channel slice
     CHANNELWISE = "channelwise"  # parameter-free and per channel (activations, adds, pooling, ...)
+    CONCAT = "concat"  # torch.cat on the channels: group q of the result is every part's group q
     OPAQUE = "opaque"  # couples channels: allowed in the un-nested part only, where it becomes FIXED
     CLASSIFIER = "classifier"  # the base classifier (replaced by the heads)
     OUTPUT = "output"
@@ -65,7 +66,7 @@ class Role(enum.Enum):
     def per_group(self) -> bool:
         """Whether the node can compute a channel group of its output from that group of its inputs
         (so a stage s → t computes only groups s..t-1 of it)."""
-        return self in (Role.NESTED, Role.GROUPED, Role.CHANNEL_PARAMS, Role.CHANNELWISE)
+        return self in (Role.NESTED, Role.GROUPED, Role.CHANNEL_PARAMS, Role.CHANNELWISE, Role.CONCAT)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,8 +130,8 @@ class Step:
 
     node: fx.Node
     role: Role
-    space: ChannelSpace | None
-    input_space: ChannelSpace | None
+    space: ChannelSpace | ConcatSpace | None
+    input_space: ChannelSpace | ConcatSpace | None
     shape: tuple[int, ...] | None
     itemsize: int
     inputs: tuple[str, ...]
@@ -154,7 +155,7 @@ class HeadPlan:
     """
 
     features: str
-    feature_space: ChannelSpace
+    feature_space: ChannelSpace | ConcatSpace
     feature_width: int
     num_classes: int
     bias: bool

@@ -79,8 +79,67 @@ def num_groups_for(k: int, mode: str) -> int:
     return k if mode == "truncate" else 2 * k - 1
 
 
+class _ChannelTable:
+    """What every channel space gives per RDN channel, from its ``_layout`` table (source, group,
+    rung, previous and next rung group, splits): shared by :class:`ChannelSpace` and :class:`ConcatSpace`."""
+
+    num_groups: int
+
+    @property
+    def _layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[int, ...]]:
+        raise NotImplementedError
+
+    @property
+    def source(self) -> Tensor:
+        """(len,) long: the original channel each RDN channel is a copy of."""
+        return self._layout[0]
+
+    @property
+    def group(self) -> Tensor:
+        """(len,) long: the nesting group (0-based) of each RDN channel, non-decreasing."""
+        return self._layout[1]
+
+    @property
+    def rung(self) -> Tensor:
+        """(len,) long: 0 for the primary copy, 1, 2 for later copies."""
+        return self._layout[2]
+
+    @property
+    def previous_rung_group(self) -> Tensor:
+        """(len,) long: group of the copy below this one (-1 for a primary)."""
+        return self._layout[3]
+
+    @property
+    def next_rung_group(self) -> Tensor:
+        """(len,) long: group of the copy above this one (K for the last copy)."""
+        return self._layout[4]
+
+    @property
+    def splits(self) -> tuple[int, ...]:
+        """K channel counts, one per nesting group (zeros allowed)."""
+        return self._layout[5]
+
+    @functools.cached_property
+    def offsets(self) -> tuple[int, ...]:
+        return (0, *accumulate(self.splits))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def occupied_groups(self) -> set[int]:
+        return {q for q, size in enumerate(self.splits) if size}
+
+    @functools.cached_property
+    def primary_group_of_channel(self) -> Tensor:
+        """(channels,) long: the primary group of each *original* channel."""
+        groups = torch.empty(self.channels, dtype=torch.long)
+        primary = self.rung == 0
+        groups[self.source[primary]] = self.group[primary]
+        return groups
+
+
 @dataclass(frozen=True)
-class ChannelSpace:
+class ChannelSpace(_ChannelTable):
     """Layout of one RDN tensor's channels (module docstring).
 
     Attributes:
@@ -139,54 +198,6 @@ class ChannelSpace:
         tensors = (as_long(values) for values in (source, group, rung, previous, following))
         return (*tensors, tuple(splits))
 
-    @property
-    def source(self) -> Tensor:
-        """(len,) long: the original channel each RDN channel is a copy of."""
-        return self._layout[0]
-
-    @property
-    def group(self) -> Tensor:
-        """(len,) long: the nesting group (0-based) of each RDN channel, non-decreasing."""
-        return self._layout[1]
-
-    @property
-    def rung(self) -> Tensor:
-        """(len,) long: 0 for the primary copy, 1, 2 for later copies."""
-        return self._layout[2]
-
-    @property
-    def previous_rung_group(self) -> Tensor:
-        """(len,) long: group of the copy below this one (-1 for a primary)."""
-        return self._layout[3]
-
-    @property
-    def next_rung_group(self) -> Tensor:
-        """(len,) long: group of the copy above this one (K for the last copy)."""
-        return self._layout[4]
-
-    @property
-    def splits(self) -> tuple[int, ...]:
-        """K channel counts, one per nesting group (zeros allowed)."""
-        return self._layout[5]
-
-    @functools.cached_property
-    def offsets(self) -> tuple[int, ...]:
-        return (0, *accumulate(self.splits))
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def occupied_groups(self) -> set[int]:
-        return {q for q, size in enumerate(self.splits) if size}
-
-    @functools.cached_property
-    def primary_group_of_channel(self) -> Tensor:
-        """(channels,) long: the primary group of each *original* channel."""
-        groups = torch.empty(self.channels, dtype=torch.long)
-        primary = self.rung == 0
-        groups[self.source[primary]] = self.group[primary]
-        return groups
-
     def derived(self, channels: int, unit: int) -> ChannelSpace:
         """The same units, groups and copies over another tensor (a grouped conv's output)."""
         return ChannelSpace(self.num_groups, channels, unit, self.order, self.primary_sizes, self.rungs, self.copied)
@@ -198,6 +209,68 @@ class ChannelSpace:
             "rungs": [list(r) for r in self.rungs],
             "copied": None if self.copied is None else list(self.copied),
         }
+
+
+@dataclass(frozen=True)
+class ConcatSpace(_ChannelTable):
+    """The channels of a concatenation (``torch.cat`` on dim 1) of tensors in the spaces ``parts``.
+
+    Its original channels are the parts' one after the other (as the base model concatenates
+    them); its RDN channels are stored group by group, and within group q part after part (each
+    part's group-q channels in its own order). So the first s groups of the concatenation are the
+    concatenation of the parts' first s groups: every prefix is a sub-network's tensor, and a stage
+    computes its new groups from the parts' new groups. A part may be single-group (un-nested): it
+    lies in group 0.
+    """
+
+    num_groups: int
+    parts: tuple[ChannelSpace, ...]
+
+    @property
+    def channels(self) -> int:
+        return sum(part.channels for part in self.parts)
+
+    @property
+    def is_single_group(self) -> bool:
+        return all(part.is_single_group for part in self.parts)
+
+    @functools.cached_property
+    def _layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[int, ...]]:
+        starts = (0, *accumulate(part.channels for part in self.parts))
+        pieces: list[list[Tensor]] = [[] for _ in range(5)]
+        for q in range(self.num_groups):
+            for start, part in zip(starts, self.parts, strict=False):
+                cut = slice(part.offsets[q], part.offsets[q + 1])
+                values = (part.source[cut] + start, part.group[cut], part.rung[cut],
+                          part.previous_rung_group[cut], part.next_rung_group[cut])  # fmt: skip
+                for piece, value in zip(pieces, values, strict=True):
+                    piece.append(value)
+        splits = tuple(sum(part.splits[q] for part in self.parts) for q in range(self.num_groups))
+        empty = torch.zeros(0, dtype=torch.long)
+        return (*(torch.cat(piece) if piece else empty for piece in pieces), splits)
+
+    def to_config(self) -> dict:
+        return {"parts": [part.to_config() for part in self.parts]}
+
+
+Space = ChannelSpace | ConcatSpace
+
+
+def concat_groups(values: list[Tensor | None], spaces: list[Space], lo: int, hi: int) -> Tensor:
+    """Groups ``lo..hi-1`` of the concatenation (:class:`ConcatSpace`) of ``values``.
+
+    ``values[i]`` holds at least the channels of groups ``lo..hi-1`` of ``spaces[i]``, starting at
+    that space's offset of group ``lo`` (a prefix when ``lo = 0``); single-group parts, which lie in
+    group 0, may be whole; a part without channels in those groups may be None. At least one part
+    must have channels there.
+    """
+    pieces = []
+    for q in range(lo, hi):
+        for value, space in zip(values, spaces, strict=True):
+            if space.splits[q]:
+                base = space.offsets[lo]
+                pieces.append(value[:, space.offsets[q] - base : space.offsets[q + 1] - base])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -111,8 +111,8 @@ def select_orders(graph: SurgeryGraph, calib: Tensor, select: str, seed: int) ->
     if select == "random":
         generator = torch.Generator().manual_seed(seed)
         layouts = sorted(chosen.values(), key=graph.position)
-        return Selection({layout: torch.randperm(graph.unit_counts[layout], generator=generator).tolist()
-                          for layout in layouts}, {})  # fmt: skip
+        orders = {layout: torch.randperm(graph.unit_counts[layout], generator=generator).tolist() for layout in layouts}
+        return Selection(_with_index_orders(graph, orders), {})
     orders: dict[str, list[int]] = {}
     ties: dict[str, list[int]] = {}
 
@@ -140,4 +140,10 @@ def select_orders(graph: SurgeryGraph, calib: Tensor, select: str, seed: int) ->
 
     with torch.no_grad():
         _Selecting(graph.graph_module).run(calib)
-    return Selection(orders, ties)
+    return Selection(_with_index_orders(graph, orders), ties)
+
+
+def _with_index_orders(graph: SurgeryGraph, orders: dict[str, list[int]]) -> dict[str, list[int]]:
+    """``orders`` and, for layouts without a definer (written only as parts of concatenations), the
+    index order, every layout in graph order."""
+    return {layout: orders.get(layout, list(range(graph.unit_counts[layout]))) for layout in graph.layouts}
