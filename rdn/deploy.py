@@ -2,8 +2,9 @@
 modules (``rdn export``).
 
 Both start from a trained RDN (:func:`load_deployable`): a ``finetune`` (or ``nest``) run folder,
-its ``checkpoint.pt``, or a ``pipeline`` run folder (its ``finetune/`` run, and its policy for early
-exits). The input's channels, size and normalisation come from the run's ``summary.json``
+its ``checkpoint.pt``, a ``pipeline`` run folder (its ``finetune/`` run, and its policy for early
+exits), or an :class:`~rdn.early_exit.EarlyExitModel` file (network, policy, certified λ and input
+spec in one). The input's channels, size and normalisation come from the run's ``summary.json``
 (``data_spec``, written by :func:`rdn.steps.train`); for runs written before that record, name the
 dataset the model was trained on (``dataset=``) and its spec is rebuilt by loading it.
 
@@ -66,12 +67,15 @@ class Deployable:
         spec: channels, size, normalisation and class names of its input.
         checkpoint: the checkpoint it was loaded from.
         run: the run folder given (a pipeline run's policy is found there).
+        early_exit: the :class:`~rdn.early_exit.EarlyExitModel` when loaded from one's file (its
+            policy and λ are the default exit rule).
     """
 
     net: nn.Module
     spec: DataSpec
     checkpoint: Path
     run: Path
+    early_exit: nn.Module | None = None
 
 
 def load_deployable(source: str | os.PathLike, *, use_ema: bool = True, dataset: str | None = None,
@@ -83,6 +87,13 @@ def load_deployable(source: str | os.PathLike, *, use_ema: bool = True, dataset:
     """
     path = Path(source)
     run = path if path.is_dir() else path.parent
+    if path.is_file():
+        early_exit = _early_exit_model(path)
+        if early_exit is not None:
+            if early_exit.spec is None:
+                raise DeployError(f"{path} was saved without its input spec (EarlyExitModel(..., spec=...)): its "
+                                  "images' size and normalisation are unknown")  # fmt: skip
+            return Deployable(early_exit.net, early_exit.spec, path, run, early_exit)
     if path.is_dir() and not (path / "checkpoint.pt").is_file() and (path / "finetune" / "checkpoint.pt").is_file():
         path = path / "finetune"  # a pipeline run folder: its fine-tuned RDN
     net, _, checkpoint = load_trained(path, "rdn", use_ema=use_ema)
@@ -105,6 +116,19 @@ def load_deployable(source: str | os.PathLike, *, use_ema: bool = True, dataset:
         raise DeployError(f"{checkpoint} predicts {classes} classes, its data spec ({spec.name}) has "
                           f"{spec.num_classes}")  # fmt: skip
     return Deployable(net, spec, checkpoint, run)
+
+
+def _early_exit_model(path: Path) -> nn.Module | None:
+    """The :class:`~rdn.early_exit.EarlyExitModel` saved at ``path``; ``None`` when it is another file."""
+    from rdn.early_exit import FORMAT, EarlyExitModel
+
+    state, _ = load_torch_data(path, what="model file")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return None
+    try:
+        return EarlyExitModel.load(path)
+    except ValueError as error:
+        raise DeployError(str(error)) from error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +183,12 @@ class ExitRule:
                               "give one of them")  # fmt: skip
         if subnet is not None:
             return cls.static(deployable.net, subnet)
+        if policy is None and deployable.early_exit is not None:
+            if epsilon is not None:
+                raise DeployError("an early-exit model file runs at its certified λ; --epsilon applies to a pipeline "
+                                  "run's policy")  # fmt: skip
+            model = deployable.early_exit
+            return cls(policy=model.policy, lam=model.lam, guarantee=model.guarantee)
         if policy is None:
             if not (deployable.run / "policy.pt").is_file():
                 raise DeployError(f"{deployable.run} has no early-exit policy (policy.pt of an `rdn pipeline` run): "

@@ -34,10 +34,14 @@ def batches(n: int, seed: int, batch_size: int = 200):
     return [(chunk, torch.full((chunk.shape[0],), -1)) for chunk in images.split(batch_size)]
 
 
+BASE = {"name": "mobilenet_v2", "num_classes": 10, "input_size": 28, "in_chans": 1, "width_mult": 0.25}
+
+
 @pytest.fixture(scope="module")
 def calibrated():
     torch.manual_seed(0)
-    net = tiny_rdn(k=2)
+    net = rdn.nest(create(**BASE), k=2, mode="expand", select="greedy", calib=torch.randn(8, 1, 28, 28),
+                   base=BASE).eval()  # the record rebuilds it by name  # fmt: skip
     return EarlyExitModel.calibrate(net, batches(2000, seed=1), tolerance=0.2, confidence=0.9, policy_epochs=3,
                                     spec=SPEC)  # fmt: skip
 
@@ -79,10 +83,7 @@ def test_policy_data_leaves_every_calibration_image_to_the_certification():
 def test_save_and_load_one_file(calibrated, tmp_path):
     path = calibrated.save(tmp_path / "model.rdn.pt")
     assert sorted(os.listdir(tmp_path)) == ["model.rdn.pt"]  # written atomically: no temporary left
-    with pytest.raises(ValueError, match="pass model="):  # nested from a model built by hand, not by name
-        EarlyExitModel.load(path)
-    base = create("mobilenet_v2", num_classes=10, input_size=28, in_chans=1, width_mult=0.25)
-    loaded = EarlyExitModel.load(path, model=base)
+    loaded = EarlyExitModel.load(path)
     assert loaded.risk == calibrated.risk and loaded.spec == calibrated.spec
     x = torch.randn(32, 1, 28, 28)
     for mine, theirs in zip(calibrated(x), loaded(x), strict=True):
@@ -90,6 +91,17 @@ def test_save_and_load_one_file(calibrated, tmp_path):
     # Data only: the weights-only reader takes it, with no global allowed beyond tensors and values.
     state = torch.load(path, weights_only=True)
     assert state["format"] == FORMAT
+
+
+def test_a_network_nested_from_your_own_model_loads_with_it(tmp_path):
+    """tiny_rdn is nested without ``base=``: the file cannot rebuild it by name, the dense model does."""
+    model = EarlyExitModel.calibrate(tiny_rdn(k=2), batches(200, seed=6), tolerance=0.0, policy_epochs=1)
+    path = model.save(tmp_path / "model.rdn.pt")
+    with pytest.raises(ValueError, match="pass model="):
+        EarlyExitModel.load(path)
+    loaded = EarlyExitModel.load(path, model=create(**BASE))
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(loaded(x).logits, model(x).logits)
 
 
 def test_load_refuses_other_files(calibrated, tmp_path):
@@ -120,3 +132,23 @@ def test_export_a_static_subnet(calibrated, tmp_path):
     without_spec = dataclasses.replace(calibrated.risk)
     with pytest.raises(ValueError, match="spec"):
         EarlyExitModel(calibrated.net, calibrated.policy, without_spec).export(tmp_path / "none")
+
+
+def test_rdn_infer_runs_a_saved_model(calibrated, tmp_path, capsys):
+    from PIL import Image
+
+    from rdn.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pixels = torch.randint(0, 256, (6, 30, 30), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    for index, image in enumerate(pixels):
+        Image.fromarray(image.numpy()).save(folder / f"{index}.png")  # resized to 28 by the decoder
+    path = calibrated.save(tmp_path / "model.rdn.pt")
+    assert main(["infer", str(folder), "--from", str(path), "--out", str(tmp_path / "predictions.csv")]) == 0
+    assert "risk-controlled" in capsys.readouterr().err
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("file,label")
+    assert main(["infer", str(folder), "--from", str(path), "--epsilon", "0.1"]) == 2
+    assert "certified" in capsys.readouterr().err
+    assert main(["infer", str(folder), "--from", str(path), "--subnet", "1"]) == 0  # static N_1 still works
