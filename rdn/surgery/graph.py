@@ -627,7 +627,7 @@ class SurgeryGraph:
         self._part_channels: dict[str, int] = {}  # parts made for grouped convs → channels
         self._links: list[tuple[str, str, str]] = []  # (space, space, node): one layout, pinned together
         self._group_counts: list[tuple[str, int]] = []  # (space, conv groups in it): a unit is whole groups
-        self._conflicts: list[tuple[str, str]] = []  # (space, node) kept un-nested
+        self._conflicts: list[tuple[str, str]] = []  # (simple space, node) kept un-nested
         self._reasons: dict[str, str] = {}  # node → why it un-nests what it touches (not its role's reason)
         for info in self.infos.values():
             name = info.node.name
@@ -648,14 +648,14 @@ class SurgeryGraph:
                 self._links += [(a, b, name) for a, b in zip(known, made, strict=True) if a != b]
             else:
                 sizes = [[self.channels(leaf) for leaf in leaves] for leaves in (known, made)]
-                self._conflict(space, name, f"joins concatenations of different channel splits {sizes[0]}, {sizes[1]}")
+                why = f"joins concatenations of different channel splits {sizes[0]}, {sizes[1]}"
+                self._conflict(known + made, name, why)
         for info in self._writers(Role.GROUPED):
             name = info.node.name
             out_space, in_space = self.space_of(name), self.space_of(info.inputs[0])
             if (out_space in self.parts) != (in_space in self.parts):
                 why = "reads or writes a concatenation while the other side of it is not one"
-                self._conflict(out_space, name, why)
-                self._conflict(in_space, name, why)
+                self._conflict(self.leaves(out_space) + self.leaves(in_space), name, why)
             elif out_space not in self.parts:
                 self._links.append((out_space, in_space, name))
                 self._group_counts.append((out_space, info.module.groups))
@@ -669,8 +669,9 @@ class SurgeryGraph:
         per_group_in, per_group_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
         leaves = self.parts[in_space]
         if any(self.channels(leaf) % per_group_in for leaf in leaves):
-            self._conflict(in_space, name, f"is a grouped conv whose groups of {per_group_in} channels straddle "
-                           f"the parts {[self.channels(leaf) for leaf in leaves]} of the concatenation it reads")
+            why = (f"is a grouped conv whose groups of {per_group_in} channels straddle the parts "
+                   f"{[self.channels(leaf) for leaf in leaves]} of the concatenation it reads")  # fmt: skip
+            self._conflict(leaves + self.leaves(self.space_of(name)), name, why)
             return None
         made = []
         for index, leaf in enumerate(leaves):
@@ -682,8 +683,9 @@ class SurgeryGraph:
             made.append(part)
         return tuple(made)
 
-    def _conflict(self, space: str, node: str, why: str) -> None:
-        self._conflicts.append((space, node))
+    def _conflict(self, spaces: tuple[str, ...], node: str, why: str) -> None:
+        """Keep ``spaces`` un-nested because of ``node`` (``why``: for error messages)."""
+        self._conflicts += [(space, node) for space in spaces]
         self._reasons.setdefault(node, why)
 
     # ------------------------------------------------------------------------------------------

@@ -57,3 +57,153 @@ def test_a_model_that_splits_channels_is_never_accepted_and_then_crashes(how):
     assert_earlier_subnets_ignore_later_groups(net, images)
     with torch.no_grad():
         assert relative_error(net(images)[-1], model(images)) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Concatenations
+# ----------------------------------------------------------------------------------------------
+
+
+class Ghost(nn.Module):
+    """GhostNet's module: half the channels from a 1×1 conv, half from a depthwise conv of those."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        half = outputs // 2
+        self.primary = nn.Sequential(nn.Conv2d(inputs, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+        self.cheap = nn.Sequential(
+            nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False), nn.BatchNorm2d(half), nn.ReLU()
+        )
+
+    def forward(self, x):
+        primary = self.primary(x)
+        return torch.cat([primary, self.cheap(primary)], dim=1)
+
+
+class GhostBlock(nn.Module):
+    """ghost → depthwise → SE gate (its last conv writes the concatenation) → ghost, + shortcut."""
+
+    def __init__(self, channels: int, hidden: int, outputs: int) -> None:
+        super().__init__()
+        self.ghost1 = Ghost(channels, hidden)
+        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), nn.BatchNorm2d(hidden))
+        self.reduce, self.expand = nn.Conv2d(hidden, 4, 1), nn.Conv2d(4, hidden, 1)
+        self.ghost2 = Ghost(hidden, outputs)
+        self.shortcut = (
+            nn.Identity()
+            if channels == outputs
+            else nn.Sequential(nn.Conv2d(channels, outputs, 1), nn.BatchNorm2d(outputs))
+        )
+
+    def forward(self, x):
+        y = self.dw(self.ghost1(x))
+        y = y * torch.sigmoid(self.expand(torch.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        return self.ghost2(y) + self.shortcut(x)
+
+
+class GhostToy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(
+            Ghost(8, 16), GhostBlock(16, 24, 16), GhostBlock(16, 32, 16), GhostBlock(16, 24, 24)
+        )
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, channels: int, growth: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, 8, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, growth, 3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(features, 1)
+        return self.conv2(torch.relu(self.norm2(self.conv1(torch.relu(self.norm(x))))))
+
+
+class DenseToy(nn.Module):
+    """DenseNet-style: every layer reads the concatenation of the stem output and all earlier layers'."""
+
+    def __init__(self, growth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layers = nn.ModuleList(DenseLayer(8 + i * growth, growth) for i in range(3))
+        self.norm = nn.BatchNorm2d(8 + 3 * growth)
+        self.transition = nn.Conv2d(8 + 3 * growth, 12, 1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        x = self.transition(torch.relu(self.norm(torch.cat(features, 1))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+CONCAT_MODELS = {"ghost": GhostToy, "dense": DenseToy}
+# (mode, exact, copies): exact latest copies reproduce the base in N_K
+VARIANTS = [("expand", True, "latest"), ("expand", False, "sum"), ("truncate", True, "latest")]
+
+
+def _concat_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batch_norm(CONCAT_MODELS[name](), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", sorted(CONCAT_MODELS))
+@pytest.mark.parametrize("mode, exact, copies", VARIANTS)
+def test_concatenations_nest_with_every_property(name, mode, exact, copies):
+    """P1 (later groups never change earlier exits, through every path), P2 (one pass = K passes =
+    staged), P5 (export) and, for exact latest copies, P3 (N_K is the base) on concatenating models."""
+    model, images = _concat_model(name), _images(seed=1)
+    net = nest(model, k=3, mode=mode, exact=exact, copies=copies, calib=_images(8), skip=["stem"]).eval()
+    concatenations = [step for step in net.plan.steps if step.role.value == "concat"]
+    assert concatenations, "the concatenations were not nested"
+    assert_paths_agree(net, images, export=True)
+    assert_earlier_subnets_ignore_later_groups(net, images)
+    if (mode, exact, copies) == ("expand", True, "latest"):
+        with torch.no_grad():
+            assert relative_error(net(images)[-1], model(images)) < 1e-5
+
+
+def test_every_prefix_of_a_concatenation_is_its_parts_prefixes():
+    """Group q of a concatenation holds every part's group q: the first s groups are the parts' first s."""
+    net = nest(_concat_model("dense"), k=3, calib=_images(8), skip=["stem"])
+    step = next(step for step in net.plan.steps if step.role.value == "concat" and len(step.space.parts) == 4)
+    space, starts = step.space, [0, 8, 12, 16]
+    for s in range(1, net.num_groups + 1):
+        prefix = space.source[: space.offsets[s]].tolist()
+        expected = [
+            start + c
+            for start, part in zip(starts, space.parts, strict=True)
+            for c in part.source[: part.offsets[s]].tolist()
+        ]
+        assert sorted(prefix) == sorted(expected)
+    assert space.splits[0] > 8  # the un-nested stem output lies in group 0, beside the nested parts' first groups
+
+
+def test_adding_concatenations_of_different_splits_stays_un_nested_and_is_named():
+    class Mismatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+            self.c, self.d = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 12, 1)
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = self.stem(x)
+            y = torch.cat([self.a(x), self.b(x)], 1) + torch.cat([self.c(x), self.d(x)], 1)
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    with pytest.raises(
+        ValueError, match=r"cat\(\) .*joins concatenations of different channel splits \[8, 8\], \[4, 12\]"
+    ):
+        nest(Mismatch().eval(), k=2, calib=_images(), skip=["stem"])
