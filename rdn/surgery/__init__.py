@@ -7,14 +7,28 @@ nested tensor (:mod:`rdn.surgery.passes.select`), writes down what to run as a p
 groups to fit a MAC budget (:mod:`rdn.surgery.passes.budget`) and refits what lost inputs
 (:mod:`rdn.surgery.passes.compensate`), and returns a :class:`RussianDollNet`
 (:mod:`rdn.surgery.network`), which executes the plan. Costs and export are functions of the plan
-(:mod:`rdn.surgery.costs`, :mod:`rdn.surgery.export`).
+(:mod:`rdn.surgery.costs`, :mod:`rdn.surgery.export`), and so is the coverage report
+(:mod:`rdn.surgery.coverage`: how much of the model is nested, and why the rest is not).
 """
 
 from rdn.surgery.config import NestConfig
+from rdn.surgery.coverage import Coverage, CoverageWarning
 from rdn.surgery.nest import nest
 from rdn.surgery.network import RussianDollNet, StagedState
 from rdn.surgery.plan import Plan, Role
 from rdn.surgery.record import NestRecord
-from rdn.surgery.spaces import ChannelSpace
+from rdn.surgery.spaces import ChannelSpace, ConcatSpace
 
-__all__ = ["nest", "NestConfig", "NestRecord", "Plan", "Role", "RussianDollNet", "StagedState", "ChannelSpace"]
+__all__ = [
+    "nest",
+    "ChannelSpace",
+    "ConcatSpace",
+    "Coverage",
+    "CoverageWarning",
+    "NestConfig",
+    "NestRecord",
+    "Plan",
+    "Role",
+    "RussianDollNet",
+    "StagedState",
+]

@@ -127,7 +127,9 @@ def make_plan(graph: SurgeryGraph, record: NestRecord) -> Plan:
     head_inputs = frozenset({features} | ({graph.depth_split} if graph.depth_split is not None else set()))
     steps = tuple(steps)
     lifetimes = plan_lifetimes(steps, regions, head_inputs)
-    plan = Plan(record.replace(pruned_blocks={}), steps, graph.num_groups, heads, exits, regions, lifetimes)
+    unnested = tuple((name, graph.unnested_reason(name)) for name in sorted(graph.plain, key=graph.position))
+    plan = Plan(record.replace(pruned_blocks={}), steps, graph.num_groups, heads, exits, regions, lifetimes,
+                unnested, tuple(graph.after_classifier))  # fmt: skip
     return plan.with_pruned_blocks(record.pruned_blocks) if record.pruned_blocks else plan
 
 

@@ -42,7 +42,8 @@ class NestConfig(Config):
     seed: int = setting(0, "seed of random selection")
     skip: int | tuple[str, ...] | None = setting(
         None, "layers kept un-nested: a count of leading nestable layers or qualified module names; not set: the "
-              "stem and first two blocks of rdn.models, else every layer at output stride <= 4", cli=False)  # fmt: skip
+              "stem and first two blocks of rdn.models, else the layers at output stride <= 4 (at most a quarter "
+              "of the nestable layers)", cli=False)  # fmt: skip
     depth_split: int | str | None = setting(
         None, "a shallow exit per width after this block (index into model.blocks, or a module name)")
 

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from rdn.nn import split_channels
-from rdn.surgery.plan import Role
+from rdn.surgery.plan import SKIPPED_REASON, Role
 from rdn.surgery.spaces import ChannelSpace, ConcatSpace, channel_view, ladder, num_groups_for
 
 
@@ -171,7 +171,8 @@ class SurgeryGraph:
         model: the base model (eval mode recommended: BN uses running statistics).
         example: one input batch, for shape propagation.
         skip: layers kept un-nested: qualified module names (their sub-modules included), an int n
-            (the first n nestable layers) or None (the layers at output stride <= 4).
+            (the first n nestable layers) or None (the layers at output stride <= 4, at most the first
+            quarter of the nestable layers).
         k, mode, exact: the surgery settings (see :func:`rdn.surgery.nest`).
         depth_split: qualified name of the module after which the shallow exits branch off.
         copy_fraction: share of every primary group's units that get copies (:func:`rdn.surgery.nest`).
@@ -290,10 +291,12 @@ class SurgeryGraph:
         output = next(node for node in graph.nodes if node.op == "output")
         result, chain = output.args[0], []
         modules = self.modules
+        self._tail = result  # what the model's output comes from, shape-only nodes aside (error messages)
         while isinstance(result, fx.Node) and not isinstance(modules.get(result.target), nn.Linear):
             source = self._value_preserving_input(result)
             if source is None:
-                return []  # not shape-only: _find_classifier says what the output is
+                self._tail = result
+                return []  # not shape-only: _find_classifier names it
             chain.append(result)
             result = source
         if not chain or not isinstance(result, fx.Node):
@@ -304,10 +307,10 @@ class SurgeryGraph:
             return []
         output.args = (result,)
         for node in chain:  # last first: each one's reader is gone by then
-            inputs = node.all_input_nodes
+            extras = [extra for extra in node.all_input_nodes if extra not in chain and extra is not result]
             graph.erase_node(node)
-            for extra in inputs:  # sizes read from the logits (x.view(x.size(0), -1))
-                if extra is not result and not extra.users and extra.op in ("call_method", "call_function"):
+            for extra in extras:  # sizes read from the logits (x.view(x.size(0), -1))
+                if not extra.users and extra.op in ("call_method", "call_function"):
                     graph.erase_node(extra)
         self.graph_module.recompile()
         return [describe_node(node, modules) for node in chain]
@@ -356,8 +359,11 @@ class SurgeryGraph:
         def value(arg: fx.Node):
             if arg is source:
                 return probe.clone()
-            if any(inner is source for inner in arg.all_input_nodes) and arg.op in ("call_method", "call_function"):
-                return call_node(arg, value, None)  # e.g. x.size(0)
+            shape = getattr(arg.meta.get("tensor_meta"), "shape", None)
+            if shape is not None:  # another tensor, read for its sizes only (x.size(0) of the logits)
+                return torch.zeros(tuple(shape))
+            if arg.op in ("call_method", "call_function"):
+                return call_node(arg, value, None)
             raise ValueError(f"reads {arg.name}")
 
         try:
@@ -414,6 +420,10 @@ class SurgeryGraph:
                 info.role, info.why_opaque = Role.OPAQUE, "has parameters or buffers that are not one value per channel"
                 return info
         info.why_opaque = self._coupling(node, info)
+        splits = [arg for arg in node.all_input_nodes if self.infos[arg.name].why_opaque is not None]
+        if info.why_opaque is not None and not info.inputs and splits:  # a part of a split
+            split = splits[0].name
+            info.why_opaque = f"is a part of {self.describe(split)}, which {self.infos[split].why_opaque}"
         with_tensors = info.module is not None and _has_tensors(info.module)
         per_channel = Role.CHANNEL_PARAMS if with_tensors else Role.CHANNELWISE
         info.role = per_channel if info.why_opaque is None else Role.OPAQUE
@@ -522,7 +532,8 @@ class SurgeryGraph:
         output = next(node for node in self.graph_module.graph.nodes if node.op == "output")
         result = output.args[0]
         if not isinstance(result, fx.Node) or not isinstance(self.modules.get(result.target), nn.Linear):
-            got = describe_node(result, self.modules) if isinstance(result, fx.Node) else repr(result)
+            tail = self._tail
+            got = describe_node(tail, self.modules) if isinstance(tail, fx.Node) else repr(tail)
             raise ValueError(
                 "the model's output must be the logits of an nn.Linear classifier (the last layer; identity, "
                 f"dropout and reshapes after it are dropped), got {got}; surgery replaces that layer with one "
@@ -537,13 +548,15 @@ class SurgeryGraph:
     def _resolve_skip(self, skip) -> tuple[str, ...]:
         """Targets of the nestable layers kept un-nested (see :func:`rdn.surgery.nest` for ``skip``)."""
         nestable = [info for info in self.infos.values() if info.role is Role.NESTED]
-        if skip is None:  # output stride <= 4
+        if skip is None:  # output stride <= 4, at most the first quarter of the nestable layers
             (source,) = [info for info in self.infos.values() if info.role is Role.INPUT]
             if len(source.shape) != 4:
                 return ()
-            return tuple(
+            early = [
                 info.node.target for info in nestable if len(info.shape) == 4 and 4 * info.shape[2] >= source.shape[2]
-            )
+            ]
+            # The cap: a model for small inputs (28×28, never past stride 4) would otherwise skip everything.
+            return tuple(early[: len(nestable) // 4])
         if isinstance(skip, int):
             return tuple(info.node.target for info in nestable[:skip])
         return tuple(
@@ -778,6 +791,14 @@ class SurgeryGraph:
             node, via = self._pinned_by[via]
         return node, through
 
+    def unnested_reason(self, name: str) -> str:
+        """Why nestable layer ``name`` is un-nested, in words: the skip, or the root cause and what it does."""
+        root, through = self.unnested_cause(name)
+        if root == name:
+            return SKIPPED_REASON
+        path = f" (through {', '.join(self.infos[n].node.target for n in through)})" if through else ""
+        return f"{self.describe(root)} {self._why(root)}{path}"
+
     def _no_nested_layer_message(self) -> str:
         """The error when nothing is left to nest: which nodes un-nested which layers, and why."""
         layers = [name for name, info in self.infos.items() if info.role is Role.NESTED]
@@ -803,10 +824,13 @@ class SurgeryGraph:
             causes.append(f"{self.describe(root)} {self._why(root)}; that un-nests {_listed(texts)}")
         if skipped:
             causes.append(f"skip keeps {_listed(skipped)} un-nested")
+        fix = ""
+        if self.skipped_targets:
+            fix = " (skip=0, or a shorter list of module names, nests the skipped layers)"
         return (
             f"the model has no nestable layer left outside the un-nested part (surgery nests {what}, unless "
             f"their channels must stay un-nested). What un-nests them: {'. '.join(causes)}. "
-            f"Skipped layers: {list(self.skipped_targets)}"
+            f"Skipped layers: {list(self.skipped_targets)}{fix}"
         )
 
     def is_pinned(self, name: str) -> bool:

@@ -11,6 +11,7 @@ compensation pass (refitted weights).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,7 @@ from rdn.models.profile import eval_mode, profile_model
 from rdn.surgery.build import build_modules, make_plan
 from rdn.surgery.calibration import calibration_batch, check_activations
 from rdn.surgery.config import NestConfig
+from rdn.surgery.coverage import CoverageWarning
 from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.network import RussianDollNet
 from rdn.surgery.passes.budget import prune_blocks
@@ -134,8 +136,10 @@ def nest(
             records where (``{"select": {layout: [primary groups]}, "mac_budget": {layer: [output
             groups]}}``).
         skip: layers kept un-nested: ``None`` = the stem and the first two blocks (``rdn.models``
-            layout) or, for other models, every layer at output stride <= 4; an int n = the first n
-            nestable layers; or a sequence of sub-modules / qualified module names.
+            layout) or, for other models, the layers at output stride <= 4 but at most the first
+            quarter of the nestable layers (so a model for small inputs still nests the rest); an int
+            n = the first n nestable layers (0: none); or a sequence of sub-modules / qualified module
+            names.
         depth_split: depth-wise nesting (DESIGN.md §4.4): the block (index into ``model.blocks``, a
             sub-module or its qualified name) after which every sub-network gets a second, shallow
             exit through a light alignment block (1×1 conv → BN → ReLU → pool) into the shared
@@ -165,7 +169,11 @@ def nest(
             stored in the record so ``RussianDollNet.from_config`` needs no model.
         config: the options as a :class:`NestConfig` (then leave the option keywords at their defaults).
     Returns:
-        The RDN; :attr:`RussianDollNet.record` holds the options and what the surgery found.
+        The RDN; :attr:`RussianDollNet.record` holds the options and what the surgery found,
+        ``net.coverage()`` how much of the model is nested and why the rest is not.
+    Warns:
+        CoverageWarning: when less than half of the base model's MACs is in nested layers (the
+            message names the causes and, where the skipped layers hold much, suggests ``skip=0``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -216,4 +224,7 @@ def nest(
         net.use_plan(dataclasses.replace(edited, record=edited.record.replace(ties=ties)))
     if config.compensate:  # after pruning: the refit knows every block that is gone
         compensate_dropped_connections(net, model, batch, seed=config.seed)
+    low = net.coverage().warning()
+    if low is not None:
+        warnings.warn(low, CoverageWarning, stacklevel=2)
     return net

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from rdn.nn import NestedConv2d, NestedLinear
 from rdn.surgery import costs
 from rdn.surgery.build import Modules, rebuild
+from rdn.surgery.coverage import Coverage, coverage
 from rdn.surgery.export import export_exit
 from rdn.surgery.graph import call_node, concat_inputs
 from rdn.surgery.plan import Plan, Role, Step
@@ -413,6 +414,11 @@ class RussianDollNet(nn.Module):
         """Estimated peak activation memory of running exit ``subnet`` alone, in bytes
         (:func:`rdn.surgery.costs.peak_activation_bytes`)."""
         return costs.peak_activation_bytes(self._plan, subnet, batch_size)
+
+    def coverage(self) -> Coverage:
+        """How much of the base model is nested: shares of its MACs and parameters in nested layers and
+        why the rest is not (:func:`rdn.surgery.coverage.coverage`; ``.report()`` gives markdown)."""
+        return coverage(self._plan)
 
     def export(self, subnet: int) -> fx.GraphModule:
         """Exit ``subnet`` as a plain ``torch.fx.GraphModule`` of stock layers with sliced weights

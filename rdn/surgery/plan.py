@@ -34,6 +34,7 @@ from rdn_kernels import make_layout
 from rdn_kernels.layout import NestedLayout
 
 __all__ = [
+    "SKIPPED_REASON",
     "ChannelParamsLayer",
     "FixedLayer",
     "GroupedLayer",
@@ -45,6 +46,10 @@ __all__ = [
     "Step",
     "plan_lifetimes",
 ]
+
+
+# Why a skipped layer is un-nested (Plan.unnested, the coverage report).
+SKIPPED_REASON = "kept un-nested by skip"
 
 
 class Role(enum.Enum):
@@ -241,6 +246,10 @@ class Plan:
         regions: (first, stop) step indices of the depth regions: the whole graph, or the steps up to
             the split node and the rest.
         lifetimes: how long every value lives (:func:`plan_lifetimes`).
+        unnested: (step name, why) of every un-nested conv / linear layer (what the coverage report
+            names: the skip, or the node whose channels must stay whole and what it does).
+        after_classifier: the shape-only nodes after the base classifier that the heads replace
+            (identity, flatten, dropout, reshape), as error messages name them.
     """
 
     record: NestRecord
@@ -250,6 +259,8 @@ class Plan:
     exits: tuple[tuple[int, int], ...]
     regions: tuple[tuple[int, int], ...]
     lifetimes: Lifetimes
+    unnested: tuple[tuple[str, str], ...] = ()
+    after_classifier: tuple[str, ...] = ()
 
     @functools.cached_property
     def _index(self) -> dict[str, int]:

@@ -4,11 +4,14 @@ test_zoo.py)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from rdn.surgery import nest
+from rdn.models.profile import count_params, profile_model
+from rdn.surgery import CoverageWarning, nest
 from tests.surgery.checks import assert_earlier_subnets_ignore_later_groups, assert_paths_agree, relative_error
 from tests.surgery.toys import randomize_batch_norm
 
@@ -207,3 +210,100 @@ def test_adding_concatenations_of_different_splits_stays_un_nested_and_is_named(
         ValueError, match=r"cat\(\) .*joins concatenations of different channel splits \[8, 8\], \[4, 12\]"
     ):
         nest(Mismatch().eval(), k=2, calib=_images(), skip=["stem"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Coverage report and the default skip
+# ----------------------------------------------------------------------------------------------
+
+
+def small_cnn() -> nn.Module:
+    """Three convs at 28×28 (never past output stride 2): the default skip used to skip all of them."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONCAT_MODELS))
+def test_coverage_counts_the_base_model(name):
+    """The report's totals are the base model's: its conv / linear MACs (rdn.models.profile) and parameters."""
+    model = _concat_model(name)
+    net = nest(model, k=3, calib=_images(8), skip=["stem"])
+    report = net.coverage()
+    assert report.total_macs == profile_model(model, (1, 3, 12, 12)).macs
+    assert report.total_params == count_params(model)
+    stem = [layer for layer in report.layers if layer.module.startswith("stem")]
+    assert stem and all(not layer.nested for layer in stem)
+    assert {layer.why for layer in stem if layer.why} == {"kept un-nested by skip"}
+    expected = 1 - sum(layer.macs for layer in stem) / report.total_macs
+    assert report.mac_share == pytest.approx(expected)
+    assert 0 < report.param_share < 1
+    text = report.report()
+    assert text.startswith("Coverage: ") and "| kept un-nested by skip | stem.0 |" in text
+
+
+def test_default_skip_nests_a_small_input_model():
+    """At most the first quarter of the nestable layers is skipped by default: a 3-conv CNN at 28×28 nests."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)
+        net = nest(small_cnn(), k=2, calib=torch.randn(4, 1, 28, 28))
+    assert [net.base_module_name(name) for name in net.nested_layers()] == ["0", "3", "7"]
+    assert net.record.config.skip == ()
+
+
+def test_little_nested_warns_and_names_the_causes():
+    with pytest.warns(CoverageWarning, match=r"little of the model is nested: \d+ % .*kept un-nested by skip.*skip=0"):
+        net = nest(small_cnn(), k=2, calib=torch.randn(4, 1, 28, 28), skip=2)
+    assert net.coverage().mac_share < 0.5
+
+
+def test_nothing_nested_suggests_skip_zero():
+    with pytest.raises(ValueError, match=r"no nestable layer.*skip=0"):
+        nest(small_cnn(), k=2, calib=torch.randn(4, 1, 28, 28), skip=3)
+
+
+class TimmStyleHead(nn.Module):
+    """timm's ClassifierHead: pool → dropout → fc → flatten (nn.Identity), then a reshape and a dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 1), nn.ReLU())
+        self.drop, self.fc, self.flatten, self.after = nn.Dropout(0.2), nn.Linear(12, 5), nn.Identity(), nn.Dropout()
+
+    def forward(self, x):
+        x = self.fc(self.drop(self.features(x).mean((2, 3))))
+        return self.after(self.flatten(x).reshape(x.size(0), -1))
+
+
+def test_shape_only_modules_after_the_classifier_are_dropped_and_reported():
+    torch.manual_seed(0)
+    model = TimmStyleHead().eval()
+    net = nest(model, k=2, calib=_images(), skip=0).eval()
+    assert net.plan.after_classifier == (
+        "after (Dropout)",
+        ".reshape() (node reshape)",
+        "flatten (Identity)",
+    )
+    assert "Dropped after the classifier" in net.coverage().report()
+    images = _images(seed=3)
+    assert_paths_agree(net, images, export=True)
+    with torch.no_grad():
+        assert relative_error(net(images)[-1], model(images)) < 1e-5
+
+
+def test_a_conv_classifier_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match=r"nn\.Linear classifier .*got 3 \(AdaptiveAvgPool2d\)"):
+        nest(model.eval(), k=2, calib=_images())
