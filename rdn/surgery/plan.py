@@ -266,6 +266,11 @@ class Plan:
     def _index(self) -> dict[str, int]:
         return {step.name: i for i, step in enumerate(self.steps)}
 
+    def __deepcopy__(self, memo: dict) -> Plan:
+        # Immutable plain data: a copied network shares it. Copying would walk the traced graph node by
+        # node through their links, past Python's recursion limit on a model of a few hundred nodes.
+        return self
+
     @property
     def num_subnets(self) -> int:
         """Number of exits: K, or 2K with a depth split."""
