@@ -77,3 +77,52 @@ def test_fit_trains_on_streamed_folders(tmp_path, workers):
                          label_smoothing=0.0, weight_decay=0.0)
     result = fit(model, train, config, eval_data=val)
     assert result.steps == 18 and result.history[-1]["test_top1_1"] == 100.0  # the colour is learnt
+
+
+def test_folder_splits_hold_out_a_seeded_calibration_split_and_mix_the_classes(tmp_path):
+    from rdn.data.folder import folder_splits
+
+    for split, count in (("train", 12), ("val", 3)):
+        for label, name in enumerate(("cat", "dog", "owl")):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                Image.new("RGB", (20, 24), (80 * label, 0, 0)).save(folder / f"{index}.jpg")
+    data = folder_splits(tmp_path, image_size=16, calib_size=6, seed=3)
+    assert (len(data.train), len(data.calib), len(data.test)) == (30, 6, 9)
+    assert data.spec.classes == ("cat", "dog", "owl") and (data.spec.in_chans, data.spec.image_size) == (3, 16)
+    train_files = {path for path, _ in data.train.samples}
+    assert train_files.isdisjoint(path for path, _ in data.calib.samples)
+    assert len(train_files | {path for path, _ in data.calib.samples}) == 36
+    again, other = folder_splits(tmp_path, image_size=16, calib_size=6, seed=3), folder_splits(tmp_path, calib_size=6)
+    assert again.calib.samples == data.calib.samples and other.calib.samples != data.calib.samples
+    assert other.spec.image_size == 224  # the ImageNet default
+    assert len({label for _, label in data.test.samples[:4]}) > 1  # val in a seeded order, not class by class
+    assert isinstance(data.train.transform, TrainTransform) and isinstance(data.calib.transform, EvalTransform)
+    # Evaluation batches: the first `limit` samples, without augmentation (training files too), strided over ranks.
+    batches = list(data.eval_loader(data.train, 4, limit=10))
+    assert [len(y) for _, y in batches] == [4, 4, 2] and batches[0][0].shape == (4, 3, 16, 16)
+    first = torch.cat([x for x, _ in data.eval_loader(data.train, 4, limit=10)])
+    assert torch.equal(first, torch.cat([x for x, _ in batches]))  # no random crop or flip
+    ranks = [[y for _, y in data.eval_loader(data.test, 2, rank=r, world_size=2)] for r in (0, 1)]
+    assert sum(len(torch.cat(r)) for r in ranks) == 9
+    with pytest.raises(ValueError, match="batch_size 31 .* larger than the 30 training images"):
+        data.train_loader(31)
+
+
+def test_the_in_memory_loader_refuses_the_streamed_dataset():
+    from rdn.data import load_dataset
+
+    with pytest.raises(ValueError, match="imagefolder is streamed from disk"):
+        load_dataset("imagefolder", "/tmp")
+
+
+def test_data_config_version_1_reads_and_workers_are_checked():
+    from rdn.config import ConfigError
+    from rdn.steps import DataConfig
+
+    assert DataConfig.from_dict({"kind": "DataConfig", "version": 1, "dataset": "mnist5k", "calib_size": None,
+                                 "image_size": None}) == DataConfig(dataset="mnist5k", num_workers=0)  # fmt: skip
+    assert DataConfig().to_dict()["version"] == 2
+    with pytest.raises(ConfigError, match="num_workers must be an int >= 0"):
+        DataConfig(num_workers=-1)

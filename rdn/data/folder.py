@@ -363,7 +363,7 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
-def _probe_mode(folder: ImageFolder) -> str:
+def _probe_mode(folder: ImageFolder, where: str) -> str:
     """``L`` when the first image of every class is grey, else ``RGB`` (headers only; a file Pillow
     cannot open is an :class:`UnreadableImageError` now rather than in the middle of training)."""
     from PIL import Image
@@ -377,7 +377,7 @@ def _probe_mode(folder: ImageFolder) -> str:
             with Image.open(path) as image:
                 modes.append(image.mode)
         except (OSError, ValueError) as error:
-            raise UnreadableImageError(f"cannot decode image {path}: {error}") from None
+            raise UnreadableImageError(f"{where}: cannot decode image {path}: {error}") from None
     return "L" if all(mode in _GREY_MODES for mode in modes) else "RGB"
 
 
@@ -444,7 +444,7 @@ def folder_splits(
         if empty:
             raise FileNotFoundError(f"{where}: {split}/ classes without images: {empty[:5]}"
                                     f"{' ...' if len(empty) > 5 else ''}")  # fmt: skip
-    mode = _probe_mode(train)
+    mode = _probe_mode(train, where)
     mean, std = (GREY_MEAN, GREY_STD) if mode == "L" else (IMAGENET_MEAN, IMAGENET_STD)
     calib_size = min(5000, max(1, len(train) // 10)) if calib_size is None else calib_size
     if isinstance(calib_size, bool) or not isinstance(calib_size, int) or not 0 < calib_size < len(train):
