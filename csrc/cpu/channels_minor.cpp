@@ -1,0 +1,125 @@
+// AVX-512 kernels of channels_minor.h: R pixels × V vectors of output columns in registers.
+// (Not named *_avx*: setup.py drops those on other architectures, and this file also holds the
+// stubs that say "not available" there.)
+#include <cstdint>
+
+#include "channels_minor.h"
+
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma")
+#include <immintrin.h>
+
+namespace rdn::cpu::channels_minor {
+namespace {
+
+// Rows per register block for V vectors: R·V accumulators + V weights + 1 broadcast ≤ 32 zmm,
+// and enough rows that the V weight loads of a channel are amortised over R·V FMAs.
+template <int V>
+constexpr int rows_for() {
+  return V == 4 ? 6 : V == 3 ? 8 : V == 2 ? 12 : 16;
+}
+
+// acc[r][v] += packed · x over one segment, for the vectors v ≥ V0 (the others have no lane in it).
+template <int V, int R, int V0>
+__attribute__((always_inline)) inline void segment_rows(__m512 (&acc)[R][V], const Segment& segment, const float* x,
+                                                        int64_t ldx, const float* w) {
+  __mmask16 lanes[V];
+#pragma GCC unroll 4
+  for (int v = V0; v < V; ++v) lanes[v] = segment.lanes[v];
+  for (int64_t c = segment.start; c < segment.stop; ++c, w += V * kLanes) {
+    __m512 weight[V];
+#pragma GCC unroll 4
+    for (int v = V0; v < V; ++v) weight[v] = _mm512_loadu_ps(w + v * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 value = _mm512_set1_ps(x[r * ldx + c]);
+#pragma GCC unroll 4
+      for (int v = V0; v < V; ++v) acc[r][v] = _mm512_mask3_fmadd_ps(weight[v], value, acc[r][v], lanes[v]);
+    }
+  }
+}
+
+template <int V, int R>
+inline void block_rows(const Problem& problem, const ColumnBlock& block, const Chunk& chunk, bool accumulate,
+                       int64_t row) {
+  const int64_t tail = block.width - (V - 1) * kLanes;  // columns of the last vector (1..16)
+  const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1u);
+  float* y = problem.y + row * problem.ldy + block.column;
+  __m512 acc[R][V];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (accumulate) {
+        acc[r][v] = v == V - 1 ? _mm512_maskz_loadu_ps(tail_mask, y + r * problem.ldy + v * kLanes)
+                               : _mm512_loadu_ps(y + r * problem.ldy + v * kLanes);
+      } else {
+        acc[r][v] = block.bias ? _mm512_loadu_ps(block.bias + v * kLanes) : _mm512_setzero_ps();
+      }
+    }
+  }
+  const float* x = problem.x + row * problem.ldx;
+  const float* w = chunk.packed;
+  for (int64_t s = 0; s < chunk.num_segments; ++s) {
+    const Segment& segment = chunk.segments[s];
+    switch (segment.first_vector) {  // V0: a compile-time start, so the accumulators stay in registers
+      case 0: segment_rows<V, R, 0>(acc, segment, x, problem.ldx, w); break;
+      case 1: if constexpr (V > 1) segment_rows<V, R, 1>(acc, segment, x, problem.ldx, w); break;
+      case 2: if constexpr (V > 2) segment_rows<V, R, 2>(acc, segment, x, problem.ldx, w); break;
+      default: if constexpr (V > 3) segment_rows<V, R, 3>(acc, segment, x, problem.ldx, w); break;
+    }
+    w += (segment.stop - segment.start) * V * kLanes;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (v == V - 1) {
+        _mm512_mask_storeu_ps(y + r * problem.ldy + v * kLanes, tail_mask, acc[r][v]);
+      } else {
+        _mm512_storeu_ps(y + r * problem.ldy + v * kLanes, acc[r][v]);
+      }
+    }
+  }
+}
+
+template <int V>
+void block_range(const Problem& problem, const ColumnBlock& block, int64_t begin, int64_t end) {
+  constexpr int R = rows_for<V>();
+  for (int64_t k = 0; k < block.num_chunks; ++k) {
+    const Chunk& chunk = block.chunks[k];
+    int64_t row = begin;
+    for (; row + R <= end; row += R) block_rows<V, R>(problem, block, chunk, k > 0, row);
+    for (; row < end; ++row) block_rows<V, 1>(problem, block, chunk, k > 0, row);
+  }
+}
+
+}  // namespace
+
+bool available() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+void product(const Problem& problem, int64_t row_begin, int64_t row_end) {
+  for (int64_t b = 0; b < problem.num_blocks; ++b) {
+    const ColumnBlock& block = problem.blocks[b];
+    switch (block.vectors) {
+      case 4: block_range<4>(problem, block, row_begin, row_end); break;
+      case 3: block_range<3>(problem, block, row_begin, row_end); break;
+      case 2: block_range<2>(problem, block, row_begin, row_end); break;
+      default: block_range<1>(problem, block, row_begin, row_end); break;
+    }
+  }
+}
+
+}  // namespace rdn::cpu::channels_minor
+
+#else  // not x86-64: no kernels, the pixel-major path runs
+
+namespace rdn::cpu::channels_minor {
+bool available() { return false; }
+void product(const Problem&, int64_t, int64_t) {}
+}  // namespace rdn::cpu::channels_minor
+
+#endif

@@ -1,0 +1,67 @@
+// Channels-minor (NHWC / (N, C)) micro-kernels of the nested 1×1 convolution, AVX-512, float.
+//
+// In channels_last a 1×1 convolution is Y (pixels × D) = X (pixels × C) · Wᵀ with every operand
+// row-major: vectors run along OUTPUT channels, each input value X[p, c] is broadcast from memory,
+// and results are stored straight into the NHWC output. No transpose of the input tile or of the
+// output tile (the pixel-major kernels of pixel_major.h need both in this layout).
+//
+// The computed output columns are cut into blocks of up to 64 (four 16-lane vectors). A block's
+// reduction visits only the input-channel ranges ("segments") that one of its columns reads; a
+// vector whose lanes belong to different output groups runs a segment with a lane mask, so a lane
+// never reads an input channel its group does not (exact, even for Inf/NaN in unread channels).
+//
+// Plain C++ interface (no torch headers); the kernels are compiled in channels_minor_avx512.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace rdn::cpu::channels_minor {
+
+constexpr int64_t kLanes = 16;      // floats per vector
+constexpr int64_t kMaxVectors = 4;  // vectors (of output columns) per block
+
+// Input channels [start, stop); lanes[v]: which lanes of vector v read them. Vectors before
+// first_vector have no lane that does: the kernel skips them (in a lower triangle the vectors
+// that read a later input group are a suffix of the block).
+struct Segment {
+  int64_t start, stop;
+  uint16_t lanes[kMaxVectors];
+  int64_t first_vector;
+};
+
+// A run of segments whose packed weights fit a core's L1 together: the reduction is done chunk by
+// chunk (the first chunk initialises the output block with the bias or zero, the others add to it),
+// so that a chunk's weights stay in L1 while the rows of a tile go by. Its packed weights: for
+// every channel of every segment in order, vectors · 16 floats (W[column + i, c], zero where a
+// lane does not read c or lies past the block).
+struct Chunk {
+  const Segment* segments;
+  int64_t num_segments;
+  const float* packed;
+};
+
+// Output columns [column, column + width) of the computed range (width ≤ 64, in `vectors` vectors).
+struct ColumnBlock {
+  int64_t column, width, vectors;
+  const Chunk* chunks;
+  int64_t num_chunks;
+  const float* bias;  // vectors · 16 (zero past the block), or null
+};
+
+// y[p, column + i] = Σ_segments Σ_c packed · x[p, c] (+ bias) for pixels p of [row_begin, row_end).
+struct Problem {
+  const float* x;
+  int64_t ldx;
+  float* y;
+  int64_t ldy;
+  const ColumnBlock* blocks;
+  int64_t num_blocks;
+};
+
+// Whether this CPU runs the kernels (AVX-512 F).
+bool available();
+
+// Rows [row_begin, row_end) of every block; the caller parallelises over row ranges.
+void product(const Problem& problem, int64_t row_begin, int64_t row_end);
+
+}  // namespace rdn::cpu::channels_minor
