@@ -28,7 +28,7 @@ from torch import nn
 
 from rdn.models import create
 from rdn.models.profile import eval_mode
-from rdn.nn import NestedConv2d, NestedLinear
+from rdn.nn import GroupedNorm, NestedConv2d, NestedLinear
 from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.plan import (
     ChannelParamsLayer,
@@ -76,7 +76,7 @@ def _layer_facts(module: nn.Module, step: Step, copies: str):
         return NestedStepLayer(layout, _kernel(module), module.bias is not None)
     if step.role is Role.GROUPED:
         return GroupedLayer(module.weight.shape[1], _kernel(module), module.bias is not None)
-    if step.role is Role.CHANNEL_PARAMS:  # 1-D per-channel tensors or 0-d ones (graph.py checks it)
+    if step.role in (Role.CHANNEL_PARAMS, Role.GROUPWISE):  # 1-D per-channel tensors or 0-d ones (graph.py)
         parameters = list(module.parameters())
         return ChannelParamsLayer(sum(p.dim() > 0 for p in parameters), sum(p.dim() == 0 for p in parameters))
     if step.role is Role.FIXED:
@@ -174,6 +174,13 @@ def _convert(step: Step, module: nn.Module, copies: str) -> nn.Module:
         return inflate_grouped_conv(module, step.input_space, step.space, copies)
     if step.role is Role.CHANNEL_PARAMS:
         return inflate_channel_module(module, step.space, copies)
+    if step.role is Role.GROUPWISE:  # every channel copy gets its channel's affine parameters
+        take = lambda value: None if value is None else value.detach()[step.space.source.to(value.device)]  # noqa: E731
+        group_norm = isinstance(module, nn.GroupNorm)
+        # a GroupNorm's own groups are kept within every nesting group (so N_K's may be exact)
+        groups = step.space.source // (module.num_channels // module.num_groups) if group_norm else None
+        norm = GroupedNorm(step.space.splits, group_norm, module.eps, take(module.weight), take(module.bias), groups)
+        return norm.train(module.training)
     return copy.deepcopy(module)
 
 
@@ -224,7 +231,7 @@ def trace_base(model: nn.Module, record: NestRecord, example: torch.Tensor) -> S
     """The analysis of ``model`` with the record's structural options (skip names, k, mode, ...)."""
     options = record.config
     return SurgeryGraph(model, example, list(options.skip or ()), options.k, options.mode, options.exact,
-                        options.depth_split, options.copy_fraction)  # fmt: skip
+                        options.depth_split, options.copy_fraction, options.norms)  # fmt: skip
 
 
 def rebuild(record: NestRecord, model: nn.Module | None = None) -> tuple[Plan, Modules]:

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 from rdn.config import Config, setting
 
-__all__ = ["COPIES", "MODES", "SELECTIONS", "NestConfig"]
+__all__ = ["COPIES", "MODES", "NORMS", "SELECTIONS", "NestConfig"]
 
 MODES = ("expand", "truncate")
 COPIES = ("sum", "latest")
 SELECTIONS = ("greedy", "random")
+NORMS = ("fixed", "grouped")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class NestConfig(Config):
                                              "many times the base model's MACs (e.g. 1.15 with --no-exact)")
     compensate: bool = setting(False, "refit the copies that miss inputs (dropped or pruned connections) by least "
                                       "squares on the calibration images, layer by layer")  # fmt: skip
+    norms: str = setting("fixed", "norms that couple channels (LayerNorm over channels, GroupNorm): fixed keeps "
+                                  "them and what they read un-nested (the paper); grouped takes their statistics per "
+                                  "channel group, so they nest (not the base function: fine-tune)",
+                         choices=NORMS)  # fmt: skip
     seed: int = setting(0, "seed of random selection")
     skip: int | tuple[str, ...] | None = setting(
         None, "layers kept un-nested: a count of leading nestable layers or qualified module names; not set: the "

@@ -55,6 +55,8 @@ def _export_layer(layer: nn.Module, step: Step, s: int) -> nn.Module:
         return _sliced_grouped_conv(layer, step, s)
     if step.role is Role.CHANNEL_PARAMS:
         return copy.deepcopy(channel_view(layer, slice(0, step.space.offsets[s]), copy_values=True))
+    if step.role is Role.GROUPWISE:  # GroupedNorm: plain torch ops on its first s groups
+        return layer.prefix(s)
     return copy.deepcopy(layer)
 
 

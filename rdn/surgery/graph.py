@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -78,6 +79,27 @@ def _holds_tensors(meta) -> bool:
     if isinstance(meta, dict):
         return any(_holds_tensors(item) for item in meta.values())
     return False
+
+
+def channel_norm(module: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """What kind of channel-coupling normalisation ``module`` is on inputs of ``shape`` (N, C, ...):
+    ``"GroupNorm"``, ``"LayerNorm over channels"`` (a probe shows it normalises dim 1 at every
+    position, as ConvNeXt's ``LayerNorm2d`` or a LayerNorm of pooled features), or None."""
+    channels = shape[1]
+    if isinstance(module, nn.GroupNorm) and type(module).forward is nn.GroupNorm.forward:
+        return "GroupNorm" if module.num_channels == channels else None
+    if not isinstance(module, nn.LayerNorm) or tuple(module.normalized_shape) != (channels,):
+        return None
+    dtype = module.weight.dtype if module.weight is not None else torch.get_default_dtype()
+    probe = torch.randn((2, *shape[1:]), generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        try:
+            result = module(probe)
+        except Exception:  # a subclass that takes other layouts: not this one
+            return None
+        expected = F.layer_norm(probe.movedim(1, -1), (channels,), module.weight, module.bias, module.eps)
+    same = isinstance(result, Tensor) and result.shape == probe.shape
+    return "LayerNorm over channels" if same and torch.allclose(result, expected.movedim(-1, 1), atol=1e-5) else None
 
 
 _CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
@@ -176,6 +198,8 @@ class SurgeryGraph:
         k, mode, exact: the surgery settings (see :func:`rdn.surgery.nest`).
         depth_split: qualified name of the module after which the shallow exits branch off.
         copy_fraction: share of every primary group's units that get copies (:func:`rdn.surgery.nest`).
+        norms: ``"fixed"`` (norms that couple channels stay un-nested) or ``"grouped"`` (they nest,
+            with statistics per channel group: :class:`~rdn.nn.GroupedNorm`).
     """
 
     def __init__(
@@ -188,8 +212,10 @@ class SurgeryGraph:
         exact: bool,
         depth_split: str | None = None,
         copy_fraction: float = 1.0,
+        norms: str = "fixed",
     ):
         self.k, self.mode, self.exact, self.copy_fraction = k, mode, exact, copy_fraction
+        self.norms = norms
         self.num_groups = num_groups_for(k, mode)
         self.graph_module = trace(model)
         self.modules = dict(self.graph_module.named_modules())
@@ -420,6 +446,15 @@ class SurgeryGraph:
                 info.role, info.why_opaque = Role.OPAQUE, "has parameters or buffers that are not one value per channel"
                 return info
         info.why_opaque = self._coupling(node, info)
+        norm = channel_norm(info.module, info.shape) if info.why_opaque and info.module is not None else None
+        if norm is not None and self.norms == "grouped":
+            info.role, info.why_opaque = Role.GROUPWISE, None
+            return info
+        if norm is not None:
+            info.why_opaque = (
+                f"normalises over all its channels ({norm}); NestConfig(norms='grouped') takes its statistics per "
+                "channel group so that it nests"
+            )
         splits = [arg for arg in node.all_input_nodes if self.infos[arg.name].why_opaque is not None]
         if info.why_opaque is not None and not info.inputs and splits:  # a part of a split
             split = splits[0].name
@@ -600,7 +635,7 @@ class SurgeryGraph:
         for info in carriers:
             self._parent[info.node.name] = info.node.name
         for info in carriers:
-            if info.role in (Role.CHANNEL_PARAMS, Role.CHANNELWISE):
+            if info.role in (Role.CHANNEL_PARAMS, Role.CHANNELWISE, Role.GROUPWISE):  # same channels, same layout
                 for name in info.inputs:
                     self._union(info.node.name, name)
         for info in carriers:

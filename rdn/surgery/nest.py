@@ -110,6 +110,7 @@ def nest(
     copy_fraction: float = 1.0,
     mac_budget: float | None = None,
     compensate: bool = False,
+    norms: str = "fixed",
     base: dict | None = None,
     *,
     config: NestConfig | None = None,
@@ -165,6 +166,12 @@ def nest(
             or pruned connections) by least squares against the base layer's output, layer by
             layer (:mod:`rdn.surgery.passes.compensate`; ``copies="latest"`` only). Copies that read every
             input keep the base weights (with ``exact`` N_K stays the base network).
+        norms: normalisations that couple channels (LayerNorm over the channels as in ConvNeXt,
+            GroupNorm): ``"fixed"`` (default, as the paper) keeps them whole, so they and every layer
+            writing what they read stay un-nested; ``"grouped"`` replaces each one on a nested tensor
+            by a :class:`~rdn.nn.GroupedNorm` with statistics per channel group, so adding later
+            groups never changes earlier ones. That changes the function (N_K is no longer exactly
+            the base model): fine-tune afterwards.
         base: keyword arguments of ``rdn.models.create`` that rebuild ``model``'s architecture,
             stored in the record so ``RussianDollNet.from_config`` needs no model.
         config: the options as a :class:`NestConfig` (then leave the option keywords at their defaults).
@@ -179,7 +186,7 @@ def nest(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     keywords = {"k": k, "mode": mode, "select": select, "skip": skip, "depth_split": depth_split, "seed": seed,
                 "exact": exact, "copies": copies, "copy_fraction": copy_fraction, "mac_budget": mac_budget,
-                "compensate": compensate}  # fmt: skip
+                "compensate": compensate, "norms": norms}  # fmt: skip
     if config is None:
         # modules given for skip / depth_split are named first: a NestConfig holds names
         names = {"skip": _module_names(model, skip), "depth_split": _module_name(model, depth_split, "depth_split")}
@@ -199,7 +206,7 @@ def nest(
     depth_split = _resolve_depth_split(model, config.depth_split)
     with eval_mode(model), torch.no_grad():
         graph = SurgeryGraph(model, batch[:1], skip, config.k, config.mode, config.exact, depth_split,
-                             config.copy_fraction)  # fmt: skip
+                             config.copy_fraction, config.norms)  # fmt: skip
         # greedy checks the activations
         orders, select_ties = select_orders(graph, batch, config.select, config.seed)
         if config.select == "random" and config.mac_budget is not None:  # block energies need them finite too

@@ -216,6 +216,8 @@ class RussianDollNet(nn.Module):
             values = [fetch(part) if space.offsets[lo] < space.offsets[hi] else None
                       for part, space in zip(parts, spaces, strict=True)]  # fmt: skip
             return concat_groups(values, spaces, lo, hi)
+        if step.role is Role.GROUPWISE:
+            return self.layers[step.name](fetch(step.node.all_input_nodes[0]), groups=(lo, hi))
         start, stop = step.space.offsets[lo], step.space.offsets[hi]
         whole = start == 0 and stop == len(step.space)  # the layer as it is: no sliced parameters
         if step.role is Role.GROUPED and not whole:

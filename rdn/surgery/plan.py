@@ -63,6 +63,7 @@ class Role(enum.Enum):
     CHANNEL_PARAMS = "channel_params"  # per-channel parameters (BN, BN + act): run on a channel slice
     CHANNELWISE = "channelwise"  # parameter-free and per channel (activations, adds, pooling, ...)
     CONCAT = "concat"  # torch.cat on the channels: group q of the result is every part's group q
+    GROUPWISE = "groupwise"  # a channel-coupling norm made nesting-safe: statistics per group (GroupedNorm)
     OPAQUE = "opaque"  # couples channels: allowed in the un-nested part only, where it becomes FIXED
     CLASSIFIER = "classifier"  # the base classifier (replaced by the heads)
     OUTPUT = "output"
@@ -71,7 +72,9 @@ class Role(enum.Enum):
     def per_group(self) -> bool:
         """Whether the node can compute a channel group of its output from that group of its inputs
         (so a stage s → t computes only groups s..t-1 of it)."""
-        return self in (Role.NESTED, Role.GROUPED, Role.CHANNEL_PARAMS, Role.CHANNELWISE, Role.CONCAT)
+        return self in (
+            Role.NESTED, Role.GROUPED, Role.CHANNEL_PARAMS, Role.CHANNELWISE, Role.CONCAT, Role.GROUPWISE
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------

@@ -307,3 +307,134 @@ def test_a_conv_classifier_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(ValueError, match=r"nn\.Linear classifier .*got 3 \(AdaptiveAvgPool2d\)"):
         nest(model.eval(), k=2, calib=_images())
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms that couple channels: fixed (un-nested, the default) or grouped (statistics per group)
+# ----------------------------------------------------------------------------------------------
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's LayerNorm over the channels of an (N, C, H, W) tensor."""
+
+    def forward(self, x):
+        x = nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, channels: int, norm: type[nn.Module]) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = norm(channels)
+        self.pw1, self.act, self.pw2 = (
+            nn.Conv2d(channels, 4 * channels, 1),
+            nn.GELU(),
+            nn.Conv2d(4 * channels, channels, 1),
+        )
+
+    def forward(self, x):
+        return x + self.pw2(self.act(self.pw1(self.norm(self.dw(x)))))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(4, channels)
+
+
+class ConvNeXtToy(nn.Module):
+    """patchify stem + LayerNorm2d → blocks → LayerNorm2d + 2×2 downsample → blocks → pool → LayerNorm → fc."""
+
+    def __init__(self, in_channels: int = 3, classes: int = 5, width: int = 16, block_norm=LayerNorm2d) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 2, stride=2), LayerNorm2d(width))
+        self.stage1 = nn.Sequential(ConvNeXtBlock(width, block_norm), ConvNeXtBlock(width, block_norm))
+        self.down = nn.Sequential(LayerNorm2d(width), nn.Conv2d(width, 2 * width, 2, stride=2))
+        self.stage2 = nn.Sequential(ConvNeXtBlock(2 * width, block_norm), ConvNeXtBlock(2 * width, block_norm))
+        self.norm, self.fc = nn.LayerNorm(2 * width), nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.fc(self.norm(x.mean((2, 3))))
+
+
+def _convnext(block_norm=LayerNorm2d) -> nn.Module:
+    torch.manual_seed(0)
+    model = ConvNeXtToy(block_norm=block_norm)
+    with torch.no_grad():  # non-trivial affine parameters
+        for module in model.modules():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_channel_norms_stay_un_nested_by_default_and_the_error_names_the_option():
+    with pytest.raises(ValueError, match=r"no nestable layer") as error:
+        nest(_convnext(), k=2, calib=_images(4, 16), skip=0)
+    message = str(error.value)
+    assert "stem.1 (LayerNorm2d) normalises over all its channels (LayerNorm over channels)" in message, message
+    assert "norms='grouped'" in message, message
+
+
+@pytest.mark.parametrize("block_norm", [LayerNorm2d, group_norm], ids=["layer_norm", "group_norm"])
+@pytest.mark.parametrize("mode", ["expand", "truncate"])
+def test_grouped_norms_nest_with_every_property(block_norm, mode):
+    """norms='grouped': every LayerNorm / GroupNorm on a nested tensor becomes a GroupedNorm, and the RDN has
+    P1 (bit-exact), P2, the staged path and the export."""
+    model, images = _convnext(block_norm), _images(4, 16, seed=1)
+    net = nest(model, k=3, mode=mode, calib=_images(8, 16), skip=0, norms="grouped").eval()
+    grouped = [step for step in net.plan.steps if step.role.value == "groupwise"]
+    assert len(grouped) == 7  # the stem's, four blocks', the downsampling and the head's
+    assert net.record.config.norms == "grouped"
+    assert net.coverage().mac_share > 0.8
+    assert_paths_agree(net, images, export=True)
+    assert_earlier_subnets_ignore_later_groups(net, images)
+    with torch.no_grad():
+        errors = [relative_error(logits, model(images)) for logits in net(images)]
+    # Per-group statistics are another function than the base's, except in expand's exact N_K here: its
+    # last group holds the latest copy of every channel of these tensors, so its statistics are the base's.
+    assert min(errors[:-1]) > 1e-2
+    assert (errors[-1] < 1e-5) if mode == "expand" else (errors[-1] > 1e-2)
+
+
+def test_a_grouped_norm_with_one_group_is_the_base_norm_and_groups_are_independent():
+    from rdn.nn import GroupedNorm
+
+    x = torch.randn(2, 12, 5, 5, generator=torch.Generator().manual_seed(0))
+    weight, bias = torch.linspace(0.5, 1.5, 12), torch.linspace(-1, 1, 12)
+    layer_norm = LayerNorm2d(12)
+    with torch.no_grad():
+        layer_norm.weight.copy_(weight)
+        layer_norm.bias.copy_(bias)
+    torch.testing.assert_close(GroupedNorm((12,), False, 1e-5, weight, bias)(x), layer_norm(x))
+    group = nn.functional.group_norm(x, 1, weight, bias, 1e-5)
+    torch.testing.assert_close(GroupedNorm((12,), True, 1e-5, weight, bias)(x), group)
+    for spatial in (False, True):
+        norm = GroupedNorm((4, 0, 8), spatial, 1e-5, weight, bias)
+        full = norm(x)
+        changed = x.clone()
+        changed[:, 4:] = torch.randn(2, 8, 5, 5)
+        assert torch.equal(norm(changed)[:, :4], full[:, :4])  # later channels never change earlier groups
+        assert torch.equal(norm(x[:, :4]), full[:, :4])  # a prefix of whole groups
+        torch.testing.assert_close(norm(x[:, 4:], groups=(1, 3)), full[:, 4:])  # a stage's groups
+        torch.testing.assert_close(norm.prefix(1)(x[:, :4]), full[:, :4])
+
+
+def test_a_grouped_norm_keeps_the_base_group_norms_groups():
+    """With the base GroupNorm's group of every channel, a nesting group holding all channels (in any order)
+    computes that GroupNorm exactly; earlier nesting groups take statistics per base group they hold."""
+    from rdn.nn import GroupedNorm
+
+    x = torch.randn(2, 12, 4, 4, generator=torch.Generator().manual_seed(0))
+    weight, bias = torch.linspace(0.5, 1.5, 12), torch.linspace(-1, 1, 12)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    expected = nn.functional.group_norm(x, 3, weight, bias, 1e-5)[:, order]
+    norm = GroupedNorm((12,), True, 1e-5, weight[order], bias[order], order // 4)
+    torch.testing.assert_close(norm(x[:, order]), expected)
+    split = GroupedNorm((5, 7), True, 1e-5, weight[order], bias[order], order // 4)
+    first = x[:, order[:5]]
+    ids = order[:5] // 4
+    for base_group in ids.unique():  # every base group's channels in the first nesting group, on their own
+        members = (ids == base_group).nonzero().flatten()
+        alone = nn.functional.group_norm(first[:, members], 1, weight[order[:5]][members], bias[order[:5]][members])
+        torch.testing.assert_close(split(x[:, order])[:, members], alone)

@@ -32,7 +32,8 @@ def test_a_channel_coupling_module_that_stops_the_nesting_is_named():
     with pytest.raises(ValueError, match="no nestable layer") as error:
         nest(_layer_norm_head(), k=2, calib=torch.randn(2, 3, 8, 8), skip=0)
     message = str(error.value)
-    assert "head.norm (LayerNorm)" in message and "couples" in message, message
+    assert "head.norm (LayerNorm) normalises over all its channels" in message, message
+    assert "norms='grouped'" in message, message  # the option that nests it
     assert "features.0 (Conv2d)" in message, message  # the layer it un-nested
 
 
