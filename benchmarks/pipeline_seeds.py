@@ -1,0 +1,112 @@
+"""The pipeline's operating point over several seeds: median and range, against issue 19's targets.
+
+Runs ``rdn pipeline`` once per seed (each in its own run folder, resumable: a finished seed is
+not rerun) and summarises every run's ``evaluation.json`` into one markdown table::
+
+    python -m benchmarks.pipeline_seeds --seeds 0 1 2 --out runs/seeds \\
+        --results benchmarks/results/pipeline_seeds_cpu -- --data fashion_mnist --model mobilenet_v2 --k 4
+
+Arguments after ``--`` go to ``rdn pipeline`` unchanged. The summary reports, per seed: N_K's
+and the base's test accuracy, the early-exit engine at the certified operating point (accuracy
+drop against N_K, fraction of N_K's MACs saved, images/s against static N_K, peak memory against
+static N_K), and the max-softmax baseline calibrated the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# issue 19's targets for every seed: at least this saving, at most this drop, at least this speed-up.
+TARGET_SAVING = 0.50
+TARGET_DROP_POINTS = 0.2
+TARGET_SPEEDUP = 1.5
+
+
+def run_seed(seed: int, out: Path, pipeline_args: Sequence[str]) -> Path:
+    """``rdn pipeline --seed seed`` into ``out/seed<seed>`` (resumed when it exists); its folder."""
+    folder = out / f"seed{seed}"
+    command = [sys.executable, "-m", "rdn", "pipeline", *pipeline_args, "--seed", str(seed), "--out", str(folder)]
+    if folder.exists():
+        command.append("--resume")
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return folder
+
+
+def seed_row(folder: Path) -> dict[str, float]:
+    """The numbers of one run's ``evaluation.json`` the summary reports."""
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    measurements = {m["name"]: m for m in evaluation["measurements"]}
+    static_k = measurements[f"N_{len(evaluation['static'])} static"]
+    dynamic = next(m for name, m in measurements.items() if name.startswith("dynamic"))
+    policy, confidence = evaluation["risk_control"]["policy"], evaluation["risk_control"]["confidence"]
+    return {
+        "base_top1": 100 * evaluation["base"]["accuracy"],
+        "nk_top1": 100 * evaluation["static"][-1]["accuracy"],
+        "n1_top1": 100 * evaluation["static"][0]["accuracy"],
+        "drop": policy["test"]["accuracy_drop_points"],
+        "saving": policy["test"]["saving"],
+        "disagreement": policy["test"]["disagreement"],
+        "speedup": dynamic["images_per_second"] / static_k["images_per_second"],
+        "memory": dynamic["peak_bytes"] / static_k["peak_bytes"],
+        "confidence_saving": confidence["test"]["saving"],
+        "confidence_drop": confidence["test"]["accuracy_drop_points"],
+    }
+
+
+def summary(rows: dict[int, dict[str, float]]) -> str:
+    """Markdown: one row per seed, then median and range, then the targets met per seed."""
+    columns = [("base_top1", "base top-1 %", "{:.2f}"), ("nk_top1", "N_K top-1 %", "{:.2f}"),
+               ("n1_top1", "N_1 top-1 %", "{:.2f}"), ("drop", "accuracy drop vs N_K (points)", "{:.2f}"),
+               ("saving", "MACs saved", "{:.1%}"), ("disagreement", "disagreement", "{:.2%}"),
+               ("speedup", "images/s vs N_K", "{:.2f}×"), ("memory", "peak memory vs N_K", "{:.2f}×"),
+               ("confidence_saving", "max-softmax: MACs saved", "{:.1%}"),
+               ("confidence_drop", "max-softmax: accuracy drop", "{:.2f}")]  # fmt: skip
+    lines = ["| seed | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]  # fmt: skip
+    for seed, row in sorted(rows.items()):
+        lines.append(f"| {seed} | " + " | ".join(form.format(row[key]) for key, _, form in columns) + " |")
+    for name, reduce in (("median", statistics.median), ("min", min), ("max", max)):
+        values = [reduce([row[key] for row in rows.values()]) for key, _, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(form.format(v) for (_, _, form), v in zip(columns, values,
+                                                                                             strict=True)) + " |")
+    lines.append("")
+    for seed, row in sorted(rows.items()):
+        met = {f"saving ≥ {TARGET_SAVING:.0%}": row["saving"] >= TARGET_SAVING,
+               f"drop ≤ {TARGET_DROP_POINTS} points": row["drop"] <= TARGET_DROP_POINTS,
+               f"≥ {TARGET_SPEEDUP}× images/s": row["speedup"] >= TARGET_SPEEDUP,
+               "no more MACs than max-softmax": row["saving"] >= row["confidence_saving"]}  # fmt: skip
+        lines.append(f"- seed {seed}: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in met.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pipeline_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/seeds"), help="one run folder per seed in here")
+    parser.add_argument("--results", type=Path, default=None, help="write summary.md here too")
+    parser.add_argument("--summarise-only", action="store_true", help="read the finished runs, run nothing")
+    args = parser.parse_args(own)
+    rows = {}
+    for seed in args.seeds:
+        folder = args.out / f"seed{seed}" if args.summarise_only else run_seed(seed, args.out, pipeline_args)
+        rows[seed] = seed_row(folder)
+    text = summary(rows)
+    print(text)
+    if args.results is not None:
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "summary.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
