@@ -14,8 +14,13 @@ never by attribute names:
   input's channels and which a probe shows acts per channel (permuting the input channels permutes
   the output the same way, and a channel prefix in gives the prefix out): activations, pooling,
   residual adds, SE products, flatten after global pooling, TF "same" padding, ...;
-- ``opaque``: anything else that makes a tensor (softmax / LayerNorm over channels, concatenation,
-  modules with other parameters): allowed only where every tensor is un-nested;
+- ``concat``: ``torch.cat`` on the channels: its output is a *composite* space made of its parts'
+  spaces (:class:`~rdn.surgery.spaces.ConcatSpace`, see :meth:`SurgeryGraph._build_parts`);
+- ``groupwise``: with ``norms="grouped"``, a LayerNorm over the channels or a GroupNorm, run with
+  statistics per channel group (:class:`~rdn.nn.GroupedNorm`);
+- ``opaque``: anything else that makes a tensor (softmax over channels, LayerNorm by default,
+  slices to a fixed channel count, channel shuffles, modules with other parameters): allowed only
+  where every tensor is un-nested;
 - ``meta``: nodes that make no tensor (``x.size(0)``); ``classifier``: the ``nn.Linear`` whose
   result is the model's output (replaced by the RDN heads).
 
@@ -36,7 +41,9 @@ Limits: the model must be ``torch.fx``-traceable (no data-dependent Python contr
 ``self.training`` branch outside a leaf module is frozen at its eval-mode value) and return the
 classifier's logits; every module with parameters is called once (shared weights are refused);
 tensors keep their channels on dim 1; parameters read directly by ``forward`` (fx ``get_attr``)
-are refused; channel concatenation and channel-coupled ops stay in the un-nested part.
+are refused; channel splits (``torch.split`` / ``chunk``: parts of fixed sizes) and channel-coupled
+ops stay in the un-nested part. Shape-only nodes after the classifier and slices keeping every
+element are removed from the trace before anything else.
 """
 
 from __future__ import annotations

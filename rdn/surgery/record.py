@@ -147,5 +147,6 @@ class NestRecord(Config):
             "mac_budget": config.mac_budget,
             "pruned_blocks": {name: [list(block) for block in blocks] for name, blocks in self.pruned_blocks.items()},
             "compensate": config.compensate,
+            "norms": config.norms,
             "ties": copy.deepcopy(self.ties),
         }

@@ -48,6 +48,10 @@ connections from later input groups are dropped as in truncate mode.
 
 A space with every channel in group 0 (``single_group``) is an un-nested tensor: the stem and the
 skipped blocks; N_1 already computes all of it.
+
+Concatenations (:class:`ConcatSpace`): ``torch.cat`` on the channels of tensors in spaces P_1..P_m
+gives a space whose group q is P_1's group q, then P_2's, ...: every prefix of groups is the
+parts' prefixes, so N_s concatenates what it has of each part.
 """
 
 from __future__ import annotations

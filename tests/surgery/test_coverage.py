@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rdn.models.profile import count_params, profile_model
-from rdn.surgery import CoverageWarning, nest
+from rdn.surgery import CoverageWarning, RussianDollNet, nest
 from tests.surgery.checks import assert_earlier_subnets_ignore_later_groups, assert_paths_agree, relative_error
 from tests.surgery.toys import randomize_batch_norm
 
@@ -438,3 +438,14 @@ def test_a_grouped_norm_keeps_the_base_group_norms_groups():
         members = (ids == base_group).nonzero().flatten()
         alone = nn.functional.group_norm(first[:, members], 1, weight[order[:5]][members], bias[order[:5]][members])
         torch.testing.assert_close(split(x[:, order])[:, members], alone)
+
+
+def test_a_grouped_norm_network_rebuilds_from_its_record():
+    model, images = _convnext(), _images(4, 16, seed=1)
+    net = nest(model, k=2, calib=_images(8, 16), skip=0, norms="grouped").eval()
+    for config in (net.record, net.rdn_config):
+        rebuilt = RussianDollNet.from_config(config, model=_convnext())
+        rebuilt.load_state_dict(net.state_dict())
+        rebuilt.eval()
+        with torch.no_grad():
+            assert torch.equal(rebuilt(images, subnet=2), net(images, subnet=2))
