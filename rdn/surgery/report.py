@@ -4,7 +4,9 @@
 random-initialised except EfficientNet-Lite0, which loads its real ImageNet weights when the
 weights package is installed):
 
-- params and MACs of the base model and of N_1..N_K of its RDN (k = 4, expand);
+- params and MACs of the base model and of N_1..N_K of its RDN (k = 4, expand), and the share of
+  the base model's MACs in nested layers (:mod:`rdn.surgery.coverage`; the rest is the skipped stem
+  and first blocks);
 - random-initialised models first get their BN statistics from the calibration images (one
   train-mode pass with cumulative averaging): without it their activations shrink layer after
   layer (logits ~1e-8) and every relative error is noise;
@@ -59,6 +61,7 @@ class SurgeryRow:
     first_error: float  # N_1 vs base
     last_error: float  # N_K vs base
     seconds: float
+    coverage: float = 1.0  # share of the base model's MACs in nested layers (net.coverage().mac_share)
 
 
 def _base_model(name: str, input_size: int) -> tuple[nn.Module, bool]:
@@ -130,6 +133,7 @@ def surgery_rows(
                         _relative_error(logits[0], expected),
                         _relative_error(logits[-1], expected),
                         time.perf_counter() - start,
+                        rdn.coverage().mac_share,
                     )
                 )
     return rows
@@ -144,8 +148,9 @@ def surgery_report(rows: Sequence[SurgeryRow], input_size: int, k: int) -> str:
     lines = [
         f"### Sub-network costs (k = {k}, expand, copies = latest, exact; {input_size}×{input_size}, per image)",
         "",
-        "| model | base params (M) | base MACs (M) | N_1..N_K MACs (M) | N_1..N_K params (M) | N_K / base MACs |",
-        "|---|---|---|---|---|---|",
+        "| model | base params (M) | base MACs (M) | N_1..N_K MACs (M) | N_1..N_K params (M) | MACs nested | "
+        "N_K / base MACs |",
+        "|---|---|---|---|---|---|---|",
     ]
     default = [
         row for row in rows if (row.mode, row.copies, row.exact, row.select) == ("expand", "latest", True, "greedy")
@@ -154,7 +159,7 @@ def surgery_report(rows: Sequence[SurgeryRow], input_size: int, k: int) -> str:
         label = row.model + (" (pretrained)" if row.pretrained else "")
         lines.append(
             f"| {label} | {row.base_params / 1e6:.2f} | {row.base_macs / 1e6:.1f} | {_millions(row.macs)} | "
-            f"{_millions(row.params)} | {row.macs[-1] / row.base_macs:.2f}× |"
+            f"{_millions(row.params)} | {100 * row.coverage:.0f} % | {row.macs[-1] / row.base_macs:.2f}× |"
         )
     paper_base, paper_rdn = PAPER_MOBILENEXT
     lines += [

@@ -449,3 +449,20 @@ def test_a_grouped_norm_network_rebuilds_from_its_record():
         rebuilt.eval()
         with torch.no_grad():
             assert torch.equal(rebuilt(images, subnet=2), net(images, subnet=2))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(exact=False, mac_budget=1.4),
+        dict(exact=False, copy_fraction=0.5, compensate=True),
+        dict(depth_split="blocks.2", select="random"),
+    ],
+    ids=["mac_budget", "compensate", "depth_split"],
+)
+def test_concatenations_work_with_every_pass(settings):
+    """The budget, compensation and depth-split passes see concatenations as any other space."""
+    images = _images(4, seed=5)
+    net = nest(_concat_model("ghost"), k=3, calib=_images(8), skip=["stem"], **settings).eval()
+    assert_paths_agree(net, images, export=True)
+    assert_earlier_subnets_ignore_later_groups(net, images)

@@ -16,4 +16,5 @@ def test_report_rows_and_markdown():
     text = surgery_report(rows, input_size=32, k=4)
     cost_rows = [line for line in text.splitlines() if line.startswith("| resnext_small |") and line.endswith("× |")]
     assert len(cost_rows) == 1 and cost_rows[0].count(" / ") == 2 * 6  # 7 MACs and 7 params per row
+    assert 0 < exact.coverage < 1 and f"| {100 * exact.coverage:.0f} % |" in cost_rows[0]  # the stem is skipped
     assert text.count("\n| resnext_small | expand |") == 6 and "Paper Table 1" in text
