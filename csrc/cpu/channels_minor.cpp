@@ -1,6 +1,7 @@
 // AVX-512 kernels of channels_minor.h: R pixels × V vectors of output columns in registers.
 // (Not named *_avx*: setup.py drops those on other architectures, and this file also holds the
 // stubs that say "not available" there.)
+#include <algorithm>
 #include <cstdint>
 
 #include "channels_minor.h"
@@ -83,18 +84,102 @@ inline void block_rows(const Problem& problem, const ColumnBlock& block, const C
   }
 }
 
+// Asks for the input rows [row, row + count) (up to `end`) in L1: the first pass over a tile
+// streams it from memory, and on the memory-bound layers (few channels, many pixels) the
+// hardware prefetcher alone leaves the FMAs waiting.
+inline void prefetch_rows(const Problem& problem, int64_t row, int64_t count, int64_t end) {
+  const int64_t bytes = problem.ldx * static_cast<int64_t>(sizeof(float));
+  for (int64_t r = row; r < std::min(row + count, end); ++r) {
+    const char* line = reinterpret_cast<const char*>(problem.x + r * problem.ldx);
+    for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(line + offset, _MM_HINT_T0);
+  }
+}
+
 template <int V>
-void block_range(const Problem& problem, const ColumnBlock& block, int64_t begin, int64_t end) {
+void block_range(const Problem& problem, const ColumnBlock& block, int64_t begin, int64_t end, bool first_pass) {
   constexpr int R = rows_for<V>();
+  constexpr int64_t ahead = 4 * R;  // rows
+  const bool prefetch = first_pass && problem.ldx <= 256;  // wider rows stay in L2 between blocks
   for (int64_t k = 0; k < block.num_chunks; ++k) {
     const Chunk& chunk = block.chunks[k];
     int64_t row = begin;
-    for (; row + R <= end; row += R) block_rows<V, R>(problem, block, chunk, k > 0, row);
+    for (; row + R <= end; row += R) {
+      if (prefetch && k == 0) prefetch_rows(problem, row + ahead, R, end);
+      block_rows<V, R>(problem, block, chunk, k > 0, row);
+    }
     for (; row < end; ++row) block_rows<V, 1>(problem, block, chunk, k > 0, row);
   }
 }
 
+template <int R, int V>
+void gradient_tile(const WeightGradientProblem& problem, const WeightGradientTile& tile, int64_t begin,
+                   int64_t end) {
+  const int64_t tail = tile.cols - (V - 1) * kLanes;
+  const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1u);
+  float* out = problem.acc + tile.row * problem.ld_acc + tile.col;
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      acc[r][v] = v == V - 1 ? _mm512_maskz_loadu_ps(tail_mask, out + r * problem.ld_acc + v * kLanes)
+                             : _mm512_loadu_ps(out + r * problem.ld_acc + v * kLanes);
+    }
+  }
+  const float* g = problem.g + begin * problem.ldg + tile.g_col;
+  const float* x = problem.x + begin * problem.ldx + tile.col;
+  for (int64_t p = begin; p < end; ++p, g += problem.ldg, x += problem.ldx) {
+    __m512 value[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      value[v] = v == V - 1 ? _mm512_maskz_loadu_ps(tail_mask, x + v * kLanes) : _mm512_loadu_ps(x + v * kLanes);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 gradient = _mm512_set1_ps(g[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(gradient, value[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (v == V - 1) {
+        _mm512_mask_storeu_ps(out + r * problem.ld_acc + v * kLanes, tail_mask, acc[r][v]);
+      } else {
+        _mm512_storeu_ps(out + r * problem.ld_acc + v * kLanes, acc[r][v]);
+      }
+    }
+  }
+}
+
+template <int R>
+void gradient_rows(const WeightGradientProblem& problem, const WeightGradientTile& tile, int64_t begin,
+                   int64_t end) {
+  switch ((tile.cols + kLanes - 1) / kLanes) {
+    case 4: gradient_tile<R, 4>(problem, tile, begin, end); break;
+    case 3: gradient_tile<R, 3>(problem, tile, begin, end); break;
+    case 2: gradient_tile<R, 2>(problem, tile, begin, end); break;
+    default: gradient_tile<R, 1>(problem, tile, begin, end); break;
+  }
+}
+
 }  // namespace
+
+void weight_gradient(const WeightGradientProblem& problem, int64_t pixel_begin, int64_t pixel_end) {
+  for (int64_t t = 0; t < problem.num_tiles; ++t) {
+    const WeightGradientTile& tile = problem.tiles[t];
+    switch (tile.rows) {
+      case 6: gradient_rows<6>(problem, tile, pixel_begin, pixel_end); break;
+      case 5: gradient_rows<5>(problem, tile, pixel_begin, pixel_end); break;
+      case 4: gradient_rows<4>(problem, tile, pixel_begin, pixel_end); break;
+      case 3: gradient_rows<3>(problem, tile, pixel_begin, pixel_end); break;
+      case 2: gradient_rows<2>(problem, tile, pixel_begin, pixel_end); break;
+      default: gradient_rows<1>(problem, tile, pixel_begin, pixel_end); break;
+    }
+  }
+}
 
 bool available() {
   __builtin_cpu_init();
@@ -104,11 +189,12 @@ bool available() {
 void product(const Problem& problem, int64_t row_begin, int64_t row_end) {
   for (int64_t b = 0; b < problem.num_blocks; ++b) {
     const ColumnBlock& block = problem.blocks[b];
+    const bool first_pass = b == 0;
     switch (block.vectors) {
-      case 4: block_range<4>(problem, block, row_begin, row_end); break;
-      case 3: block_range<3>(problem, block, row_begin, row_end); break;
-      case 2: block_range<2>(problem, block, row_begin, row_end); break;
-      default: block_range<1>(problem, block, row_begin, row_end); break;
+      case 4: block_range<4>(problem, block, row_begin, row_end, first_pass); break;
+      case 3: block_range<3>(problem, block, row_begin, row_end, first_pass); break;
+      case 2: block_range<2>(problem, block, row_begin, row_end, first_pass); break;
+      default: block_range<1>(problem, block, row_begin, row_end, first_pass); break;
     }
   }
 }
@@ -120,6 +206,7 @@ void product(const Problem& problem, int64_t row_begin, int64_t row_end) {
 namespace rdn::cpu::channels_minor {
 bool available() { return false; }
 void product(const Problem&, int64_t, int64_t) {}
+void weight_gradient(const WeightGradientProblem&, int64_t, int64_t) {}
 }  // namespace rdn::cpu::channels_minor
 
 #endif

@@ -58,6 +58,29 @@ struct Problem {
   int64_t num_blocks;
 };
 
+// The weight gradient of a channels-minor 1×1 product: acc[row + r, col + c] += Σ_p g[p, g_col + r] ·
+// x[p, col + c] for r < rows (≤ 6) and c < cols (≤ 64), one tile per (6 output channels of one group,
+// 64 input channels of one run it reads). Vectors run along input channels, g values are broadcast.
+struct WeightGradientTile {
+  int64_t g_col, row, rows, col, cols;
+};
+
+struct WeightGradientProblem {
+  const float* g;
+  int64_t ldg;
+  const float* x;
+  int64_t ldx;
+  float* acc;
+  int64_t ld_acc;
+  const WeightGradientTile* tiles;
+  int64_t num_tiles;
+};
+
+constexpr int64_t kGradientRows = 6;
+
+// Adds pixels [pixel_begin, pixel_end) of every tile into problem.acc.
+void weight_gradient(const WeightGradientProblem& problem, int64_t pixel_begin, int64_t pixel_end);
+
 // Whether this CPU runs the kernels (AVX-512 F).
 bool available();
 

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "channels_minor.h"
@@ -228,23 +229,33 @@ void pointwise_forward(const at::Tensor& input, const at::Tensor& weight, const 
                        bias ? bias->data_ptr<T>() + first : nullptr);
 }
 
-// Column blocks of output groups lo..hi-1 for the channels-minor kernels, owning the segments,
-// chunks, packed weights and bias the blocks point to.
+// A channels-minor product, described by groups: output column c belongs to column group
+// column_group[c]; the reduction runs over channel ranges, one per reduction group; column group a
+// reads reduction group b when reads(a, b). The packed weight of (column c, reduction channel r) is
+// weight[c · column_stride + r · reduction_stride] (the caller offsets `weight` to column 0).
+//   forward:     columns = output channels of groups lo..hi-1, reduction = input channels,
+//                weight (D, C) rows: column_stride = C, reduction_stride = 1;
+//   grad_input:  columns = input channels, reduction = grad_output channels of groups lo..hi-1
+//                (the transposed triangle), weight (D, C): column_stride = 1, reduction_stride = C.
+struct ChannelsMinorProblem {
+  std::vector<int64_t> column_group;
+  std::vector<std::pair<int64_t, int64_t>> reduction_ranges;
+  std::function<bool(int64_t, int64_t)> reads;
+  int64_t column_stride, reduction_stride;
+};
+
+// Column blocks, owning the segments, chunks, packed weights and bias the blocks point to.
 struct ChannelsMinorPlan {
   std::vector<cm::ColumnBlock> blocks;
   std::vector<std::vector<cm::Segment>> segments;
   std::vector<std::vector<cm::Chunk>> chunks;
-  std::vector<int64_t> packed_at;  // each block's first packed weight
+  std::vector<int64_t> packed_at;  // each block's first packed weight, and the total
   std::vector<float> packed, bias;
 };
 
-// The blocks, segments and chunks of output groups lo..hi-1 (pack_channels_minor fills the weights).
-ChannelsMinorPlan channels_minor_plan(const BlockLayout& layout, int64_t lo, int64_t hi) {
-  const int64_t first = layout.out_offsets[lo], cols = layout.out_offsets[hi] - first;
-  std::vector<int64_t> group_of(cols);
-  for (int64_t j = lo; j < hi; ++j) {
-    for (int64_t o = layout.out_offsets[j]; o < layout.out_offsets[j + 1]; ++o) group_of[o - first] = j;
-  }
+// The blocks, segments and chunks of `problem` (pack_channels_minor fills the weights).
+ChannelsMinorPlan channels_minor_plan(const ChannelsMinorProblem& problem) {
+  const int64_t cols = static_cast<int64_t>(problem.column_group.size());
   constexpr int64_t width_max = cm::kLanes * cm::kMaxVectors;
   constexpr int64_t chunk_bytes = 32 * 1024;  // a chunk's packed weights in a core's L1 (32–48 KB)
   ChannelsMinorPlan plan;
@@ -252,15 +263,16 @@ ChannelsMinorPlan channels_minor_plan(const BlockLayout& layout, int64_t lo, int
   for (int64_t column = 0; column < cols; column += width_max) {
     const int64_t width = std::min(width_max, cols - column), vectors = (width + cm::kLanes - 1) / cm::kLanes;
     const int64_t chunk_channels = std::max<int64_t>(chunk_bytes / (vectors * cm::kLanes * 4), 16);
-    // Segments: the input groups some lane reads, with the lanes that read them, coalesced; cut
-    // so that no chunk of consecutive segments reads more than chunk_channels channels.
+    // Segments: the reduction ranges some lane reads, with the lanes that read them, coalesced;
+    // cut so that no chunk of consecutive segments reads more than chunk_channels channels.
     std::vector<cm::Segment> segments;
-    for (int64_t i = 0; i < hi; ++i) {
-      if (layout.in_splits(i) == 0) continue;
-      cm::Segment segment{layout.in_offsets[i], layout.in_offsets[i + 1], {0, 0, 0, 0}, 0};
+    for (int64_t g = 0; g < static_cast<int64_t>(problem.reduction_ranges.size()); ++g) {
+      const auto [start, stop] = problem.reduction_ranges[g];
+      if (start == stop) continue;
+      cm::Segment segment{start, stop, {0, 0, 0, 0}, 0};
       bool any = false;
       for (int64_t l = 0; l < width; ++l) {
-        if (layout.has_block(group_of[column + l], i)) {
+        if (problem.reads(problem.column_group[column + l], g)) {
           segment.lanes[l / cm::kLanes] |= static_cast<uint16_t>(1u << (l % cm::kLanes));
           any = true;
         }
@@ -269,14 +281,14 @@ ChannelsMinorPlan channels_minor_plan(const BlockLayout& layout, int64_t lo, int
       while (segment.lanes[segment.first_vector] == 0) ++segment.first_vector;
       if (!segments.empty() && segments.back().stop == segment.start &&
           std::equal(segment.lanes, segment.lanes + cm::kMaxVectors, segments.back().lanes)) {
-        segments.back().stop = segment.stop;  // the same lanes read the next group too: one segment
+        segments.back().stop = segment.stop;  // the same lanes read the next range too: one segment
       } else {
         segments.push_back(segment);
       }
     }
     std::vector<cm::Segment> cut;
-    std::vector<int64_t> chunk_starts;  // index into `cut` of each chunk's first segment
-    int64_t in_chunk = chunk_channels;
+    std::vector<int64_t> chunk_starts = {0};  // index into `cut` of each chunk's first segment
+    int64_t in_chunk = 0;
     for (const cm::Segment& segment : segments) {
       for (int64_t start = segment.start; start < segment.stop;) {
         if (in_chunk == chunk_channels) {
@@ -293,6 +305,8 @@ ChannelsMinorPlan channels_minor_plan(const BlockLayout& layout, int64_t lo, int
     }
     plan.packed_at.push_back(packed_size);
     for (const auto& segment : cut) packed_size += (segment.stop - segment.start) * vectors * cm::kLanes;
+    // At least one chunk, possibly empty: a block no lane of which reads anything still writes its
+    // columns (zero, or the bias).
     std::vector<cm::Chunk> chunks;
     for (size_t k = 0; k < chunk_starts.size(); ++k) {
       const int64_t end = k + 1 < chunk_starts.size() ? chunk_starts[k + 1] : static_cast<int64_t>(cut.size());
@@ -306,8 +320,8 @@ ChannelsMinorPlan channels_minor_plan(const BlockLayout& layout, int64_t lo, int
   return plan;
 }
 
-// Packs the weights (D, C) rows of groups lo.. (`first` = their first row) and the bias into `plan`.
-void pack_channels_minor(ChannelsMinorPlan& plan, const float* weight, int64_t weight_stride, int64_t first,
+// Packs the weights (as `problem` strides them from `weight`) and the bias (per column) into `plan`.
+void pack_channels_minor(ChannelsMinorPlan& plan, const ChannelsMinorProblem& problem, const float* weight,
                          const float* bias) {
   const int64_t num_blocks = static_cast<int64_t>(plan.blocks.size());
   plan.packed.assign(plan.packed_at.back(), 0.0f);
@@ -316,13 +330,13 @@ void pack_channels_minor(ChannelsMinorPlan& plan, const float* weight, int64_t w
     for (int64_t b = begin; b < end; ++b) {
       const cm::ColumnBlock& block = plan.blocks[b];
       const int64_t step = block.vectors * cm::kLanes;
-      for (int64_t l = 0; l < block.width; ++l) {  // one weight row at a time: contiguous reads
-        const float* row = weight + (first + block.column + l) * weight_stride;
+      for (int64_t l = 0; l < block.width; ++l) {  // one column at a time (a weight row: contiguous)
+        const float* row = weight + (block.column + l) * problem.column_stride;
         float* packed = plan.packed.data() + plan.packed_at[b] + l;
         for (const auto& segment : plan.segments[b]) {
           const bool reads = segment.lanes[l / cm::kLanes] >> (l % cm::kLanes) & 1u;
           for (int64_t c = segment.start; c < segment.stop; ++c, packed += step) {
-            if (reads) *packed = row[c];
+            if (reads) *packed = row[c * problem.reduction_stride];
           }
         }
       }
@@ -347,6 +361,31 @@ void pack_channels_minor(ChannelsMinorPlan& plan, const float* weight, int64_t w
   }
 }
 
+ChannelsMinorProblem forward_problem(const BlockLayout& layout, int64_t lo, int64_t hi) {
+  ChannelsMinorProblem problem;
+  for (int64_t j = lo; j < hi; ++j) problem.column_group.insert(problem.column_group.end(), layout.out_splits(j), j);
+  for (int64_t i = 0; i < hi; ++i) problem.reduction_ranges.emplace_back(layout.in_offsets[i], layout.in_offsets[i + 1]);
+  problem.reads = [&layout](int64_t j, int64_t i) { return layout.has_block(j, i); };
+  problem.column_stride = layout.in_offsets.back();
+  problem.reduction_stride = 1;
+  return problem;
+}
+
+// grad_input of stages lo..hi: input channel c (group i) reads the grad_output channels of the
+// groups j in [lo, hi) that read i; input groups ≥ hi read nothing (their gradient is zero).
+ChannelsMinorProblem grad_input_problem(const BlockLayout& layout, int64_t lo, int64_t hi) {
+  ChannelsMinorProblem problem;
+  const int64_t groups = layout.num_groups(), base = layout.out_offsets[lo];
+  for (int64_t i = 0; i < groups; ++i) problem.column_group.insert(problem.column_group.end(), layout.in_splits(i), i);
+  for (int64_t j = lo; j < hi; ++j) {
+    problem.reduction_ranges.emplace_back(layout.out_offsets[j] - base, layout.out_offsets[j + 1] - base);
+  }
+  problem.reads = [&layout, lo](int64_t i, int64_t g) { return layout.has_block(lo + g, i); };
+  problem.column_stride = 1;
+  problem.reduction_stride = layout.in_offsets.back();
+  return problem;
+}
+
 // Which kernel family a channels_last 1×1 product runs on. The channels-minor kernels need no
 // transposes but waste the lanes a segment's mask leaves idle in the vectors it runs (a vector
 // runs over every channel some lane of it reads); the pixel-major kernels waste no lane but
@@ -359,7 +398,8 @@ void pack_channels_minor(ChannelsMinorPlan& plan, const float* weight, int64_t w
 constexpr int64_t kChannelsMinorMinRows = 256;
 constexpr double kTransposeMacs = 16;
 
-bool prefers_channels_minor(const ChannelsMinorPlan& plan, const BlockLayout& layout, int64_t lo, int64_t hi) {
+bool prefers_channels_minor(const ChannelsMinorPlan& plan, const BlockLayout& layout, int64_t lo, int64_t hi,
+                            int64_t transposed) {
   const char* value = std::getenv("RDN_KERNELS_CPU_CHANNELS_MINOR");
   if (value && value[0]) return value[0] == '1';
   double lane_macs = 0, useful_macs = 0;
@@ -372,7 +412,6 @@ bool prefers_channels_minor(const ChannelsMinorPlan& plan, const BlockLayout& la
   for (int64_t j = lo; j < hi; ++j) {
     for (const auto& [start, stop] : input_runs(layout, j)) useful_macs += double(layout.out_splits(j)) * (stop - start);
   }
-  const double transposed = layout.in_offsets[hi] + layout.out_offsets[hi] - layout.out_offsets[lo];
   return lane_macs <= useful_macs + kTransposeMacs * transposed;
 }
 
@@ -384,24 +423,24 @@ bool channels_minor_enabled() {
   return available && !(value && value[0] == '0');
 }
 
-// The forward of a 1×1 convolution (or linear layer) whose input and output are both
-// channels-minor pixel matrices (NHWC, or (N, C)): returns false, doing nothing, otherwise.
-bool channels_minor_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                            const BlockLayout& layout, int64_t lo, int64_t hi, at::Tensor& output, int64_t out_base) {
-  if (input.scalar_type() != at::kFloat || !channels_minor_enabled()) return false;
-  auto source = PixelMatrix<const float>::of(input);
-  auto dest = PixelMatrix<float>::of(output);
+// Runs `problem` on the channels-minor kernels: dest[p, dest_col + c] for the problem's columns
+// from source[p, :] (both channels-minor pixel matrices), when they apply and the rule prefers
+// them; returns false, doing nothing, otherwise.
+bool channels_minor_product(const ChannelsMinorProblem& problem, const at::Tensor& source_tensor,
+                            at::Tensor& dest_tensor, int64_t dest_col, const float* weight, const float* bias,
+                            const BlockLayout& layout, int64_t lo, int64_t hi) {
+  if (source_tensor.scalar_type() != at::kFloat || !channels_minor_enabled()) return false;
+  auto source = PixelMatrix<const float>::of(source_tensor);
+  auto dest = PixelMatrix<float>::of(dest_tensor);
   flatten_together(source, dest);
   if (source.samples != 1 || dest.samples != 1 || source.col_stride != 1 || dest.col_stride != 1) return false;
-  const int64_t first = layout.out_offsets[lo], read = layout.in_offsets[hi];
-  const int64_t cols = layout.out_offsets[hi] - first, rows = source.rows;
-  if (cols == 0 || rows == 0) return true;
-  if (rows < kChannelsMinorMinRows) return false;  // packing the weight would cost as much as the product
-  ChannelsMinorPlan plan = channels_minor_plan(layout, lo, hi);
-  if (!prefers_channels_minor(plan, layout, lo, hi)) return false;
-  pack_channels_minor(plan, weight.data_ptr<float>(), weight.size(1), first,
-                      bias ? bias->data_ptr<float>() + first : nullptr);
-  const cm::Problem problem{source.data, source.row_stride, dest.data + (first - out_base), dest.row_stride,
+  const int64_t cols = static_cast<int64_t>(problem.column_group.size()), rows = source.rows;
+  if (rows < kChannelsMinorMinRows || cols == 0) return false;  // packing would cost as much as the product
+  ChannelsMinorPlan plan = channels_minor_plan(problem);
+  const int64_t read = problem.reduction_ranges.empty() ? 0 : problem.reduction_ranges.back().second;
+  if (!prefers_channels_minor(plan, layout, lo, hi, read + cols)) return false;
+  pack_channels_minor(plan, problem, weight, bias);
+  const cm::Problem product{source.data, source.row_stride, dest.data + dest_col, dest.row_stride,
                             plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
   // Row tiles: a multiple of every block's register rows (6, 8, 12, 16), input and output of a
   // tile within a core's L2, and enough tiles to balance the threads.
@@ -412,10 +451,75 @@ bool channels_minor_forward(const at::Tensor& input, const at::Tensor& weight, c
   tile = std::max(multiple, tile / multiple * multiple);
   at::parallel_for(0, (rows + tile - 1) / tile, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      cm::product(problem, task * tile, std::min(rows, (task + 1) * tile));
+      cm::product(product, task * tile, std::min(rows, (task + 1) * tile));
     }
   });
   return true;
+}
+
+// The forward of a 1×1 convolution (or linear layer) on the channels-minor kernels, when they apply.
+bool channels_minor_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            const BlockLayout& layout, int64_t lo, int64_t hi, at::Tensor& output, int64_t out_base) {
+  const int64_t first = layout.out_offsets[lo];
+  if (layout.out_offsets[hi] == first) return false;
+  return channels_minor_product(forward_problem(layout, lo, hi), input, output, first - out_base,
+                                weight.data_ptr<float>() + first * weight.size(1),
+                                bias ? bias->data_ptr<float>() + first : nullptr, layout, lo, hi);
+}
+
+// grad_input of a 1×1 convolution (or linear layer) on the channels-minor kernels, when they apply.
+bool channels_minor_grad_input(const at::Tensor& grad_output, const at::Tensor& weight, const BlockLayout& layout,
+                               int64_t lo, int64_t hi, at::Tensor& grad_input) {
+  return channels_minor_product(grad_input_problem(layout, lo, hi), grad_output, grad_input, 0,
+                                weight.data_ptr<float>() + layout.out_offsets[lo] * weight.size(1), nullptr, layout, lo,
+                                hi);
+}
+
+// grad_weight of a 1×1 convolution (or linear layer) on the channels-minor kernels, when
+// grad_output and input are both channels-minor pixel matrices: per thread, pixels in L2-sized
+// tiles, every (6 output channels, 64 input channels) tile of the blocks in the mask accumulated
+// in registers over a pixel tile. Blocks outside the mask are never touched and stay exactly zero.
+c10::optional<at::Tensor> channels_minor_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                                     const at::Tensor& weight, const BlockLayout& layout, int64_t lo,
+                                                     int64_t hi) {
+  if (input.scalar_type() != at::kFloat || !channels_minor_enabled()) return c10::nullopt;
+  const char* value = std::getenv("RDN_KERNELS_CPU_CHANNELS_MINOR");
+  auto gradient = PixelMatrix<const float>::of(grad_output);
+  auto activation = PixelMatrix<const float>::of(input);
+  flatten_together(gradient, activation);
+  if (gradient.samples != 1 || activation.samples != 1 || gradient.col_stride != 1 || activation.col_stride != 1) {
+    return c10::nullopt;
+  }
+  const int64_t rows = gradient.rows, base = layout.out_offsets[lo], channels = weight.size(1);
+  if (rows < kChannelsMinorMinRows && !(value && value[0] == '1')) return c10::nullopt;
+  std::vector<cm::WeightGradientTile> tiles;
+  for (int64_t j = lo; j < hi; ++j) {
+    for (int64_t o = layout.out_offsets[j]; o < layout.out_offsets[j + 1]; o += cm::kGradientRows) {
+      const int64_t count = std::min(cm::kGradientRows, layout.out_offsets[j + 1] - o);
+      for (const auto& [start, stop] : input_runs(layout, j)) {
+        for (int64_t c = start; c < stop; c += cm::kLanes * cm::kMaxVectors) {
+          tiles.push_back({o - base, o, count, c, std::min(cm::kLanes * cm::kMaxVectors, stop - c)});
+        }
+      }
+    }
+  }
+  const int64_t read = layout.in_offsets[hi], outputs = grad_output.size(1);
+  // Pixel tiles whose gradient and input rows stay in L2 while every weight tile goes over them.
+  const int64_t tile_pixels = std::max<int64_t>(64, std::min<int64_t>(1024, (256 * 1024) / ((read + outputs) * 4)));
+  const int64_t tasks = (rows + tile_pixels - 1) / tile_pixels;
+  const int64_t slots = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::Tensor partial = at::zeros({slots, weight.size(0), channels}, weight.options());
+  at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      const cm::WeightGradientProblem problem{gradient.data, gradient.row_stride, activation.data,
+                                              activation.row_stride, partial.data_ptr<float>() + slot * weight.size(0) * channels,
+                                              channels, tiles.data(), static_cast<int64_t>(tiles.size())};
+      for (int64_t task = slot; task < tasks; task += slots) {
+        cm::weight_gradient(problem, task * tile_pixels, std::min(rows, (task + 1) * tile_pixels));
+      }
+    }
+  });
+  return (slots == 1 ? partial[0] : partial.sum(0)).view(weight.sizes());
 }
 
 // Implicit GEMM of a k×k (strided, padded, dilated) convolution: each tile of output pixels is
@@ -696,9 +800,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rdn_pointwise_backward", [&] {
       if (needs_input) {
         grad_input = rdn::empty_like(input);
-        pointwise_grad_input<scalar_t>(grad_output, weight_c, layout, lo, hi, grad_input);
+        if (!channels_minor_grad_input(grad_output, weight_c, layout, lo, hi, grad_input)) {
+          pointwise_grad_input<scalar_t>(grad_output, weight_c, layout, lo, hi, grad_input);
+        }
       }
-      if (needs_weight) grad_weight = pointwise_grad_weight<scalar_t>(grad_output, input, weight_c, layout, lo, hi);
+      if (needs_weight) {
+        const auto fast = channels_minor_grad_weight(grad_output, input, weight_c, layout, lo, hi);
+        grad_weight = fast ? *fast : pointwise_grad_weight<scalar_t>(grad_output, input, weight_c, layout, lo, hi);
+      }
     });
   } else {
     const bool unfold_input = needs_input && unfolds_transposed(weight, geometry) && is_pixel_matrix(grad_output) &&

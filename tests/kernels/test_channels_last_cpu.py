@@ -125,3 +125,27 @@ def test_linear_layers_at_many_rows(path):
     expected = nested_linear(input.double(), weight.double(), bias.double(), in_splits=in_splits,
                              out_splits=out_splits, backend="torch")
     assert_close(actual, expected, torch.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{sum(s[0])}to{sum(s[1])}-K{len(s[0])}")
+def test_backward_matches_reference(path, shape):
+    """grad_input runs on the same kernels (the transposed triangle: input group i reads the
+    gradients of the output groups that read it); every gradient of the full op and of a stage."""
+    in_splits, out_splits, block_mask, batch, height, width = shape
+    input, weight, bias = _tensors(in_splits, out_splits, batch, height, width)
+    mask = None if block_mask is None else [list(row) for row in block_mask]
+    kwargs = {"in_splits": in_splits, "out_splits": out_splits, "block_mask": mask}
+    stages = [None, (len(out_splits) - 2, len(out_splits) - 1), (0, 1)]
+    for stage in stages:
+        extra = {} if stage is None else {"stages": stage}
+        leaves = [t.detach().clone().requires_grad_() for t in (input, weight, bias)]
+        output = nested_conv2d(*leaves, backend="cpp", **kwargs, **extra)
+        grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(2)).contiguous(
+            memory_format=torch.channels_last)
+        actual = torch.autograd.grad(output, leaves, grad_output)
+        references = [t.detach().double().requires_grad_() for t in (input, weight, bias)]
+        expected_output = nested_conv2d_reference(*references, **kwargs, **extra)
+        expected = torch.autograd.grad(expected_output, references, grad_output.double())
+        for name, got, want in zip(("input", "weight", "bias"), actual, expected, strict=True):
+            assert_close(got, want, torch.float32, what=f"grad {name}, stages={stage}")
+        assert actual[0].is_contiguous(memory_format=torch.channels_last)
