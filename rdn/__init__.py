@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("nn", "models", "surgery", "data", "train", "order", "policy", "inference", "config", "files",
-               "errors", "steps", "deploy", "early_exit", "experiments", "pipeline", "cli")
+               "errors", "steps", "deploy", "early_exit", "export", "experiments", "pipeline", "cli")
 
 # Public names re-exported at top level, mapped to the module that defines them.
 _ATTRIBUTES: dict[str, str] = {"nest": "rdn.surgery", "NestConfig": "rdn.surgery", "RussianDollNet": "rdn.surgery",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from rdn.data import IMAGE_SUFFIXES, BatchTransform, DataSpec
 from rdn.errors import DeployError
+from rdn.export import EXPORT_FILES, write_subnet
 from rdn.files import atomic_write, load_torch_data, write_json
 from rdn.steps import DataConfig, load_data, load_trained, spec_from_summary
 
@@ -52,10 +52,6 @@ __all__ = [
     "write_predictions",
 ]
 
-# What `export_subnet` writes into its folder, by format, and its description.
-_EXPORT_NAMES = {"state_dict": "state_dict.pt", "torchscript": "model.torchscript.pt",
-                 "exported_program": "model.pt2", "onnx": "model.onnx"}  # fmt: skip
-EXPORT_FILES = (*_EXPORT_NAMES.values(), "export.json")
 
 
 @dataclass(frozen=True)
@@ -366,60 +362,6 @@ def write_predictions(predictions: Sequence[Prediction], path: str | os.PathLike
 
 def export_subnet(deployable: Deployable, subnet: int, out: str | os.PathLike,
                   formats: Sequence[str] | None = None) -> dict[str, Path]:  # fmt: skip
-    """Write sub-network N_``subnet`` as a module of stock layers (:meth:`RussianDollNet.export`) into ``out``.
-
-    Formats: ``state_dict`` (``torch.save`` of its state dict), ``torchscript`` (``torch.jit.trace``
-    on one input of the spec's shape; runs any batch size), ``exported_program`` (``torch.export``
-    with a dynamic batch dimension, saved with ``torch.export.save``: what torch now recommends over
-    TorchScript), ``onnx`` (``torch.onnx.export``, needs the onnx package, dynamic batch); default:
-    the first three, and onnx when installed.
-    Beside them ``export.json``: input shape, normalisation, class names, MACs and parameters.
-    Files already in ``out`` are replaced. Returns format → path.
-    """
-    net, spec = deployable.net.cpu().eval(), deployable.spec
-    ExitRule.static(net, subnet)  # checks subnet
-    onnx_installed = importlib.util.find_spec("onnx") is not None
-    if formats is None:
-        formats = ["state_dict", "torchscript", "exported_program"] + (["onnx"] if onnx_installed else [])
-    unknown = sorted(set(formats) - set(_EXPORT_NAMES))
-    if unknown or not formats:
-        raise DeployError(f"export formats must be among {list(_EXPORT_NAMES)}, got {list(formats)}")
-    if "onnx" in formats and not onnx_installed:
-        raise DeployError("ONNX export needs the onnx package (pip install onnx); the other formats do not")
-    out = Path(out)
-    module = net.export(subnet).eval()
-    example = torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size)
-    written: dict[str, Path] = {}
-    if "state_dict" in formats:
-        state = module.state_dict()
-        written["state_dict"] = atomic_write(out / _EXPORT_NAMES["state_dict"], lambda tmp: torch.save(state, tmp))
-    if "torchscript" in formats:
-        with torch.no_grad():
-            traced = torch.jit.trace(module, example)
-        written["torchscript"] = atomic_write(out / _EXPORT_NAMES["torchscript"], lambda tmp: traced.save(str(tmp)))
-    if "exported_program" in formats:
-        # Traced on two images: an example batch of 1 would specialise the batch dimension to 1.
-        program = torch.export.export(module, (example.expand(2, -1, -1, -1),),
-                                      dynamic_shapes=({0: torch.export.Dim("batch")},))  # fmt: skip
-        archive = io.BytesIO()  # torch.export.save warns about a file name not ending in .pt2 (the temporary's)
-        torch.export.save(program, archive)
-        written["exported_program"] = atomic_write(out / _EXPORT_NAMES["exported_program"],
-                                                   lambda tmp: tmp.write_bytes(archive.getvalue()))  # fmt: skip
-    if "onnx" in formats:
-        written["onnx"] = atomic_write(out / _EXPORT_NAMES["onnx"], lambda tmp: _onnx_export(module, example, tmp))
-    written["description"] = write_json(out / EXPORT_FILES[-1], {
-        "source": str(deployable.checkpoint), "subnet": subnet, "input_shape": ["batch", *example.shape[1:]],
-        "preprocessing": "pixels / 255, then (x - mean) / std per channel", "mean": list(spec.mean),
-        "std": list(spec.std), "classes": list(spec.classes), "macs": net.macs(subnet), "params": net.params(subnet),
-        "files": {kind: path.name for kind, path in written.items()}, "torch": torch.__version__,
-    })  # fmt: skip
-    return written
-
-
-def _onnx_export(module: nn.Module, example: Tensor, path: Path) -> None:
-    import onnx
-
-    # dynamo=False: the TorchScript-based exporter, which needs onnx only (the dynamo one also needs onnxscript).
-    torch.onnx.export(module, (example,), str(path), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)  # fmt: skip
-    onnx.checker.check_model(str(path))
+    """Write N_``subnet`` of the deployable's RDN as stock torch modules into ``out``
+    (:func:`rdn.export.write_subnet`: formats, files and ``export.json``). Returns format → path."""
+    return write_subnet(deployable.net, deployable.spec, subnet, out, formats, source=str(deployable.checkpoint))

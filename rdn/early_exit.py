@@ -223,12 +223,11 @@ class EarlyExitModel(nn.Module):
     def export(self, out: str | os.PathLike, subnet: int | None = None,
                formats: Sequence[str] | None = None) -> dict[str, Path]:  # fmt: skip
         """Write the static sub-network N_``subnet`` (default N_K) as stock torch modules into ``out``
-        (:func:`rdn.deploy.export_subnet`: TorchScript, ExportedProgram, ONNX, state dict; needs
+        (:func:`rdn.export.write_subnet`: TorchScript, ExportedProgram, ONNX, state dict; needs
         ``spec``). The early-exit engine itself is data-dependent control flow that runs with rdn."""
-        from rdn.deploy import Deployable, export_subnet
+        from rdn.export import write_subnet
 
         if self.spec is None:
             raise ValueError("export needs the input spec (EarlyExitModel(..., spec=...)) for the example input")
         subnet = self.net.num_subnets if subnet is None else subnet
-        deployable = Deployable(self.net, self.spec, checkpoint=Path("<EarlyExitModel>"), run=Path(out))
-        return export_subnet(deployable, subnet, out, formats)
+        return write_subnet(self.net, self.spec, subnet, out, formats, source="EarlyExitModel")

@@ -248,12 +248,15 @@ class RussianDollNet(nn.Module):
                 values[name] = self._channels(step, 0, hi, fetch)
             self._release(index, values, keep)
 
-    def _run_groups(self, lo: int, hi: int, values: dict[str, Any], region: tuple[int, int]) -> None:
+    def _run_groups(self, lo: int, hi: int, values: dict[str, Any], region: tuple[int, int], final: bool) -> None:
         """Staged: compute only groups lo..hi-1 (lo > 0) of the regrown steps of ``region``.
 
         ``values`` holds the cached values (the plan's lifetimes); buffered tensors get their new
         groups written in. Channel-wise steps read only the new groups of their inputs, which live
-        in ``fresh`` until their last reader ran.
+        in ``fresh`` until their last reader ran. ``final`` (the last exit: no later stage reads the
+        cache): each buffer is widened only when its step runs and every cached value but the
+        heads' inputs is dropped after its last reader, as a static forward frees them, so the
+        step's peak memory is near static N_K's instead of every layer's full width at once.
         """
         fresh: dict[str, Any] = {}
         lifetimes = self._plan.lifetimes
@@ -270,8 +273,12 @@ class RussianDollNet(nn.Module):
         for index in range(*region):
             step = self._plan.steps[index]
             if step.name in lifetimes.regrown:
+                if final:
+                    self._to_buffer(values, step)
                 self._grow(step, lo, hi, values, fresh, fetch)
             self._release(index, fresh, set())
+            if final:
+                self._release(index, values, lifetimes.head_inputs)
 
     def _grow(self, step: Step, lo: int, hi: int, values: dict[str, Any], fresh: dict[str, Any], fetch) -> None:
         """Groups lo..hi-1 of one regrown step into ``fresh`` (and its buffer, if cached)."""
@@ -348,11 +355,15 @@ class RussianDollNet(nn.Module):
         the prefix: every later group is written by its stage before anything reads it). Done at
         the first step, not at ``start``: only the samples that go on pay for the full width."""
         for step in self._plan.steps[region[0] : region[1]]:
-            if step.name in self._plan.lifetimes.buffered and values[step.name].shape[1] < len(step.space):
-                prefix = values[step.name]
-                buffer = prefix.new_empty((prefix.shape[0], len(step.space), *prefix.shape[2:]))
-                buffer[:, : prefix.shape[1]] = prefix
-                values[step.name] = buffer
+            self._to_buffer(values, step)
+
+    def _to_buffer(self, values: dict[str, Any], step: Step) -> None:
+        """One step's buffered prefix into a full-width buffer (see :meth:`_to_buffers`)."""
+        if step.name in self._plan.lifetimes.buffered and values[step.name].shape[1] < len(step.space):
+            prefix = values[step.name]
+            buffer = prefix.new_empty((prefix.shape[0], len(step.space), *prefix.shape[2:]))
+            buffer[:, : prefix.shape[1]] = prefix
+            values[step.name] = buffer
 
     def _advance(self, x: Tensor | None, state: StagedState, subnet: int) -> StagedState:
         s, depth = self._plan.exits[subnet - 1]
@@ -361,8 +372,10 @@ class RussianDollNet(nn.Module):
             if done == 0:
                 self._run_prefix(x, s, state.values, region, self._plan.lifetimes.cached)
             elif done < s:
-                self._to_buffers(state.values, region)
-                self._run_groups(done, s, state.values, region)
+                final = subnet == self.num_subnets  # nothing steps further: free the cache as it is read
+                if not final:
+                    self._to_buffers(state.values, region)
+                self._run_groups(done, s, state.values, region, final)
             state.widths[index] = max(done, s)
         state.subnet = subnet
         state.logits = self._exit_logits(s, depth, state.values)
