@@ -461,7 +461,7 @@ bool channels_minor_product(const ChannelsMinorProblem& problem, const at::Tenso
 bool channels_minor_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             const BlockLayout& layout, int64_t lo, int64_t hi, at::Tensor& output, int64_t out_base) {
   const int64_t first = layout.out_offsets[lo];
-  if (layout.out_offsets[hi] == first) return false;
+  if (input.scalar_type() != at::kFloat || layout.out_offsets[hi] == first) return false;
   return channels_minor_product(forward_problem(layout, lo, hi), input, output, first - out_base,
                                 weight.data_ptr<float>() + first * weight.size(1),
                                 bias ? bias->data_ptr<float>() + first : nullptr, layout, lo, hi);
@@ -470,6 +470,7 @@ bool channels_minor_forward(const at::Tensor& input, const at::Tensor& weight, c
 // grad_input of a 1×1 convolution (or linear layer) on the channels-minor kernels, when they apply.
 bool channels_minor_grad_input(const at::Tensor& grad_output, const at::Tensor& weight, const BlockLayout& layout,
                                int64_t lo, int64_t hi, at::Tensor& grad_input) {
+  if (grad_output.scalar_type() != at::kFloat) return false;
   return channels_minor_product(grad_input_problem(layout, lo, hi), grad_output, grad_input, 0,
                                 weight.data_ptr<float>() + layout.out_offsets[lo] * weight.size(1), nullptr, layout, lo,
                                 hi);
