@@ -1,4 +1,4 @@
-"""Command line: ``rdn pretrain | nest | finetune | pipeline | infer | export`` (also ``python -m rdn ...``).
+"""Command line: ``rdn pretrain | nest | finetune | pipeline | calibrate | infer | export`` (``python -m rdn``).
 
 A typical run (Fashion-MNIST, small MobileNetV2, a few CPU minutes per epoch)::
 
@@ -306,6 +306,29 @@ def build_parser(with_pipeline: bool = True) -> argparse.ArgumentParser:
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     infer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
+    calibrate = commands.add_parser(
+        "calibrate", formatter_class=_FORMATTER, help="certify early exits on held-out images; one model file",
+        description="Train the exit policy of an RDN to predict agreement with N_K (on training images; labels "
+        "unused) and certify on the calibration split the most aggressive λ whose rate of predictions that differ "
+        "from N_K's is at most --tolerance with probability >= --confidence (rdn.calibration, Learn-then-Test). "
+        "Writes one file (rdn.EarlyExitModel: network, policy, λ, input spec) that `rdn infer --from` runs.",
+    )  # fmt: skip
+    _add_run_options(calibrate, out_help="the model file to write, e.g. model.rdn.pt", progress=True)
+    calibrate.add_argument("--from", dest="source", required=True,
+                           help="an RDN: a finetune run folder or its checkpoint.pt")
+    calibrate.add_argument("--tolerance", type=float, default=0.005,
+                           help="tolerated fraction of images predicted differently from N_K (bounds the accuracy "
+                                "drop against N_K)")  # fmt: skip
+    calibrate.add_argument("--confidence", type=float, default=0.9,
+                           help="probability over the calibration draw that the bound holds")
+    calibrate.add_argument("--policy-samples", type=int, default=10000,
+                           help="training-split images the policy learns from")
+    calibrate.add_argument("--policy-epochs", type=int, default=10, help="policy training epochs")
+    calibrate.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    calibrate.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                           help="the checkpoint's EMA weights (--no-ema: its raw weights)")
+    _add_data_options(calibrate)
+
     export = commands.add_parser(
         "export", formatter_class=_FORMATTER, help="save a sub-network as a stock torch module",
         description="Export sub-network N_s of an RDN as a module of stock layers (RussianDollNet.export): its "
@@ -342,7 +365,7 @@ def _run_folder(args: argparse.Namespace) -> Iterator[None]:
     """
     from rdn.files import RunFolder
 
-    if args.command in ("pipeline", "infer") or os.environ.get("RANK", "0") != "0":
+    if args.command in ("pipeline", "infer", "calibrate") or os.environ.get("RANK", "0") != "0":
         yield
         return
     from rdn.deploy import EXPORT_FILES
@@ -364,7 +387,7 @@ def _data_config(args: argparse.Namespace):
     from rdn.config import config_from_arguments
     from rdn.steps import DataConfig
 
-    return config_from_arguments(DataConfig, args, defaults=_QUICK if args.quick else None)
+    return config_from_arguments(DataConfig, args, defaults=_QUICK if getattr(args, "quick", False) else None)
 
 
 def _train_config(args: argparse.Namespace):
@@ -497,6 +520,52 @@ def _cmd_infer(args: argparse.Namespace) -> None:
           + (f"; predictions in {args.out}" if args.out else ""), file=sys.stderr)  # fmt: skip
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rdn.early_exit import EarlyExitModel
+    from rdn.steps import eval_batches, load_trained, resolve_device
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CliError(f"--out {out} exists; give --overwrite to replace it")
+    if out.is_dir():
+        raise CliError(f"--out {out} is a folder; name the model file to write")
+    for name in ("policy_samples", "policy_epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    device = resolve_device(args.device)
+    net, _, checkpoint = load_trained(args.source, "rdn", use_ema=args.ema)
+    net = net.to(device).eval()
+    data = _load_data(args, _data_config(args))
+    try:
+        model = EarlyExitModel.calibrate(
+            net,
+            _Batches(lambda: eval_batches(data, data.calib, args.batch_size, device)),
+            policy_data=_Batches(lambda: eval_batches(data, data.train, args.batch_size, device,
+                                                      limit=args.policy_samples)),  # fmt: skip
+            tolerance=args.tolerance, confidence=args.confidence, policy_epochs=args.policy_epochs,
+            spec=data.spec, seed=args.seed, progress=args.progress,
+        )  # fmt: skip
+    except ValueError as error:  # the tolerance or confidence out of range, or no images
+        raise CliError(str(error)) from error
+    model.save(out)
+    where = "every image runs N_K" if model.lam is None else f"λ = {model.lam:.4g}, {model.risk.saving:.1%} of N_K's " \
+        "MACs saved on the calibration images"  # fmt: skip
+    print(f"rdn calibrate: {checkpoint} on {model.risk.n} calibration images: {where}; {model.guarantee}. "
+          f"Saved {out}", file=sys.stderr)  # fmt: skip
+
+
+class _Batches:
+    """An iterable that calls ``make()`` for every pass (a generator is good for one pass only)."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from rdn.deploy import export_subnet
 
@@ -506,7 +575,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 _COMMANDS = {"pretrain": _cmd_pretrain, "nest": _cmd_nest, "finetune": _cmd_finetune, "pipeline": _cmd_pipeline,
-             "infer": _cmd_infer, "export": _cmd_export}  # fmt: skip
+             "infer": _cmd_infer, "calibrate": _cmd_calibrate, "export": _cmd_export}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

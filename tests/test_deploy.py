@@ -188,3 +188,21 @@ def test_export_a_subnet(run, tmp_path, capsys):
         assert main(["export", "--from", str(run), "--subnet", "1", "--out", str(tmp_path / "o"),
                      "--format", "onnx"]) == 2  # fmt: skip
         assert "needs the onnx package" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_model_that_infer_runs(run, images, tmp_path, capsys):
+    model = tmp_path / "model.rdn.pt"
+    command = ["calibrate", "--from", str(run), "--data", "synthetic", "--tolerance", "0.2", "--policy-samples", "200",
+               "--policy-epochs", "2", "--no-progress", "--out", str(model)]  # fmt: skip
+    assert main(command) == 0
+    error = capsys.readouterr().err
+    assert "calibration images" in error and "with probability >= 0.9" in error
+    assert main(["infer", str(images), "--from", str(model)]) == 0
+    assert "risk-controlled" in capsys.readouterr().err
+    # The file is not replaced without --overwrite; bad values are one-line errors.
+    assert main(command) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*command[:-2], "--tolerance", "1.5", "--overwrite", "--out", str(model)]) == 2
+    assert "delta" in capsys.readouterr().err
+    assert main([*command, "--overwrite", "--policy-samples", "0"]) == 2
+    assert "--policy-samples must be a positive int" in capsys.readouterr().err
