@@ -421,3 +421,23 @@ def test_data_path_benchmark_plumbing(tmp_path):
     subset = bench_data.subset_folder(folder, tmp_path / "subset", 20)
     assert len(list((subset / "train").rglob("*.jpg"))) == 20 and (subset / "val").is_dir()
     assert bench_data.loader_throughput(subset, image_size=16, batch=4, workers=0) > 0
+
+
+def test_both_layout_tables_and_their_summary(tmp_path, one_thread):
+    """benchmarks.cpu_tables: the benchmark in NCHW and channels_last, then the cross-layout summary
+    (FLOP-ideal from the faster dense layout, memory floor, fastest of each layout)."""
+    from benchmarks import cpu_tables
+
+    path = cpu_tables.main(["--plan", "tiny", "--timing", "tiny", "--threads", "1", "--out", str(tmp_path),
+                            "--name", "layouts"])
+    assert path == tmp_path / "layouts_layouts_cpu.md"
+    for layout in ("nchw", "channels_last"):
+        rows, _ = read_csv(tmp_path / f"layouts_{layout}_cpu.csv")
+        assert {r["implementation"] for r in rows} >= {"cpp", "masked dense", BLOCK_SPARSE, "dense"}
+    text = path.read_text()
+    assert "copy bandwidth" in text and "python -m benchmarks.cpu_tables" in text and "- torch_threads: 1" in text
+    summary_rows = [line for line in text.splitlines() if re.match(r"\| (forward|stage|backward) \| (nchw|chan)", line)]
+    assert {tuple(line.split(" | ")[:2]) for line in summary_rows} == {
+        (f"| {mode}", layout) for mode in ("forward", "stage", "backward") for layout in ("nchw", "channels_last")}
+    # K = 4; forward, the first and the last stage, backward
+    assert len(_case_rows(text)) == 4 * len(plan("tiny").layers)
