@@ -87,7 +87,11 @@ std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_outpu
                                                     const at::Tensor& weight, const BlockLayout& layout,
                                                     const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input,
                                                     bool needs_weight) {
-  at::Tensor grad_input = needs_input ? at::zeros_like(input) : at::Tensor();
+  // An input channel sums the grads of every output group that reads it: in fp32 for 16-bit inputs
+  // (one rounding at the end, not one per block), converted back below.
+  const bool widen = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  at::Tensor grad_input =
+      needs_input ? at::zeros_like(input, widen ? input.options().dtype(at::kFloat) : input.options()) : at::Tensor();
   at::Tensor grad_weight = needs_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::Tensor();
   const int64_t base = layout.out_offsets[lo];
   for (int64_t j = lo; j < hi; ++j) {
@@ -103,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_outpu
       if (needs_weight) grad_weight.narrow(0, out_start, width).narrow(1, start, stop - start).copy_(block_weight);
     }
   }
+  if (needs_input && widen) grad_input = grad_input.to(input.scalar_type());
   return {grad_input, grad_weight};
 }
 

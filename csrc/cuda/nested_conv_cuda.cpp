@@ -38,9 +38,12 @@ bool is_pointwise(const at::Tensor& weight, const Geometry& geometry) {
          geometry.padding == std::vector<int64_t>{0, 0};
 }
 
-// The fp16 / bf16 kernel uses cp.async and mma m16n8k16, which need compute capability 8.0.
+// The fp16 / bf16 kernel uses cp.async and mma m16n8k16, which need compute capability 8.0. The
+// fp32 kernel is exact fp32 (SIMT); when torch lets cuDNN convolutions use TF32
+// (torch.backends.cudnn.allow_tf32, on by default) fp32 goes to cuDNN per block run instead, so
+// that the op follows the precision a dense convolution gets under the same flags (and its speed).
 bool has_pointwise_kernel(const at::Tensor& input) {
-  if (input.scalar_type() == at::kFloat) return true;
+  if (input.scalar_type() == at::kFloat) return !at::globalContext().allowTF32CuDNN();
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, input.get_device()));
   return major >= 8;
@@ -158,8 +161,9 @@ at::Tensor pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor
   return grad_weight;
 }
 
-// k×k or strided convolutions (and fp16 / bf16 before sm_80): per output group, cuDNN
-// convolutions over its input runs.
+// k×k or strided convolutions (and fp16 / bf16 before sm_80, fp32 under TF32): per output group,
+// cuDNN convolutions over its input runs, their partial sums accumulated in fp32 (a 16-bit sum
+// would round once per run on top of cuDNN's own fp32 accumulation).
 void general_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                      const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi, at::Tensor& output,
                      int64_t output_channel_base) {
@@ -169,12 +173,15 @@ void general_forward(const at::Tensor& input, const at::Tensor& weight, const c1
     at::Tensor target = output.narrow(1, out_start - output_channel_base, width);
     c10::optional<at::Tensor> group_bias;
     if (bias) group_bias = bias->narrow(0, out_start, width);
+    const auto runs = input_runs(layout, j);
+    const bool widen = runs.size() > 1 && input.scalar_type() != at::kFloat;
     at::Tensor sum;
-    for (const auto& [start, stop] : input_runs(layout, j)) {
+    for (const auto& [start, stop] : runs) {
       at::Tensor term = at::conv2d(input.narrow(1, start, stop - start),
                                    weight.narrow(0, out_start, width).narrow(1, start, stop - start),
                                    sum.defined() ? c10::nullopt : group_bias, geometry.stride, geometry.padding,
                                    geometry.dilation);
+      if (widen) term = term.to(at::kFloat);
       sum = sum.defined() ? sum.add_(term) : term;
     }
     if (sum.defined()) {

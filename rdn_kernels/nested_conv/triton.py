@@ -253,8 +253,10 @@ def _channel_alignment(layout: NestedLayout) -> int:
 
 def _kernel_options(layout: NestedLayout, dtype: torch.dtype, device: torch.device) -> dict:
     """Compile-time options shared by the three kernels: channel alignment, accumulator dtype and
-    ``tl.dot`` precision (fp32 accumulation; TF32 only when torch allows it for matmuls)."""
-    use_tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    ``tl.dot`` precision (fp32 accumulation; TF32 when torch lets cuDNN convolutions use it,
+    ``torch.backends.cudnn.allow_tf32``, on by default: the op is a convolution and follows the
+    precision a dense one gets under the same flags, as the CUDA backend does)."""
+    use_tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
     return {
         "CHANNEL_ALIGN": _channel_alignment(layout),
         "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,

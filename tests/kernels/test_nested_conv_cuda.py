@@ -254,3 +254,34 @@ def test_more_than_2_to_the_31_elements(dtype):
     case = Case(in_splits, out_splits)
     expected = masked_dense(tail, weight.double().cpu(), bias.double().cpu(), case)
     assert_close(output[:, :, -2:].cpu(), expected, dtype)
+
+
+def test_fp32_follows_the_cudnn_tf32_flag():
+    """fp32 with ``torch.backends.cudnn.allow_tf32`` (torch's default): the op rounds like a dense
+    cuDNN convolution under the same flag (TF32 products); without it, exact fp32."""
+    case = POINTWISE_CASES[0]
+    (x, w, b), exact = _tensors(case, torch.float32, channels_last=True)
+    expected = _expected(case, exact, None)
+    exact_fp32 = nested_conv2d(x, w, b, backend="cuda", **case.conv_kwargs)
+    assert_close(exact_fp32, expected, atol=1e-4, rtol=1e-4)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        tf32 = nested_conv2d(x, w, b, backend="cuda", **case.conv_kwargs)
+        dense = masked_dense(x, w, b, case)  # cuDNN on the masked weight
+    assert_close(tf32, expected, atol=2e-2, rtol=2e-2)  # TF32 keeps 10 mantissa bits
+    assert_close(tf32, dense, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kxk_grad_input_sums_blocks_in_fp32(dtype):
+    """A k×k input channel read by many output groups: its grad sums one block per group. Summed in
+    fp32 and rounded once, it stays within one 16-bit rounding of the float64 reference."""
+    case = Case((8,) * 8, (8,) * 8, kernel=3, padding=1, size=(9, 9))
+    (x, w, b), exact = _tensors(case, dtype, channels_last=False)
+    x.requires_grad_(True)
+    y = nested_conv2d(x, w, b, backend="cuda", **case.conv_kwargs)
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, grad)
+    x64 = exact[0].clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(masked_dense(x64, exact[1], exact[2], case), x64, grad.double().cpu())
+    eps = torch.finfo(dtype).eps
+    assert_close(got.double().cpu(), want, atol=8 * eps * want.abs().max().item(), rtol=4 * eps)
