@@ -63,11 +63,11 @@ Data = DataSplits | FolderSplits
 class DataConfig(Config):
     """Which data a run uses (where its files are, ``--data-root``, is not part of it: it does not change them).
 
-    Version 2 added ``num_workers`` (version 1 runs loaded in the main process: 0).
+    Version 2 added ``num_workers`` (version 1 runs loaded in the main process: 0) and ``crop_scale``.
     """
 
     VERSION: ClassVar[int] = 2
-    MIGRATIONS: ClassVar[dict] = {1: lambda values: {"num_workers": 0, **values}}
+    MIGRATIONS: ClassVar[dict] = {1: lambda values: {"num_workers": 0, "crop_scale": 0.08, **values}}
 
     dataset: str = setting(
         "fashion_mnist", "dataset: fashion_mnist (Debian package dataset-fashion-mnist, or --data-root), mnist5k "
@@ -81,6 +81,9 @@ class DataConfig(Config):
                                            "imagefolder: the side of the training crops and evaluation centre crops "
                                            "(not set: 224)")  # fmt: skip
     num_workers: int = setting(0, "DataLoader worker processes")
+    crop_scale: float = setting(0.08, "imagefolder: the smallest area fraction of the random-resized training crops "
+                                      "(ImageNet's recipe: 0.08; larger zooms in less, e.g. 0.35 for small models "
+                                      "or objects centred in small images)")  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +91,10 @@ class DataConfig(Config):
 
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
+        if isinstance(self.crop_scale, bool) or not isinstance(self.crop_scale, (int, float)) or not (
+            0 < self.crop_scale <= 1
+        ):
+            raise ConfigError(f"crop_scale must be a number in (0, 1], got {self.crop_scale!r}")
 
 
 # What --num-workers does for the data (the CLI appends it to the option's help).
@@ -108,7 +115,10 @@ def load_data(config: DataConfig, root: str | os.PathLike | None, seed: int) -> 
     try:
         if config.dataset == "imagefolder":
             return folder_splits(root, image_size=config.image_size, calib_size=config.calib_size, seed=seed,
-                                 num_workers=config.num_workers)  # fmt: skip
+                                 num_workers=config.num_workers, crop_scale=config.crop_scale)  # fmt: skip
+        if config.crop_scale != DataConfig.crop_scale:
+            raise ValueError(f"crop_scale applies to the imagefolder data only (random-resized crops), got "
+                             f"{config.crop_scale} for {config.dataset!r}")  # fmt: skip
         return load_dataset(config.dataset, root, seed=seed, calib_size=config.calib_size,
                             image_size=config.image_size)  # fmt: skip
     except (FileNotFoundError, ValueError) as error:  # the loaders' refusals: files missing or not data

@@ -126,3 +126,17 @@ def test_data_config_version_1_reads_and_workers_are_checked():
     assert DataConfig().to_dict()["version"] == 2
     with pytest.raises(ConfigError, match="num_workers must be an int >= 0"):
         DataConfig(num_workers=-1)
+
+
+def test_crop_scale_sets_the_training_crops_and_is_refused_for_in_memory_data(tmp_path):
+    from rdn.config import ConfigError
+    from rdn.errors import DataError
+    from rdn.steps import DataConfig, load_data
+
+    write_folder(tmp_path)
+    data = load_data(DataConfig(dataset="imagefolder", image_size=16, crop_scale=0.35, calib_size=1), tmp_path, 0)
+    assert data.train.transform.scale == (0.35, 1.0)
+    with pytest.raises(DataError, match="crop_scale applies to the imagefolder data only"):
+        load_data(DataConfig(dataset="synthetic", crop_scale=0.35), None, 0)
+    with pytest.raises(ConfigError, match=r"crop_scale must be a number in \(0, 1\]"):
+        DataConfig(crop_scale=0)

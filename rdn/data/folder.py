@@ -392,13 +392,16 @@ def folder_splits(
     calib_size: int | None = None,
     seed: int = 0,
     num_workers: int = 0,
+    crop_scale: float = 0.08,
 ) -> FolderSplits:
     """``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` as a run's streamed splits.
 
     Only the file lists are read (and one image header per class, for the channels): nothing is
     decoded until a loader asks. Args: ``image_size``: the crop side (default 224); ``calib_size``:
     training images held out for calibration (default a tenth, at most 5,000); ``seed``: the
-    calibration split and the splits' orders; ``num_workers``: the loaders' worker processes.
+    calibration split and the splits' orders; ``num_workers``: the loaders' worker processes;
+    ``crop_scale``: the smallest area fraction of the training crops (:class:`TrainTransform`'s
+    ``scale`` is ``(crop_scale, 1)``).
     Grey folders (every class's first image grey) give 1-channel images normalised by
     :data:`GREY_MEAN` / :data:`GREY_STD`, the others RGB by ImageNet's mean and std.
 
@@ -454,7 +457,8 @@ def folder_splits(
         dataset.mode = mode
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     calib = train.subset(order[:calib_size]).with_transform(EvalTransform(size, mean=mean, std=std))
-    train = train.subset(order[calib_size:]).with_transform(TrainTransform(size, mean=mean, std=std))
+    train = train.subset(order[calib_size:]).with_transform(TrainTransform(size, (crop_scale, 1.0), mean=mean,
+                                                                            std=std))  # fmt: skip
     test = _seeded_order(test, seed + 2).with_transform(EvalTransform(size, mean=mean, std=std))
     spec = DataSpec("imagefolder", tuple(classes), 1 if mode == "L" else 3, size, mean, std, crop_padding=0,
                     flip=True)  # fmt: skip
