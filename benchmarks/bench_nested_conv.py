@@ -590,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", type=_choice_list(KNOWN_BACKENDS),
                         help="which of our backends to time (default: every available one)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (CPU; default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="CPU: wall time, or the thread's CPU time (with --threads 1: steadier on a shared "
+                             "machine, the time spent descheduled is not counted)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
                         help="GPU: keep cuDNN's heuristic algorithm choice (default: autotune the baselines' convs)")
     parser.add_argument("--timing", choices=tuple(TIMING_PRESETS), help="timing preset (default: full, quick)")
@@ -620,7 +623,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this torch build sees no CUDA GPU")
     cases = _select_plan(args).cases(args.modes)
-    config = TIMING_PRESETS[args.timing or ("quick" if args.quick else "full")]
+    config = replace(TIMING_PRESETS[args.timing or ("quick" if args.quick else "full")], clock=args.clock)
+    if args.clock == "thread" and (device.type != "cpu" or args.threads != 1):
+        raise SystemExit("--clock thread times one CPU thread: give --device cpu --threads 1")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     backends = args.backends or available_backends(device)
     if args.threads is not None:

@@ -44,8 +44,15 @@ class TimingConfig:
     min_sample_s: float = 0.02
     gpu_warmup_ms: int = 25
     gpu_rep_ms: int = 100
+    # CPU: "wall" (perf_counter) or "thread" (the calling thread's CPU time, time.thread_time: a
+    # single-threaded run on a shared machine then does not count the time it sat descheduled;
+    # it still pays for the cache and memory bandwidth its neighbours take). "thread" needs one
+    # torch thread: with more, the work of the other threads is not counted.
+    clock: str = "wall"
 
     def __post_init__(self):
+        if self.clock not in ("wall", "thread"):
+            raise ValueError(f"clock must be 'wall' or 'thread', got {self.clock!r}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if min(self.warmup_s, self.min_sample_s) < 0 or min(self.gpu_warmup_ms, self.gpu_rep_ms) < 1:
@@ -78,13 +85,18 @@ def measure(fns: Mapping[str, Callable[[], object]], device: torch.device, confi
     return _time_cpu_interleaved(fns, config)
 
 
+def _clock(config: TimingConfig) -> Callable[[], float]:
+    return time.thread_time if config.clock == "thread" else time.perf_counter
+
+
 def _warm_up_and_count(fn: Callable[[], object], config: TimingConfig) -> int:
     """Run ``fn`` for ``warmup_s`` (at least once); return how many calls make one sample."""
-    calls, start = 0, time.perf_counter()
+    clock = _clock(config)
+    calls, start = 0, clock()
     while True:
         fn()
         calls += 1
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if elapsed >= config.warmup_s:
             break
     per_call = elapsed / calls
@@ -94,8 +106,29 @@ def _warm_up_and_count(fn: Callable[[], object], config: TimingConfig) -> int:
 def _time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], config: TimingConfig) -> dict[str, Timing]:
     # The warm-up here is by time (it also sizes the samples), so the rounds need no more of it.
     calls_per_sample = {name: _warm_up_and_count(fn, config) for name, fn in fns.items()}
-    samples = interleaved_samples(fns, config.rounds, warmup=0, calls=calls_per_sample)
+    if config.clock == "thread":
+        samples = _thread_time_samples(fns, config.rounds, calls_per_sample)
+    else:
+        samples = interleaved_samples(fns, config.rounds, warmup=0, calls=calls_per_sample)
     return {name: _summary([seconds * 1e3 for seconds in values]) for name, values in samples.items()}
+
+
+def _thread_time_samples(fns: Mapping[str, Callable[[], object]], rounds: int,
+                         calls: Mapping[str, int]) -> dict[str, list[float]]:
+    """:func:`rdn_kernels.timing.interleaved_samples` (same rotated rounds) on the thread's CPU time."""
+    if torch.get_num_threads() != 1:
+        raise ValueError(f"clock='thread' times the calling thread only: run with one torch thread, "
+                         f"not {torch.get_num_threads()}")
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.thread_time()
+            for _ in range(calls[name]):
+                fns[name]()
+            samples[name].append((time.thread_time() - start) / calls[name])
+    return samples
 
 
 def _summary(values_ms: list[float]) -> Timing:

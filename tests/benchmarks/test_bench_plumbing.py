@@ -441,3 +441,23 @@ def test_both_layout_tables_and_their_summary(tmp_path, one_thread):
         (f"| {mode}", layout) for mode in ("forward", "stage", "backward") for layout in ("nchw", "channels_last")}
     # K = 4; forward, the first and the last stage, backward
     assert len(_case_rows(text)) == 4 * len(plan("tiny").layers)
+
+
+def test_thread_clock_counts_cpu_time_not_sleep(one_thread):
+    torch.set_num_threads(1)
+    config = TimingConfig(warmup_s=0.0, rounds=3, min_sample_s=0.0, clock="thread")
+
+    def spin():
+        end = time.thread_time() + 0.002
+        while time.thread_time() < end:
+            pass
+
+    timings = measure({"sleep 5 ms": lambda: time.sleep(0.005), "spin 2 ms": spin}, CPU, config)
+    assert timings["sleep 5 ms"].median_ms < 1.0 <= timings["spin 2 ms"].median_ms
+    with pytest.raises(ValueError, match="clock"):
+        TimingConfig(clock="sundial")
+    torch.set_num_threads(2)
+    with pytest.raises(ValueError, match="one torch thread"):
+        measure({"x": lambda: None}, CPU, config)
+    with pytest.raises(SystemExit, match="--threads 1"):
+        main(["--clock", "thread", "--threads", "2", "--plan", "tiny"])
