@@ -149,7 +149,22 @@ class DenseToy(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-CONCAT_MODELS = {"ghost": GhostToy, "dense": DenseToy}
+class PooledBranches(nn.Module):
+    """Two branches pooled differently and concatenated into the classifier's features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.a = nn.Sequential(nn.Conv2d(8, 12, 1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(18, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(torch.cat([self.a(x).mean((2, 3)), self.b(x).amax((2, 3))], 1))
+
+
+CONCAT_MODELS = {"ghost": GhostToy, "dense": DenseToy, "pooled": PooledBranches}
 # (mode, exact, copies): exact latest copies reproduce the base in N_K
 VARIANTS = [("expand", True, "latest"), ("expand", False, "sum"), ("truncate", True, "latest")]
 
