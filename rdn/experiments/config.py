@@ -41,7 +41,7 @@ OPERATING_OFFSET = 0.002
 # Settings that do not change what the steps compute (timing, presentation, the optional
 # ablations step): a run folder resumes when only these differ.
 RESUMABLE_CHANGES = ("preset", "ablations", "bench_batch", "repeats", "time_every_subnet", "bench_device",
-                     "bench_threads")  # fmt: skip
+                     "bench_threads", "eval_batch_size")  # fmt: skip
 _BENCH_DEVICES = (None, "auto", "cpu", "cuda")
 
 
@@ -107,6 +107,8 @@ class ExperimentConfig(Config):
     finetune_epochs: int = setting(2, "joint fine-tuning epochs (every exit, one forward pass)")
     steps_per_epoch: int | None = setting(200, "cap on optimisation steps per epoch; not set: the whole split")
     batch_size: int = setting(128, "training batch size")
+    eval_batch_size: int = setting(512, "batch size of the per-epoch evaluation of the monitored test images (added "
+                                        "after version 2: earlier settings read with this default)")  # fmt: skip
     lr: float | None = setting(None, "peak learning rate of the pretraining; not set: 0.1 x batch-size / 256")
     finetune_lr: float | None = setting(None, "peak learning rate of the joint fine-tuning; not set: the "
                                               "pretraining's (the paper's scaling is 0.1 x batch-size / 1024)")
@@ -120,6 +122,10 @@ class ExperimentConfig(Config):
     policy_samples: int = setting(30000, "training samples the exit policy learns from")
     policy_epochs: int = setting(10, "exit policy training epochs")
     policy_hidden: int = setting(16, "width of the policy MLP's hidden layers")
+    policy_target: str = setting("agreement", "what the exit policy predicts per exit: agreement with N_K's "
+                                              "prediction (label-free; its λ path starts at always-N_K, which the "
+                                              "risk-controlled operating point needs) or correctness (the paper's)",
+                                 choices=("agreement", "correctness"))  # fmt: skip
     all_exits: bool = setting(False, "let the policy exit at every sub-network, not only at those of the nesting "
                                      "order")  # fmt: skip
     epsilons: tuple[float, ...] | None = setting(
@@ -142,8 +148,9 @@ class ExperimentConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("base_epochs", "finetune_epochs", "batch_size", "monitor_samples", "calib_samples",
-                     "policy_samples", "policy_epochs", "policy_hidden", "bench_batch", "repeats"):  # fmt: skip
+        for name in ("base_epochs", "finetune_epochs", "batch_size", "eval_batch_size", "monitor_samples",
+                     "calib_samples", "policy_samples", "policy_epochs", "policy_hidden", "bench_batch",
+                     "repeats"):  # fmt: skip
             _check_positive_int(name, getattr(self, name))
         for name in ("steps_per_epoch", "bench_threads"):
             if getattr(self, name) is not None:

@@ -283,7 +283,7 @@ class _Pipeline:
         c = self.config
         config = TrainConfig(epochs=epochs, batch_size=c.batch_size, lr=lr, warmup_epochs=min(c.warmup_epochs, epochs),
                              steps_per_epoch=c.steps_per_epoch, bn_momentum=c.bn_momentum, seed=c.seed, exits=exits,
-                             progress=self.progress)  # fmt: skip
+                             eval_batch_size=c.eval_batch_size, progress=self.progress)  # fmt: skip
         splits = dataclasses.replace(self.data, test=self.monitored)
         folder = self.folder / name
         result = train(model, splits, config, folder, model_config=model_config, resume=True, device=str(self.device),
@@ -324,7 +324,8 @@ class _Pipeline:
     def policy(self) -> nn.Module:
         from rdn.policy import ExitPolicy
 
-        policy = ExitPolicy.for_network(self.net, hidden=self.config.policy_hidden).to(self.device)
+        policy = ExitPolicy.for_network(self.net, hidden=self.config.policy_hidden,
+                                        target=self.config.policy_target).to(self.device)  # fmt: skip
         policy.load_state_dict(load_torch_data(self.folder / "policy.pt", what="policy file")[0])
         return policy.eval()
 
@@ -404,7 +405,7 @@ class _Pipeline:
         net, c = self.net, self.config
         epsilons, operating = self._epsilons()
         torch.manual_seed(c.seed)
-        policy = ExitPolicy.for_network(net, hidden=c.policy_hidden).to(self.device)
+        policy = ExitPolicy.for_network(net, hidden=c.policy_hidden, target=c.policy_target).to(self.device)
         if not c.all_exits:  # the nesting order's sub-networks only (paper §3.3)
             order = json.loads((self.folder / "order.json").read_text())
             policy.restrict_exits([cell_exit(net, cell) for cell in order["path"]])
