@@ -127,7 +127,9 @@ def make_plan(graph: SurgeryGraph, record: NestRecord) -> Plan:
     head_inputs = frozenset({features} | ({graph.depth_split} if graph.depth_split is not None else set()))
     steps = tuple(steps)
     lifetimes = plan_lifetimes(steps, regions, head_inputs)
-    unnested = tuple((name, graph.unnested_reason(name)) for name in sorted(graph.plain, key=graph.position))
+    # every un-nested layer (skipped or pinned convs, and the grouped convs and norms beside them) and why
+    unnested = tuple((step.name, graph.unnested_reason(step.name)) for step in steps
+                     if step.role is Role.FIXED and step.module is not None)  # fmt: skip
     plan = Plan(record.replace(pruned_blocks={}), steps, graph.num_groups, heads, exits, regions, lifetimes,
                 unnested, tuple(graph.after_classifier))  # fmt: skip
     return plan.with_pruned_blocks(record.pruned_blocks) if record.pruned_blocks else plan

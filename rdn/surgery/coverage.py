@@ -37,7 +37,7 @@ class LayerCoverage:
         name: the traced node (a key of ``RussianDollNet.layers``); module: its qualified name.
         macs, params: the base layer's, per sample at the calibration input size.
         nested: whether its work is split over the groups.
-        why: for an un-nested conv / linear layer, why (the skip, or the node and what it does).
+        why: for an un-nested layer, why (the skip, or the node and what it does).
     """
 
     name: str
@@ -85,18 +85,19 @@ class Coverage:
         return self.nested_params / self.total_params if self.total_params else 0.0
 
     def causes(self) -> list[tuple[str, int, list[str]]]:
-        """(why, MACs, modules) of the un-nested conv / linear layers, grouped by why, most MACs first."""
+        """(why, MACs, modules) of the un-nested conv / linear layers (grouped convs included), grouped by
+        why, most MACs first: their MACs add up to the un-nested ones."""
         grouped: dict[str, list[LayerCoverage]] = defaultdict(list)
         for layer in self.layers:
-            if layer.why is not None:
-                grouped[layer.why].append(layer)
+            if not layer.nested and layer.macs:
+                grouped[layer.why or "un-nested"].append(layer)
         rows = [(why, sum(layer.macs for layer in layers), [layer.module for layer in layers])
                 for why, layers in grouped.items()]  # fmt: skip
         return sorted(rows, key=lambda row: -row[1])
 
     def summary(self) -> str:
         """One line: the shares and the number of nested conv / linear layers."""
-        counted = [layer for layer in self.layers if layer.why is not None or layer.nested and layer.macs]
+        counted = [layer for layer in self.layers if layer.macs]  # conv / linear layers
         nested = sum(layer.nested for layer in counted)
         return (
             f"{100 * self.mac_share:.0f} % of the base model's MACs ({_amount(self.nested_macs)} of "

@@ -822,8 +822,9 @@ class SurgeryGraph:
         return "is kept un-nested by skip"
 
     def unnested_cause(self, name: str) -> tuple[str, list[str]]:
-        """Why nestable layer ``name`` is un-nested: (root cause node, the un-nested nodes the cause
-        reached it through, nearest first). The root is the layer itself when it is skipped."""
+        """Why nestable layer ``name`` (or any node whose output is un-nested) is un-nested: (root cause
+        node, the un-nested nodes the cause reached it through, nearest first). The root is the layer
+        itself when it is skipped."""
         if self._is_skipped(name):
             return name, []
         through: list[str] = []
@@ -833,12 +834,18 @@ class SurgeryGraph:
             node, via = self._pinned_by[via]
         return node, through
 
+    def _short(self, name: str) -> str:
+        """Node ``name`` in a path of error messages: the module it calls, or the node's name."""
+        node = self.infos[name].node
+        return node.target if node.op == "call_module" else name
+
     def unnested_reason(self, name: str) -> str:
-        """Why nestable layer ``name`` is un-nested, in words: the skip, or the root cause and what it does."""
-        root, through = self.unnested_cause(name)
-        if root == name:
+        """Why node ``name`` (a nestable layer kept un-nested, or any node of the un-nested part) is
+        un-nested, in words: the skip, or the root cause and what it does."""
+        if self._is_skipped(name):
             return SKIPPED_REASON
-        path = f" (through {', '.join(self.infos[n].node.target for n in through)})" if through else ""
+        root, through = self.unnested_cause(name)
+        path = f" (through {', '.join(self._short(n) for n in through)})" if through else ""
         return f"{self.describe(root)} {self._why(root)}{path}"
 
     def _no_nested_layer_message(self) -> str:
@@ -858,7 +865,7 @@ class SurgeryGraph:
                 skipped.append(self.describe(root))
                 continue
             texts = [
-                self.describe(name) + (" through " + ", ".join(self.infos[n].node.target for n in through))
+                self.describe(name) + (" through " + ", ".join(self._short(n) for n in through))
                 if through
                 else self.describe(name)
                 for name, through in others

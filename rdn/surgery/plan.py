@@ -249,8 +249,8 @@ class Plan:
         regions: (first, stop) step indices of the depth regions: the whole graph, or the steps up to
             the split node and the rest.
         lifetimes: how long every value lives (:func:`plan_lifetimes`).
-        unnested: (step name, why) of every un-nested conv / linear layer (what the coverage report
-            names: the skip, or the node whose channels must stay whole and what it does).
+        unnested: (step name, why) of every un-nested layer (what the coverage report names: the
+            skip, or the node whose channels must stay whole and what it does).
         after_classifier: the shape-only nodes after the base classifier that the heads replace
             (identity, flatten, dropout, reshape), as error messages name them.
     """

@@ -261,7 +261,8 @@ def test_coverage_counts_the_base_model(name):
     assert report.total_params == count_params(model)
     stem = [layer for layer in report.layers if layer.module.startswith("stem")]
     assert stem and all(not layer.nested for layer in stem)
-    assert {layer.why for layer in stem if layer.why} == {"kept un-nested by skip"}
+    assert {layer.why for layer in stem if layer.macs} == {"kept un-nested by skip"}  # the convs
+    assert all(layer.why for layer in stem)  # and the norms beside them: un-nested because of the skip
     expected = 1 - sum(layer.macs for layer in stem) / report.total_macs
     assert report.mac_share == pytest.approx(expected)
     assert 0 < report.param_share < 1
@@ -481,3 +482,14 @@ def test_concatenations_work_with_every_pass(settings):
     net = nest(_concat_model("ghost"), k=3, calib=_images(8), skip=["stem"], **settings).eval()
     assert_paths_agree(net, images, export=True)
     assert_earlier_subnets_ignore_later_groups(net, images)
+
+
+def test_the_causes_account_for_every_un_nested_mac():
+    net = nest(_concat_model("ghost"), k=3, calib=_images(8), skip=["stem", "blocks.1"])
+    report = net.coverage()
+    assert sum(macs for _, macs, _ in report.causes()) == report.total_macs - report.nested_macs
+    skipped = dict((why, modules) for why, _, modules in report.causes())["kept un-nested by skip"]
+    assert "blocks.1.ghost1.primary.0" in skipped  # a skipped layer
+    # the depthwise convs beside the skipped layers are un-nested because of them
+    beside = [layer for layer in report.layers if layer.module == "blocks.1.dw.0"]
+    assert beside and not beside[0].nested and "blocks.1." in beside[0].why
