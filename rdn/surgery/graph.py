@@ -77,6 +77,16 @@ def _per_channel_tensors(module: nn.Module, channels: int) -> bool:
     return all(t.dim() == 0 or (t.dim() == 1 and t.shape[0] == channels) for t in tensors)
 
 
+def _why_whole(module: nn.Module) -> str:
+    """Why a leaf module with tensors is not per channel (it is traced as one node)."""
+    if any(_has_tensors(child) for child in module.children()):
+        return (
+            "has parameters or buffers that are not one value per channel (parameters of its own beside "
+            "sub-modules with parameters, e.g. a layer scale read in forward: traced as one opaque layer)"
+        )
+    return "has parameters or buffers that are not one value per channel"
+
+
 def _holds_tensors(meta) -> bool:
     """Whether fx tensor metadata of a tuple / list / dict value holds a tensor."""
     if hasattr(meta, "shape"):
@@ -450,7 +460,7 @@ class SurgeryGraph:
                 info.role = Role.NESTED
                 return info
             if _has_tensors(module) and not _per_channel_tensors(module, info.shape[1]):
-                info.role, info.why_opaque = Role.OPAQUE, "has parameters or buffers that are not one value per channel"
+                info.role, info.why_opaque = Role.OPAQUE, _why_whole(module)
                 return info
         info.why_opaque = self._coupling(node, info)
         norm = channel_norm(info.module, info.shape) if info.why_opaque and info.module is not None else None
