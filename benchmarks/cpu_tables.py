@@ -78,7 +78,7 @@ def _key(row: dict) -> tuple:
     return (row["shape"], row["mode"], row["stage"])
 
 
-def summary(rows_by_layout: dict[str, list[dict]], bandwidth_gb_s: float, info: dict) -> str:
+def summary(rows_by_layout: dict[str, list[dict]], bandwidth_gb_s: float, info: dict, stem: str = STEM) -> str:
     """The cross-layout markdown (see the module docstring)."""
     cases = {layout: {_key(c[0]): c for c in group_cases(rows)} for layout, rows in rows_by_layout.items()}
     keys = list(cases["nchw"])
@@ -88,8 +88,9 @@ def summary(rows_by_layout: dict[str, list[dict]], bandwidth_gb_s: float, info: 
         *(f"- {key}: {value}" for key, value in info.items()),
         f"- copy bandwidth (read + write, same threads): {bandwidth_gb_s:.1f} GB/s",
         "",
-        "Regenerate: `python -m benchmarks.cpu_tables` (options: `--threads`, `--timing`). Per layout tables "
-        f"(every implementation, quartiles): `{STEM}_nchw_cpu.md`, `{STEM}_channels_last_cpu.md`.",
+        "Regenerate: the command above (`python -m benchmarks.cpu_tables`; options `--threads`, `--clock`, "
+        f"`--timing`). Per layout tables (every implementation, quartiles): `{stem}_nchw_cpu.md`, "
+        f"`{stem}_channels_last_cpu.md`; the analysis: `docs/kernels_cpu.md`.",
         "",
         "Columns: `cpp` median ms per layout; *× ideal* = cpp / FLOP-ideal of the fastest dense layout (dense "
         "time of the faster layout × useful fraction); *floor* = minimal bytes / copy bandwidth, and *× attainable* "
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> Path:
         "command": " ".join(["python -m benchmarks.cpu_tables", *(sys.argv[1:] if argv is None else argv)]),
     }
     path = args.out / f"{args.name}_layouts_cpu.md"
-    path.write_text(summary(rows_by_layout, bandwidth, info))
+    path.write_text(summary(rows_by_layout, bandwidth, info, args.name))
     print(f"wrote {path}")
     return path
 
