@@ -12,9 +12,11 @@ Three ways to run it:
   heads give the K logits from that single pass (what joint training uses);
 - ``forward(x, subnet=s)``: N_s alone;
 - ``start(x)`` / ``step(state)``: N_1, then N_2, ... computing only the new group of every tensor
-  (``stages=(s, s+1)`` for nested layers, which read the cached full-width buffers of their inputs;
-  channel-wise steps read only the new groups of theirs). Only what a later stage reads is cached
-  (the plan's :class:`~rdn.surgery.plan.Lifetimes`): nested-layer inputs and the heads' inputs;
+  (``stages=(s, s+1)`` for nested layers, which read the cached prefixes of their inputs; channel-wise
+  steps read only the new groups of theirs). The cache grows to the width of the exit reached; the
+  step to the last exit writes into full-width buffers and frees the cache as it is read. Only what
+  a later stage reads is cached (the plan's :class:`~rdn.surgery.plan.Lifetimes`): nested-layer
+  inputs and the heads' inputs;
   ``state.index_select(kept)`` drops the samples that exited, copying only that cache.
 
 Every path frees an intermediate after its last reader, as an eager forward does.
@@ -39,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,9 +68,8 @@ class StagedState:
         widths: groups computed so far in each depth region (shallow part, rest).
         logits: (N, num_classes) of that exit.
         values: only what a later stage reads: the input of every nested layer and the tensors
-            the heads read (after ``start`` their prefixes; from the first step on, full-width
-            (N, C, ...) buffers whose first groups are valid, channels of groups not computed yet
-            uninitialised), plus the un-nested tensors and values that
+            the heads read, as prefixes of the exit reached (the groups computed so far), plus
+            the un-nested tensors and values that
             later stages read (as computed). Every other intermediate is recomputed group by group.
     """
 
@@ -292,6 +294,17 @@ class RussianDollNet(nn.Module):
         if start == stop:
             return
         buffer = values.get(name) if name in lifetimes.buffered else None
+        if buffer is not None and buffer.shape[1] < len(step.space):
+            # A stage before the last: the cache grows by concatenation to this stage's width only (a
+            # full-width buffer of every cached tensor would hold the later groups' memory already).
+            if step.role is Role.NESTED:
+                result = self.layers[name](self._nested_source(step, values, hi), stages=(lo, hi))
+            else:
+                result = self._channels(step, lo, hi, fetch)
+            grown = torch.cat([buffer[:, :start], result], dim=1)
+            values[name] = grown
+            fresh[name] = grown[:, start:stop]  # read through the cache, so in-place ops reach it
+            return
         if step.role is Role.NESTED:
             result = self.layers[name](self._nested_source(step, values, hi), stages=(lo, hi), out=buffer)
         else:
@@ -350,15 +363,10 @@ class RussianDollNet(nn.Module):
             self._run_prefix(x, s, values, region, keep)
         return self._exit_logits(s, depth, values)
 
-    def _to_buffers(self, values: dict[str, Any], region: tuple[int, int]) -> None:
-        """Move the buffered prefixes of ``region`` into full-width buffers (uninitialised beyond
-        the prefix: every later group is written by its stage before anything reads it). Done at
-        the first step, not at ``start``: only the samples that go on pay for the full width."""
-        for step in self._plan.steps[region[0] : region[1]]:
-            self._to_buffer(values, step)
-
     def _to_buffer(self, values: dict[str, Any], step: Step) -> None:
-        """One step's buffered prefix into a full-width buffer (see :meth:`_to_buffers`)."""
+        """One step's cached prefix into a full-width buffer (uninitialised beyond the prefix: the
+        stage writes every later group before anything reads it), for the step to the last exit,
+        whose nested layers then write their new groups straight into it (``out=``)."""
         if step.name in self._plan.lifetimes.buffered and values[step.name].shape[1] < len(step.space):
             prefix = values[step.name]
             buffer = prefix.new_empty((prefix.shape[0], len(step.space), *prefix.shape[2:]))
@@ -373,8 +381,6 @@ class RussianDollNet(nn.Module):
                 self._run_prefix(x, s, state.values, region, self._plan.lifetimes.cached)
             elif done < s:
                 final = subnet == self.num_subnets  # nothing steps further: free the cache as it is read
-                if not final:
-                    self._to_buffers(state.values, region)
                 self._run_groups(done, s, state.values, region, final)
             state.widths[index] = max(done, s)
         state.subnet = subnet
@@ -382,8 +388,7 @@ class RussianDollNet(nn.Module):
         return state
 
     def start(self, x: Tensor) -> StagedState:
-        """Run exit 1 (N_1; its shallow exit with a depth split), keeping every tensor in a
-        full-width buffer for :meth:`step`."""
+        """Run exit 1 (N_1; its shallow exit with a depth split), keeping what :meth:`step` reads."""
         state = StagedState(0, [0] * len(self._plan.regions), x.new_empty(0), {})
         return self._advance(x, state, 1)
 
