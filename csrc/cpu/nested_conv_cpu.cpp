@@ -8,6 +8,10 @@
 // in the block mask — and the result is unpacked into the output (bias added on the way). Tiles
 // run in parallel. No copy of the whole input, no masked copy of the weight.
 //
+// In channels_last (float32, AVX-512) the forward, grad_input and grad_weight of a 1×1 run instead
+// on the channels-minor kernels of channels_minor.h (vectors along channels, no transpose) when
+// prefers_channels_minor says they are the cheaper; see docs/kernels_cpu.md for the measurements.
+//
 // Other convolutions (k×k, strided) run per output group on ATen (oneDNN) convolutions of weight
 // and input views.
 
@@ -390,11 +394,11 @@ ChannelsMinorProblem grad_input_problem(const BlockLayout& layout, int64_t lo, i
 // transposes but waste the lanes a segment's mask leaves idle in the vectors it runs (a vector
 // runs over every channel some lane of it reads); the pixel-major kernels waste no lane but
 // transpose every input and output value of a tile. Per pixel: channels-minor costs the lane MACs
-// it runs, pixel-major the useful MACs plus about kTransposeMacs per transposed value. Measured
-// on MobileNetV2's 1×1 layers (K = 4, batch 16, one AVX-512 core), channels-minor was the faster
-// or within 2 % on all 19; the rule keeps pixel-major for very narrow groups (K = 7 on 16 or 24
-// channels: most lanes idle) and for few pixels (a linear layer at batch 16), where packing the
-// weight would cost as much as the product.
+// it runs, pixel-major the useful MACs plus about kTransposeMacs per transposed value. On
+// MobileNetV2's 19 1×1 layers (K = 4, batch 16, one AVX-512 core) channels-minor was the faster
+// path or within 2–3 % on all of them, and the rule picks it there; it keeps pixel-major where most
+// lanes would idle (groups much narrower than a vector) and for few pixels (a linear layer at
+// batch 16), where packing the weight would cost as much as the product.
 constexpr int64_t kChannelsMinorMinRows = 256;
 constexpr double kTransposeMacs = 16;
 
