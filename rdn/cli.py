@@ -9,6 +9,9 @@ A typical run (Fashion-MNIST, small MobileNetV2, a few CPU minutes per epoch)::
     rdn export --from runs/rdn-ft --subnet 3 --out exported/
 
 or everything at once, with an early-exit policy and a report: ``rdn pipeline [--quick]``.
+Your own images: ``--data imagefolder --data-root PATH`` (``PATH/train/<class>/*.jpg`` and
+``PATH/val/<class>/*.jpg``, ImageNet's layout) with ``--image-size`` and ``--num-workers``, on every
+command above: streamed from disk (:mod:`rdn.data.folder`), never loaded whole.
 
 Options are generated from the typed configs (:mod:`rdn.config`): training options from
 :class:`rdn.train.TrainConfig`, surgery options from :class:`rdn.surgery.NestConfig`, data options

@@ -30,6 +30,10 @@ where it stopped; the two training steps also resume mid-run from their checkpoi
    (:data:`~rdn.experiments.config.ABLATIONS`), each nested, fine-tuned (resumable) and evaluated.
 9. ``report.md`` / ``tradeoff.png``: rendered from the files above (:mod:`rdn.experiments.report`).
 
+Data: one of the package's in-memory datasets, or an image folder streamed from disk (``--data
+imagefolder --data-root PATH``): its training, calibration and evaluation images are decoded batch by
+batch in ``--num-workers`` DataLoader workers at every step (:func:`rdn.steps.eval_batches`).
+
 The settings are an :class:`~rdn.experiments.config.ExperimentConfig`, saved as ``settings.json``;
 a folder holding a run with other settings is refused, naming them.
 """
