@@ -192,3 +192,23 @@ def test_grey_folders_give_one_channel_runs(tmp_path, capsys):
     assert status == 0, err
     spec = json.loads((tmp_path / "run" / "summary.json").read_text())["data_spec"]
     assert spec["in_chans"] == 1 and spec["mean"] == list(rdn.data.folder.GREY_MEAN)
+
+
+@pytest.mark.skipif(not (rdn.data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists()
+                    and not (rdn.data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte").exists(),
+                    reason="Fashion-MNIST (dataset-fashion-mnist) not installed")  # fmt: skip
+def test_make_image_folder_writes_fashion_mnist_in_the_imagenet_layout(tmp_path, capsys):
+    from tools.make_image_folder import class_folder_names
+    from tools.make_image_folder import main as make
+
+    assert make(["--out", str(tmp_path / "f"), "--per-class", "2", "--val-per-class", "1", "--size", "32"]) == 0
+    assert sorted(p.name for p in (tmp_path / "f" / "train").iterdir()) == class_folder_names()
+    files = sorted((tmp_path / "f" / "train").rglob("*.jpg"))
+    assert len(files) == 20 and len(list((tmp_path / "f" / "val").rglob("*.jpg"))) == 10
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB" and image.format == "JPEG"
+    assert make(["--out", str(tmp_path / "f"), "--per-class", "2"]) == 2  # never mixes two folders
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert make(["--out", str(tmp_path / "g"), "--per-class", "1", "--val-per-class", "1", "--grey"]) == 0
+    with Image.open(next((tmp_path / "g" / "val").rglob("*.jpg"))) as image:
+        assert image.mode == "L" and image.size == (64, 64)
