@@ -398,12 +398,15 @@ ChannelsMinorProblem grad_input_problem(const BlockLayout& layout, int64_t lo, i
 // MobileNetV2's 19 1×1 layers (K = 4, batch 16, one AVX-512 core) channels-minor was the faster
 // path or within 2–3 % on all of them, and the rule picks it there; it keeps pixel-major where most
 // lanes would idle (groups much narrower than a vector) and for few pixels (a linear layer at
-// batch 16), where packing the weight would cost as much as the product.
+// batch 16), where packing the weight would cost as much as the product. Packing costs about
+// kPackMacs per packed weight, once per call (a 1280 → 1000 linear layer: channels-minor was 1.34×,
+// 1.21×, 1.06× slower at 256, 512, 2048 rows before the packing was counted).
 constexpr int64_t kChannelsMinorMinRows = 256;
 constexpr double kTransposeMacs = 16;
+constexpr double kPackMacs = 48;
 
 bool prefers_channels_minor(const ChannelsMinorPlan& plan, const BlockLayout& layout, int64_t lo, int64_t hi,
-                            int64_t transposed) {
+                            int64_t transposed, int64_t rows) {
   const char* value = std::getenv("RDN_KERNELS_CPU_CHANNELS_MINOR");
   if (value && value[0]) return value[0] == '1';
   double lane_macs = 0, useful_macs = 0;
@@ -416,7 +419,8 @@ bool prefers_channels_minor(const ChannelsMinorPlan& plan, const BlockLayout& la
   for (int64_t j = lo; j < hi; ++j) {
     for (const auto& [start, stop] : input_runs(layout, j)) useful_macs += double(layout.out_splits(j)) * (stop - start);
   }
-  return lane_macs <= useful_macs + kTransposeMacs * transposed;
+  const double packing = kPackMacs * static_cast<double>(plan.packed_at.back());
+  return lane_macs * rows + packing <= (useful_macs + kTransposeMacs * transposed) * rows;
 }
 
 // RDN_KERNELS_CPU_CHANNELS_MINOR=0 turns the channels-minor path off, =1 takes it wherever it
@@ -442,7 +446,7 @@ bool channels_minor_product(const ChannelsMinorProblem& problem, const at::Tenso
   if (rows < kChannelsMinorMinRows || cols == 0) return false;  // packing would cost as much as the product
   ChannelsMinorPlan plan = channels_minor_plan(problem);
   const int64_t read = problem.reduction_ranges.empty() ? 0 : problem.reduction_ranges.back().second;
-  if (!prefers_channels_minor(plan, layout, lo, hi, read + cols)) return false;
+  if (!prefers_channels_minor(plan, layout, lo, hi, read + cols, rows)) return false;
   pack_channels_minor(plan, problem, weight, bias);
   const cm::Problem product{source.data, source.row_stride, dest.data + dest_col, dest.row_stride,
                             plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
