@@ -52,8 +52,10 @@ def benchmark_arguments(threads: int, timing: str, out: Path, layout: str, clock
             "--out", str(out), "--name", f"{STEM}_{layout}", *LAYOUTS[layout]]
 
 
-def copy_bandwidth_gb_s(threads: int, megabytes: int = 256, rounds: int = 7) -> float:
-    """Read + written bytes per second of ``dst.copy_(src)`` on ``megabytes`` (median of rounds)."""
+def copy_bandwidth_gb_s(threads: int, megabytes: int = 256, rounds: int = 7, clock: str = "wall") -> float:
+    """Read + written bytes per second of ``dst.copy_(src)`` on ``megabytes`` (median of rounds),
+    timed with the run's clock (``thread``: the thread's CPU time, for a one-thread run)."""
+    now = time.thread_time if clock == "thread" else time.perf_counter
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -62,9 +64,9 @@ def copy_bandwidth_gb_s(threads: int, megabytes: int = 256, rounds: int = 7) -> 
         destination.copy_(source)
         seconds = []
         for _ in range(rounds):
-            start = time.perf_counter()
+            start = now()
             destination.copy_(source)
-            seconds.append(time.perf_counter() - start)
+            seconds.append(now() - start)
         return 2 * source.numel() * 4 / statistics.median(seconds) / 1e9
     finally:
         torch.set_num_threads(previous)
@@ -174,11 +176,16 @@ def main(argv: list[str] | None = None) -> Path:
                         help="thread: the thread's CPU time (needs --threads 1; for a shared machine)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--name", default=STEM, help="file-name stem (default nested_conv_mnv2)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="re-render the summary from the per-layout CSVs already in --out (the bandwidth is "
+                             "measured again)")
     parser.add_argument("--plan", default="cpu", help=argparse.SUPPRESS)  # tests: a tiny plan
     args = parser.parse_args(argv)
     load_before = _load_average()
     rows_by_layout = {}
-    for layout in LAYOUTS:
+    for layout in LAYOUTS if args.summary_only else ():
+        rows_by_layout[layout], _ = read_csv(args.out / f"{args.name}_{layout}_cpu.csv")
+    for layout in () if args.summary_only else LAYOUTS:
         arguments = benchmark_arguments(args.threads, args.timing, args.out, layout, args.clock)
         arguments[arguments.index("--name") + 1] = f"{args.name}_{layout}"
         if args.plan != "cpu":
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> Path:
             del arguments[models : models + 2]
         paths = bench_nested_conv.main(arguments)
         rows_by_layout[layout], _ = read_csv(paths["csv"])
-    bandwidth = copy_bandwidth_gb_s(args.threads)
+    bandwidth = copy_bandwidth_gb_s(args.threads, clock=args.clock)
     info = machine_info(torch.device("cpu")) | {
         "torch_threads": str(args.threads),
         "clock": "the thread's CPU time (time.thread_time)" if args.clock == "thread" else "wall time",

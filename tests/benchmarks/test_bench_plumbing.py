@@ -441,6 +441,11 @@ def test_both_layout_tables_and_their_summary(tmp_path, one_thread):
         (f"| {mode}", layout) for mode in ("forward", "stage", "backward") for layout in ("nchw", "channels_last")}
     # K = 4; forward, the first and the last stage, backward
     assert len(_case_rows(text)) == 4 * len(plan("tiny").layers)
+    # --summary-only re-renders the summary from those CSVs without running the benchmark again.
+    path.unlink()
+    again = cpu_tables.main(["--summary-only", "--threads", "1", "--out", str(tmp_path), "--name", "layouts"])
+    columns = [row.split(" | ")[:4] for row in _case_rows(text)]  # shape, mode, cpp ms (the floor is re-measured)
+    assert [row.split(" | ")[:4] for row in _case_rows(again.read_text())] == columns
 
 
 def test_thread_clock_counts_cpu_time_not_sleep(one_thread):
