@@ -148,6 +148,7 @@ def evaluate(
     return _evaluate_batches(model, batches, context, amp_dtype)
 
 
+@torch.no_grad()
 def _evaluate_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], context: DistContext,
                       amp_dtype: torch.dtype | None) -> EvalResult:  # fmt: skip
     was_training = model.training

@@ -122,3 +122,15 @@ def test_bad_batches_are_refused_by_name(batches, error, pattern):
         fit(tiny_rdn(), batches, config(epochs=1, checkpoint_every=None))
     with pytest.raises(TypeError, match="data must be rdn.data.DataSplits or an iterable"):
         fit(tiny_rdn(), torch.zeros(3), config(epochs=1))
+
+
+def test_per_epoch_evaluation_builds_no_graph(tmp_path):
+    """fit's evaluation runs without autograd: a graph kept per evaluation batch grew its memory with
+    the evaluation split (about 15 MB per 64-px image on a small MobileNetV2)."""
+    model = tiny_rdn()
+    modes: list[bool] = []
+    model.register_forward_hook(lambda module, args, output: None if module.training
+                                else modes.append(torch.is_grad_enabled()))  # fmt: skip
+    train, test = loaders()
+    fit(model, train, config(epochs=1, ema_decay=None), eval_data=test, out=tmp_path)
+    assert modes and not any(modes)
