@@ -259,15 +259,20 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _decode(path: Path, channels: int, size: int) -> Tensor:
-    """uint8 (C, H, W) of one image file, grey or RGB, resized to ``size`` as rdn.data's folder dataset does."""
+def _decode(path: Path, spec: DataSpec) -> Tensor:
+    """uint8 (C, H, W) of one image file, grey or RGB, at the spec's size as its evaluation saw it:
+    a streamed image folder's runs resize the shorter side to size / 0.875 and centre crop
+    (:class:`rdn.data.folder.EvalTransform`); the in-memory datasets' images are resized whole."""
     import numpy as np
     from PIL import Image  # Pillow: a dependency of matplotlib, always there with rdn
 
-    from rdn.data.folder import decode_image
+    from rdn.data.folder import EvalTransform, decode_image
 
-    image = decode_image(path, "L" if channels == 1 else "RGB")
-    if image.size != (size, size):
+    size = spec.image_size
+    image = decode_image(path, "L" if spec.in_chans == 1 else "RGB")
+    if spec.name == "imagefolder":
+        image = EvalTransform(size).crop(image)
+    elif image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, -1)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
@@ -282,7 +287,7 @@ def decode_images(files: Sequence[Path], spec: DataSpec) -> Tensor:
     images = []
     for path in files:
         try:
-            images.append(_decode(path, spec.in_chans, spec.image_size))
+            images.append(_decode(path, spec))
         except (OSError, ValueError) as error:  # "not an image I can read"
             raise DeployError(f"{path} cannot be decoded as an image: {error}") from error
     return torch.stack(images)

@@ -4,6 +4,7 @@ the network run by hand on independently preprocessed images; exports against th
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -206,3 +207,25 @@ def test_calibrate_writes_a_model_that_infer_runs(run, images, tmp_path, capsys)
     assert "delta" in capsys.readouterr().err
     assert main([*command, "--overwrite", "--policy-samples", "0"]) == 2
     assert "--policy-samples must be a positive int" in capsys.readouterr().err
+
+
+def test_decoding_follows_the_evaluation_of_the_run(tmp_path):
+    """A streamed image folder's run evaluated on centre crops: infer decodes the same way. An
+    in-memory dataset's run saw whole images resized: infer resizes whole images."""
+
+
+    from rdn.data import DataSpec
+    from rdn.data.folder import EvalTransform
+    from rdn.deploy import decode_images
+
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    path = tmp_path / "wide.png"
+    Image.fromarray(pixels).save(path)
+    spec = DataSpec("imagefolder", ("a", "b"), 3, 16, (0.5,) * 3, (0.25,) * 3, crop_padding=0, flip=True)
+    cropped = decode_images([path], spec)[0]
+    expected = np.asarray(EvalTransform(16).crop(Image.fromarray(pixels)))
+    assert torch.equal(cropped, torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    whole = decode_images([path], dataclasses.replace(spec, name="cifar10"))[0]
+    resized = np.asarray(Image.fromarray(pixels).resize((16, 16), Image.BILINEAR))
+    assert torch.equal(whole, torch.from_numpy(resized.copy()).permute(2, 0, 1))
+    assert not torch.equal(cropped, whole)

@@ -159,6 +159,10 @@ class EvalTransform:
         self.image_size, self.mean, self.std = image_size, mean, std
 
     def __call__(self, image) -> Tensor:
+        return _to_tensor(self.crop(image), self.mean, self.std)
+
+    def crop(self, image):
+        """The resized, centre-cropped Pillow image (``image_size`` square), before normalisation."""
         from PIL import Image
 
         width, height = image.size
@@ -168,8 +172,7 @@ class EvalTransform:
         left, top = (resized[0] - self.image_size) // 2, (resized[1] - self.image_size) // 2
         # The crop in the original image's coordinates: one resampling, as for training.
         box = (left / scale, top / scale, (left + self.image_size) / scale, (top + self.image_size) / scale)
-        image = image.resize((self.image_size, self.image_size), Image.BILINEAR, box=box)
-        return _to_tensor(image, self.mean, self.std)
+        return image.resize((self.image_size, self.image_size), Image.BILINEAR, box=box)
 
 
 class ImageFolder(Dataset):
