@@ -183,7 +183,10 @@ void weight_gradient(const WeightGradientProblem& problem, int64_t pixel_begin, 
 
 bool available() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
+  // Every extension this file is compiled for (the target pragma above), not only the foundation:
+  // some AVX-512 CPUs (Xeon Phi) lack VL / BW / DQ.
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 }
 
 void product(const Problem& problem, int64_t row_begin, int64_t row_end) {
