@@ -29,11 +29,10 @@ TARGET_SPEEDUP = 1.5
 
 
 def run_seed(seed: int, out: Path, pipeline_args: Sequence[str]) -> Path:
-    """``rdn pipeline --seed seed`` into ``out/seed<seed>`` (resumed when it exists); its folder."""
+    """``rdn pipeline --seed seed`` into ``out/seed<seed>`` (the pipeline resumes a folder holding the
+    same settings by itself: finished steps are not rerun); its folder."""
     folder = out / f"seed{seed}"
     command = [sys.executable, "-m", "rdn", "pipeline", *pipeline_args, "--seed", str(seed), "--out", str(folder)]
-    if folder.exists():
-        command.append("--resume")
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
     return folder
