@@ -40,6 +40,9 @@ def _worker(rank: int, world_size: int, port: int, folder: str) -> None:
         model, losses, history, batches = _train(context, out=os.path.join(folder, "run"))
         torch.save({"state": model.state_dict(), "losses": losses, "history": history, "batches": batches},
                    os.path.join(folder, f"rank{rank}.pt"))  # fmt: skip
+        # Both processes are done before either tears the group down: a full `make test` once saw
+        # rank 1 abort in gloo ("terminate called without an active exception") at the teardown.
+        torch.distributed.barrier()
     finally:
         teardown_distributed()
 
