@@ -40,11 +40,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 PYTHON = sys.executable
 SIZES = {"1k": 100, "4k": 400}  # training images per class
-# 20 validation images per class: fit's per-epoch evaluation keeps the autograd graph of every batch
-# until it ends (rdn/train/loop.py's _evaluate_batches: no torch.no_grad, and its running counts
-# carry the loss's graph), so its memory grows with the validation split (about 15 MB per 64-pixel
-# image for the base model, more for the RDN). With 1,000 validation images and evaluation batches
-# of 512 the first run was OOM-killed at 22 GB.
+# 20 validation images per class: the first run's size, kept so that the rerun compares with it (that run
+# was limited by fit's per-epoch evaluation keeping every batch's autograd graph, fixed since).
 VAL_PER_CLASS = 20
 # --crop-scale 0.35: less zoom into the centred garments of 64-pixel images than ImageNet's 0.08 (it
 # did not change the short schedule's eval-mode accuracy: README.md).
