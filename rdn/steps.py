@@ -336,31 +336,18 @@ def calibration_batch(data: Data, samples: int) -> Tensor:
     return BatchTransform(data.spec, train=False)(data.calib.images[:count], torch.arange(count))
 
 
-@torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: Data, batches: int, batch_size: int = 128) -> None:
     """Recompute ``model``'s BatchNorm running statistics as the plain average over the first
     ``batches`` batches of un-augmented training images (:func:`rdn.train.recalibrate_batch_norm`
     for in-memory data; the same over a streamed folder's batches)."""
-    from rdn.train import recalibrate_batch_norm
+    from rdn.train import recalibrate_batch_norm, recalibrate_batch_norm_on
 
     if not isinstance(data, FolderSplits):
         recalibrate_batch_norm(model, data.train, data.spec, batches=batches, batch_size=batch_size)
         return
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in norms]
-    for module in norms:
-        module.reset_running_stats()
-        module.momentum = None  # cumulative average
-    was_training = model.training
-    model.train()
     device = next(model.parameters()).device
-    try:
-        for x, _ in eval_batches(data, data.train, batch_size, device, limit=batches * batch_size):
-            model(x)
-    finally:
-        model.train(was_training)
-        for module, momentum in zip(norms, saved, strict=True):
-            module.momentum = momentum
+    recalibrate_batch_norm_on(model, (x for x, _ in eval_batches(data, data.train, batch_size, device,
+                                                                 limit=batches * batch_size)))
 
 
 def nest_model(base: nn.Module, calib: Tensor, config, create_kwargs: dict | None = None) -> nn.Module:

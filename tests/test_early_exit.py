@@ -13,18 +13,10 @@ from rdn.data import DataSpec
 from rdn.early_exit import FORMAT, EarlyExitModel
 from rdn.files import UnsafeFileError
 from rdn.models import create
-from tests.test_policy import tiny_rdn
+from tests.test_policy import one_thread, tiny_rdn  # noqa: F401  (one_thread: an autouse fixture)
 
 SPEC = DataSpec(name="synthetic", classes=tuple(str(i) for i in range(10)), in_chans=1, image_size=28,
                 mean=(0.5,), std=(0.25,), crop_padding=0, flip=False)  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def batches(n: int, seed: int, batch_size: int = 200):

@@ -25,6 +25,7 @@ from rdn.train.loop import (
     fit,
     num_exits,
     recalibrate_batch_norm,
+    recalibrate_batch_norm_on,
 )
 from rdn.train.loss import JointLoss, exit_weights
 from rdn.train.optim import ModelEma, WarmupCosine
@@ -50,6 +51,7 @@ __all__ = [
     "model_config_of",
     "num_exits",
     "recalibrate_batch_norm",
+    "recalibrate_batch_norm_on",
     "save_checkpoint",
     "setup_distributed",
     "teardown_distributed",

@@ -15,7 +15,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,7 @@ __all__ = [
     "fit",
     "num_exits",
     "recalibrate_batch_norm",
+    "recalibrate_batch_norm_on",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -177,7 +178,6 @@ def _evaluate_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]
                       counts[-2].item() / max(samples, 1), int(samples))  # fmt: skip
 
 
-@torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, dataset: ImageDataset, spec: DataSpec, *, batches: int = 20,
                            batch_size: int = 128) -> None:
     """Recompute every BN layer's running statistics as the plain average over ``batches`` batches.
@@ -186,6 +186,23 @@ def recalibrate_batch_norm(model: nn.Module, dataset: ImageDataset, spec: DataSp
     surgery (greedy selection, the calibration error) and evaluation read them. Uses the
     un-augmented images, in order; the model is left in the mode it was in.
     """
+    device = next(model.parameters()).device
+    transform = BatchTransform(spec, train=False)
+
+    def inputs() -> Iterator[Tensor]:
+        for index, (images, _, keys) in enumerate(eval_loader(dataset, batch_size)):
+            if index >= batches:
+                return
+            yield transform(images.to(device), keys)
+
+    recalibrate_batch_norm_on(model, inputs())
+
+
+@torch.no_grad()
+def recalibrate_batch_norm_on(model: nn.Module, inputs: Iterable[Tensor]) -> None:
+    """Every BN layer's running statistics as the plain average over the batches ``inputs`` (each an
+    (N, C, H, W) model input, already on the model's device and normalised); the model is left in
+    the mode it was in and its BN momenta as they were."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [m.momentum for m in norms]
     for module in norms:
@@ -193,13 +210,9 @@ def recalibrate_batch_norm(model: nn.Module, dataset: ImageDataset, spec: DataSp
         module.momentum = None  # cumulative average
     was_training = model.training
     model.train()
-    device = next(model.parameters()).device
-    transform = BatchTransform(spec, train=False)
     try:
-        for index, (images, _, keys) in enumerate(eval_loader(dataset, batch_size)):
-            if index >= batches:
-                break
-            model(transform(images.to(device), keys))
+        for x in inputs:
+            model(x)
     finally:
         model.train(was_training)
         for module, momentum in zip(norms, saved, strict=True):
