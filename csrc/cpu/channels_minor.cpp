@@ -40,6 +40,23 @@ __attribute__((always_inline)) inline void segment_rows(__m512 (&acc)[R][V], con
   }
 }
 
+// R rows of V vectors from registers to memory (row stride ``ld`` floats); the last vector of a row
+// stores only the lanes of ``tail_mask``.
+template <int R, int V>
+inline void store_tile(float* out, int64_t ld, __mmask16 tail_mask, const __m512 (&acc)[R][V]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (v == V - 1) {
+        _mm512_mask_storeu_ps(out + r * ld + v * kLanes, tail_mask, acc[r][v]);
+      } else {
+        _mm512_storeu_ps(out + r * ld + v * kLanes, acc[r][v]);
+      }
+    }
+  }
+}
+
 template <int V, int R>
 inline void block_rows(const Problem& problem, const ColumnBlock& block, const Chunk& chunk, bool accumulate,
                        int64_t row) {
@@ -71,17 +88,7 @@ inline void block_rows(const Problem& problem, const ColumnBlock& block, const C
     }
     w += (segment.stop - segment.start) * V * kLanes;
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) {
-      if (v == V - 1) {
-        _mm512_mask_storeu_ps(y + r * problem.ldy + v * kLanes, tail_mask, acc[r][v]);
-      } else {
-        _mm512_storeu_ps(y + r * problem.ldy + v * kLanes, acc[r][v]);
-      }
-    }
-  }
+  store_tile<R, V>(y, problem.ldy, tail_mask, acc);
 }
 
 // Asks for the input rows [row, row + count) (up to `end`) in L1: the first pass over a tile
@@ -141,17 +148,7 @@ void gradient_tile(const WeightGradientProblem& problem, const WeightGradientTil
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(gradient, value[v], acc[r][v]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) {
-      if (v == V - 1) {
-        _mm512_mask_storeu_ps(out + r * problem.ld_acc + v * kLanes, tail_mask, acc[r][v]);
-      } else {
-        _mm512_storeu_ps(out + r * problem.ld_acc + v * kLanes, acc[r][v]);
-      }
-    }
-  }
+  store_tile<R, V>(out, problem.ld_acc, tail_mask, acc);
 }
 
 template <int R>
