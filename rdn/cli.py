@@ -527,7 +527,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from rdn.early_exit import EarlyExitModel
-    from rdn.steps import eval_batches, load_trained, resolve_device
+    from rdn.steps import Reiterable, eval_batches, load_trained, resolve_device
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -544,8 +544,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     try:
         model = EarlyExitModel.calibrate(
             net,
-            _Batches(lambda: eval_batches(data, data.calib, args.batch_size, device)),
-            policy_data=_Batches(lambda: eval_batches(data, data.train, args.batch_size, device,
+            Reiterable(lambda: eval_batches(data, data.calib, args.batch_size, device)),
+            policy_data=Reiterable(lambda: eval_batches(data, data.train, args.batch_size, device,
                                                       limit=args.policy_samples)),  # fmt: skip
             tolerance=args.tolerance, confidence=args.confidence, policy_epochs=args.policy_epochs,
             spec=data.spec, seed=args.seed, progress=args.progress,
@@ -557,16 +557,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         "MACs saved on the calibration images"  # fmt: skip
     print(f"rdn calibrate: {checkpoint} on {model.risk.n} calibration images: {where}; {model.guarantee}. "
           f"Saved {out}", file=sys.stderr)  # fmt: skip
-
-
-class _Batches:
-    """An iterable that calls ``make()`` for every pass (a generator is good for one pass only)."""
-
-    def __init__(self, make) -> None:
-        self.make = make
-
-    def __iter__(self):
-        return iter(self.make())
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -258,17 +258,18 @@ def _training_data(data: Data, config, context):
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {context.world_size} processes")
     per_rank = config.batch_size // context.world_size
     train_loader = data.train_loader(per_rank, seed=config.seed, rank=context.rank, world_size=context.world_size)
-    return train_loader, _Reiterable(lambda: eval_batches(data, data.test, config.eval_batch_size, context.device,
+    return train_loader, Reiterable(lambda: eval_batches(data, data.test, config.eval_batch_size, context.device,
                                                           rank=context.rank, world_size=context.world_size))
 
 
-class _Reiterable:
-    """An iterable that makes a fresh iterator each time (fit evaluates after every epoch)."""
+class Reiterable:
+    """An iterable that makes a fresh iterator each time it is iterated (a generator is good for one
+    pass only; fit evaluates after every epoch, the calibration reads its data twice)."""
 
-    def __init__(self, make) -> None:
+    def __init__(self, make: Callable[[], Iterator]) -> None:
         self.make = make
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator:
         return iter(self.make())
 
 
