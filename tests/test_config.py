@@ -105,11 +105,41 @@ def test_nest_config_checks_its_options_by_name():
     for changes, error, pattern in (
         ({"k": 0}, ValueError, "k .* must be >= 1"),
         ({"mode": "sideways"}, ConfigError, "mode must be one of"),
-        ({"copy_fraction": 0.5}, ValueError, "copy_fraction < 1 .* exact=False"),
+        ({"copy_fraction": 0.5, "exact": True}, ValueError, "copy_fraction < 1 .* exact=False"),
         ({"mac_budget": 1.1, "mode": "truncate"}, ValueError, "mac_budget drops blocks"),
+        ({"mac_budget": 1.5, "exact": True}, ValueError, "exact=True .* takes no mac_budget"),
+        ({"compensate": "yes"}, TypeError, "compensate must be a bool or None"),
         ({"compensate": True, "copies": "sum"}, ValueError, "compensate=True needs copies='latest'"),
         ({"skip": -1}, ValueError, "skip .* must be >= 0"),
         ({"depth_split": True}, TypeError, "depth_split must be"),
     ):
         with pytest.raises(error, match=pattern):
             NestConfig(**changes)
+
+
+def test_nest_config_defaults_to_the_budget_and_exact_takes_none():
+    """The default is the MAC budget's search (1.2x the base); exact or truncate drop the default budget,
+    and a version-1 dict (before the budget was the first knob) keeps the exact surgery it meant."""
+    default = NestConfig()
+    assert (default.exact, default.mac_budget, default.copy_fraction, default.compensate) == (False, 1.2, None, None)
+    exact = NestConfig(exact=True)
+    assert (exact.mac_budget, exact.copy_fraction, exact.compensate) == (None, 1.0, False)
+    assert NestConfig(mode="truncate").mac_budget is None
+    assert NestConfig(mac_budget=None).copy_fraction == 1.0  # no budget, nothing searched: every copy
+    assert NestConfig.from_dict(json.loads(default.to_json())) == default
+    version_1 = {key: value for key, value in NestConfig(k=3).to_dict().items()
+                 if key not in ("exact", "mac_budget", "copy_fraction", "compensate")}  # fmt: skip
+    read = NestConfig.from_dict({**version_1, "version": 1})
+    assert (read.exact, read.mac_budget, read.copy_fraction, read.compensate) == (True, None, 1.0, False)
+
+
+def test_a_budget_the_pipeline_would_ignore_is_refused():
+    """rdn pipeline's presets nest exactly, which takes no budget: --mac-budget alone is an error naming --no-exact."""
+    from rdn.cli import build_parser
+    from rdn.experiments.config import from_arguments
+
+    arguments = build_parser().parse_args(["pipeline", "--data", "synthetic", "--mac-budget", "1.2"])
+    with pytest.raises(ConfigError, match="add --no-exact"):
+        from_arguments(arguments)
+    arguments = build_parser().parse_args(["pipeline", "--data", "synthetic", "--no-exact", "--mac-budget", "1.2"])
+    assert from_arguments(arguments).nest.mac_budget == 1.2

@@ -79,7 +79,7 @@ def test_without_out_the_run_goes_to_its_default_folder(tmp_path, monkeypatch, c
     folder = tmp_path / "runs" / "mobilenet_v2-synthetic-k2-seed0-quick"
     assert f"run folder: {folder.relative_to(tmp_path)} (--out chooses another)" in capsys.readouterr().out
     saved = ExperimentConfig.from_json((folder / "settings.json").read_text())
-    assert saved == PRESETS["quick"].replace(data=DataConfig(dataset="synthetic"), nest=NestConfig(k=2))
+    assert saved == PRESETS["quick"].replace(data=DataConfig(dataset="synthetic"), nest=NestConfig(k=2, exact=True))
 
 
 def test_missing_fashion_mnist_falls_back_to_mnist5k(monkeypatch, tmp_path, capsys):

@@ -18,6 +18,7 @@ from rdn.config import Config, ConfigError, config_from_arguments, setting
 from rdn.models import list_models
 from rdn.steps import DataConfig
 from rdn.surgery import NestConfig
+from rdn.surgery.config import refuse_unused_budget
 
 __all__ = [
     "ABLATIONS",
@@ -98,7 +99,9 @@ class ExperimentConfig(Config):
     preset: str = setting("default", "the preset the other values started from", choices=("default", "quick"),
                           cli=False)  # fmt: skip
     data: DataConfig = setting(DataConfig(), "the dataset", cli=False)
-    nest: NestConfig = setting(NestConfig(), "the surgery's options", cli=False)
+    # The pipeline's runs nest exactly (N_K is the base model before fine-tuning, ~1.8x its MACs), as its
+    # committed results were measured; --no-exact --mac-budget 1.2 runs rdn.nest's default, the budget's search.
+    nest: NestConfig = setting(NestConfig(exact=True), "the surgery's options", cli=False)
     model: str = setting("mobilenet_v2", "base architecture (the small-input variant for images <= 64 pixels)",
                          choices=list_models())  # fmt: skip
     width_mult: float = setting(0.25, "channel width multiplier of the base model")
@@ -214,6 +217,10 @@ def from_arguments(arguments: argparse.Namespace) -> ExperimentConfig:
     seed = arguments.seed
     data = config_from_arguments(DataConfig, arguments, defaults=_values(preset.data))
     nest = config_from_arguments(NestConfig, arguments, defaults=_values(preset.nest), seed=seed)
+    try:
+        refuse_unused_budget(getattr(arguments, "mac_budget", None), nest)
+    except ValueError as error:
+        raise ConfigError(f"{error} (rdn pipeline's presets nest exactly)") from None
     return config_from_arguments(ExperimentConfig, arguments, defaults=_values(preset), data=data, nest=nest,
                                  seed=seed)  # fmt: skip
 

@@ -52,11 +52,15 @@ def surgery_summary(nest: NestConfig) -> str:
     parts = [nest.mode, f"{nest.select} select"]
     if nest.mode == "expand":
         parts.append("exact" if nest.exact else "not exact (at most two copies)")
-    if nest.copy_fraction < 1:
-        parts.append(f"copies for {nest.copy_fraction:g} of each group's channels")
     if nest.mac_budget is not None:
         parts.append(f"N_K at most {nest.mac_budget:g}× the base model's MACs")
-    if nest.compensate:
+    if nest.copy_fraction is None:
+        parts.append("share of copied channels chosen by the budget's search")
+    elif nest.copy_fraction < 1:
+        parts.append(f"copies for {nest.copy_fraction:g} of each group's channels")
+    if nest.compensate is None:
+        parts.append("least-squares refit chosen by the budget's search")
+    elif nest.compensate:
         parts.append("incomplete copies refitted by least squares")
     if nest.depth_split is not None:
         parts.append(f"a shallow exit per width after block {nest.depth_split}")

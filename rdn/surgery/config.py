@@ -10,20 +10,55 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from rdn.config import Config, setting
 
-__all__ = ["COPIES", "MODES", "NORMS", "SELECTIONS", "NestConfig"]
+__all__ = [
+    "COPIES",
+    "COPY_FRACTIONS",
+    "DEFAULT_MAC_BUDGET",
+    "MODES",
+    "NORMS",
+    "SELECTIONS",
+    "NestConfig",
+    "refuse_unused_budget",
+]
 
 MODES = ("expand", "truncate")
 COPIES = ("sum", "latest")
 SELECTIONS = ("greedy", "random")
 NORMS = ("fixed", "grouped")
+# N_K's MACs over the base model's by default: near the paper's RDNs (its Table 1: 1.11-1.16x).
+DEFAULT_MAC_BUDGET = 1.2
+# The shares of copied channels the budget's search tries (rdn.surgery.search), most copies first.
+COPY_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+
+
+def _from_version_1(values: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (before the MAC budget was the first knob): exact surgery by default, no budget, every
+    copy, no compensation; a missing key meant those values."""
+    return {"exact": True, "mac_budget": None, "copy_fraction": 1.0, "compensate": False, **values}
 
 
 @dataclass(frozen=True)
 class NestConfig(Config):
-    """How to nest a base model into a Russian doll network (see :func:`rdn.nest` for each option)."""
+    """How to nest a base model into a Russian doll network (see :func:`rdn.nest` for each option).
+
+    The cost of N_K is the first knob: by default (``mac_budget=1.2``) the surgery chooses the share
+    of copied channels, the dropped blocks and the compensation that fit N_K into 1.2x the base
+    model's MACs with the least error against the base's logits on the calibration images
+    (:mod:`rdn.surgery.search`). ``exact=True`` instead keeps every connection (N_K is the base
+    model, about 2x its MACs) and takes no budget. ``copy_fraction`` and ``compensate`` left
+    unset (None) are chosen by the search; set, they restrict it. A network's record holds the
+    resolved values.
+
+    Versions: 1 (exact surgery, no budget, every copy and no compensation by default), 2 (the MAC
+    budget by default; ``copy_fraction`` / ``compensate`` may be None).
+    """
+
+    VERSION: ClassVar[int] = 2
+    MIGRATIONS: ClassVar[dict] = {1: _from_version_1}
 
     k: int = setting(4, "channel groups per nested layer (expand: K = 2k - 1 sub-networks)")
     mode: str = setting("expand", "expand re-routes connections that break the nesting into k - 1 new groups; "
@@ -32,14 +67,20 @@ class NestConfig(Config):
                           choices=SELECTIONS)  # fmt: skip
     copies: str = setting("latest", "what a channel copy holds: a whole value (latest) or partial sums (sum)",
                           choices=COPIES)  # fmt: skip
-    exact: bool = setting(True, "expand keeps every connection (N_K is exactly the base model, about 2x its "
-                                "MACs); --no-exact: at most two copies of a channel, fewer MACs")  # fmt: skip
-    copy_fraction: float = setting(1.0, "with --no-exact: share of each group's channels that get copies in the "
-                                        "added groups (fewer channels in the larger sub-networks)")  # fmt: skip
-    mac_budget: float | None = setting(None, "expand: drop blocks of the added groups until N_K does at most this "
-                                             "many times the base model's MACs (e.g. 1.15 with --no-exact)")
-    compensate: bool = setting(False, "refit the copies that miss inputs (dropped or pruned connections) by least "
-                                      "squares on the calibration images, layer by layer")  # fmt: skip
+    exact: bool = setting(False, "expand keeps every connection: N_K is exactly the base model before "
+                                 "fine-tuning, at about 2x its MACs (takes no mac_budget); --no-exact: at most two "
+                                 "copies of a channel")  # fmt: skip
+    copy_fraction: float | None = setting(None, "without exact: share of each group's channels that get copies "
+                                                "in the added groups (fewer channels in the larger sub-networks); "
+                                                "not set: chosen by the MAC budget's search (1 without a budget)")
+    mac_budget: float | None = setting(DEFAULT_MAC_BUDGET, "expand without exact: N_K does at most this many times "
+                                                           "the base model's MACs; the surgery chooses copies, "
+                                                           "dropped blocks and compensation with the least "
+                                                           "calibration error (rdn.surgery.search); not set: no "
+                                                           "budget")  # fmt: skip
+    compensate: bool | None = setting(None, "refit the copies that miss inputs (dropped or pruned connections) "
+                                            "by least squares on the calibration images, layer by layer; not "
+                                            "set: chosen by the MAC budget's search (off without a budget)")
     norms: str = setting("fixed", "norms that couple channels (LayerNorm over channels, GroupNorm): fixed keeps "
                                   "them and what they read un-nested (the paper); grouped takes their statistics per "
                                   "channel group, so they nest (not the base function: fine-tune)",
@@ -56,11 +97,18 @@ class NestConfig(Config):
         super().__post_init__()
         _check_int("k", self.k, minimum=1, meaning="number of channel groups per layer")
         _check_int("seed", self.seed)
-        for name in ("exact", "compensate"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        self._check_copy_fraction()
+        if not isinstance(self.exact, bool):
+            raise TypeError(f"exact must be a bool, got {self.exact!r}")
+        if self.compensate is not None and not isinstance(self.compensate, bool):
+            raise TypeError(f"compensate must be a bool or None (chosen by the MAC budget's search), got "
+                            f"{self.compensate!r}")  # fmt: skip
         self._check_mac_budget()
+        if self.mac_budget is None:  # nothing to search: the unset choices take their plain values
+            if self.copy_fraction is None:
+                object.__setattr__(self, "copy_fraction", 1.0)
+            if self.compensate is None:
+                object.__setattr__(self, "compensate", False)
+        self._check_copy_fraction()
         if self.compensate and self.copies != "latest":
             raise ValueError("compensate=True needs copies='latest' (every copy a whole value)")
         if isinstance(self.skip, list):  # JSON's lists: stored as the tuple the field declares
@@ -78,6 +126,8 @@ class NestConfig(Config):
 
     def _check_copy_fraction(self) -> None:
         value = self.copy_fraction
+        if value is None:
+            return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"copy_fraction must be a number in [0, 1], got {value!r}")
         if not 0 <= value <= 1:
@@ -97,13 +147,36 @@ class NestConfig(Config):
             raise TypeError(f"mac_budget must be a finite number (N_K's MACs / the base's) or None, got {value!r}")
         if value <= 0:
             raise ValueError(f"mac_budget (N_K's MACs / the base model's) must be > 0, got {value}")
-        if self.mode != "expand":
-            raise ValueError(f"mac_budget drops blocks of the groups expand mode adds; mode={self.mode!r} has none")
+        # The default budget is for the default construction; exact and truncate surgeries do not take one
+        # (truncate's N_K never exceeds the base): the default leaves them, another value is refused.
+        if self.exact or self.mode != "expand":
+            if value == DEFAULT_MAC_BUDGET:
+                object.__setattr__(self, "mac_budget", None)
+            elif self.mode != "expand":
+                raise ValueError(
+                    f"mac_budget drops blocks of the groups expand mode adds; mode={self.mode!r} has none"
+                )
+            else:
+                raise ValueError(
+                    f"exact=True keeps every connection (N_K is the base model, about 2x its MACs) and takes no "
+                    f"mac_budget, got mac_budget={value}; pass exact=False to fit a budget"
+                )
 
     @property
     def num_subnets(self) -> int:
         """K: 2k - 1 in expand mode, k in truncate mode (before any depth split doubles the exits)."""
         return 2 * self.k - 1 if self.mode == "expand" else self.k
+
+
+def refuse_unused_budget(given: float | None, config: NestConfig) -> None:
+    """Raise ValueError when a MAC budget the user gave (``given``, e.g. ``--mac-budget``) ends up unused in
+    ``config``: the exact and truncate surgeries take none, and a budget equal to the default is dropped
+    silently by :class:`NestConfig` (it cannot tell a given default from the default)."""
+    if given is not None and config.mac_budget is None:
+        raise ValueError(
+            f"mac_budget={given} applies to expand mode without exact (the budget's search); this surgery is "
+            f"mode={config.mode!r}, exact={config.exact}: add --no-exact (or exact=False) to fit the budget"
+        )
 
 
 def _check_int(name: str, value, minimum: int | None = None, meaning: str = "") -> None:

@@ -10,7 +10,9 @@ compensation pass (refitted weights).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -18,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from rdn.models.profile import eval_mode, profile_model
+from rdn.surgery import costs
 from rdn.surgery.build import build_modules, make_plan
 from rdn.surgery.calibration import calibration_batch, check_activations
-from rdn.surgery.config import NestConfig
+from rdn.surgery.config import DEFAULT_MAC_BUDGET, NestConfig
 from rdn.surgery.coverage import CoverageWarning
 from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.network import RussianDollNet
@@ -28,6 +31,7 @@ from rdn.surgery.passes.budget import prune_blocks
 from rdn.surgery.passes.compensate import compensate_dropped_connections
 from rdn.surgery.passes.select import select_orders
 from rdn.surgery.record import NestRecord
+from rdn.surgery.search import candidate_options, scoring_split, search_construction
 
 __all__ = ["nest"]
 
@@ -96,6 +100,81 @@ def _resolve_depth_split(model: nn.Module, depth_split: int | str | None) -> str
     return depth_split
 
 
+class _Surgery:
+    """The surgery's steps for one model, shared by the candidates of the MAC budget's search."""
+
+    def __init__(self, model: nn.Module, skip: list[str] | int | None, base: dict | None, example: Tensor) -> None:
+        self.model, self.skip, self.base, self.example = model, skip, base, example
+
+    @functools.cached_property
+    def base_macs(self) -> int:
+        """The base model's MACs per sample (measured once the graph analysis has checked the input's shape)."""
+        return profile_model(self.model, self.example).macs
+
+    def build(self, config: NestConfig, batch: Tensor) -> RussianDollNet:
+        """Graph analysis → selection → plan → network for ``config`` (copy_fraction set), pruned to its
+        MAC budget if it has one; not compensated. ``batch``: the calibration images (N, C, H, W)."""
+        graph = SurgeryGraph(self.model, batch[:1], self.skip, config.k, config.mode, config.exact,
+                             config.depth_split, config.copy_fraction, config.norms)  # fmt: skip
+        # greedy checks the activations
+        orders, select_ties = select_orders(graph, batch, config.select, config.seed)
+        if config.select == "random" and config.mac_budget is not None:  # block energies need them finite too
+            check_activations(graph.graph_module, batch)
+        record = NestRecord(
+            config=config.replace(skip=tuple(graph.skipped_targets)),
+            input_shape=tuple(batch.shape[1:]),
+            orders=orders,
+            pruned_blocks={},
+            # where the calibration scores tied and the index decided (passes/select.py, passes/budget.py)
+            ties={"select": select_ties, "mac_budget": {}},
+            base=self.base,
+        )
+        plan = make_plan(graph, record)
+        net = RussianDollNet(plan, build_modules(plan, graph))
+        if config.mac_budget is not None:
+            pruning = prune_blocks(net, batch, config.mac_budget, self.base_macs)
+            edited = net.plan.with_pruned_blocks(pruning.pruned)
+            ties = {"select": select_ties, "mac_budget": pruning.ties}
+            net.use_plan(dataclasses.replace(edited, record=edited.record.replace(ties=ties)))
+        return net
+
+    def compensate(self, net: RussianDollNet, batch: Tensor) -> None:
+        """Refit ``net``'s copies that miss inputs (after pruning: the refit knows every block that is gone)."""
+        compensate_dropped_connections(net, self.model, batch, seed=net.record.config.seed)
+
+    def mac_ratio(self, net: RussianDollNet) -> float:
+        return costs.macs(net.plan, net.num_subnets) / self.base_macs
+
+
+def _search(surgery: _Surgery, config: NestConfig, batch: Tensor) -> RussianDollNet:
+    """The candidate of the MAC budget's search (:mod:`rdn.surgery.search`) with the least logit error,
+    its record holding the chosen options and every candidate's scores."""
+    build_images, scoring_images = scoring_split(batch) if len(candidate_options(config)) > 1 else (batch, batch)
+
+    def compensated(net: RussianDollNet) -> RussianDollNet:
+        refitted = copy.deepcopy(net)
+        surgery.compensate(refitted, build_images)
+        return refitted
+
+    @functools.cache
+    def base_logits() -> Tensor:
+        return surgery.model(scoring_images).float()
+
+    net, chosen, candidates = search_construction(
+        config,
+        lambda options: surgery.build(options, build_images),
+        compensated,
+        scoring_images,
+        base_logits,
+        surgery.mac_ratio,
+    )
+    record = net.record
+    record = record.replace(config=record.config.replace(compensate=chosen.compensate),
+                            search=tuple(candidate.to_dict() for candidate in candidates))  # fmt: skip
+    net.use_plan(dataclasses.replace(net.plan, record=record))
+    return net
+
+
 def nest(
     model: nn.Module,
     k: int = 4,
@@ -105,11 +184,11 @@ def nest(
     skip=None,
     depth_split=None,
     seed: int = 0,
-    exact: bool = True,
+    exact: bool = False,
     copies: str = "latest",
-    copy_fraction: float = 1.0,
-    mac_budget: float | None = None,
-    compensate: bool = False,
+    copy_fraction: float | None = None,
+    mac_budget: float | None = DEFAULT_MAC_BUDGET,
+    compensate: bool | None = None,
     norms: str = "fixed",
     base: dict | None = None,
     *,
@@ -204,33 +283,16 @@ def nest(
     batch = calibration_batch(calib)
     skip = _resolve_skip(model, config.skip)
     depth_split = _resolve_depth_split(model, config.depth_split)
+    config = config.replace(depth_split=depth_split)
     with eval_mode(model), torch.no_grad():
-        graph = SurgeryGraph(model, batch[:1], skip, config.k, config.mode, config.exact, depth_split,
-                             config.copy_fraction, config.norms)  # fmt: skip
-        # greedy checks the activations
-        orders, select_ties = select_orders(graph, batch, config.select, config.seed)
-        if config.select == "random" and config.mac_budget is not None:  # block energies need them finite too
-            check_activations(graph.graph_module, batch)
-    record = NestRecord(
-        config=config.replace(skip=tuple(graph.skipped_targets), depth_split=depth_split),
-        input_shape=tuple(batch.shape[1:]),
-        orders=orders,
-        pruned_blocks={},
-        # where the calibration scores tied and the index decided (passes/select.py, passes/budget.py)
-        ties={"select": select_ties, "mac_budget": {}},
-        base=base,
-    )
-    plan = make_plan(graph, record)
-    net = RussianDollNet(plan, build_modules(plan, graph))
-    if config.mac_budget is not None:
-        base_macs = profile_model(model, batch[:1]).macs
-        with torch.no_grad():
-            pruning = prune_blocks(net, batch, config.mac_budget, base_macs)
-        edited = net.plan.with_pruned_blocks(pruning.pruned)
-        ties = {"select": select_ties, "mac_budget": pruning.ties}
-        net.use_plan(dataclasses.replace(edited, record=edited.record.replace(ties=ties)))
-    if config.compensate:  # after pruning: the refit knows every block that is gone
-        compensate_dropped_connections(net, model, batch, seed=config.seed)
+        surgery = _Surgery(model, skip, base, batch[:1])
+        if config.mac_budget is None:
+            net = surgery.build(config, batch)
+            if config.compensate:
+                surgery.compensate(net, batch)
+        else:
+            net = _search(surgery, config, batch)
+    low = net.coverage().warning()
     low = net.coverage().warning()
     if low is not None:
         warnings.warn(low, CoverageWarning, stacklevel=2)

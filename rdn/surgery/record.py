@@ -34,7 +34,7 @@ __all__ = ["NestRecord"]
 
 # Keys every version-1 dict had from the start (the others were added later, with defaults).
 _VERSION_1_REQUIRED = ("version", "k", "mode", "exact", "copies", "skip", "input_shape", "orders")
-_FINDINGS = ("input_shape", "orders", "pruned_blocks", "ties", "base")
+_FINDINGS = ("input_shape", "orders", "pruned_blocks", "ties", "base", "search")
 
 
 def _from_version_1(values: dict[str, Any]) -> dict[str, Any]:
@@ -74,6 +74,9 @@ class NestRecord(Config):
         None, help="where tied calibration scores let the index decide: {'select': {layout: [primary groups]}, "
                    "'mac_budget': {layer: [output groups]}}; None: not recorded (older records)")  # fmt: skip
     base: dict[str, Any] | None = setting(None, help="rdn.models.create arguments that rebuild the base model")
+    search: tuple[dict[str, Any], ...] | None = setting(
+        None, help="the candidates the MAC budget's search scored (rdn.surgery.search.Candidate: copy_fraction, "
+                   "compensate, mac_ratio, logit_error, agreement, note); None: no search")  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +98,10 @@ class NestRecord(Config):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"{name} must be a dict or None, got {type(value).__name__}")
+        if self.search is not None:
+            if not all(isinstance(candidate, dict) for candidate in self.search):
+                raise TypeError(f"search must be a sequence of dicts or None, got {self.search!r}")
+            object.__setattr__(self, "search", tuple(dict(candidate) for candidate in self.search))
 
     @classmethod
     def read(cls, data: NestRecord | dict[str, Any]) -> NestRecord:

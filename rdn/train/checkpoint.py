@@ -200,12 +200,12 @@ def check_model_config(expected: dict, found: dict, path: str | os.PathLike) -> 
     """Raise :class:`CheckpointMismatchError` when a checkpoint was written for another model.
 
     RDNs are compared as records (:class:`~rdn.surgery.NestRecord`, whatever version each file
-    holds), ignoring ``ties`` (how the surgery chose, not what it built); the error names the
-    differing fields.
+    holds), ignoring ``ties`` and ``search`` (how the surgery chose, not what it built); the error
+    names the differing fields.
     """
     expected, found = _comparable(expected), _comparable(found)
     if expected.get("kind") == found.get("kind") == "rdn":
-        differing = expected["rdn_config"].differences(found["rdn_config"], ignore=("ties",))
+        differing = expected["rdn_config"].differences(found["rdn_config"], ignore=("ties", "search"))
     elif expected != found:
         differing = sorted(key for key in set(expected) | set(found) if expected.get(key) != found.get(key))
     else:

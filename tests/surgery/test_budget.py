@@ -1,4 +1,7 @@
-"""``nest(..., mac_budget=...)``: blocks of the added groups dropped until N_K fits (rdn/surgery/passes/budget.py)."""
+"""``nest(..., mac_budget=...)``: blocks of the added groups dropped until N_K fits (rdn/surgery/passes/budget.py).
+
+The pass alone: every test here fixes ``copy_fraction=1`` and ``compensate=False`` (``PASS_ONLY``), so
+the budget's search has one candidate; tests/surgery/test_search.py covers the search."""
 
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from tests.surgery.test_nest import nested_toy
 from tests.surgery.toys import toy
 
 K_PRIMARY = 3  # nested_toy's k: groups 0..2 are primary, 3..4 added
+PASS_ONLY = {"copy_fraction": 1.0, "compensate": False}  # one construction: the budget pass decides alone
+UNPRUNED = {"mac_budget": None}  # every copy, every block
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def base_macs() -> int:
 
 @pytest.mark.parametrize("budget", [1.3, 1.2])
 def test_budget_is_met_and_only_added_groups_change(images, base_macs, budget):
-    full, pruned = nested_toy(exact=False), nested_toy(exact=False, mac_budget=budget)
+    full, pruned = nested_toy(exact=False, **UNPRUNED), nested_toy(exact=False, mac_budget=budget, **PASS_ONLY)
     assert full.macs(full.num_subnets) > budget * base_macs  # the budget bites
     assert pruned.macs(pruned.num_subnets) <= budget * base_macs
     assert pruned.rdn_config["mac_budget"] == budget and pruned.rdn_config["pruned_blocks"]
@@ -54,7 +59,7 @@ def test_budget_is_met_and_only_added_groups_change(images, base_macs, budget):
 
 
 def test_pruned_rdn_keeps_one_pass_and_staged_paths_and_the_nesting(images):
-    net = nested_toy(exact=False, mac_budget=1.2)
+    net = nested_toy(exact=False, mac_budget=1.2, **PASS_ONLY)
     assert_paths_agree(net, images, export=True)
     assert_earlier_subnets_ignore_later_groups(net, images)
 
@@ -105,8 +110,8 @@ def test_blocks_drop_in_order_of_energy_per_mac(base_macs, budget):
     """Every dropped block costs less energy per MAC saved than any droppable block that stays (each
     output group keeps its best block), and dropping stopped as soon as N_K fit."""
     calib = torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2))  # nested_toy's
-    scores = block_scores(nested_toy(exact=False, calib=calib), calib, K_PRIMARY)
-    net = nested_toy(exact=False, calib=calib, mac_budget=budget)
+    scores = block_scores(nested_toy(exact=False, calib=calib, **UNPRUNED), calib, K_PRIMARY)
+    net = nested_toy(exact=False, calib=calib, mac_budget=budget, **PASS_ONLY)
     dropped = {(name, j, i) for name, blocks in net.rdn_config["pruned_blocks"].items() for j, i in blocks}
     best = {}
     for block, (score, _) in scores.items():
@@ -123,7 +128,7 @@ def test_blocks_drop_in_order_of_energy_per_mac(base_macs, budget):
 
 
 def test_config_round_trip_restores_the_masks(images):
-    net = nested_toy(exact=False, mac_budget=1.2)
+    net = nested_toy(exact=False, mac_budget=1.2, **PASS_ONLY)
     config = json.loads(json.dumps(net.rdn_config))
     rebuilt = RussianDollNet.from_config(config, model=toy(nn.ReLU, seed=11))
     for name, layer in rebuilt.nested_layers().items():
@@ -136,9 +141,9 @@ def test_config_round_trip_restores_the_masks(images):
 
 
 def test_loose_budget_prunes_nothing(base_macs):
-    net = nested_toy(exact=False, mac_budget=2.0)
+    net = nested_toy(exact=False, mac_budget=2.0, **PASS_ONLY)
     assert net.rdn_config["pruned_blocks"] == {}
-    assert net.macs(net.num_subnets) == nested_toy(exact=False).macs(net.num_subnets)
+    assert net.macs(net.num_subnets) == nested_toy(exact=False, **UNPRUNED).macs(net.num_subnets)
 
 
 @pytest.mark.parametrize(
@@ -148,9 +153,10 @@ def test_loose_budget_prunes_nothing(base_macs):
         (dict(mac_budget="1.2"), TypeError, "finite number"),
         (dict(mac_budget=True), TypeError, "finite number"),
         (dict(mac_budget=float("nan")), TypeError, "finite number"),
-        (dict(mac_budget=1.2, mode="truncate"), ValueError, "mode='truncate' has none"),
-        (dict(mac_budget=0.9, exact=False), ValueError, "mac_budget=0.9 is out of reach"),
-        (dict(mac_budget=1.2), ValueError, "exact=False does not"),
+        (dict(mac_budget=1.5, mode="truncate"), ValueError, "mode='truncate' has none"),
+        (dict(mac_budget=0.9, exact=False, **PASS_ONLY), ValueError, "mac_budget=0.9 is out of reach"),
+        (dict(mac_budget=0.3, exact=False), ValueError, "mac_budget=0.3 is out of reach for every construction"),
+        (dict(mac_budget=1.5), ValueError, "exact=True .* takes no mac_budget"),
     ],
 )
 def test_bad_budgets(kwargs, error, match):
@@ -159,7 +165,7 @@ def test_bad_budgets(kwargs, error, match):
 
 
 def test_bad_pruned_blocks():
-    net = nested_toy(exact=False)
+    net = nested_toy(exact=False, **UNPRUNED)
     name = next(iter(net.nested_layers()))
     with pytest.raises(ValueError, match="not a nested layer"):
         apply_pruned_blocks(net, {"nope": [[3, 0]]})

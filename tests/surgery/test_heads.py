@@ -21,7 +21,7 @@ IMAGES = torch.randn(5, 3, 10, 10, generator=torch.Generator().manual_seed(1))
 
 
 def nested(depth_split: str | None = None, **kwargs) -> RussianDollNet:
-    return nest(toy(**kwargs), k=3, calib=CALIB, skip=["stem"], depth_split=depth_split).eval()
+    return nest(toy(**kwargs), k=3, calib=CALIB, skip=["stem"], depth_split=depth_split, exact=True).eval()
 
 
 def old_layout(net: RussianDollNet, seed: int = 0) -> tuple[OrderedDict, list[torch.Tensor], nn.Linear]:
@@ -50,7 +50,7 @@ def old_layout(net: RussianDollNet, seed: int = 0) -> tuple[OrderedDict, list[to
 def test_heads_are_the_folded_alignment_and_classifier():
     """N_K's head starts as the base classifier on the features it copies (exact: the same logits)."""
     model = toy()
-    net = nest(model, k=3, calib=CALIB, skip=["stem"]).eval()
+    net = nest(model, k=3, calib=CALIB, skip=["stem"], exact=True).eval()
     heads = net.plan.heads
     for s, head in enumerate(net.heads, start=1):
         assert isinstance(head, nn.Linear) and head.weight.shape == (heads.num_classes, heads.features_of(s))

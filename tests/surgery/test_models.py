@@ -28,7 +28,7 @@ def model_and_rdn(request, images):
     torch.manual_seed(0)
     arguments = base_arguments(request.param)
     model = create(**arguments).eval()
-    return model, nest(model, k=4, calib=images, base=arguments).eval()
+    return model, nest(model, k=4, calib=images, exact=True, base=arguments).eval()
 
 
 def test_one_pass_staged_and_exact_top(model_and_rdn, images):

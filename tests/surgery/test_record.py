@@ -17,7 +17,8 @@ CALIB = torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2))
 
 @pytest.fixture(scope="module")
 def pruned() -> RussianDollNet:
-    return nest(toy(), k=3, calib=CALIB, skip=["stem"], exact=False, mac_budget=1.2, base={"name": "toy"}).eval()
+    return nest(toy(), k=3, calib=CALIB, skip=["stem"], exact=False, mac_budget=1.2, copy_fraction=1.0,
+                compensate=False, base={"name": "toy"}).eval()  # fmt: skip
 
 
 def test_keywords_and_config_give_the_same_network():
@@ -45,7 +46,9 @@ def test_record_round_trip(pruned):
     assert record.pruned_blocks and record.ties == {"select": record.ties["select"], "mac_budget": {}}
     again = NestRecord.from_json(json.dumps(record.to_dict()))
     assert again == record and isinstance(again.orders[next(iter(again.orders))], tuple)
-    assert NestRecord.read(json.loads(json.dumps(pruned.rdn_config))) == record  # the version-1 view
+    assert len(record.search) == 1 and record.search[0]["copy_fraction"] == 1.0  # the one candidate, scored
+    # the version-1 view has no search
+    assert NestRecord.read(json.loads(json.dumps(pruned.rdn_config))) == record.replace(search=None)
     with pytest.raises(ValueError, match="resolved to module names"):
         NestRecord(record.config.replace(depth_split=2), record.input_shape, record.orders, {})
 
@@ -64,9 +67,11 @@ def test_version_1_dicts_are_migrated(pruned):
     first_keys = ("version", "k", "mode", "exact", "copies", "skip", "input_shape", "orders", "base")
     early = {key: value for key, value in pruned.rdn_config.items() if key in first_keys}
     record = NestRecord.read(early)
-    assert record.config == NestConfig(k=3, exact=False, skip=("stem.0",))
+    # version 1's defaults: no budget, every copy, no refit (NestConfig's version-1 migration)
+    assert record.config == NestConfig(k=3, exact=False, mac_budget=None, copy_fraction=1.0, compensate=False,
+                                       skip=("stem.0",))  # fmt: skip
     assert record.pruned_blocks == {} and record.ties is None and record.base == {"name": "toy"}
-    assert record.differences(pruned.record) == ["mac_budget", "pruned_blocks", "ties"]
+    assert record.differences(pruned.record) == ["mac_budget", "pruned_blocks", "ties", "search"]
     rebuilt = RussianDollNet.from_config(early, model=toy())
     assert rebuilt.record == record
     with pytest.raises(ConfigError, match=r"misses the keys \['orders'\]"):

@@ -107,7 +107,7 @@ def test_non_finite_activations_are_refused_naming_the_layer(settings):
 
 def test_random_select_without_calibration_scores_accepts_what_it_never_reads():
     """With random select and neither mac_budget nor compensate, calib gives only shapes."""
-    net = _nest_toy(model=_nan_weights("body.2.conv.0"), select="random")
+    net = _nest_toy(model=_nan_weights("body.2.conv.0"), select="random", mac_budget=None)
     assert net.rdn_config["select"] == "random"
 
 
@@ -130,7 +130,7 @@ def test_greedy_ties_are_recorded():
 
 
 def test_budget_rows_without_energy_are_recorded_and_non_finite_energies_refused():
-    net = _nest_toy(mode="expand", exact=False)
+    net = _nest_toy(mode="expand", exact=False, mac_budget=None)
     calib = torch.randn(8, 3, 10, 10, generator=torch.Generator().manual_seed(2))
     base_macs = profile_model(toy(), (1, 3, 10, 10)).macs
     name, layer = list(net.nested_layers().items())[-1]
@@ -138,9 +138,10 @@ def test_budget_rows_without_energy_are_recorded_and_non_finite_energies_refused
         layer.weight[layer.layout.out_offsets[3] : layer.layout.out_offsets[4]] = 0
     result = prune_blocks(net, calib, 1.2, base_macs)
     assert result.ties == {name: [3]}
-    assert _nest_toy(mode="expand", exact=False, mac_budget=1.2).rdn_config["ties"]["mac_budget"] == {}
+    budgeted = _nest_toy(mode="expand", exact=False, mac_budget=1.2, copy_fraction=1.0, compensate=False)
+    assert budgeted.rdn_config["ties"]["mac_budget"] == {}
     with pytest.raises(ValueError, match="calib holds 1 non-finite value"):
-        prune_blocks(_nest_toy(mode="expand", exact=False), _with_nan((8, 3, 10, 10)), 1.2, base_macs)
+        prune_blocks(_nest_toy(mode="expand", exact=False, mac_budget=None), _with_nan((8, 3, 10, 10)), 1.2, base_macs)
 
 
 def test_compensate_refuses_non_finite_calibration_data():

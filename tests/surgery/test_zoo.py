@@ -93,11 +93,11 @@ def test_zoo_model_nests_with_every_property_or_is_refused_by_name(name, case):
     model.eval()
     if case.refused is not None:
         with pytest.raises(ValueError, match=case.refused):
-            nest(model, k=2, calib=calib)
+            nest(model, k=2, calib=calib, exact=True)
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CoverageWarning)
-        net = nest(model, k=2, calib=calib).eval()
+        net = nest(model, k=2, calib=calib, exact=True).eval()  # N_K is the base model: checked below
     coverage = [str(warning.message) for warning in caught if issubclass(warning.category, CoverageWarning)]
     if case.warns is not None:
         assert coverage and re.search(case.warns, coverage[0]), coverage

@@ -34,8 +34,9 @@ def synthetic(num_samples: int = 160) -> DataSplits:
     return load_dataset("synthetic", num_samples=num_samples, calib_size=16, test_size=32)
 
 
-def tiny_rdn(seed: int = 0, k: int = 2) -> RussianDollNet:
-    """An RDN (expand, K = 2k - 1 exits) of a seeded :class:`TinyNet`, the stem un-nested."""
+def tiny_rdn(seed: int = 0, k: int = 2, **options) -> RussianDollNet:
+    """An RDN (expand, K = 2k - 1 exits) of a seeded :class:`TinyNet`, the stem un-nested; ``options``: more
+    :func:`rdn.nest` options (default: its MAC budget's search)."""
     torch.manual_seed(seed)
     calib = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
-    return nest(TinyNet(), k=k, calib=calib, skip=1, seed=seed)
+    return nest(TinyNet(), k=k, calib=calib, skip=1, seed=seed, **options)

@@ -1,0 +1,107 @@
+"""The MAC budget's search (rdn/surgery/search.py): nest's default chooses copies, blocks and compensation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rdn.models.profile import profile_model
+from rdn.surgery import NestConfig, RussianDollNet, nest
+from rdn.surgery.search import logit_error, scoring_split, search_construction
+from tests.surgery.toys import toy
+
+CALIB = torch.randn(40, 3, 10, 10, generator=torch.Generator().manual_seed(3))  # 30 to build on, 10 to score
+
+
+@pytest.fixture(scope="module")
+def searched() -> RussianDollNet:
+    return nest(toy(), k=3, calib=CALIB, skip=["stem"]).eval()
+
+
+def test_default_nest_searches_within_the_budget_and_keeps_the_least_error(searched):
+    record, base = searched.record, toy().eval()
+    base_macs = profile_model(base, (1, 3, 10, 10)).macs
+    assert record.config.mac_budget == 1.2 and not record.config.exact
+    assert searched.macs(searched.num_subnets) <= 1.2 * base_macs
+    tried = {(c["copy_fraction"], c["compensate"]) for c in record.search}
+    assert tried == {(f, c) for f in (1.0, 0.75, 0.5, 0.25) for c in (False, True)}
+    fitting = [c for c in record.search if c["logit_error"] is not None]
+    best = min(fitting, key=lambda c: (c["logit_error"], c["mac_ratio"]))
+    assert (record.config.copy_fraction, record.config.compensate) == (best["copy_fraction"], best["compensate"])
+    assert all(c["mac_ratio"] <= 1.2 for c in fitting)
+    # the recorded score is N_K's logit error on the held-out quarter, recomputed here from first principles
+    held_out = CALIB[-10:]
+    with torch.no_grad():
+        z, z_base = searched(held_out, subnet=searched.num_subnets).double(), base(held_out).double()
+    expected = float((z - z_base).pow(2).sum() / (z_base - z_base.mean(0)).pow(2).sum())
+    assert best["logit_error"] == pytest.approx(expected, rel=1e-4)
+    assert best["mac_ratio"] == pytest.approx(searched.macs(searched.num_subnets) / base_macs)
+
+
+def test_the_chosen_network_is_rebuilt_from_its_record(searched):
+    rebuilt = RussianDollNet.from_config(json.loads(json.dumps(searched.record.to_dict())), model=toy(seed=11))
+    rebuilt.load_state_dict(searched.state_dict())
+    assert rebuilt.record == searched.record
+    with torch.no_grad():
+        for a, b in zip(rebuilt.eval()(CALIB[:4]), searched(CALIB[:4]), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_set_options_restrict_the_search():
+    net = nest(toy(), k=3, calib=CALIB, skip=["stem"], copy_fraction=0.5)
+    assert {c["copy_fraction"] for c in net.record.search} == {0.5} and len(net.record.search) == 2
+    net = nest(toy(), k=3, calib=CALIB, skip=["stem"], compensate=False)
+    assert {c["compensate"] for c in net.record.search} == {False} and len(net.record.search) == 4
+    assert not net.record.config.compensate
+    assert nest(toy(), k=3, calib=CALIB, skip=["stem"], exact=True).record.search is None
+    assert nest(toy(), k=3, calib=CALIB, skip=["stem"], mac_budget=None).record.search is None
+    assert nest(toy(), calib=CALIB, config=NestConfig(k=3, skip=("stem",))).record.search is not None
+
+
+def test_logit_error_and_the_scoring_split():
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    assert logit_error(z, z) == 0
+    assert logit_error(z.mean(0).expand_as(z), z) == pytest.approx(1.0)  # the mean logits: none of the variance
+    constant = torch.ones(3, 4)
+    assert logit_error(2 * constant, constant) == pytest.approx(1.0)  # no spread: relative to the logits' size
+    build, score = scoring_split(torch.arange(40))
+    assert build.tolist() == list(range(30)) and score.tolist() == list(range(30, 40))
+    build, score = scoring_split(torch.arange(20))  # a quarter would be 5 images: score on all of them
+    assert build.shape[0] == score.shape[0] == 20
+
+
+class _Constant(nn.Module):
+    """A stand-in network whose N_K returns fixed logits."""
+
+    num_subnets = 1
+
+    def __init__(self, logits: torch.Tensor, ratio: float) -> None:
+        super().__init__()
+        self.logits, self.ratio = logits, ratio
+
+    def forward(self, x: torch.Tensor, subnet: int | None = None) -> torch.Tensor:
+        return self.logits
+
+
+def test_equal_errors_go_to_the_cheaper_and_unreachable_candidates_are_recorded():
+    target = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    nets = {1.0: _Constant(target + 0.1, 1.2), 0.75: None, 0.5: _Constant(target + 0.1, 1.0),
+            0.25: _Constant(target + 1.0, 0.9)}  # fmt: skip
+
+    def build(config: NestConfig) -> nn.Module:
+        if nets[config.copy_fraction] is None:
+            raise ValueError("mac_budget=1.2 is out of reach: ...")
+        return nets[config.copy_fraction]
+
+    chosen, config, candidates = search_construction(
+        NestConfig(compensate=False), build, lambda net: net, torch.zeros(4, 1), lambda: target, lambda n: n.ratio
+    )
+    assert chosen is nets[0.5] and config.copy_fraction == 0.5 and config.compensate is False
+    assert [c.copy_fraction for c in candidates] == [1.0, 0.75, 0.5, 0.25]
+    assert candidates[1].mac_ratio is None and candidates[1].note == "out of the budget's reach"
+    with pytest.raises(ValueError, match="out of reach for every construction"):
+        search_construction(NestConfig(copy_fraction=0.75), build, lambda net: net, torch.zeros(4, 1),
+                            lambda: target, lambda n: n.ratio)  # fmt: skip
