@@ -1,7 +1,7 @@
 """Training cost of an RDN: one joint pass for all K exits against the base model and K separate passes.
 
     python -m benchmarks.bench_training [--device cpu|cuda] [--width-mult 0.5] [--k 4] [--batch 64]
-                                        [--mac-budget 1.15] [--copy-fractions 0.25 0.5]
+                                        [--mac-budget 1.2] [--copy-fractions 0.25 0.5]
                                         [--runs 3] [--quick] [--out benchmarks/results]
     python -m benchmarks.bench_training --report-runs runs/base runs/rdn runs/ft --name NAME
 
@@ -12,18 +12,18 @@ The second form writes no timings: it tabulates the accuracy and MACs of every e
 Times one optimisation step (zero_grad, forward, loss, backward, SGD step) of
 
 - (a) the base model (MobileNetV2 small-input variant, 1×28×28 images, 10 classes);
-- (b) its RDN (``nest(k, mode="expand", select="greedy")``, K = 2k - 1) trained jointly: one
-  forward of N_K gives all K logits, one backward of Σ_s CE_s / K (the package's training loop);
+- (b) its RDN as ``rdn.nest`` makes it by default (``nest(k, mac_budget=1.2)``: expand, K = 2k - 1,
+  N_K at most 1.2x the base's MACs, the construction chosen by the budget's search) trained jointly:
+  one forward of N_K gives all K logits, one backward of Σ_s CE_s / K (the package's training loop);
 - (c) the same RDN trained the OFA / slimmable way: for each s, ``forward(x, subnet=s)`` and its
   own backward, gradients accumulated, then one SGD step;
 - (d) the same RDN training N_K alone (``forward(x, subnet=K)``, one CE): the cost of the largest
   sub-network, which isolates what the K - 1 extra exits of (b) add;
-- (e)–(h) as (b) for cheaper surgeries: (e) ``exact=False`` (at most two copies of a channel: N_K
-  is no longer exactly the base model before fine-tuning, but has fewer MACs); (f) ``exact=False``
-  with ``mac_budget`` (blocks of the added groups dropped until N_K does at most that many times
-  the base's MACs, :mod:`rdn.surgery.budget`); (g) ``exact=False`` with ``copy_fraction`` (only that
-  share of each group's channels get copies: fewer channels; one row per fraction); (h) ``mode="truncate"`` (K = k, no
-  copies at all: the least an RDN of this base can cost).
+- (e)–(h) as (b) for the other surgeries: (e) ``exact=True`` (every connection kept: N_K is exactly
+  the base model before fine-tuning, at about twice its MACs); (f) ``mac_budget=None`` (at most two
+  copies of a channel, every copy and block kept); (g) ``copy_fraction`` without a budget (only that
+  share of each group's channels get copies: fewer channels; one row per fraction); (h)
+  ``mode="truncate"`` (K = k, no copies at all: the least an RDN of this base can cost).
 
 Claims checked (DESIGN.md §1): (b) ≤ 1.2 × (a), (c) / (b) ≥ K / 2, and (b) ≤ 1.2 × (d); (e)–(h)
 ≤ 1.2 × (a) beside them. All run in one interleaved measurement (:mod:`benchmarks.harness`). The
@@ -74,18 +74,17 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> 
     return step
 
 
-def cheaper_surgeries(mac_budget: float, copy_fractions: Sequence[float]) -> dict[str, dict]:
+def other_surgeries(copy_fractions: Sequence[float]) -> dict[str, dict]:
     """Rows (e)–(h): label → the ``nest`` arguments that differ from (b)'s."""
-    rows = {"(e) exact=False": dict(exact=False),
-            f"(f) exact=False, mac_budget={mac_budget:g}": dict(exact=False, mac_budget=mac_budget)}  # fmt: skip
+    rows = {"(e) exact=True": dict(exact=True), "(f) no budget": dict(mac_budget=None)}
     for fraction in copy_fractions:
-        rows[f"(g) exact=False, copy_fraction={fraction:g}"] = dict(exact=False, copy_fraction=fraction)
+        rows[f"(g) no budget, copy_fraction={fraction:g}"] = dict(mac_budget=None, copy_fraction=fraction)
     rows["(h) truncate (no copies)"] = dict(mode="truncate")
     return rows
 
 
 def run(device: torch.device, width_mult: float, k: int, batch: int, timing: TimingConfig, out: Path,
-        mac_budget: float = 1.15, copy_fractions: Sequence[float] = (0.25, 0.5), runs: int = 1
+        mac_budget: float = 1.2, copy_fractions: Sequence[float] = (0.25, 0.5), runs: int = 1
         ) -> list[dict]:  # fmt: skip
     """Time every row ``runs`` times in a row (each an interleaved measurement); the table is the last run's."""
     torch.manual_seed(0)
@@ -93,19 +92,19 @@ def run(device: torch.device, width_mult: float, k: int, batch: int, timing: Tim
     base = create(**kwargs).to(device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(10, (batch,), device=device)
-    rdn = nest(base, k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs).to(device)
+    rdn = nest(base, k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs, mac_budget=mac_budget).to(device)
     separate, largest = (RussianDollNet.from_config(rdn.record, base).to(device) for _ in range(2))
     for copy in (separate, largest):
         copy.load_state_dict(rdn.state_dict())
     K = rdn.num_subnets
     models = {
         "(a) base": (base, "base"),
-        f"(b) RDN joint, {K} exits in one pass": (rdn, "joint"),
+        f"(b) RDN (mac_budget={mac_budget:g}) joint, {K} exits in one pass": (rdn, "joint"),
         f"(c) RDN separate, {K} forward/backward passes": (separate, "separate"),
         f"(d) RDN N_{K} alone": (largest, "largest"),
     }
     surgeries = {}  # row name → the surgery's label, for the claims
-    for label, changes in cheaper_surgeries(mac_budget, copy_fractions).items():
+    for label, changes in other_surgeries(copy_fractions).items():
         settings = dict(k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs) | changes
         cheaper = nest(base, **settings).to(device)
         name = f"{label} joint, {cheaper.num_subnets} exits in one pass"
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width-mult", type=float, default=0.5, help="MobileNetV2 width multiplier")
     parser.add_argument("--k", type=int, default=4, help="channel groups (K = 2k - 1 exits)")
     parser.add_argument("--batch", type=int, default=64, help="images per step")
-    parser.add_argument("--mac-budget", type=float, default=1.15, help="row (f): N_K's MACs / the base's at most")
+    parser.add_argument("--mac-budget", type=float, default=1.2, help="row (b): N_K's MACs / the base's at most")
     parser.add_argument("--copy-fractions", type=float, nargs="+", default=[0.25, 0.5],
                         help="rows (g), one per value: share of each group's channels with copies")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

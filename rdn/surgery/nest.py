@@ -226,22 +226,31 @@ def nest(
             classifier; exits double from K to 2K (:attr:`RussianDollNet.exits`).
         seed: seed of random selection.
         exact: expand mode only: keep every connection (a third copy at group K where needed), so
-            N_K reproduces the base network's linear maps exactly; ``False``: at most two copies.
+            N_K reproduces the base network exactly before fine-tuning, at about twice its MACs; it
+            takes no ``mac_budget`` (the default budget is dropped). ``False`` (default): at most two
+            copies, and the budget's search below.
         copies: what a channel copy holds: ``"latest"`` (default: a whole value recomputed from the
             inputs available at its group; with ``exact`` N_K is then exactly the base network,
             non-linearities included) or ``"sum"`` (partial sums that add up, the construction of
             DESIGN.md §4.2: exact only without non-linearities). See :mod:`rdn.surgery.spaces`.
-        copy_fraction: expand mode with ``exact=False`` only: the share of every primary group's
+        copy_fraction: expand mode with ``exact=False`` only (``None``, the default: chosen by the
+            budget's search among 1, 0.75, 0.5 and 0.25; 1 without a budget): the share of every primary group's
             channel units that get a copy in an added group (rounded per group): those whose
             value loses the most energy to the inputs their primary cannot see (greedy select) or
             random ones (random select). The others keep only their primary, whose violating
             connections are dropped as in truncate mode. Fewer copies mean fewer channels in
             N_{k+1}..N_K: less work in every layer, not only the nested ones. 1: every channel.
-        mac_budget: expand mode only: at most this many times the base model's MACs for N_K
-            (e.g. 1.15). Blocks of the added groups that carry the least of their outputs' energy
-            on ``calib`` are dropped until N_K fits (sparse group dependencies, paper eq. 1; see
-            :mod:`rdn.surgery.passes.budget`); N_1..N_k are not touched. ``None``: keep every block.
-        compensate: refit, on ``calib``, every output copy that misses some input channel (dropped
+        mac_budget: the first knob, expand mode without ``exact``: N_K does at most this many times
+            the base model's MACs (default 1.2, near the paper's 1.11-1.16x). The surgery tries every
+            ``copy_fraction`` and ``compensate`` left ``None``; for each, blocks of the added groups
+            that carry the least of their outputs' energy on ``calib`` are dropped until N_K fits
+            (sparse group dependencies, paper eq. 1; :mod:`rdn.surgery.passes.budget`; N_1..N_k are
+            not touched), and the candidate whose N_K is closest to the base model's logits on a
+            held-out quarter of ``calib`` is kept (:mod:`rdn.surgery.search`; ``record.search`` lists
+            every candidate's MACs and error, ``record.config`` the chosen options). ``None``: no
+            budget, every block kept.
+        compensate: (``None``, the default: chosen by the budget's search; off without a budget)
+            refit, on ``calib``, every output copy that misses some input channel (dropped
             or pruned connections) by least squares against the base layer's output, layer by
             layer (:mod:`rdn.surgery.passes.compensate`; ``copies="latest"`` only). Copies that read every
             input keep the base weights (with ``exact`` N_K stays the base network).

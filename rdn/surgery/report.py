@@ -113,7 +113,9 @@ def surgery_rows(
         for mode, copies, exact in VARIANTS:
             for select in ("greedy", "random"):
                 start = time.perf_counter()
-                rdn = nest(model, k=k, mode=mode, copies=copies, exact=exact, select=select, calib=calib, seed=seed)
+                # the non-exact variant without a budget: at most two copies, every copy and block kept
+                rdn = nest(model, k=k, mode=mode, copies=copies, exact=exact, select=select, calib=calib, seed=seed,
+                           mac_budget=None)  # fmt: skip
                 rdn.eval()
                 with torch.no_grad():
                     logits = rdn(images)
