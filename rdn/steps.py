@@ -99,8 +99,8 @@ class DataConfig(Config):
 
 # What --num-workers does for the data (the CLI appends it to the option's help).
 WORKERS_HELP = ("; --data imagefolder decodes and augments images in them, for training, calibration and "
-                "evaluation (0: in the main process; a resume needs the same count, the augmentation draws depend "
-                "on it)")  # fmt: skip
+                "evaluation (0: in the main process; every image's augmentation has its own seed, so the count "
+                "changes only the speed, and a resume may use another)")  # fmt: skip
 
 
 def load_data(config: DataConfig, root: str | os.PathLike | None, seed: int) -> Data:

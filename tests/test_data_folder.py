@@ -140,3 +140,29 @@ def test_crop_scale_sets_the_training_crops_and_is_refused_for_in_memory_data(tm
         load_data(DataConfig(dataset="synthetic", crop_scale=0.35), None, 0)
     with pytest.raises(ConfigError, match=r"crop_scale must be a number in \(0, 1\]"):
         DataConfig(crop_scale=0)
+
+
+def _batches(loader, epoch: int) -> list[torch.Tensor]:
+    loader.sampler.set_epoch(epoch)  # what fit does before every epoch
+    return [images for images, _ in loader]
+
+
+def test_augmentation_depends_on_seed_and_epoch_not_on_the_workers(tmp_path):
+    """Every sample's crop and flip are drawn from its own seed (SeededSampler): 0 or 2 worker processes give
+    the same batches, an epoch drawn again gives the same batches (an exact resume), another epoch others."""
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for index in range(4):
+                pixels = torch.randint(0, 256, (48, 40, 3), dtype=torch.uint8, generator=generator).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{index}.png")
+    loaders = {workers: image_folder_loaders(tmp_path, batch_size=4, image_size=16, workers=workers, seed=3)[0]
+               for workers in (0, 2)}  # fmt: skip
+    first = _batches(loaders[0], epoch=1)
+    assert len(first) == 2
+    for one, other in zip(first, _batches(loaders[2], epoch=1), strict=True):
+        assert torch.equal(one, other)
+    for one, again in zip(first, _batches(loaders[0], epoch=1), strict=True):
+        assert torch.equal(one, again)
+    assert not torch.equal(torch.cat(first).sort(0).values, torch.cat(_batches(loaders[0], epoch=2)).sort(0).values)

@@ -22,10 +22,12 @@ in-memory :class:`rdn.data.DataSplits` (train, a seeded calibration split held o
 normalisation, class names) that a run records for ``rdn infer``. Its loaders
 (:meth:`FolderSplits.train_loader`, :meth:`FolderSplits.eval_loader`) decode batch by batch.
 
-Crop and resize are one Pillow call (``Image.resize(size, box=crop)``). Random draws use torch's
-RNG, which each DataLoader worker seeds from the loader's generator: with a generator (as
-:func:`image_folder_loaders` gives), ``fit`` re-seeds it per epoch and a resumed run sees
-exactly the images an uninterrupted one does.
+Crop and resize are one Pillow call (``Image.resize(size, box=crop)``). The augmentation of every
+sample is a function of (seed, epoch, position in the epoch), whatever process decodes it: the
+training loaders' sampler (:class:`SeededSampler`) hands each index over with a seed of its own,
+and :class:`ImageFolder` runs the transform with torch's RNG set to it. So ``num_workers`` changes
+nothing but speed, and a resumed run (``fit`` sets the sampler's epoch) sees exactly the images an
+uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from rdn.data import DataSpec
 from rdn.errors import DataError
@@ -53,6 +55,7 @@ __all__ = [
     "EvalTransform",
     "FolderSplits",
     "ImageFolder",
+    "SeededSampler",
     "TrainTransform",
     "UnreadableImageError",
     "decode_image",
@@ -212,13 +215,20 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
+        """Sample ``item``: an index, or ``(index, seed)`` (from :class:`SeededSampler`): the transform then
+        draws its randomness from torch's RNG seeded with ``seed``, in whatever process runs it."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         path, label = self.samples[index]
         try:
             image = decode_image(path, self.mode)
         except ValueError as error:
             raise UnreadableImageError(str(error)) from None
-        return self.transform(image), label
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # the worker's own RNG stream is left as it was
+            torch.manual_seed(seed)
+            return self.transform(image), label
 
     def subset(self, indices: Sequence[int] | Tensor) -> ImageFolder:
         """The samples ``indices`` (in that order) as a folder dataset of the same classes and transform."""
@@ -231,6 +241,31 @@ class ImageFolder(Dataset):
         other = copy.copy(self)
         other.transform = transform
         return other
+
+
+class SeededSampler(Sampler):
+    """A sampler's indices, each with a seed for its augmentation: ``(index, seed)``.
+
+    The seeds are drawn from (``seed``, epoch) in the main process, one per position of the epoch,
+    so the augmentation of every sample depends neither on which worker decodes it nor on how many
+    there are. ``set_epoch`` (which ``fit`` calls) reaches the wrapped sampler too.
+    """
+
+    def __init__(self, sampler: Sampler, seed: int) -> None:
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        seeds = torch.randint(2**62, (len(self.sampler),), generator=generator).tolist()
+        return zip(iter(self.sampler), seeds, strict=True)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def image_folder_loaders(
@@ -257,11 +292,9 @@ def image_folder_loaders(
     val_set = ImageFolder(root / val_split, EvalTransform(image_size), classes=train_set.classes)
     train_sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed, drop_last=True)
     val_sampler = DistributedSampler(val_set, world_size, rank, shuffle=False) if world_size > 1 else None
-    # No persistent workers: each epoch's workers are seeded afresh from the generator ``fit`` re-seeds,
-    # which is what makes a resumed epoch draw the same augmentation as an uninterrupted one.
     common = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
-    train = _FolderLoader(train_set, batch_size, sampler=train_sampler, drop_last=True,
-                          generator=torch.Generator().manual_seed(seed), **common)  # fmt: skip
+    train = _FolderLoader(train_set, batch_size, sampler=SeededSampler(train_sampler, seed), drop_last=True,
+                          **common)  # fmt: skip
     val = _FolderLoader(val_set, batch_size, sampler=val_sampler, **common)
     return train, val
 
@@ -328,9 +361,9 @@ class FolderSplits:
     def train_loader(self, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Shuffled, augmented training batches, this process's shard (``batch_size`` per process).
 
-        A ``DistributedSampler`` (``fit`` sets its epoch) and a generator (``fit`` re-seeds it per
-        epoch): a resumed run sees the batches of an uninterrupted one, with the same ``num_workers``
-        (each worker's augmentation draws from its own seed, so the worker count changes them).
+        A ``DistributedSampler`` whose indices come with their augmentation seeds
+        (:class:`SeededSampler`; ``fit`` sets its epoch): the batches are functions of (seed, epoch),
+        whatever ``num_workers``, and a resumed run sees those of an uninterrupted one.
         """
         _check_positive("batch_size", batch_size)
         per_rank = len(self.train) // world_size
@@ -339,8 +372,8 @@ class FolderSplits:
                              f"{per_rank} training images each process gets from {len(self.train)}; use a batch "
                              f"size <= {per_rank}")  # fmt: skip
         sampler = DistributedSampler(self.train, world_size, rank, shuffle=True, seed=seed, drop_last=True)
-        return _FolderLoader(self.train, batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
-                             generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available())
+        return _FolderLoader(self.train, batch_size, sampler=SeededSampler(sampler, seed), drop_last=True,
+                             num_workers=self.num_workers, pin_memory=torch.cuda.is_available())  # fmt: skip
 
     def eval_loader(self, dataset: ImageFolder, batch_size: int, *, rank: int = 0, world_size: int = 1,
                     limit: int | None = None) -> DataLoader:  # fmt: skip
