@@ -166,3 +166,16 @@ def test_augmentation_depends_on_seed_and_epoch_not_on_the_workers(tmp_path):
     for one, again in zip(first, _batches(loaders[0], epoch=1), strict=True):
         assert torch.equal(one, again)
     assert not torch.equal(torch.cat(first).sort(0).values, torch.cat(_batches(loaders[0], epoch=2)).sort(0).values)
+
+
+def test_samples_are_stored_without_a_python_object_per_file(tmp_path):
+    """Samples: paths as one numpy byte array, labels as int32; indexing, slicing, take and equality as a list."""
+    from rdn.data.folder import Samples
+
+    write_folder(tmp_path)
+    samples = ImageFolder(tmp_path / "train").samples
+    assert isinstance(samples, Samples) and samples.paths.dtype.kind == "S" and samples.labels.dtype == "int32"
+    pairs = list(samples)
+    assert pairs[0] == (tmp_path / "train" / "cat" / "0.jpg", 0) and pairs[-1][1] == 1 and len(pairs) == 6
+    assert list(samples[1:3]) == pairs[1:3] and list(samples.take([5, 0])) == [pairs[5], pairs[0]]
+    assert samples.take(range(6)) == samples and samples.take([1, 0]) != samples.take([0, 1])

@@ -55,6 +55,7 @@ __all__ = [
     "EvalTransform",
     "FolderSplits",
     "ImageFolder",
+    "Samples",
     "SeededSampler",
     "TrainTransform",
     "UnreadableImageError",
@@ -178,8 +179,55 @@ class EvalTransform:
         return image.resize((self.image_size, self.image_size), Image.BILINEAR, box=box)
 
 
+class Samples(Sequence):
+    """The ``(path, class index)`` pairs of a folder dataset, stored compactly.
+
+    Paths are one numpy byte-string array relative to ``root`` and labels one int32 array: no
+    Python object per file. For ImageNet's 1,281,167 training paths (names of its length) that is
+    44 MB against 457 MB for a list of ``(Path, int)`` (tracemalloc), and DataLoader workers reading
+    it do not touch reference counts, so the forked workers keep sharing its pages instead of
+    copying them (the copy-on-access growth of Python lists in workers).
+    """
+
+    def __init__(self, root: Path, paths: np.ndarray, labels: np.ndarray) -> None:
+        self.root, self.paths, self.labels = root, paths, labels
+
+    @classmethod
+    def scan(cls, root: Path, classes: Sequence[str], suffixes: Sequence[str]) -> Samples:
+        """Every file under ``root/<class>/`` (recursively, sorted) whose suffix is one of ``suffixes``."""
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            for path in sorted((root / name).rglob("*")):
+                if path.suffix.lower() in suffixes:
+                    paths.append(os.fsencode(path.relative_to(root)))
+                    labels.append(label)
+        return cls(root, np.array(paths, dtype=bytes), np.array(labels, dtype=np.int32))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Samples(self.root, self.paths[index], self.labels[index])
+        return self.root / os.fsdecode(self.paths[index]), int(self.labels[index])
+
+    def take(self, indices: Sequence[int] | Tensor) -> Samples:
+        """The samples ``indices``, in that order."""
+        index = np.asarray(indices, dtype=np.int64)
+        return Samples(self.root, self.paths[index], self.labels[index])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Samples):
+            return NotImplemented
+        return (self.root == other.root and np.array_equal(self.paths, other.paths)
+                and np.array_equal(self.labels, other.labels))  # fmt: skip
+
+    __hash__ = None  # mutable arrays inside
+
+
 class ImageFolder(Dataset):
-    """``root/<class>/<image>`` files, decoded and transformed one at a time (only paths in memory).
+    """``root/<class>/<image>`` files, decoded and transformed one at a time (only paths in memory,
+    compactly: :class:`Samples`).
 
     Items are ``(transform(image), class index)``; classes are the sorted sub-folder names (or
     ``classes``, to keep train and val in one order).
@@ -201,13 +249,8 @@ class ImageFolder(Dataset):
         if not self.classes:
             raise FileNotFoundError(f"image folder {self.root} has no class sub-folders (expected root/<class>/)")
         suffixes = _image_suffixes()
-        self.samples = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in sorted((self.root / name).rglob("*"))
-            if path.suffix.lower() in suffixes
-        ]
-        if not self.samples:
+        self.samples = Samples.scan(self.root, self.classes, suffixes)
+        if not len(self.samples):
             raise FileNotFoundError(f"image folder {self.root}: no images ({', '.join(suffixes)}) in its classes")
         self.transform = transform or EvalTransform()
         self.mode = mode
@@ -233,7 +276,7 @@ class ImageFolder(Dataset):
     def subset(self, indices: Sequence[int] | Tensor) -> ImageFolder:
         """The samples ``indices`` (in that order) as a folder dataset of the same classes and transform."""
         part = copy.copy(self)
-        part.samples = [self.samples[int(index)] for index in indices]
+        part.samples = self.samples.take(indices)
         return part
 
     def with_transform(self, transform: Callable) -> ImageFolder:
@@ -404,11 +447,9 @@ def _probe_mode(folder: ImageFolder, where: str) -> str:
     cannot open is an :class:`UnreadableImageError` now rather than in the middle of training)."""
     from PIL import Image
 
-    first: dict[int, Path] = {}
-    for path, label in folder.samples:
-        first.setdefault(label, path)
+    _, first = np.unique(folder.samples.labels, return_index=True)  # the first sample of every class
     modes = []
-    for path in first.values():
+    for path, _ in (folder.samples[int(index)] for index in first):
         try:
             with Image.open(path) as image:
                 modes.append(image.mode)
@@ -478,7 +519,7 @@ def folder_splits(
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{where}: {error}") from None
     for split, dataset in (("train", train), (val_dir.name, test)):
-        found = {label for _, label in dataset.samples}
+        found = set(np.unique(dataset.samples.labels).tolist())
         empty = [name for label, name in enumerate(classes) if label not in found]
         if empty:
             raise FileNotFoundError(f"{where}: {split}/ classes without images: {empty[:5]}"
