@@ -142,6 +142,17 @@ def test_crop_scale_sets_the_training_crops_and_is_refused_for_in_memory_data(tm
         DataConfig(crop_scale=0)
 
 
+def write_noise_folder(root, images_per_class: int = 4) -> None:
+    """root/{train,val}/{cat,dog}/<i>.png of random pixels (a crop or a flip changes them, unlike one colour)."""
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for index in range(images_per_class):
+                pixels = torch.randint(0, 256, (48, 40, 3), dtype=torch.uint8, generator=generator).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{index}.png")
+
+
 def _batches(loader, epoch: int) -> list[torch.Tensor]:
     loader.sampler.set_epoch(epoch)  # what fit does before every epoch
     return [images for images, _ in loader]
@@ -150,13 +161,7 @@ def _batches(loader, epoch: int) -> list[torch.Tensor]:
 def test_augmentation_depends_on_seed_and_epoch_not_on_the_workers(tmp_path):
     """Every sample's crop and flip are drawn from its own seed (SeededSampler): 0 or 2 worker processes give
     the same batches, an epoch drawn again gives the same batches (an exact resume), another epoch others."""
-    generator = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for name in ("cat", "dog"):
-            (tmp_path / split / name).mkdir(parents=True)
-            for index in range(4):
-                pixels = torch.randint(0, 256, (48, 40, 3), dtype=torch.uint8, generator=generator).numpy()
-                Image.fromarray(pixels).save(tmp_path / split / name / f"{index}.png")
+    write_noise_folder(tmp_path)
     loaders = {workers: image_folder_loaders(tmp_path, batch_size=4, image_size=16, workers=workers, seed=3)[0]
                for workers in (0, 2)}  # fmt: skip
     first = _batches(loaders[0], epoch=1)
@@ -179,3 +184,31 @@ def test_samples_are_stored_without_a_python_object_per_file(tmp_path):
     assert pairs[0] == (tmp_path / "train" / "cat" / "0.jpg", 0) and pairs[-1][1] == 1 and len(pairs) == 6
     assert list(samples[1:3]) == pairs[1:3] and list(samples.take([5, 0])) == [pairs[5], pairs[0]]
     assert samples.take(range(6)) == samples and samples.take([1, 0]) != samples.take([0, 1])
+
+
+def _fit_folder(root, out, workers: int, stop_at: int | None = None, resume: bool = False):
+    train, val = image_folder_loaders(root, batch_size=2, image_size=16, workers=workers, seed=5)
+    torch.manual_seed(11 if resume else 0)  # a resumed run must not depend on the fresh model's init
+    model = TinyNet(num_classes=2)
+    model.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def stop(info):
+        if info.step == stop_at:
+            raise KeyboardInterrupt(f"killed at step {info.step}")
+
+    config = TrainConfig(epochs=2, batch_size=2, lr=0.1, warmup_epochs=0, progress=False, ema_decay=None,
+                         checkpoint_every=2, seed=3)  # fmt: skip
+    return fit(model, train, config, eval_data=val, out=out, resume=resume, callbacks=[stop] if stop_at else [])
+
+
+def test_a_folder_run_killed_mid_epoch_resumes_bit_exact_with_another_worker_count(tmp_path):
+    """Streamed folder, killed in epoch 2 with two workers, resumed in-process: the weights are those of
+    an uninterrupted run (the augmentation follows (seed, epoch, position), not the workers)."""
+    write_noise_folder(tmp_path / "data")
+    uninterrupted = _fit_folder(tmp_path / "data", tmp_path / "a", workers=0)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_folder(tmp_path / "data", tmp_path / "b", workers=2, stop_at=7)  # 4 steps per epoch; checkpoint at 6
+    resumed = _fit_folder(tmp_path / "data", tmp_path / "b", workers=0, resume=True)
+    assert resumed.steps == uninterrupted.steps == 8
+    for key, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
