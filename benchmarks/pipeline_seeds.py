@@ -26,6 +26,9 @@ from pathlib import Path
 TARGET_SAVING = 0.50
 TARGET_DROP_POINTS = 0.2
 TARGET_SPEEDUP = 1.5
+# issue 17's targets for the surgery: N_K at most this many times the base's MACs, within this many points of it.
+TARGET_MAC_RATIO = 1.2
+TARGET_BASE_GAP_POINTS = 0.2
 
 
 def run_seed(seed: int, out: Path, pipeline_args: Sequence[str]) -> Path:
@@ -57,6 +60,55 @@ def seed_row(folder: Path) -> dict[str, float]:
         "confidence_saving": confidence["test"]["saving"],
         "confidence_drop": confidence["test"]["accuracy_drop_points"],
     }
+
+
+def surgery_row(folder: Path) -> dict:
+    """N_K's cost and accuracy against the base model in one run, and the construction the surgery chose
+    (from ``nested.pt``'s record, when the folder has it)."""
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    base, static = evaluation["base"], evaluation["static"]
+    row = {
+        "base_mmacs": base["macs"] / 1e6,
+        "nk_mmacs": static[-1]["macs"] / 1e6,
+        "mac_ratio": static[-1]["macs"] / base["macs"],
+        "nk_minus_base": 100 * (static[-1]["accuracy"] - base["accuracy"]),
+        "n1_top1": 100 * static[0]["accuracy"],
+        "construction": "",
+    }
+    if (folder / "nested.pt").is_file():
+        from rdn.train import load_checkpoint  # a weights-only read of the record
+
+        record = load_checkpoint(folder / "nested.pt")["model_config"]["rdn_config"]
+        config = record["config"]
+        if config["exact"]:
+            row["construction"] = "exact"
+        else:
+            blocks = sum(len(pruned) for pruned in record.get("pruned_blocks", {}).values())
+            row["construction"] = (f"copy_fraction {config['copy_fraction']:g}, {blocks} blocks dropped"
+                                   f"{', refit' if config['compensate'] else ''}")  # fmt: skip
+    return row
+
+
+def surgery_summary(rows: dict[int, dict]) -> str:
+    """Markdown: N_K's MACs and accuracy against the base model per seed, median and range, issue 17's targets."""
+    columns = [("base_mmacs", "base MMACs", "{:.2f}"), ("nk_mmacs", "N_K MMACs", "{:.2f}"),
+               ("mac_ratio", "N_K / base MACs", "{:.3f}"), ("nk_minus_base", "N_K − base (points)", "{:+.2f}"),
+               ("n1_top1", "N_1 top-1 %", "{:.2f}")]  # fmt: skip
+    lines = ["| seed | " + " | ".join(title for _, title, _ in columns) + " | construction chosen |",
+             "|---|" + "---:|" * len(columns) + "---|"]  # fmt: skip
+    for seed, row in sorted(rows.items()):
+        cells = " | ".join(form.format(row[key]) for key, _, form in columns)
+        lines.append(f"| {seed} | {cells} | {row['construction']} |")
+    for name, reduce in (("median", statistics.median), ("min", min), ("max", max)):
+        cells = " | ".join(form.format(reduce([row[key] for row in rows.values()])) for key, _, form in columns)
+        lines.append(f"| {name} | {cells} | |")
+    lines.append("")
+    for seed, row in sorted(rows.items()):
+        within = row["nk_minus_base"] >= -TARGET_BASE_GAP_POINTS
+        met = {f"N_K ≤ {TARGET_MAC_RATIO}× the base's MACs": row["mac_ratio"] <= TARGET_MAC_RATIO,
+               f"N_K within {TARGET_BASE_GAP_POINTS} points of the base": within}  # fmt: skip
+        lines.append(f"- seed {seed}: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in met.items()))
+    return "\n".join(lines) + "\n"
 
 
 def summary(rows: dict[int, dict[str, float]]) -> str:
@@ -95,11 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None, help="write summary.md here too")
     parser.add_argument("--summarise-only", action="store_true", help="read the finished runs, run nothing")
     args = parser.parse_args(own)
-    rows = {}
+    rows, surgeries = {}, {}
     for seed in args.seeds:
         folder = args.out / f"seed{seed}" if args.summarise_only else run_seed(seed, args.out, pipeline_args)
-        rows[seed] = seed_row(folder)
-    text = summary(rows)
+        rows[seed], surgeries[seed] = seed_row(folder), surgery_row(folder)
+    text = summary(rows) + "\n## The surgery: N_K against the base model\n\n" + surgery_summary(surgeries)
     print(text)
     if args.results is not None:
         args.results.mkdir(parents=True, exist_ok=True)

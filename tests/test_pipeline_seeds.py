@@ -31,3 +31,30 @@ def test_summary_reports_median_range_and_misses(tmp_path):
     assert "- seed 0: saving ≥ 50%: met, drop ≤ 0.2 points: met, ≥ 1.5× images/s: met, no more MACs than " \
            "max-softmax: met" in text  # fmt: skip
     assert "- seed 1: saving ≥ 50%: MISSED, drop ≤ 0.2 points: MISSED, ≥ 1.5× images/s: MISSED" in text
+
+
+def test_surgery_summary_reads_costs_and_the_chosen_construction(tmp_path):
+    """N_K's MACs over the base's, N_K − base, N_1, and the construction recorded in nested.pt."""
+    import torch
+
+    from benchmarks.pipeline_seeds import surgery_row, surgery_summary
+    from rdn.surgery import nest
+    from rdn.train import model_config_of, save_checkpoint
+    from tests.surgery.toys import toy
+
+    for seed, (nk_macs, nk_accuracy) in enumerate([(1.15e6, 0.849), (1.3e6, 0.86)]):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        evaluation = {"base": {"accuracy": 0.85, "macs": 1e6},
+                      "static": [{"accuracy": 0.80, "macs": 0.3e6}, {"accuracy": nk_accuracy, "macs": nk_macs}]}
+        (folder / "evaluation.json").write_text(json.dumps(evaluation))  # fmt: skip
+    net = nest(toy(), k=3, calib=torch.randn(8, 3, 10, 10), skip=["stem"])
+    save_checkpoint(tmp_path / "seed0" / "nested.pt", {"model_config": model_config_of(net), "model": {}})
+    rows = {seed: surgery_row(tmp_path / f"seed{seed}") for seed in (0, 1)}
+    assert rows[0]["mac_ratio"] == 1.15 and round(rows[0]["nk_minus_base"], 6) == -0.1
+    assert rows[0]["construction"].startswith(f"copy_fraction {net.record.config.copy_fraction:g}, ")
+    assert rows[1]["construction"] == ""  # no nested.pt
+    text = surgery_summary(rows)
+    assert "| 0 | 1.00 | 1.15 | 1.150 | -0.10 | 80.00 | copy_fraction" in text
+    assert "- seed 0: N_K ≤ 1.2× the base's MACs: met, N_K within 0.2 points of the base: met" in text
+    assert "- seed 1: N_K ≤ 1.2× the base's MACs: MISSED, N_K within 0.2 points of the base: met" in text
