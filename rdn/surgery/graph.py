@@ -9,7 +9,10 @@ never by attribute names:
 - ``grouped``: ``nn.Conv2d`` with groups > 1 (depthwise included) — acts per conv group;
 - ``channel_params``: modules whose parameters and buffers are all per channel (1-D of the
   channel count, or 0-d) and which the probe below shows act per channel: BatchNorm, timm's
-  BatchNorm + activation, ... — applied to a channel slice through a view of their tensors;
+  BatchNorm + activation, ... — applied to a channel slice through a view of their tensors; also a
+  tensor a block's ``forward`` reads itself (fx ``get_attr``) that is one value per channel of the
+  tensor it multiplies / adds to (ConvNeXt's layer scale): the trace makes it, and the op applying
+  it, a module of its own (:class:`ChannelTensorOp`, :meth:`SurgeryGraph._fold_channel_tensors`);
 - ``channelwise``: any other parameter-free module, function or method whose output has the
   input's channels and which a probe shows acts per channel (permuting the input channels permutes
   the output the same way, and a channel prefix in gives the prefix out): activations, pooling,
@@ -19,8 +22,9 @@ never by attribute names:
 - ``groupwise``: with ``norms="grouped"``, a LayerNorm over the channels or a GroupNorm, run with
   statistics per channel group (:class:`~rdn.nn.GroupedNorm`);
 - ``opaque``: anything else that makes a tensor (softmax over channels, LayerNorm by default,
-  slices to a fixed channel count, channel shuffles, modules with other parameters): allowed only
-  where every tensor is un-nested;
+  slices to a fixed channel count, channel shuffles, permutes to channels-last, modules with other
+  parameters, blocks whose ``forward`` reads a tensor of their own that is not per channel, kept
+  whole): allowed only where every tensor is un-nested;
 - ``meta``: nodes that make no tensor (``x.size(0)``); ``classifier``: the ``nn.Linear`` whose
   result is the model's output (replaced by the RDN heads).
 
@@ -40,10 +44,11 @@ back to the producers of a skipped layer's input. :class:`SurgeryGraph` runs thi
 Limits: the model must be ``torch.fx``-traceable (no data-dependent Python control flow; a
 ``self.training`` branch outside a leaf module is frozen at its eval-mode value) and return the
 classifier's logits; every module with parameters is called once (shared weights are refused);
-tensors keep their channels on dim 1; parameters read directly by ``forward`` (fx ``get_attr``)
-are refused; channel splits (``torch.split`` / ``chunk``: parts of fixed sizes) and channel-coupled
-ops stay in the un-nested part. Shape-only nodes after the classifier and slices keeping every
-element are removed from the trace before anything else.
+tensors keep their channels on dim 1; tensors of the model itself read directly by its ``forward``
+(fx ``get_attr``) are refused unless one value per channel; channel splits (``torch.split`` /
+``chunk``: parts of fixed sizes) and channel-coupled ops stay in the un-nested part. Shape-only
+nodes after the classifier and slices keeping every element are removed from the trace before
+anything else.
 """
 
 from __future__ import annotations
@@ -75,16 +80,6 @@ def _per_channel_tensors(module: nn.Module, channels: int) -> bool:
         return False
     tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
     return all(t.dim() == 0 or (t.dim() == 1 and t.shape[0] == channels) for t in tensors)
-
-
-def _why_whole(module: nn.Module) -> str:
-    """Why a leaf module with tensors is not per channel (it is traced as one node)."""
-    if any(_has_tensors(child) for child in module.children()):
-        return (
-            "has parameters or buffers that are not one value per channel (parameters of its own beside "
-            "sub-modules with parameters, e.g. a layer scale read in forward: traced as one opaque layer)"
-        )
-    return "has parameters or buffers that are not one value per channel"
 
 
 def _holds_tensors(meta) -> bool:
@@ -143,11 +138,23 @@ def _listed(texts: list[str], most: int = 8) -> str:
 
 class _LeafTracer(fx.Tracer):
     """Keeps whole every module without children (custom padding layers with shape maths) and every
-    module with tensors of its own (timm's BatchNorm + activation, which reads them functionally)."""
+    module with tensors of its own (timm's BatchNorm + activation, which reads them functionally),
+    except a module that also has children with tensors (a block with a layer scale): that one is
+    traced through, its own tensors read by ``get_attr`` nodes (:meth:`SurgeryGraph._fold_channel_tensors`),
+    unless ``whole`` names it. ``whole=None``: every module with tensors of its own is kept whole."""
+
+    def __init__(self, whole: Iterable[str] | None = ()) -> None:
+        super().__init__()
+        self.whole = None if whole is None else frozenset(whole)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        own_tensors = any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
-        return super().is_leaf_module(module, qualified_name) or own_tensors or not any(True for _ in module.children())
+        if super().is_leaf_module(module, qualified_name) or not any(True for _ in module.children()):
+            return True
+        if not any(t is not None for t in (*module._parameters.values(), *module._buffers.values())):
+            return False
+        if self.whole is None or qualified_name in self.whole:
+            return True
+        return not any(_has_tensors(child) for child in module.children())
 
 
 def call_node(node: fx.Node, fetch: Callable[[fx.Node], Any], module: nn.Module | None) -> Any:
@@ -177,16 +184,71 @@ def describe_node(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return f"{called}{f' in {stack[-1]}' if stack else ''} (node {node.name})"
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` with leaf modules kept whole."""
+def trace(model: nn.Module, whole: Iterable[str] = ()) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` with leaf modules kept whole (:class:`_LeafTracer`; ``whole``: the
+    modules with tensors of their own beside children with tensors that are kept whole too). When the
+    modules it traces through cannot be traced, every module with tensors of its own is kept whole."""
     try:
-        graph = _LeafTracer().trace(model)
+        try:
+            graph = _LeafTracer(whole).trace(model)
+        except Exception:  # a block traced through, not traceable itself: kept whole, as a leaf
+            graph = _LeafTracer(None).trace(model)
     except Exception as error:  # tracing failures come as many exception types
         raise ValueError(
             f"model {type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: {error}); "
             "surgery needs a traceable model (no data-dependent Python control flow in forward)"
         ) from error
     return fx.GraphModule(model, graph)
+
+
+# Elementwise ops that apply a tensor of one value per channel to a channel tensor (a layer scale, a
+# per-channel shift): what they are to copies="sum" copies (every copy scaled; a shift on the primary only).
+_SCALE, _SHIFT = "scale", "shift"
+_CHANNEL_FUNCTIONS = {
+    operator.mul: _SCALE, torch.mul: _SCALE, operator.imul: _SCALE,
+    operator.add: _SHIFT, torch.add: _SHIFT, operator.iadd: _SHIFT,
+    operator.sub: _SHIFT, torch.sub: _SHIFT, operator.isub: _SHIFT,
+    operator.truediv: _SCALE, torch.div: _SCALE, torch.true_divide: _SCALE, operator.itruediv: _SCALE,
+}  # fmt: skip
+_CHANNEL_METHODS = {"mul": _SCALE, "add": _SHIFT, "sub": _SHIFT, "div": _SCALE, "true_divide": _SCALE}
+_IN_PLACE = (operator.imul, operator.iadd, operator.isub, operator.itruediv)
+_DIVISIONS = (operator.truediv, torch.div, torch.true_divide, operator.itruediv, "div", "true_divide")
+
+
+class ChannelTensorOp(nn.Module):
+    """A tensor of one value per channel that the base model's ``forward`` reads itself (fx ``get_attr``)
+    and applies to a channel tensor with one elementwise op: timm's ``x.mul(self.gamma.reshape(1, -1, 1,
+    1))``, torchvision's ``self.layer_scale * x``. Surgery makes it a module of its own
+    (:meth:`SurgeryGraph._fold_channel_tensors`), so it is sliced and copied as BN's tensors are.
+
+    Args:
+        value: (C,) one value per channel, or 0-d (one value for all).
+        parameter: whether it is a parameter (else a buffer), with ``requires_grad``.
+        shape: the shape the base model gave it (-1 for the channels), e.g. (1, -1, 1, 1).
+        op: the function (``operator.mul``, ...) or, with ``method``, the tensor method name (``"mul"``).
+        first: whether the tensor is the op's first operand (``self.layer_scale * x``).
+        kind: ``"scale"`` or ``"shift"`` (what it is to ``copies="sum"`` copies), None for neither (p / x).
+    """
+
+    def __init__(self, value: Tensor, parameter: bool, requires_grad: bool, shape: tuple[int, ...], op,
+                 method: bool, first: bool, kind: str | None) -> None:  # fmt: skip
+        super().__init__()
+        if parameter:
+            self.weight = nn.Parameter(value, requires_grad=requires_grad)
+        else:
+            self.register_buffer("weight", value)
+        self.shape, self.op, self.method, self.first, self.kind = tuple(shape), op, method, first, kind
+        # the tensors that copies="sum" puts on primaries only (rdn.surgery.spaces.inflate_channel_module)
+        self.sum_offsets = None if kind is None else ("weight",) if kind == _SHIFT else ()
+
+    def forward(self, x: Tensor) -> Tensor:
+        value = self.weight.reshape(self.shape)
+        a, b = (value, x) if self.first else (x, value)
+        return getattr(a, self.op)(b) if self.method else self.op(a, b)
+
+    def extra_repr(self) -> str:
+        op = f".{self.op}()" if self.method else getattr(self.op, "__name__", str(self.op))
+        return f"{op}, shape={self.shape}, first={self.first}"
 
 
 @dataclass
@@ -234,9 +296,7 @@ class SurgeryGraph:
         self.k, self.mode, self.exact, self.copy_fraction = k, mode, exact, copy_fraction
         self.norms = norms
         self.num_groups = num_groups_for(k, mode)
-        self.graph_module = trace(model)
-        self.modules = dict(self.graph_module.named_modules())
-        self._propagate_shapes(example)
+        self._trace(model, example)
         self.after_classifier = self._strip_after_classifier()
         self._drop_whole_slices()
         self.infos: dict[str, NodeInfo] = {}
@@ -260,6 +320,27 @@ class SurgeryGraph:
         self._resolve_layouts()
         self.rungs = self._resolve_rungs()
         self.depth_split = None if depth_split is None else self._split_node(depth_split)
+
+    def _trace(self, model: nn.Module, example: Tensor) -> None:
+        """Trace ``model`` and propagate ``example``'s shapes, folding the per-channel tensors that blocks
+        read themselves into modules (:meth:`_fold_channel_tensors`); a block whose own tensors do not
+        fold is traced again as one leaf (``self._kept_whole``: block → why)."""
+        self._kept_whole: dict[str, str] = {}
+        while True:
+            self.graph_module = trace(model, self._kept_whole)
+            self.modules = dict(self.graph_module.named_modules())
+            self._propagate_shapes(example)
+            unfolded = self._fold_channel_tensors(model)
+            if not unfolded:
+                return
+            for owner, why in unfolded.items():
+                if not owner or owner in self._kept_whole:  # no block to keep whole: the model's own forward
+                    raise ValueError(
+                        f"the model's forward reads the {why}; surgery supports tensors read directly by forward "
+                        "(fx get_attr) only as one value per channel of the tensor they scale or shift, other "
+                        "parameters must live in modules"
+                    )
+                self._kept_whole[owner] = why
 
     def _split_node(self, module_name: str) -> str:
         """The output node of module ``module_name``: the last node traced inside it."""
@@ -320,6 +401,160 @@ class SurgeryGraph:
                 f"calibration input of shape {tuple(example.shape)} does not fit the model "
                 f"({type(error).__name__}: {error})"
             ) from error
+
+    def _fold_channel_tensors(self, model: nn.Module) -> dict[str, str]:
+        """Make every tensor a block's ``forward`` reads itself (fx ``get_attr``: a layer scale) and applies
+        to a channel tensor as one value per channel a :class:`ChannelTensorOp` module of its own (named
+        after the tensor), which then is a per-channel module as BN is (``Role.CHANNEL_PARAMS``).
+
+        The tensor may pass through shape-only nodes first (``reshape(1, -1, 1, 1)``); broadcast against
+        the channel tensor it must put its values on the channels (dim 1) only: (C,) on (N, C), (C, 1, 1)
+        or (1, C, 1, 1) on (N, C, H, W), or one value for all.
+
+        Returns {block to keep whole (:meth:`_reading_block`) because its forward reads a tensor that does
+        not fold: why} and then changes nothing; else folds them all and returns {}.
+        """
+        graph = self.graph_module.graph
+        getters = [node for node in graph.nodes if node.op == "get_attr"]
+        reads: dict[str, int] = {}
+        for node in getters:
+            reads[node.target] = reads.get(node.target, 0) + 1
+        folds, unfolded = [], {}
+        for node in getters:
+            fold = self._channel_tensor_fold(node, model, reads[node.target])
+            if isinstance(fold, str):
+                unfolded.setdefault(self._reading_block(node, model), fold)
+            else:
+                folds.append(fold)
+        if unfolded or not getters:
+            return unfolded
+        for node, chain, consumer, module in folds:
+            if module is None:  # read and never used
+                graph.erase_node(node)
+                continue
+            other = consumer.args[1] if module.first else consumer.args[0]  # as an earlier fold left it
+            owner, _, attr = node.target.rpartition(".")
+            container = self.graph_module.get_submodule(owner) if owner else self.graph_module
+            delattr(container, attr)  # the traced copy's attribute; the base model keeps its tensor
+            container.add_module(attr, module)
+            with graph.inserting_before(consumer):
+                folded = graph.call_module(node.target, (other,))
+            folded.meta = dict(consumer.meta)
+            consumer.replace_all_uses_with(folded)
+            for dead in (consumer, *reversed(chain), node):
+                graph.erase_node(dead)
+        self.graph_module.recompile()
+        self.modules = dict(self.graph_module.named_modules())
+        return {}
+
+    def _channel_tensor_fold(self, node: fx.Node, model: nn.Module, reads: int):
+        """How get_attr ``node`` folds (:meth:`_fold_channel_tensors`): (node, the shape-only nodes after it,
+        the op applying it to a channel tensor, the module replacing them), or why it does not (a string
+        naming the tensor)."""
+        target = node.target
+        owner, _, attr = target.rpartition(".")
+        container = self.graph_module.get_submodule(owner) if owner else self.graph_module
+        tensor = getattr(container, attr, None)
+        if not isinstance(tensor, Tensor):
+            return f"attribute {target!r} (not a tensor)"
+        what = "parameter" if isinstance(tensor, nn.Parameter) else "tensor"
+        name = f"{what} {attr!r} of shape {tuple(tensor.shape)}"
+        if reads > 1:
+            return f"{name}, which it reads {reads} times"
+        chain, current = [], node
+        while True:
+            users = list(current.users)
+            if not users and current is node:
+                return (node, [], None, None)
+            if len(users) != 1:
+                return f"{name}, which it uses {len(users)} times"
+            (consumer,) = users
+            if consumer.op not in ("call_method", "call_function") or consumer.all_input_nodes != [current]:
+                break
+            chain.append(consumer)
+            current = consumer
+        method = consumer.op == "call_method"
+        op = consumer.target
+        kinds = _CHANNEL_METHODS if method else _CHANNEL_FUNCTIONS
+        kind = kinds.get(op.removesuffix("_") if method else op, False) if consumer.op != "call_module" else False
+        args = consumer.args
+        first = bool(args) and args[0] is current
+        other = args[1] if first and len(args) == 2 else args[0] if args else None
+        meta, other_meta = current.meta.get("tensor_meta"), getattr(other, "meta", {}).get("tensor_meta")
+        if (
+            kind is False or len(args) != 2 or consumer.kwargs or sum(arg is current for arg in args) != 1
+            or not isinstance(other, fx.Node) or not self._carries_channels(other) or meta is None
+        ):  # fmt: skip
+            return (
+                f"{name}, which {describe_node(consumer, self.modules)} uses; a tensor read by forward nests "
+                "only as one value per channel that multiplies, divides, adds to or subtracts from a channel tensor"
+            )
+        shape, channels_shape = tuple(meta.shape), tuple(other_meta.shape)
+        out = getattr(consumer.meta.get("tensor_meta"), "shape", None)
+        padded = (1,) * (len(channels_shape) - len(shape)) + shape
+        channels = channels_shape[1]
+        if (
+            out is None or tuple(out) != channels_shape or len(shape) > len(channels_shape)
+            or any(size != 1 for dim, size in enumerate(padded) if dim != 1) or padded[1] not in (1, channels)
+            or tensor.numel() != padded[1]
+        ):  # fmt: skip
+            return (
+                f"{name}, which {describe_node(consumer, self.modules)} applies as shape {shape} to a tensor of "
+                f"shape {channels_shape}: not one value per channel"
+            )
+        if (op in _IN_PLACE or (method and op.endswith("_"))) and first:
+            return f"{name}, which {describe_node(consumer, self.modules)} writes in place"
+        probe = torch.arange(tensor.numel(), dtype=torch.float64).reshape(tensor.shape)
+        values = {node.name: probe}
+        try:
+            for link in chain:
+                values[link.name] = call_node(link, lambda n: values[n.name], None)
+            result = values[current.name]
+            preserved = isinstance(result, Tensor) and result.numel() == probe.numel()
+            preserved = preserved and torch.equal(result.reshape(-1).double(), probe.reshape(-1))
+        except Exception:  # a foreign op failing on the probe: not shape-only
+            preserved = False
+        if not preserved:
+            return f"{name}, whose values it changes before use ({describe_node(chain[0], self.modules)})"
+        try:
+            original = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            original = None
+        if container is original:  # the tensor of a layer called elsewhere: the traced copy shares it
+            return f"{name}, a tensor of a module it calls as a layer"
+        per_channel = padded[1] == channels and channels > 1
+        position = 1 - (len(channels_shape) - len(shape))
+        view = tuple(-1 if per_channel and dim == position else size for dim, size in enumerate(shape))
+        value = tensor.detach().reshape(channels if per_channel else ())
+        if (op in _DIVISIONS and first) or (kind == _SHIFT and not per_channel):
+            kind = None  # p / x is no scale of x; one shift for all has no channel to put on the primary copy
+        module = ChannelTensorOp(value, isinstance(tensor, nn.Parameter), tensor.requires_grad, view, op, method,
+                                 first, kind)  # fmt: skip
+        return (node, chain, consumer, module)
+
+    @staticmethod
+    def _reading_block(node: fx.Node, model: nn.Module) -> str:
+        """The innermost module whose ``forward`` made get_attr ``node`` and that is traced through for
+        having tensors of its own beside children with tensors (the one to keep whole when the tensor does
+        not fold); "" when there is none (the model's own forward reads it)."""
+        for path, _ in reversed(list(node.meta.get("nn_module_stack", {}).values())):
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue
+            own = any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
+            if own and any(_has_tensors(child) for child in module.children()):
+                return path
+        return ""
+
+    def _why_whole(self, target: str, module: nn.Module) -> str:
+        """Why a leaf module with tensors is not per channel (it is traced as one node)."""
+        why = "has parameters or buffers that are not one value per channel"
+        if target in self._kept_whole:
+            return f"{why} (its forward reads its {self._kept_whole[target]}): kept whole, as one opaque layer"
+        if any(_has_tensors(child) for child in module.children()):
+            return f"{why} (tensors of its own beside sub-modules with tensors): kept whole, as one opaque layer"
+        return why
 
     def _strip_after_classifier(self) -> list[str]:
         """Remove the shape-only nodes between the classifier and the output; returns what they called.
@@ -460,7 +695,7 @@ class SurgeryGraph:
                 info.role = Role.NESTED
                 return info
             if _has_tensors(module) and not _per_channel_tensors(module, info.shape[1]):
-                info.role, info.why_opaque = Role.OPAQUE, _why_whole(module)
+                info.role, info.why_opaque = Role.OPAQUE, self._why_whole(node.target, module)
                 return info
         info.why_opaque = self._coupling(node, info)
         norm = channel_norm(info.module, info.shape) if info.why_opaque and info.module is not None else None
@@ -498,6 +733,12 @@ class SurgeryGraph:
             return f"combines tensors of different channel counts {sorted(channels)}"
         (count,) = channels
         if info.shape[1] != count:
+            shape = tuple(channel_inputs[0].meta["tensor_meta"].shape)
+            if len(shape) > 2 and sorted(info.shape) == sorted(shape):  # a permute to or from channels-last
+                return (
+                    f"permutes the dimensions ({shape} → {info.shape}), to or from a channels-last layout; "
+                    "surgery follows channels on dim 1 only"
+                )
             return f"changes the channel count ({count} → {info.shape[1]})"
         generator = torch.Generator().manual_seed(0)
         probes = {

@@ -60,7 +60,7 @@ class Role(enum.Enum):
     FIXED = "fixed"  # un-nested (single-group output): computed whole by N_1
     NESTED = "nested"  # nn.Conv2d (groups = 1) / nn.Linear → NestedConv2d / NestedLinear
     GROUPED = "grouped"  # grouped / depthwise nn.Conv2d: acts per conv group
-    CHANNEL_PARAMS = "channel_params"  # per-channel parameters (BN, BN + act): run on a channel slice
+    CHANNEL_PARAMS = "channel_params"  # per-channel parameters (BN, BN + act, a layer scale): run on a channel slice
     CHANNELWISE = "channelwise"  # parameter-free and per channel (activations, adds, pooling, ...)
     CONCAT = "concat"  # torch.cat on the channels: group q of the result is every part's group q
     GROUPWISE = "groupwise"  # a channel-coupling norm made nesting-safe: statistics per group (GroupedNorm)

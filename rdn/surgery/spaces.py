@@ -371,20 +371,25 @@ _BATCH_NORM_OFFSETS = ("bias", "running_mean")
 def inflate_channel_module(module: nn.Module, space: ChannelSpace, copies: str) -> nn.Module:
     """A per-channel module over the space's channels: every copy gets its channel's parameters.
 
-    ``"sum"`` copies (BN only): scale on every copy, shift (β and the mean) on primaries only, so in
-    eval mode ``Σ copies BN'(x̃) = BN(Σ copies x̃)``. ``"latest"``: every copy is its channel's BN.
+    ``"sum"`` copies: scale on every copy, shift (BN's β and mean, the tensor of a per-channel shift) on
+    primaries only, so in eval mode ``Σ copies BN'(x̃) = BN(Σ copies x̃)``; only BN and the per-channel
+    scales and shifts a block's forward reads itself (a ``sum_offsets`` attribute naming the shifts:
+    :class:`~rdn.surgery.graph.ChannelTensorOp`) say which tensor is which. ``"latest"``: every copy is
+    its channel's module.
     """
     is_batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
-    if copies == "sum" and not is_batch_norm:
+    offsets = _BATCH_NORM_OFFSETS if is_batch_norm else getattr(module, "sum_offsets", None)
+    if copies == "sum" and offsets is None:
         raise ValueError(
             f"{type(module).__name__} has per-channel parameters whose role (scale or offset) surgery cannot "
-            "tell; with copies='sum' only BatchNorm layers are supported, use copies='latest'"
+            "tell; with copies='sum' only BatchNorm layers and per-channel scales and shifts are supported, use "
+            "copies='latest'"
         )
     inflated = channel_view(module, space.source.to(_device_of(module)), copy_values=True)
     if copies == "sum":
-        for name in _BATCH_NORM_OFFSETS:
+        for name in offsets:
             tensors = inflated._parameters if name in inflated._parameters else inflated._buffers
-            if tensors.get(name) is not None:
+            if tensors.get(name) is not None and tensors[name].dim():
                 tensors[name].copy_(offsets_on_copies(getattr(module, name), space, copies))
     return inflated
 

@@ -493,3 +493,116 @@ def test_the_causes_account_for_every_un_nested_mac():
     # the depthwise convs beside the skipped layers are un-nested because of them
     beside = [layer for layer in report.layers if layer.module == "blocks.1.dw.0"]
     assert beside and not beside[0].nested and "blocks.1." in beside[0].why
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors a block's forward reads itself (fx get_attr): one value per channel nests, anything else not
+# ----------------------------------------------------------------------------------------------
+
+
+class LayerScaleBlock(nn.Module):
+    """A residual block that reads tensors of its own beside its layers': timm's layer scale
+    ``x.mul(gamma.reshape(1, -1, 1, 1))`` or torchvision's ``(C, 1, 1) * x``, then a per-channel shift (a buffer)."""
+
+    def __init__(self, channels: int, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.conv = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.gamma = nn.Parameter(torch.rand((channels,) if style == "timm" else (channels, 1, 1)) + 0.5)
+        self.register_buffer("shift", torch.randn(1, channels, 1, 1))
+
+    def forward(self, x):
+        y = self.dw(self.conv(x))
+        y = y.mul(self.gamma.reshape(1, -1, 1, 1)) if self.style == "timm" else self.gamma * y
+        return x + (y - self.shift)
+
+
+class LayerScaleNet(nn.Module):
+    """stem → 1×1 conv → two layer-scale blocks → pool → a per-channel scale of the model's own → fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12))
+        self.blocks = nn.Sequential(LayerScaleBlock(12, "timm"), LayerScaleBlock(12, "torchvision"))
+        self.scale = nn.Parameter(torch.rand(12) + 0.5)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)) * self.scale)
+
+
+@pytest.mark.parametrize("mode, exact, copies", VARIANTS)
+def test_per_channel_tensors_read_by_forward_nest_with_every_property(mode, exact, copies):
+    """A layer scale (and a shift) read by a block's own forward is a per-channel step, sliced and copied
+    as BN is: P1, P2, staged, export and, for exact latest copies, N_K = the base."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(LayerScaleNet(), torch.Generator().manual_seed(0)).eval()
+    images = _images(seed=1)
+    net = nest(model, k=3, mode=mode, exact=exact, copies=copies, calib=_images(8), skip=["stem.0"]).eval()
+    folded = {net.base_module_name(step.name) for step in net.plan.steps if step.role.value == "channel_params"}
+    tensors = {"blocks.0.gamma", "blocks.0.shift", "blocks.1.gamma", "blocks.1.shift", "scale"}
+    assert tensors <= folded, folded
+    assert [layer.module for layer in net.coverage().layers if not layer.nested] == ["stem.0"]  # the skipped conv
+    assert_paths_agree(net, images, export=True)
+    assert_earlier_subnets_ignore_later_groups(net, images)
+    if (mode, exact, copies) == ("expand", True, "latest"):
+        with torch.no_grad():
+            assert relative_error(net(images)[-1], model(images)) < 1e-5
+    # the base model keeps its tensors (the surgery folds them in its traced copy), and rebuilds the RDN
+    assert model.blocks[1].gamma.shape == (12, 1, 1) and model.blocks[0].shift.shape == (1, 12, 1, 1)
+    rebuilt = RussianDollNet.from_config(net.record, model=model)
+    rebuilt.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(images, subnet=2), net(images, subnet=2))
+
+
+class PositionBlock(nn.Module):
+    """A block that adds a parameter of one value per position and channel: not one value per channel."""
+
+    def __init__(self, channels: int, size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.pos = nn.Parameter(torch.randn(1, channels, size, size))
+
+    def forward(self, x):
+        return self.conv(x) + self.pos
+
+
+def test_a_tensor_read_by_forward_that_is_not_per_channel_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PositionBlock(8, 6), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5)).eval()  # fmt: skip
+    with pytest.raises(ValueError, match="no nestable layer") as error:
+        nest(model, k=2, calib=_images(4, 6), skip=0)
+    message = str(error.value)
+    assert (
+        "1 (PositionBlock) has parameters or buffers that are not one value per channel (its forward reads its "
+        "parameter 'pos' of shape (1, 8, 6, 6), which add() in 1 (node add) applies as shape (1, 8, 6, 6) to a "
+        "tensor of shape (1, 8, 6, 6): not one value per channel)"
+    ) in message, message
+
+    class OwnTensor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+            self.mix = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)) @ self.mix)
+
+    with pytest.raises(ValueError, match=r"forward reads the parameter 'mix' of shape \(8, 8\), which matmul\(\)"):
+        nest(OwnTensor().eval(), k=2, calib=_images(), skip=0)
+
+
+def test_sum_copies_scale_every_copy_and_shift_the_primary_only():
+    """copies='sum' (copies add up to the base value): a folded scale applies to every copy, a shift to the
+    primary copy only, so a block without non-linearities keeps N_K the base."""
+    torch.manual_seed(0)
+    model = LayerScaleNet()
+    for block in model.blocks:
+        block.conv[2] = nn.Identity()
+    model = randomize_batch_norm(model, torch.Generator().manual_seed(0)).eval()
+    net = nest(model, k=3, exact=True, copies="sum", calib=_images(8), skip=["stem.0"]).eval()
+    images = _images(seed=2)
+    with torch.no_grad():
+        assert relative_error(net(images)[-1], model(images)) < 1e-5
