@@ -105,6 +105,10 @@ class _Surgery:
 
     def __init__(self, model: nn.Module, skip: list[str] | int | None, base: dict | None, example: Tensor) -> None:
         self.model, self.skip, self.base, self.example = model, skip, base, example
+        # The selection depends on copy_fraction only through whether some channels go without copies
+        # (passes/select.py: copies_first), so the search's candidates share two selections.
+        self._selections: dict[tuple, tuple] = {}
+        self._activations_checked: set[int] = set()  # id() of the batches the base model ran finite on
 
     @functools.cached_property
     def base_macs(self) -> int:
@@ -116,10 +120,15 @@ class _Surgery:
         MAC budget if it has one; not compensated. ``batch``: the calibration images (N, C, H, W)."""
         graph = SurgeryGraph(self.model, batch[:1], self.skip, config.k, config.mode, config.exact,
                              config.depth_split, config.copy_fraction, config.norms)  # fmt: skip
-        # greedy checks the activations
-        orders, select_ties = select_orders(graph, batch, config.select, config.seed)
-        if config.select == "random" and config.mac_budget is not None:  # block energies need them finite too
-            check_activations(graph.graph_module, batch)
+        key = (id(batch), config.copy_fraction < 1, config.select, config.seed)
+        if key not in self._selections:
+            # greedy checks the activations
+            self._selections[key] = select_orders(graph, batch, config.select, config.seed)
+            if config.select == "random" and config.mac_budget is not None:  # block energies need them finite
+                check_activations(graph.graph_module, batch)
+            if config.select == "greedy" or config.mac_budget is not None:
+                self._activations_checked.add(id(batch))
+        orders, select_ties = self._selections[key]
         record = NestRecord(
             config=config.replace(skip=tuple(graph.skipped_targets)),
             input_shape=tuple(batch.shape[1:]),
@@ -140,7 +149,8 @@ class _Surgery:
 
     def compensate(self, net: RussianDollNet, batch: Tensor) -> None:
         """Refit ``net``'s copies that miss inputs (after pruning: the refit knows every block that is gone)."""
-        compensate_dropped_connections(net, self.model, batch, seed=net.record.config.seed)
+        compensate_dropped_connections(net, self.model, batch, seed=net.record.config.seed,
+                                       base_checked=id(batch) in self._activations_checked)  # fmt: skip
 
     def mac_ratio(self, net: RussianDollNet) -> float:
         return costs.macs(net.plan, net.num_subnets) / self.base_macs

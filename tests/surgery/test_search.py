@@ -105,3 +105,23 @@ def test_equal_errors_go_to_the_cheaper_and_unreachable_candidates_are_recorded(
     with pytest.raises(ValueError, match="out of reach for every construction"):
         search_construction(NestConfig(copy_fraction=0.75), build, lambda net: net, torch.zeros(4, 1),
                             lambda: target, lambda n: n.ratio)  # fmt: skip
+
+
+def test_the_selection_depends_on_copy_fraction_only_through_copies_first():
+    """The search builds every fraction below 1 on one selection: a fresh surgery at each agrees with it."""
+    import warnings
+
+    from rdn.surgery.graph import SurgeryGraph
+    from rdn.surgery.passes.select import select_orders
+
+    model = toy().eval()
+    orders = {}
+    for fraction in (1.0, 0.75, 0.5, 0.25):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = SurgeryGraph(model, CALIB[:1], ["stem"], 3, "expand", False, None, fraction, "fixed")
+        orders[fraction] = select_orders(graph, CALIB, "greedy", 0)
+    assert orders[0.75] == orders[0.5] == orders[0.25]
+    searched = nest(toy(), k=3, calib=CALIB, skip=["stem"], copy_fraction=0.5, compensate=False)
+    alone = nest(toy(), k=3, calib=CALIB, skip=["stem"], copy_fraction=0.5, compensate=False, mac_budget=None)
+    assert searched.record.orders == alone.record.orders

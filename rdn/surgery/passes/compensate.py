@@ -105,6 +105,7 @@ def compensate_dropped_connections(
     shrinkage: float = 0.1,
     max_positions: int = 16384,
     seed: int = 0,
+    base_checked: bool = False,
 ) -> int:
     """Refit the incomplete output copies of every nested layer of ``net`` (module docstring), in place.
 
@@ -115,6 +116,9 @@ def compensate_dropped_connections(
             activations on them must be finite too (ValueError naming the node otherwise).
         shrinkage: ridge strength towards surgery's weights, relative to the mean input energy.
         max_positions: calibration (sample, pixel) pairs per layer, drawn at random beyond that.
+        seed: the draw of those pairs.
+        base_checked: the caller has checked ``calib`` and the base model's activations on it already
+            (``rdn.nest``'s surgery does, before it compensates a candidate); skips that second run.
     Returns:
         The number of output copies refitted.
     """
@@ -122,8 +126,9 @@ def compensate_dropped_connections(
         raise ValueError("compensation needs copies='latest' (every copy a whole value)")
     if shrinkage <= 0 or not math.isfinite(shrinkage):
         raise ValueError(f"shrinkage must be a positive number, got {shrinkage}")
-    check_finite_calibration(calib)
-    check_activations(base_model, calib)  # the targets; a NaN would make every refit NaN
+    if not base_checked:
+        check_finite_calibration(calib)
+        check_activations(base_model, calib)  # the targets; a NaN would make every refit NaN
     generator = torch.Generator().manual_seed(seed)
     targets: dict[str, tuple[Tensor, Tensor]] = {}
     incomplete = {}  # nested layer name → its incomplete output copies
