@@ -123,9 +123,11 @@ def test_nest_config_defaults_to_the_budget_and_exact_takes_none():
     default = NestConfig()
     assert (default.exact, default.mac_budget, default.copy_fraction, default.compensate) == (False, 1.2, None, None)
     exact = NestConfig(exact=True)
-    assert (exact.mac_budget, exact.copy_fraction, exact.compensate) == (None, 1.0, False)
+    assert (exact.mac_budget, exact.copy_fraction, exact.compensate) == (None, None, None)  # unset stays unset
+    assert exact.resolved() == exact.replace(copy_fraction=1.0, compensate=False)  # what the surgery uses
     assert NestConfig(mode="truncate").mac_budget is None
-    assert NestConfig(mac_budget=None).copy_fraction == 1.0  # no budget, nothing searched: every copy
+    # a preset that nests exactly leaves the choices open for a run that turns exact off and sets a budget
+    assert NestConfig(exact=True).replace(exact=False, mac_budget=1.2).copy_fraction is None
     assert NestConfig.from_dict(json.loads(default.to_json())) == default
     version_1 = {key: value for key, value in NestConfig(k=3).to_dict().items()
                  if key not in ("exact", "mac_budget", "copy_fraction", "compensate")}  # fmt: skip

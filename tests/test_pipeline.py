@@ -39,7 +39,9 @@ def test_presets_and_overrides():
     assert default.data.dataset == "fashion_mnist" and default.base_epochs == 3 and default.nest.k == 3
     assert default.finetune_epochs == PRESETS["default"].finetune_epochs
     assert default.seed == 5 and default.nest.seed == 5  # one seed for the run, the surgery's included
-    assert default.nest.exact and default.nest.mac_budget is None and default.nest.copy_fraction == 1
+    assert default.nest.exact and default.nest.mac_budget is None and default.nest.copy_fraction is None
+    searched = config_of("--no-exact", "--mac-budget", "1.2")  # the choices stay open for the budget's search
+    assert searched.nest.copy_fraction is None and searched.nest.compensate is None
     tuned = config_of("--quick", "--finetune-lr", "0.0125", "--epsilons", "0.1", "0.2")
     assert tuned.finetune_lr == 0.0125 and tuned.epsilons == (0.1, 0.2) and tuned.batch_size == quick.batch_size
     budget = config_of("--no-exact", "--mac-budget", "1.15", "--copy-fraction", "0.5")
@@ -108,7 +110,8 @@ UNVERSIONED_QUICK = {
 def test_unversioned_settings_are_migrated():
     config = ExperimentConfig.from_dict(UNVERSIONED_QUICK)
     assert config.preset == "quick" and config.data == DataConfig(dataset="mnist5k")
-    assert config.nest == NestConfig(k=4, mode="expand", select="greedy", exact=True, copy_fraction=1.0, seed=0)
+    assert config.nest == NestConfig(k=4, mode="expand", select="greedy", exact=True, copy_fraction=1.0,
+                                     compensate=False, seed=0)  # fmt: skip
     assert (config.steps_per_epoch, config.batch_size, config.finetune_lr, config.lr) == (8, 64, None, None)
     assert config.warmup_epochs == 1.0  # what the old pipeline's training ran with
 

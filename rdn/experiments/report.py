@@ -67,6 +67,23 @@ def surgery_summary(nest: NestConfig) -> str:
     return ", ".join(parts)
 
 
+def _chosen_surgery(folder: Path, options: NestConfig) -> str:
+    """``surgery_summary`` of what the surgery built: the record in ``nested.pt`` (the budget's search
+    resolved), with the blocks it dropped; the settings' options when the file is not there."""
+    path = folder / "nested.pt"
+    if not path.is_file():
+        return surgery_summary(options)
+    from rdn.surgery import NestRecord
+    from rdn.train import load_checkpoint  # weights-only read
+
+    record = NestRecord.read(load_checkpoint(path)["model_config"]["rdn_config"])
+    text = surgery_summary(record.config)
+    blocks = sum(len(pruned) for pruned in record.pruned_blocks.values())
+    if record.search is not None:
+        text += f" (chosen by the budget's search among {len(record.search)} candidates)"
+    return text + (f"; {blocks} blocks of the added groups dropped" if blocks else "")
+
+
 def _training_summary(config: ExperimentConfig) -> str:
     steps = "the whole split" if config.steps_per_epoch is None else f"at most {config.steps_per_epoch} steps"
     lr = "" if config.lr is None else f", peak learning rate {config.lr:g}"
@@ -175,7 +192,7 @@ def render_report(folder: str | Path) -> str:
     lines += [
         f"Data: {evaluation.get('data', config.data.dataset)}. Trained and evaluated on {evaluation['device']}; timed "
         f"on {evaluation['bench_device']} ({evaluation['cpu']}, {evaluation['threads']} torch threads). Preset: "
-        f"{config.preset}; {_training_summary(config)}. Surgery: {surgery_summary(config.nest)}.",
+        f"{config.preset}; {_training_summary(config)}. Surgery: {_chosen_surgery(folder, config.nest)}.",
         "",
         "## Table 1 (form of the paper's Table 1)",
         "",

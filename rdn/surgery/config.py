@@ -50,8 +50,8 @@ class NestConfig(Config):
     model's MACs with the least error against the base's logits on the calibration images
     (:mod:`rdn.surgery.search`). ``exact=True`` instead keeps every connection (N_K is the base
     model, about 2x its MACs) and takes no budget. ``copy_fraction`` and ``compensate`` left
-    unset (None) are chosen by the search; set, they restrict it. A network's record holds the
-    resolved values.
+    unset (None) are chosen by the search (without a budget: every copy, no refit); set, they
+    restrict it. A network's record holds the values the surgery used (:meth:`resolved`).
 
     Versions: 1 (exact surgery, no budget, every copy and no compensation by default), 2 (the MAC
     budget by default; ``copy_fraction`` / ``compensate`` may be None).
@@ -103,11 +103,6 @@ class NestConfig(Config):
             raise TypeError(f"compensate must be a bool or None (chosen by the MAC budget's search), got "
                             f"{self.compensate!r}")  # fmt: skip
         self._check_mac_budget()
-        if self.mac_budget is None:  # nothing to search: the unset choices take their plain values
-            if self.copy_fraction is None:
-                object.__setattr__(self, "copy_fraction", 1.0)
-            if self.compensate is None:
-                object.__setattr__(self, "compensate", False)
         self._check_copy_fraction()
         if self.compensate and self.copies != "latest":
             raise ValueError("compensate=True needs copies='latest' (every copy a whole value)")
@@ -161,6 +156,12 @@ class NestConfig(Config):
                     f"exact=True keeps every connection (N_K is the base model, about 2x its MACs) and takes no "
                     f"mac_budget, got mac_budget={value}; pass exact=False to fit a budget"
                 )
+
+    def resolved(self) -> NestConfig:
+        """The options with the unset choices as the surgery takes them without a search: every copy
+        (``copy_fraction=1``), no refit. (With a budget, the search sets them instead.)"""
+        return self.replace(copy_fraction=1.0 if self.copy_fraction is None else self.copy_fraction,
+                            compensate=bool(self.compensate))  # fmt: skip
 
     @property
     def num_subnets(self) -> int:

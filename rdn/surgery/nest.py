@@ -306,6 +306,7 @@ def nest(
     with eval_mode(model), torch.no_grad():
         surgery = _Surgery(model, skip, base, batch[:1])
         if config.mac_budget is None:
+            config = config.resolved()
             net = surgery.build(config, batch)
             if config.compensate:
                 surgery.compensate(net, batch)

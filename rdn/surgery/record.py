@@ -82,6 +82,11 @@ class NestRecord(Config):
         super().__post_init__()
         if not isinstance(self.config, NestConfig):
             raise TypeError(f"config must be a NestConfig, got {type(self.config).__name__}")
+        if self.config.copy_fraction is None or self.config.compensate is None:
+            raise ValueError(
+                "a NestRecord holds the options the surgery used, copy_fraction and compensate set (rdn.nest resolves "
+                f"them), got copy_fraction={self.config.copy_fraction!r}, compensate={self.config.compensate!r}"
+            )
         if not (self.config.skip is None or isinstance(self.config.skip, tuple)) or isinstance(
             self.config.depth_split, int
         ):
