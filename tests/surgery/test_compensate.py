@@ -100,3 +100,32 @@ def test_old_configs_mean_no_refit():
     config = {key: value for key, value in net.rdn_config.items() if key != "compensate"}
     rebuilt = RussianDollNet.from_config(config, toy(nn.ReLU))
     assert rebuilt.rdn_config["compensate"] is False
+
+
+def test_a_bias_free_layer_s_intercept_goes_into_the_reading_batch_norm():
+    """conv (no bias) → BN: after the refit, every refitted copy channel's BN input minus its running mean
+    has the mean, over the calibration images, of the base layer's output minus the base BN's mean."""
+    from rdn.surgery.passes.compensate import _reading_batch_norm
+
+    calib = torch.randn(16, 3, 10, 10, generator=torch.Generator().manual_seed(4))
+    base = toy().eval()
+    net = nest(base, k=3, calib=calib, skip=["stem"], mac_budget=None, copy_fraction=0.5, compensate=True).eval()
+    name = "body_2_conv_0"  # the first block's 1×1 expand conv (no bias), read by a BN
+    layer, norm = net.layers[name], _reading_batch_norm(net, name)
+    assert layer.bias is None and norm is not None
+    base_conv, base_norm = base.body[2].conv[0], base.body[2].conv[1]
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, a, out: seen.__setitem__("rdn", out)),
+             base_conv.register_forward_hook(lambda m, a, out: seen.__setitem__("base", out))]  # fmt: skip
+    with torch.no_grad():
+        net(calib, subnet=net.num_subnets), base(calib)
+    for hook in hooks:
+        hook.remove()
+    _, out_space = net.nested_spaces(name)
+    refitted = [c for c in range(len(out_space)) if norm.running_mean[c] != base_norm.running_mean[out_space.source[c]]]
+    assert refitted  # some copies missed inputs and took an intercept
+    for c in refitted:
+        source = int(out_space.source[c])
+        ours = seen["rdn"][:, c].mean().double() - norm.running_mean[c].double()
+        theirs = seen["base"][:, source].mean().double() - base_norm.running_mean[source].double()
+        assert abs(float(ours - theirs)) < 1e-3 * (1 + abs(float(theirs)))

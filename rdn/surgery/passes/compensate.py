@@ -15,10 +15,13 @@ corrected too), shrunk towards surgery's weights:
     w = argmin ‖T − Φ w‖² + λ ‖w − w₀‖²,   λ = shrinkage × mean diagonal of ΦᵀΦ
 
 (Φ: centred input patches at sampled output pixels; T: the centred base output). The intercept
-goes into the layer's bias when it has one; without a bias (conv → BN) the BN's batch
-statistics absorb the mean shift during fine-tuning. Copies that read every input channel are
-left untouched, so with ``exact=True`` N_K stays exactly the base network. Reading more columns
-than surgery did costs nothing: the kernels compute whole blocks of the mask.
+goes into the layer's bias when it has one; without a bias (conv → BN, the usual CNN) it goes into
+the running mean of the BatchNorm that reads the layer (μ ← μ − intercept for the refitted
+channels), so the refit is whole in eval mode, before any fine-tuning too. (A layer without a bias
+and without such a BN loses its intercept: fine-tuning's batch statistics absorb it.) Copies that
+read every input channel are left untouched, so with ``exact=True`` N_K stays exactly the base
+network. Reading more columns than surgery did costs nothing: the kernels compute whole blocks of
+the mask.
 """
 
 from __future__ import annotations
@@ -65,10 +68,22 @@ def _incomplete_rows(step: Step, copies: str) -> Tensor:
     return ~seen.all(1)
 
 
+def _reading_batch_norm(net: RussianDollNet, name: str) -> nn.modules.batchnorm._BatchNorm | None:
+    """The BatchNorm (with running statistics) that reads nested layer ``name``'s output directly, if any."""
+    for step in net.plan.steps:
+        inputs = step.node.all_input_nodes
+        if len(inputs) == 1 and inputs[0].name == name and step.node.op == "call_module":
+            module = net.layers[step.name] if step.name in net.layers else None
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                return module
+    return None
+
+
 @torch.no_grad()
 def _refit(layer: nn.Module, phi: Tensor, target: Tensor, rows: Tensor, base_bias: Tensor | None,
-           out_space, in_space, shrinkage: float) -> None:  # fmt: skip
-    """Refit ``rows`` of ``layer`` (module docstring); phi (P, len(in)·kernel), target (P, channels)."""
+           out_space, in_space, shrinkage: float, norm: nn.Module | None = None) -> None:  # fmt: skip
+    """Refit ``rows`` of ``layer`` (module docstring); phi (P, len(in)·kernel), target (P, channels);
+    ``norm``: the BatchNorm reading a bias-free layer, whose running mean takes the intercept."""
     device = phi.device
     kernel = phi.shape[1] // len(in_space)
     weight = layer.weight.view(layer.weight.shape[0], -1)
@@ -92,9 +107,12 @@ def _refit(layer: nn.Module, phi: Tensor, target: Tensor, rows: Tensor, base_bia
         new_rows = torch.zeros(int(group_rows.sum()), weight.shape[1], dtype=weight.dtype, device=device)
         new_rows[:, columns] = fitted.to(weight.dtype)
         weight[group_rows] = new_rows
+        offset = 0 if base_bias is None else base_bias[sources[group_rows]].double()
+        intercept = y_mean - fitted @ mean + offset
         if layer.bias is not None:
-            offset = 0 if base_bias is None else base_bias[sources[group_rows]].double()
-            layer.bias[group_rows] = (y_mean - fitted @ mean + offset).to(layer.bias.dtype)
+            layer.bias[group_rows] = intercept.to(layer.bias.dtype)
+        elif norm is not None:  # (y + b - μ) / σ = (y - (μ - b)) / σ
+            norm.running_mean[group_rows.to(norm.running_mean.device)] -= intercept.to(norm.running_mean.dtype)
 
 
 @torch.no_grad()
@@ -159,10 +177,12 @@ def compensate_dropped_connections(
             phi = _sample(_patches(module, args[0]), index).double()
             if not torch.isfinite(phi).all():  # the RDN's own activations (the base's were checked)
                 raise ValueError(f"compensate: the input of nested layer {name} is not finite on calib (NaN or inf)")
-            _refit(module, phi, target, incomplete[name], base_modules[name].bias, out_space, in_space, shrinkage)
+            _refit(module, phi, target, incomplete[name], base_modules[name].bias, out_space, in_space, shrinkage,
+                   norms[name])  # fmt: skip
             return module.forward(*args, **kwargs)  # the refitted layer's output feeds the next layers
 
         return hook
 
+    norms = {name: None if net.layers[name].bias is not None else _reading_batch_norm(net, name) for name in incomplete}
     run_with_forward_hooks(net, calib, [(net.layers[name], refit(name)) for name in incomplete], with_kwargs=True)
     return sum(int(rows.sum()) for rows in incomplete.values())
