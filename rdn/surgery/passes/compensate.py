@@ -68,13 +68,16 @@ def _incomplete_rows(step: Step, copies: str) -> Tensor:
     return ~seen.all(1)
 
 
-def _reading_batch_norm(net: RussianDollNet, name: str) -> nn.modules.batchnorm._BatchNorm | None:
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _reading_batch_norm(net: RussianDollNet, name: str) -> nn.Module | None:
     """The BatchNorm (with running statistics) that reads nested layer ``name``'s output directly, if any."""
     for step in net.plan.steps:
         inputs = step.node.all_input_nodes
         if len(inputs) == 1 and inputs[0].name == name and step.node.op == "call_module":
             module = net.layers[step.name] if step.name in net.layers else None
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            if isinstance(module, _BATCH_NORMS) and module.running_mean is not None:
                 return module
     return None
 
