@@ -14,7 +14,8 @@ the budget where it exceeds it, with and without compensation (or as the config 
 the candidate whose N_K has the least *logit error* against the base model: the share of the base
 logits' variance N_K does not reproduce, ``Σ‖z_K − z‖² / Σ‖z − z̄‖²`` (0: the base model; 1: no
 better than predicting the mean logits). The candidates are built on the first three quarters of
-the calibration images and scored on the last quarter (on all of them when there are fewer than 8),
+the calibration images and scored on the last quarter (on all of them when that quarter would hold
+fewer than 8 images),
 so compensation, which is fitted to its data, is not favoured by scoring on it. Equal errors go to
 the cheaper candidate. Every candidate's costs and scores are recorded
 (``NestRecord.search``), the chosen one's options in the record's config.
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from rdn.models.profile import eval_mode
 from rdn.surgery.config import COPY_FRACTIONS, NestConfig
+from rdn.surgery.passes.budget import BudgetOutOfReach
 
 __all__ = ["Candidate", "candidate_options", "logit_error", "scoring_split", "search_construction"]
 
@@ -96,8 +98,8 @@ def search_construction(
 
     Args:
         config: the surgery's options, ``mac_budget`` set; unset ``copy_fraction`` / ``compensate`` are searched.
-        build: a config with both set → the network, pruned to the budget (raises ValueError when it
-            cannot fit), not yet compensated.
+        build: a config with both set → the network, pruned to the budget (raises
+            :class:`~rdn.surgery.passes.budget.BudgetOutOfReach` when it cannot fit), not yet compensated.
         compensate: a built network → a compensated copy of it.
         scoring_images: (N, ...) the held-out calibration images.
         base_logits: () → (N, classes) the base model's logits on them (called after the first build, whose
@@ -117,9 +119,7 @@ def search_construction(
         if fraction not in built:
             try:
                 built[fraction] = build(config.replace(copy_fraction=fraction, compensate=False))
-            except ValueError as error:  # the budget pass: out of reach even with every prunable block dropped
-                if "out of reach" not in str(error):
-                    raise
+            except BudgetOutOfReach as error:  # even with every droppable block dropped
                 built[fraction] = None
                 reaches.append(f"copy_fraction={fraction}: {error}")
         if built[fraction] is None:

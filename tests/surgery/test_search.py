@@ -10,6 +10,7 @@ from torch import nn
 
 from rdn.models.profile import profile_model
 from rdn.surgery import NestConfig, RussianDollNet, nest
+from rdn.surgery.passes.budget import BudgetOutOfReach
 from rdn.surgery.search import logit_error, scoring_split, search_construction
 from tests.surgery.toys import toy
 
@@ -93,7 +94,7 @@ def test_equal_errors_go_to_the_cheaper_and_unreachable_candidates_are_recorded(
 
     def build(config: NestConfig) -> nn.Module:
         if nets[config.copy_fraction] is None:
-            raise ValueError("mac_budget=1.2 is out of reach: ...")
+            raise BudgetOutOfReach("mac_budget=1.2 is out of reach: ...")
         return nets[config.copy_fraction]
 
     chosen, config, candidates = search_construction(

@@ -42,7 +42,11 @@ from rdn.surgery import costs
 from rdn.surgery.calibration import check_finite_calibration
 from rdn.surgery.network import RussianDollNet
 
-__all__ = ["Pruning", "prune_blocks", "apply_pruned_blocks"]
+__all__ = ["BudgetOutOfReach", "Pruning", "prune_blocks", "apply_pruned_blocks"]
+
+
+class BudgetOutOfReach(ValueError):
+    """N_K cannot fit the MAC budget even with every droppable block of the added groups dropped."""
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,8 @@ def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_mac
         The blocks to drop (0-based groups) and the output groups whose blocks carry no energy on
         ``calib`` (:class:`Pruning`); nothing when N_K fits already.
     Raises:
-        ValueError: when dropping every candidate still leaves N_K above the budget, or when
-            ``calib`` or the block energies are not finite.
+        BudgetOutOfReach: when dropping every candidate still leaves N_K above the budget.
+        ValueError: when ``calib`` or the block energies are not finite.
     """
     plan = net.plan
     full = plan.num_subnets
@@ -159,7 +163,7 @@ def prune_blocks(net: RussianDollNet, calib: Tensor, mac_budget: float, base_mac
     if floor > max_macs:
         exact = options.exact
         hint = "; exact=True gives every channel a copy in the last group, exact=False does not" if exact else ""
-        raise ValueError(
+        raise BudgetOutOfReach(
             f"mac_budget={mac_budget} is out of reach: with every block of the added groups dropped but one per "
             f"group, N_K still does {floor / base_macs:.3f}× the base model's MACs (blocks drop, channels stay; "
             f"N_1..N_k are never pruned){hint}"
