@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rdn.experiments.report import nested_record
+
 # issue 19's targets for every seed: at least this saving, at most this drop, at least this speed-up.
 TARGET_SAVING = 0.50
 TARGET_DROP_POINTS = 0.2
@@ -75,17 +77,13 @@ def surgery_row(folder: Path) -> dict:
         "n1_top1": 100 * static[0]["accuracy"],
         "construction": "",
     }
-    if (folder / "nested.pt").is_file():
-        from rdn.train import load_checkpoint  # a weights-only read of the record
-
-        record = load_checkpoint(folder / "nested.pt")["model_config"]["rdn_config"]
-        config = record["config"]
-        if config["exact"]:
-            row["construction"] = "exact"
-        else:
-            blocks = sum(len(pruned) for pruned in record.get("pruned_blocks", {}).values())
-            row["construction"] = (f"copy_fraction {config['copy_fraction']:g}, {blocks} blocks dropped"
-                                   f"{', refit' if config['compensate'] else ''}")  # fmt: skip
+    record = nested_record(folder)
+    if record is not None and record.config.exact:
+        row["construction"] = "exact"
+    elif record is not None:
+        blocks = sum(len(pruned) for pruned in record.pruned_blocks.values())
+        row["construction"] = (f"copy_fraction {record.config.copy_fraction:g}, {blocks} blocks dropped"
+                               f"{', refit' if record.config.compensate else ''}")  # fmt: skip
     return row
 
 

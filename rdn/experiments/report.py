@@ -22,7 +22,7 @@ from rdn.experiments.config import ABLATIONS, OPERATING_OFFSET, ExperimentConfig
 from rdn.files import atomic_write
 from rdn.surgery import NestConfig
 
-__all__ = ["comparisons", "plot_tradeoff", "render_report", "surgery_summary", "write_report"]
+__all__ = ["comparisons", "nested_record", "plot_tradeoff", "render_report", "surgery_summary", "write_report"]
 
 
 def write_report(folder: str | Path) -> Path:
@@ -67,16 +67,24 @@ def surgery_summary(nest: NestConfig) -> str:
     return ", ".join(parts)
 
 
-def _chosen_surgery(folder: Path, options: NestConfig) -> str:
-    """``surgery_summary`` of what the surgery built: the record in ``nested.pt`` (the budget's search
-    resolved), with the blocks it dropped; the settings' options when the file is not there."""
-    path = folder / "nested.pt"
+def nested_record(folder: str | Path):
+    """The :class:`~rdn.surgery.NestRecord` of a run folder's ``nested.pt`` (what the surgery built, the
+    budget's search resolved; any record version), read weights-only; ``None`` when the file is not there."""
+    path = Path(folder) / "nested.pt"
     if not path.is_file():
-        return surgery_summary(options)
+        return None
     from rdn.surgery import NestRecord
-    from rdn.train import load_checkpoint  # weights-only read
+    from rdn.train import load_checkpoint
 
-    record = NestRecord.read(load_checkpoint(path)["model_config"]["rdn_config"])
+    return NestRecord.read(load_checkpoint(path)["model_config"]["rdn_config"])
+
+
+def _chosen_surgery(folder: Path, options: NestConfig) -> str:
+    """``surgery_summary`` of what the surgery built (:func:`nested_record`), with the blocks it dropped;
+    the settings' options when the folder has no ``nested.pt``."""
+    record = nested_record(folder)
+    if record is None:
+        return surgery_summary(options)
     text = surgery_summary(record.config)
     blocks = sum(len(pruned) for pruned in record.pruned_blocks.values())
     if record.search is not None:
