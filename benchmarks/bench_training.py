@@ -1,7 +1,8 @@
 """Training cost of an RDN: one joint pass for all K exits against the base model and K separate passes.
 
     python -m benchmarks.bench_training [--device cpu|cuda] [--width-mult 0.5] [--k 4] [--batch 64]
-                                        [--mac-budget 1.2] [--copy-fractions 0.25 0.5]
+                                        [--mac-budget 1.2] [--activation-budget 1.1]
+                                        [--copy-fractions 0.25 0.5]
                                         [--runs 3] [--quick] [--out benchmarks/results]
     python -m benchmarks.bench_training --report-runs runs/base runs/rdn runs/ft --name NAME
 
@@ -12,22 +13,26 @@ The second form writes no timings: it tabulates the accuracy and MACs of every e
 Times one optimisation step (zero_grad, forward, loss, backward, SGD step) of
 
 - (a) the base model (MobileNetV2 small-input variant, 1×28×28 images, 10 classes);
-- (b) its RDN as ``rdn.nest`` makes it by default (``nest(k, mac_budget=1.2)``: expand, K = 2k - 1,
-  N_K at most 1.2x the base's MACs, the construction chosen by the budget's search) trained jointly:
-  one forward of N_K gives all K logits, one backward of Σ_s CE_s / K (the package's training loop);
+- (b) its RDN as ``rdn.nest`` makes it by default (``nest(k, mac_budget=1.2, activation_budget=1.1)``:
+  expand, K = 2k - 1, N_K at most 1.2x the base's MACs and 1.1x its feature-map elements, the
+  construction chosen by the budget's search) trained jointly: one forward of N_K gives all K
+  logits, one backward of Σ_s CE_s / K (the package's training loop);
 - (c) the same RDN trained the OFA / slimmable way: for each s, ``forward(x, subnet=s)`` and its
   own backward, gradients accumulated, then one SGD step;
 - (d) the same RDN training N_K alone (``forward(x, subnet=K)``, one CE): the cost of the largest
   sub-network, which isolates what the K - 1 extra exits of (b) add;
-- (e)–(h) as (b) for the other surgeries: (e) ``exact=True`` (every connection kept: N_K is exactly
-  the base model before fine-tuning, at about twice its MACs); (f) ``mac_budget=None`` (at most two
-  copies of a channel, every copy and block kept); (g) ``copy_fraction`` without a budget (only that
-  share of each group's channels get copies: fewer channels; one row per fraction); (h)
-  ``mode="truncate"`` (K = k, no copies at all: the least an RDN of this base can cost).
+- (e)–(i) as (b) for the other surgeries: (e) ``exact=True`` (every connection kept: N_K is exactly
+  the base model before fine-tuning, at about twice its MACs); (f) ``activation_budget=None`` (the
+  MAC budget alone: the search may keep more channels and drop blocks instead); (g)
+  ``mac_budget=None`` (at most two copies of a channel, every copy and block kept); (h)
+  ``copy_fraction`` without a budget (only that share of each group's channels get copies: fewer
+  channels; one row per fraction); (i) ``mode="truncate"`` (K = k, no copies at all: the least an
+  RDN of this base can cost).
 
-Claims checked (DESIGN.md §1): (b) ≤ 1.2 × (a), (c) / (b) ≥ K / 2, and (b) ≤ 1.2 × (d); (e)–(h)
+Claims checked (DESIGN.md §1): (b) ≤ 1.2 × (a), (c) / (b) ≥ K / 2, and (b) ≤ 1.2 × (d); (e)–(i)
 ≤ 1.2 × (a) beside them. All run in one interleaved measurement (:mod:`benchmarks.harness`). The
-forward MACs per image are printed beside, so the time ratios can be read against the work ratios.
+forward MACs and feature-map elements per image are printed beside, so the time ratios can be read
+against the work ratios.
 Writes ``training_cost_<device>.md`` and ``.csv`` with the machine, versions and date.
 """
 
@@ -45,7 +50,7 @@ from torch import nn
 
 from benchmarks.harness import TIMING_PRESETS, TimingConfig, device_tag, machine_info, measure
 from rdn.models import create, profile_model
-from rdn.surgery import RussianDollNet, nest
+from rdn.surgery import RussianDollNet, costs, nest
 from rdn.train import JointLoss, TrainConfig, exit_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,37 +79,41 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> 
     return step
 
 
-def other_surgeries(copy_fractions: Sequence[float]) -> dict[str, dict]:
-    """Rows (e)–(h): label → the ``nest`` arguments that differ from (b)'s."""
-    rows = {"(e) exact=True": dict(exact=True), "(f) no budget": dict(mac_budget=None)}
+def other_surgeries(copy_fractions: Sequence[float], mac_budget: float = 1.2) -> dict[str, dict]:
+    """Rows (e)–(i): label → the ``nest`` arguments besides the common ones (k, mode, select, calib)."""
+    rows = {"(e) exact=True": dict(exact=True),
+            "(f) MAC budget only": dict(mac_budget=mac_budget, activation_budget=None),
+            "(g) no budget": dict(mac_budget=None)}  # fmt: skip
     for fraction in copy_fractions:
-        rows[f"(g) no budget, copy_fraction={fraction:g}"] = dict(mac_budget=None, copy_fraction=fraction)
-    rows["(h) truncate (no copies)"] = dict(mode="truncate")
+        rows[f"(h) no budget, copy_fraction={fraction:g}"] = dict(mac_budget=None, copy_fraction=fraction)
+    rows["(i) truncate (no copies)"] = dict(mode="truncate")
     return rows
 
 
 def run(device: torch.device, width_mult: float, k: int, batch: int, timing: TimingConfig, out: Path,
-        mac_budget: float = 1.2, copy_fractions: Sequence[float] = (0.25, 0.5), runs: int = 1
-        ) -> list[dict]:  # fmt: skip
+        mac_budget: float = 1.2, copy_fractions: Sequence[float] = (0.25, 0.5), runs: int = 1,
+        activation_budget: float | None = 1.1) -> list[dict]:  # fmt: skip
     """Time every row ``runs`` times in a row (each an interleaved measurement); the table is the last run's."""
     torch.manual_seed(0)
     kwargs = {"name": "mobilenet_v2", "num_classes": 10, "input_size": 28, "in_chans": 1, "width_mult": width_mult}
     base = create(**kwargs).to(device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(10, (batch,), device=device)
-    rdn = nest(base, k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs, mac_budget=mac_budget).to(device)
+    budgets = dict(mac_budget=mac_budget, activation_budget=activation_budget)
+    rdn = nest(base, k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs, **budgets).to(device)
     separate, largest = (RussianDollNet.from_config(rdn.record, base).to(device) for _ in range(2))
     for copy in (separate, largest):
         copy.load_state_dict(rdn.state_dict())
     K = rdn.num_subnets
     models = {
         "(a) base": (base, "base"),
-        f"(b) RDN (mac_budget={mac_budget:g}) joint, {K} exits in one pass": (rdn, "joint"),
+        f"(b) RDN (mac_budget={mac_budget:g}, activation_budget={activation_budget}) joint, {K} exits in one pass":
+            (rdn, "joint"),
         f"(c) RDN separate, {K} forward/backward passes": (separate, "separate"),
         f"(d) RDN N_{K} alone": (largest, "largest"),
     }
     surgeries = {}  # row name → the surgery's label, for the claims
-    for label, changes in other_surgeries(copy_fractions).items():
+    for label, changes in other_surgeries(copy_fractions, mac_budget).items():
         settings = dict(k=k, mode="expand", select="greedy", calib=x[:32], base=kwargs) | changes
         cheaper = nest(base, **settings).to(device)
         name = f"{label} joint, {cheaper.num_subnets} exits in one pass"
@@ -121,19 +130,21 @@ def run(device: torch.device, width_mult: float, k: int, batch: int, timing: Tim
     spread_note = (f"{runs} runs in a row, {started}–{time.strftime('%H:%M', time.gmtime())} UTC; the table is the "
                    f"last: × base time {per_run}")  # fmt: skip
     base_macs = profile_model(base.eval(), (1, 1, 28, 28)).macs
+    base_elements = costs.base_activation_elements(rdn.plan)
     rows = []
     reference = timings["(a) base"].median_ms
     for name, (model, mode) in models.items():
         if mode == "base":
-            work = base_macs
-        elif mode == "separate":
-            work = sum(model.macs(s) for s in range(1, model.num_subnets + 1))
+            work, elements = base_macs, base_elements
         else:
-            work = model.macs(model.num_subnets)
+            exits = range(1, model.num_subnets + 1) if mode == "separate" else [model.num_subnets]
+            work = sum(model.macs(s) for s in exits)
+            elements = sum(costs.activation_elements(model.plan, s) for s in exits)
         timing_ = timings[name]
         rows.append({"step": name, "median_ms": timing_.median_ms, "q25_ms": timing_.q25_ms, "q75_ms": timing_.q75_ms,
                      "vs_base": timing_.median_ms / reference, "forward_macs_per_image": work,
-                     "macs_vs_base": work / base_macs})  # fmt: skip
+                     "macs_vs_base": work / base_macs, "feature_map_elements_per_image": elements,
+                     "elements_vs_base": elements / base_elements})  # fmt: skip
     joint, separate_ms, largest_ms = rows[1]["median_ms"], rows[2]["median_ms"], rows[3]["median_ms"]
     checks = [
         ("(b) ≤ 1.2 × (a)", rows[1]["vs_base"], "≤ 1.2", rows[1]["vs_base"] <= 1.2),
@@ -161,13 +172,13 @@ def write(out: Path, device, kwargs, k, K, batch, rows, checks, spread_note: str
         f"RDN: k = {k}, expand, greedy → K = {K} exits unless the row says otherwise. "
         "`python -m benchmarks.bench_training` (interleaved rounds, median and quartiles).",
         "",
-        "| step | median ms | q25–q75 ms | × base time | forward MACs / image | × base MACs |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| step | median ms | q25–q75 ms | × base time | forward MACs / image | × base MACs | × base feature maps |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(f"| {row['step']} | {row['median_ms']:.1f} | {row['q25_ms']:.1f}–{row['q75_ms']:.1f} | "
                      f"{row['vs_base']:.2f} | {row['forward_macs_per_image'] / 1e6:.1f} M | "
-                     f"{row['macs_vs_base']:.2f} |")  # fmt: skip
+                     f"{row['macs_vs_base']:.2f} | {row['elements_vs_base']:.2f} |")  # fmt: skip
     lines += [
         "",
         f"The joint step costs {rows[1]['median_ms'] / rows[3]['median_ms']:.2f}× training N_K alone, which is what "
@@ -241,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=4, help="channel groups (K = 2k - 1 exits)")
     parser.add_argument("--batch", type=int, default=64, help="images per step")
     parser.add_argument("--mac-budget", type=float, default=1.2, help="row (b): N_K's MACs / the base's at most")
+    parser.add_argument("--activation-budget", type=float, default=1.1,
+                        help="row (b): N_K's feature-map elements / the base's at most")  # fmt: skip
     parser.add_argument("--copy-fractions", type=float, nargs="+", default=[0.25, 0.5],
                         help="rows (g), one per value: share of each group's channels with copies")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -258,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     timing = TIMING_PRESETS["quick" if args.quick else "full"]
     run(torch.device(args.device), args.width_mult, args.k, args.batch, timing, args.out, args.mac_budget,
-        args.copy_fractions, args.runs)
+        args.copy_fractions, args.runs, args.activation_budget)
 
 
 if __name__ == "__main__":

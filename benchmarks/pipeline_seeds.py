@@ -84,6 +84,11 @@ def surgery_row(folder: Path) -> dict:
         blocks = sum(len(pruned) for pruned in record.pruned_blocks.values())
         row["construction"] = (f"copy_fraction {record.config.copy_fraction:g}, {blocks} blocks dropped"
                                f"{', refit' if record.config.compensate else ''}")  # fmt: skip
+        chosen = [candidate.get("activation_ratio") for candidate in record.search or ()
+                  if (candidate["copy_fraction"], candidate["compensate"])
+                  == (record.config.copy_fraction, record.config.compensate)]  # fmt: skip
+        if chosen and chosen[0] is not None:  # recorded by searches since the feature-map budget
+            row["construction"] += f", {chosen[0]:.2f}× the base's feature maps"
     return row
 
 

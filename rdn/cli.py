@@ -449,7 +449,8 @@ def _cmd_nest(args: argparse.Namespace) -> None:
     from rdn.train import model_config_of, save_checkpoint
 
     config = config_from_arguments(NestConfig, args, seed=args.seed)
-    refuse_unused_budget(getattr(args, "mac_budget", None), config)  # a ValueError: reported as the user's to fix
+    # a ValueError: reported as the user's to fix
+    refuse_unused_budget(getattr(args, "mac_budget", None), config, getattr(args, "activation_budget", None))
     data = _load_data(args, _data_config(args))
     torch.manual_seed(args.seed)
     if args.source is not None:

@@ -108,6 +108,11 @@ def test_nest_config_checks_its_options_by_name():
         ({"copy_fraction": 0.5, "exact": True}, ValueError, "copy_fraction < 1 .* exact=False"),
         ({"mac_budget": 1.1, "mode": "truncate"}, ValueError, "mac_budget drops blocks"),
         ({"mac_budget": 1.5, "exact": True}, ValueError, "exact=True .* takes no mac_budget"),
+        ({"activation_budget": 0.9}, ValueError, "activation_budget .* must be >= 1"),
+        ({"activation_budget": "1.1"}, TypeError, "activation_budget must be a finite number"),
+        ({"activation_budget": 1.3, "exact": True}, ValueError, "activation_budget bounds the copy_fraction"),
+        ({"activation_budget": 1.3, "mac_budget": None}, ValueError, "activation_budget bounds the copy_fraction"),
+        ({"activation_budget": 1.3, "copy_fraction": 0.5}, ValueError, "copy_fraction not set"),
         ({"compensate": "yes"}, TypeError, "compensate must be a bool or None"),
         ({"compensate": True, "copies": "sum"}, ValueError, "compensate=True needs copies='latest'"),
         ({"skip": -1}, ValueError, "skip .* must be >= 0"),
@@ -122,17 +127,26 @@ def test_nest_config_defaults_to_the_budget_and_exact_takes_none():
     and a version-1 dict (before the budget was the first knob) keeps the exact surgery it meant."""
     default = NestConfig()
     assert (default.exact, default.mac_budget, default.copy_fraction, default.compensate) == (False, 1.2, None, None)
+    assert default.activation_budget == 1.1
     exact = NestConfig(exact=True)
     assert (exact.mac_budget, exact.copy_fraction, exact.compensate) == (None, None, None)  # unset stays unset
+    # the feature-map bound belongs to the search: dropped wherever the MAC budget is
+    assert exact.activation_budget is NestConfig(mode="truncate").activation_budget is None
+    assert NestConfig(mac_budget=None).activation_budget is None
+    assert NestConfig(copy_fraction=0.5).activation_budget is None  # a fixed fraction leaves it nothing to bound
     assert exact.resolved() == exact.replace(copy_fraction=1.0, compensate=False)  # what the surgery uses
     assert NestConfig(mode="truncate").mac_budget is None
     # a preset that nests exactly leaves the choices open for a run that turns exact off and sets a budget
     assert NestConfig(exact=True).replace(exact=False, mac_budget=1.2).copy_fraction is None
     assert NestConfig.from_dict(json.loads(default.to_json())) == default
     version_1 = {key: value for key, value in NestConfig(k=3).to_dict().items()
-                 if key not in ("exact", "mac_budget", "copy_fraction", "compensate")}  # fmt: skip
+                 if key not in ("exact", "mac_budget", "copy_fraction", "compensate", "activation_budget")}  # fmt: skip
     read = NestConfig.from_dict({**version_1, "version": 1})
     assert (read.exact, read.mac_budget, read.copy_fraction, read.compensate) == (True, None, 1.0, False)
+    # version 2 (the MAC budget alone) keeps meaning that: its searches had no feature-map bound
+    version_2 = {key: value for key, value in default.to_dict().items() if key != "activation_budget"}
+    read = NestConfig.from_dict({**version_2, "version": 2})
+    assert (read.mac_budget, read.activation_budget) == (1.2, None)
 
 
 def test_a_budget_the_pipeline_would_ignore_is_refused():
@@ -145,3 +159,10 @@ def test_a_budget_the_pipeline_would_ignore_is_refused():
         from_arguments(arguments)
     arguments = build_parser().parse_args(["pipeline", "--data", "synthetic", "--no-exact", "--mac-budget", "1.2"])
     assert from_arguments(arguments).nest.mac_budget == 1.2
+    assert from_arguments(arguments).nest.activation_budget is None  # the preset's: none
+    arguments = build_parser().parse_args(["pipeline", "--data", "synthetic", "--activation-budget", "1.1"])
+    with pytest.raises(ConfigError, match="activation_budget=1.1 applies to expand mode without exact"):
+        from_arguments(arguments)
+    arguments = build_parser().parse_args(["pipeline", "--data", "synthetic", "--no-exact", "--mac-budget", "1.2",
+                                           "--activation-budget", "1.1"])  # fmt: skip
+    assert from_arguments(arguments).nest.activation_budget == 1.1

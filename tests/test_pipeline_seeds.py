@@ -53,6 +53,7 @@ def test_surgery_summary_reads_costs_and_the_chosen_construction(tmp_path):
     rows = {seed: surgery_row(tmp_path / f"seed{seed}") for seed in (0, 1)}
     assert rows[0]["mac_ratio"] == 1.15 and round(rows[0]["nk_minus_base"], 6) == -0.1
     assert rows[0]["construction"].startswith(f"copy_fraction {net.record.config.copy_fraction:g}, ")
+    assert rows[0]["construction"].endswith("× the base's feature maps")
     assert rows[1]["construction"] == ""  # no nested.pt
     text = surgery_summary(rows)
     assert "| 0 | 1.00 | 1.15 | 1.150 | -0.10 | 80.00 | copy_fraction" in text

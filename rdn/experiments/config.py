@@ -218,7 +218,8 @@ def from_arguments(arguments: argparse.Namespace) -> ExperimentConfig:
     data = config_from_arguments(DataConfig, arguments, defaults=_values(preset.data))
     nest = config_from_arguments(NestConfig, arguments, defaults=_values(preset.nest), seed=seed)
     try:
-        refuse_unused_budget(getattr(arguments, "mac_budget", None), nest)
+        given = getattr(arguments, "mac_budget", None), getattr(arguments, "activation_budget", None)
+        refuse_unused_budget(given[0], nest, given[1])
     except ValueError as error:
         raise ConfigError(f"{error} (rdn pipeline's presets nest exactly)") from None
     return config_from_arguments(ExperimentConfig, arguments, defaults=_values(preset), data=data, nest=nest,

@@ -54,6 +54,8 @@ def surgery_summary(nest: NestConfig) -> str:
         parts.append("exact" if nest.exact else "not exact (at most two copies)")
     if nest.mac_budget is not None:
         parts.append(f"N_K at most {nest.mac_budget:g}× the base model's MACs")
+    if nest.activation_budget is not None:
+        parts.append(f"N_K at most {nest.activation_budget:g}× the base model's feature maps")
     if nest.copy_fraction is None:
         parts.append("share of copied channels chosen by the budget's search")
     elif nest.copy_fraction < 1:

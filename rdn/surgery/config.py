@@ -17,6 +17,7 @@ from rdn.config import Config, setting
 __all__ = [
     "COPIES",
     "COPY_FRACTIONS",
+    "DEFAULT_ACTIVATION_BUDGET",
     "DEFAULT_MAC_BUDGET",
     "MODES",
     "NORMS",
@@ -31,8 +32,13 @@ SELECTIONS = ("greedy", "random")
 NORMS = ("fixed", "grouped")
 # N_K's MACs over the base model's by default: near the paper's RDNs (its Table 1: 1.11-1.16x).
 DEFAULT_MAC_BUDGET = 1.2
+# N_K's feature-map elements over the base model's by default (costs.activation_elements). A training
+# step's time follows the feature maps more than the MACs (BN, activations and depthwise convs are
+# memory-bound): on MobileNetV2 the joint step costs about this ratio + 0.05 of the base step
+# (benchmarks/results/training_cost_cpu.md), so 1.1 keeps it near the paper's 1.2x.
+DEFAULT_ACTIVATION_BUDGET = 1.1
 # The shares of copied channels the budget's search tries (rdn.surgery.search), most copies first.
-COPY_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+COPY_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
 
 
 def _from_version_1(values: dict[str, Any]) -> dict[str, Any]:
@@ -41,24 +47,31 @@ def _from_version_1(values: dict[str, Any]) -> dict[str, Any]:
     return {"exact": True, "mac_budget": None, "copy_fraction": 1.0, "compensate": False, **values}
 
 
+def _from_version_2(values: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 (the MAC budget alone): no feature-map budget."""
+    return {"activation_budget": None, **values}
+
+
 @dataclass(frozen=True)
 class NestConfig(Config):
     """How to nest a base model into a Russian doll network (see :func:`rdn.nest` for each option).
 
-    The cost of N_K is the first knob: by default (``mac_budget=1.2``) the surgery chooses the share
-    of copied channels, the dropped blocks and the compensation that fit N_K into 1.2x the base
-    model's MACs with the least error against the base's logits on the calibration images
-    (:mod:`rdn.surgery.search`). ``exact=True`` instead keeps every connection (N_K is the base
-    model, about 2x its MACs) and takes no budget. ``copy_fraction`` and ``compensate`` left
-    unset (None) are chosen by the search (without a budget: every copy, no refit); set, they
-    restrict it. A network's record holds the values the surgery used (:meth:`resolved`).
+    The cost of N_K is the first knob: by default (``mac_budget=1.2``, ``activation_budget=1.1``)
+    the surgery chooses the share of copied channels, the dropped blocks and the compensation that
+    fit N_K into 1.2x the base model's MACs and 1.1x its feature-map elements with the least error
+    against the base's logits on the calibration images (:mod:`rdn.surgery.search`).
+    ``exact=True`` instead keeps every connection (N_K is the base model, about 2x its MACs) and
+    takes no budget. ``copy_fraction`` and ``compensate`` left unset (None) are chosen by the
+    search (without a budget: every copy, no refit); set, they restrict it (a set
+    ``copy_fraction`` leaves ``activation_budget`` nothing to bound: it is dropped). A network's
+    record holds the values the surgery used (:meth:`resolved`).
 
     Versions: 1 (exact surgery, no budget, every copy and no compensation by default), 2 (the MAC
-    budget by default; ``copy_fraction`` / ``compensate`` may be None).
+    budget by default; ``copy_fraction`` / ``compensate`` may be None), 3 (the feature-map budget).
     """
 
-    VERSION: ClassVar[int] = 2
-    MIGRATIONS: ClassVar[dict] = {1: _from_version_1}
+    VERSION: ClassVar[int] = 3
+    MIGRATIONS: ClassVar[dict] = {1: _from_version_1, 2: _from_version_2}
 
     k: int = setting(4, "channel groups per nested layer (expand: K = 2k - 1 sub-networks)")
     mode: str = setting("expand", "expand re-routes connections that break the nesting into k - 1 new groups; "
@@ -78,6 +91,12 @@ class NestConfig(Config):
                                                            "dropped blocks and compensation with the least "
                                                            "calibration error (rdn.surgery.search); not set: no "
                                                            "budget")  # fmt: skip
+    activation_budget: float | None = setting(
+        DEFAULT_ACTIVATION_BUDGET, "expand without exact: N_K computes at most this many times the base model's "
+                                   "feature-map elements (what a training step's time and memory follow, beside the "
+                                   "MACs): the budget's search keeps the copy fractions that fit; not set: MACs "
+                                   "only (the default is dropped where nothing is searched: exact, truncate, no "
+                                   "mac_budget, copy_fraction set)")  # fmt: skip
     compensate: bool | None = setting(None, "refit the copies that miss inputs (dropped or pruned connections) "
                                             "by least squares on the calibration images, layer by layer; not "
                                             "set: chosen by the MAC budget's search (off without a budget)")
@@ -103,6 +122,7 @@ class NestConfig(Config):
             raise TypeError(f"compensate must be a bool or None (chosen by the MAC budget's search), got "
                             f"{self.compensate!r}")  # fmt: skip
         self._check_mac_budget()
+        self._check_activation_budget()
         self._check_copy_fraction()
         if self.compensate and self.copies != "latest":
             raise ValueError("compensate=True needs copies='latest' (every copy a whole value)")
@@ -157,6 +177,30 @@ class NestConfig(Config):
                     f"mac_budget, got mac_budget={value}; pass exact=False to fit a budget"
                 )
 
+    def _check_activation_budget(self) -> None:
+        value = self.activation_budget
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"activation_budget must be a finite number (N_K's feature-map elements / the base's) or "
+                            f"None, got {value!r}")  # fmt: skip
+        if value < 1:
+            raise ValueError(f"activation_budget (N_K's feature-map elements / the base model's) must be >= 1: N_K "
+                             f"computes every channel of the base model, got {value}")  # fmt: skip
+        # Like the MAC budget's default, this one belongs to the budget's search, and only its choice of
+        # copy_fraction moves the feature maps: without a search (exact, truncate, no MAC budget) or with
+        # copy_fraction set (as a record holds it) the default is dropped and another value refused.
+        if self.exact or self.mode != "expand" or self.mac_budget is None or self.copy_fraction is not None:
+            if value == DEFAULT_ACTIVATION_BUDGET:
+                object.__setattr__(self, "activation_budget", None)
+            else:
+                raise ValueError(
+                    f"activation_budget bounds the copy_fraction the MAC budget's search chooses (expand mode, "
+                    f"exact=False, mac_budget set, copy_fraction not set), got activation_budget={value} with "
+                    f"mode={self.mode!r}, exact={self.exact}, mac_budget={self.mac_budget}, "
+                    f"copy_fraction={self.copy_fraction}"
+                )
+
     def resolved(self) -> NestConfig:
         """The options with the unset choices as the surgery takes them without a search: every copy
         (``copy_fraction=1``), no refit. (With a budget, the search sets them instead.)"""
@@ -169,15 +213,18 @@ class NestConfig(Config):
         return 2 * self.k - 1 if self.mode == "expand" else self.k
 
 
-def refuse_unused_budget(given: float | None, config: NestConfig) -> None:
-    """Raise ValueError when a MAC budget the user gave (``given``, e.g. ``--mac-budget``) ends up unused in
-    ``config``: the exact and truncate surgeries take none, and a budget equal to the default is dropped
-    silently by :class:`NestConfig` (it cannot tell a given default from the default)."""
-    if given is not None and config.mac_budget is None:
-        raise ValueError(
-            f"mac_budget={given} applies to expand mode without exact (the budget's search); this surgery is "
-            f"mode={config.mode!r}, exact={config.exact}: add --no-exact (or exact=False) to fit the budget"
-        )
+def refuse_unused_budget(given: float | None, config: NestConfig, given_activations: float | None = None) -> None:
+    """Raise ValueError when a budget the user gave (``given``: ``--mac-budget``; ``given_activations``:
+    ``--activation-budget``) ends up unused in ``config``: the exact and truncate surgeries take none,
+    and a budget equal to the default is dropped silently by :class:`NestConfig` (it cannot tell a
+    given default from the default)."""
+    for name, value, kept in (("mac_budget", given, config.mac_budget),
+                              ("activation_budget", given_activations, config.activation_budget)):  # fmt: skip
+        if value is not None and kept is None:
+            raise ValueError(
+                f"{name}={value} applies to expand mode without exact (the budget's search); this surgery is "
+                f"mode={config.mode!r}, exact={config.exact}: add --no-exact (or exact=False) to fit the budget"
+            )
 
 
 def _check_int(name: str, value, minimum: int | None = None, meaning: str = "") -> None:

@@ -1,11 +1,14 @@
-"""Costs of an RDN's exits, as functions of its plan: MACs, parameters, peak activation memory.
+"""Costs of an RDN's exits, as functions of its plan: MACs, parameters, feature-map size, peak
+activation memory.
 
 All are per sample at the calibration input size (``NestRecord.input_shape``) and count only what
 the exit computes: the blocks of its groups in nested layers, its channel slices of grouped convs and
 per-channel modules, the un-nested layers whole, and its head.
 
 MACs count conv and linear layers only (BN, activations, adds and pooling are not MACs, as in the
-MobileNet papers), the convention of :mod:`rdn.models.profile`.
+MobileNet papers), the convention of :mod:`rdn.models.profile`. Feature-map elements count every
+value the exit computes (each node's output, BN and activations included): the work of the
+memory-bound layers and what a training step keeps for its backward, which MACs do not see.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import math
 
 from rdn.surgery.plan import ChannelParamsLayer, FixedLayer, GroupedLayer, NestedStepLayer, Plan, Role, Step
 
-__all__ = ["head_costs", "macs", "params", "peak_activation_bytes"]
+__all__ = [
+    "activation_elements",
+    "base_activation_elements",
+    "head_costs",
+    "macs",
+    "params",
+    "peak_activation_bytes",
+    "void_groups",
+]
 
 
 def head_costs(plan: Plan, s: int, depth: int) -> tuple[int, int]:
@@ -74,6 +85,40 @@ def params(plan: Plan, subnet: int) -> int:
     return sum(_step_params(step, s) for step in plan.exit_steps(depth)) + head_costs(plan, s, depth)[1]
 
 
+def _feature_steps(plan: Plan, depth: int) -> list[Step]:
+    """The steps of an exit of ``depth`` whose output is a feature map (not the classifier or the output)."""
+    return [step for step in plan.exit_steps(depth)
+            if step.shape is not None and step.role not in (Role.CLASSIFIER, Role.OUTPUT)]  # fmt: skip
+
+
+def _channels(step: Step, s: int) -> int:
+    """Channels of ``step``'s output that an exit of width ``s`` computes."""
+    multi_group = step.space is not None and not step.space.is_single_group
+    return step.space.offsets[s] if multi_group else step.shape[1]
+
+
+def activation_elements(plan: Plan, subnet: int) -> int:
+    """Feature-map elements exit ``subnet`` computes for one sample: Σ over the nodes it runs of
+    the channels it computes × the node's spatial size (the input and its head's own activations
+    excluded)."""
+    s, depth = plan.exit(subnet)
+    return sum(_channels(step, s) * math.prod(step.shape[2:])
+               for step in _feature_steps(plan, depth) if step.role is not Role.INPUT)  # fmt: skip
+
+
+def base_activation_elements(plan: Plan) -> int:
+    """:func:`activation_elements` of the base model the plan was made from (its full-depth graph)."""
+    return sum(math.prod(step.shape[1:]) for step in _feature_steps(plan, 1) if step.role is not Role.INPUT)
+
+
+def void_groups(plan: Plan) -> list[int]:
+    """The widths s (1-based) whose channel group is empty in every layer: N_s computes what N_{s-1} does."""
+    spaces = [step.space for step in plan.steps if step.space is not None and not step.space.is_single_group]
+    widths = plan.record.config.num_subnets
+    return [s for s in range(2, widths + 1) if spaces and all(space.offsets[s] == space.offsets[s - 1]
+                                                               for space in spaces)]  # fmt: skip
+
+
 def peak_activation_bytes(plan: Plan, subnet: int, batch_size: int = 1) -> int:
     """Estimated peak activation memory of running exit ``subnet`` alone (bytes).
 
@@ -85,6 +130,7 @@ def peak_activation_bytes(plan: Plan, subnet: int, batch_size: int = 1) -> int:
     """
     s, depth = plan.exit(subnet)
     steps = plan.exit_steps(depth)
+    feature_steps = {step.name for step in _feature_steps(plan, depth)}
     last_reader: dict[str, int] = {}
     for index, step in enumerate(steps):
         for node in step.node.all_input_nodes:
@@ -92,10 +138,8 @@ def peak_activation_bytes(plan: Plan, subnet: int, batch_size: int = 1) -> int:
     last_reader[plan.heads.features if depth == 1 else plan.heads.split] = len(steps)
     live, peak, sizes = 0, 0, {}
     for index, step in enumerate(steps):
-        if step.shape is not None and step.role not in (Role.CLASSIFIER, Role.OUTPUT):
-            multi_group = step.space is not None and not step.space.is_single_group
-            channels = step.space.offsets[s] if multi_group else step.shape[1]
-            sizes[step.name] = channels * math.prod(step.shape[2:]) * step.itemsize
+        if step.name in feature_steps:
+            sizes[step.name] = _channels(step, s) * math.prod(step.shape[2:]) * step.itemsize
             live += sizes[step.name]
             peak = max(peak, live)
         for node in step.node.all_input_nodes:

@@ -23,7 +23,7 @@ from rdn.models.profile import eval_mode, profile_model
 from rdn.surgery import costs
 from rdn.surgery.build import build_modules, make_plan
 from rdn.surgery.calibration import calibration_batch, check_activations
-from rdn.surgery.config import DEFAULT_MAC_BUDGET, NestConfig
+from rdn.surgery.config import DEFAULT_ACTIVATION_BUDGET, DEFAULT_MAC_BUDGET, NestConfig
 from rdn.surgery.coverage import CoverageWarning
 from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.network import RussianDollNet
@@ -31,7 +31,7 @@ from rdn.surgery.passes.budget import prune_blocks
 from rdn.surgery.passes.compensate import compensate_dropped_connections
 from rdn.surgery.passes.select import select_orders
 from rdn.surgery.record import NestRecord
-from rdn.surgery.search import candidate_options, scoring_split, search_construction
+from rdn.surgery.search import Costs, FeatureMapsOutOfReach, candidate_options, scoring_split, search_construction
 
 __all__ = ["nest"]
 
@@ -115,9 +115,11 @@ class _Surgery:
         """The base model's MACs per sample (measured once the graph analysis has checked the input's shape)."""
         return profile_model(self.model, self.example).macs
 
-    def build(self, config: NestConfig, batch: Tensor) -> RussianDollNet:
+    def build(self, config: NestConfig, batch: Tensor, activation_budget: float | None = None) -> RussianDollNet:
         """Graph analysis → selection → plan → network for ``config`` (copy_fraction set), pruned to its
-        MAC budget if it has one; not compensated. ``batch``: the calibration images (N, C, H, W)."""
+        MAC budget if it has one; not compensated. ``batch``: the calibration images (N, C, H, W).
+        Raises FeatureMapsOutOfReach when N_K computes more than ``activation_budget`` × the base model's
+        feature-map elements (before anything is built), BudgetOutOfReach when it cannot fit the MAC budget."""
         graph = SurgeryGraph(self.model, batch[:1], self.skip, config.k, config.mode, config.exact,
                              config.depth_split, config.copy_fraction, config.norms)  # fmt: skip
         key = (id(batch), config.copy_fraction < 1, config.select, config.seed)
@@ -139,6 +141,13 @@ class _Surgery:
             base=self.base,
         )
         plan = make_plan(graph, record)
+        elements = costs.activation_elements(plan, plan.num_subnets) / costs.base_activation_elements(plan)
+        if activation_budget is not None and elements > activation_budget:
+            raise FeatureMapsOutOfReach(
+                f"activation_budget={activation_budget} is out of reach: N_K computes {elements:.3f}x the base "
+                f"model's feature-map elements with copy_fraction={config.copy_fraction}",
+                elements,
+            )
         net = RussianDollNet(plan, build_modules(plan, graph))
         if config.mac_budget is not None:
             pruning = prune_blocks(net, batch, config.mac_budget, self.base_macs)
@@ -152,8 +161,12 @@ class _Surgery:
         compensate_dropped_connections(net, self.model, batch, seed=net.record.config.seed,
                                        base_checked=id(batch) in self._activations_checked)  # fmt: skip
 
-    def mac_ratio(self, net: RussianDollNet) -> float:
-        return costs.macs(net.plan, net.num_subnets) / self.base_macs
+    def measure(self, net: RussianDollNet) -> Costs:
+        """What the budget's search weighs of a candidate besides its error."""
+        plan = net.plan
+        return Costs(costs.macs(plan, net.num_subnets) / self.base_macs,
+                     costs.activation_elements(plan, net.num_subnets) / costs.base_activation_elements(plan),
+                     len(costs.void_groups(plan)))  # fmt: skip
 
 
 def _search(surgery: _Surgery, config: NestConfig, batch: Tensor) -> RussianDollNet:
@@ -172,11 +185,11 @@ def _search(surgery: _Surgery, config: NestConfig, batch: Tensor) -> RussianDoll
 
     net, chosen, candidates = search_construction(
         config,
-        lambda options: surgery.build(options, build_images),
+        lambda options, activation_budget: surgery.build(options, build_images, activation_budget),
         compensated,
         scoring_images,
         base_logits,
-        surgery.mac_ratio,
+        surgery.measure,
     )
     record = net.record
     record = record.replace(config=record.config.replace(compensate=chosen.compensate),
@@ -198,6 +211,7 @@ def nest(
     copies: str = "latest",
     copy_fraction: float | None = None,
     mac_budget: float | None = DEFAULT_MAC_BUDGET,
+    activation_budget: float | None = DEFAULT_ACTIVATION_BUDGET,
     compensate: bool | None = None,
     norms: str = "fixed",
     base: dict | None = None,
@@ -259,6 +273,13 @@ def nest(
             held-out quarter of ``calib`` is kept (:mod:`rdn.surgery.search`; ``record.search`` lists
             every candidate's MACs and error, ``record.config`` the chosen options). ``None``: no
             budget, every block kept.
+        activation_budget: the search's second bound (default 1.1): N_K computes at most this many
+            times the base model's feature-map elements (:func:`rdn.surgery.costs.activation_elements`).
+            MACs miss the memory-bound layers (BN, activations, depthwise convs), whose work grows
+            with the channels: a training step's time and memory follow this ratio more closely
+            (``benchmarks/results/training_cost_cpu.md``). Only ``copy_fraction`` moves it, so the
+            fractions whose N_K exceeds it are out of reach. ``None``: MACs only. Dropped with
+            ``mac_budget=None``.
         compensate: (``None``, the default: chosen by the budget's search; off without a budget)
             refit, on ``calib``, every output copy that misses some input channel (dropped
             or pruned connections) by least squares against the base layer's output, layer by
@@ -284,7 +305,7 @@ def nest(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     keywords = {"k": k, "mode": mode, "select": select, "skip": skip, "depth_split": depth_split, "seed": seed,
                 "exact": exact, "copies": copies, "copy_fraction": copy_fraction, "mac_budget": mac_budget,
-                "compensate": compensate, "norms": norms}  # fmt: skip
+                "activation_budget": activation_budget, "compensate": compensate, "norms": norms}  # fmt: skip
     if config is None:
         # modules given for skip / depth_split are named first: a NestConfig holds names
         names = {"skip": _module_names(model, skip), "depth_split": _module_name(model, depth_split, "depth_split")}
@@ -312,7 +333,6 @@ def nest(
                 surgery.compensate(net, batch)
         else:
             net = _search(surgery, config, batch)
-    low = net.coverage().warning()
     low = net.coverage().warning()
     if low is not None:
         warnings.warn(low, CoverageWarning, stacklevel=2)

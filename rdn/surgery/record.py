@@ -76,7 +76,8 @@ class NestRecord(Config):
     base: dict[str, Any] | None = setting(None, help="rdn.models.create arguments that rebuild the base model")
     search: tuple[dict[str, Any], ...] | None = setting(
         None, help="the candidates the MAC budget's search scored (rdn.surgery.search.Candidate: copy_fraction, "
-                   "compensate, mac_ratio, logit_error, agreement, note); None: no search")  # fmt: skip
+                   "compensate, mac_ratio, activation_ratio, repeated_exits, logit_error, agreement, note); None: no "
+                   "search")  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,7 +24,7 @@ def images() -> torch.Tensor:
 @pytest.mark.parametrize("fraction", [0.0, 0.5])
 @pytest.mark.parametrize("select", ["greedy", "random"])
 def test_fewer_copies_fewer_channels_and_the_properties_hold(images, fraction, select):
-    full, partial = nested_toy(exact=False, select=select), nested_toy(exact=False, select=select,
+    full, partial = nested_toy(exact=False, mac_budget=None, select=select), nested_toy(exact=False, select=select,
                                                                        copy_fraction=fraction)  # fmt: skip
     truncated = nested_toy(mode="truncate", select=select)
     assert partial.rdn_config["copy_fraction"] == fraction

@@ -180,7 +180,8 @@ def test_concatenations_nest_with_every_property(name, mode, exact, copies):
     """P1 (later groups never change earlier exits, through every path), P2 (one pass = K passes =
     staged), P5 (export) and, for exact latest copies, P3 (N_K is the base) on concatenating models."""
     model, images = _concat_model(name), _images(seed=1)
-    net = nest(model, k=3, mode=mode, exact=exact, copies=copies, calib=_images(8), skip=["stem"]).eval()
+    budget = {"mac_budget": None} if mode == "expand" and not exact else {}  # every copy and block
+    net = nest(model, k=3, mode=mode, exact=exact, copies=copies, calib=_images(8), skip=["stem"], **budget).eval()
     concatenations = [step for step in net.plan.steps if step.role.value == "concat"]
     assert concatenations, "the concatenations were not nested"
     assert_paths_agree(net, images, export=True)
@@ -306,7 +307,7 @@ class TimmStyleHead(nn.Module):
 def test_shape_only_modules_after_the_classifier_are_dropped_and_reported():
     torch.manual_seed(0)
     model = TimmStyleHead().eval()
-    net = nest(model, k=2, calib=_images(), skip=0).eval()
+    net = nest(model, k=2, calib=_images(), skip=0, exact=True).eval()
     assert net.plan.after_classifier == (
         "after (Dropout)",
         ".reshape() (node reshape)",
@@ -470,9 +471,9 @@ def test_a_grouped_norm_network_rebuilds_from_its_record():
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(exact=False, mac_budget=1.4),
+        dict(exact=False, mac_budget=1.4, copy_fraction=1.0),
         dict(exact=False, copy_fraction=0.5, compensate=True),
-        dict(depth_split="blocks.2", select="random"),
+        dict(depth_split="blocks.2", select="random", mac_budget=None),
     ],
     ids=["mac_budget", "compensate", "depth_split"],
 )

@@ -84,3 +84,24 @@ def test_the_budget_pass_returns_an_edit():
     assert net.record.pruned_blocks == edited.record.pruned_blocks
     with pytest.raises(ValueError, match="an edit of this network's plan"):
         net.use_plan(nest(toy(), k=2, calib=CALIB, skip=["stem"]).plan)
+
+
+def test_feature_map_elements_count_every_node_output_but_the_classifier():
+    """costs.activation_elements: the base model's count is every traced node's output size (ShapeProp); a
+    truncated RDN's N_K computes the base channels, so it counts the same; expand's copies add to it."""
+    from torch import fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    base = toy().eval()
+    traced = fx.symbolic_trace(base)
+    ShapeProp(traced).propagate(CALIB[:1])
+    outputs = [node for node in traced.graph.nodes if node.op not in ("placeholder", "output")]
+    expected = sum(node.meta["tensor_meta"].shape.numel() for node in outputs[:-1])  # the last: the classifier
+    assert isinstance(traced.get_submodule(outputs[-1].target), nn.Linear)
+    truncated = nest(toy(), k=3, calib=CALIB, skip=["stem"], mode="truncate")
+    K = truncated.num_subnets
+    assert costs.base_activation_elements(truncated.plan) == expected == costs.activation_elements(truncated.plan, K)
+    expanded = nest(toy(), k=3, calib=CALIB, skip=["stem"], exact=False, mac_budget=None)
+    counts = [costs.activation_elements(expanded.plan, s) for s in range(1, expanded.num_subnets + 1)]
+    assert counts == sorted(counts) and counts[0] < expected < counts[-1]
+    assert costs.base_activation_elements(expanded.plan) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.bench_training import make_step, report_runs, run
@@ -13,18 +14,21 @@ from tests.train.helpers import tiny_rdn
 def test_training_cost_table(tmp_path):
     rows = run(torch.device("cpu"), width_mult=0.1, k=2, batch=8, timing=TIMING_PRESETS["tiny"], out=tmp_path,
                mac_budget=1.05, copy_fractions=(0.25, 0.5), runs=2)  # fmt: skip
-    assert [row["step"][:3] for row in rows] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(g)", "(h)"]
+    assert [row["step"][:3] for row in rows] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(h)", "(h)", "(i)"]
     macs = [row["forward_macs_per_image"] for row in rows]
+    elements = [row["elements_vs_base"] for row in rows]
     assert macs[2] > macs[1] == macs[3]  # separate passes redo the work; N_K alone is the joint pass's work
-    assert macs[1] <= 1.05 * macs[0] < macs[5] < macs[4]  # the default budget bites; exact costs the most
-    assert macs[8] < macs[6] < macs[7] < macs[5]  # fewer copies, fewer MACs; truncate: none
-    assert rows[8]["step"].endswith("2 exits in one pass")  # truncate: K = k
+    assert macs[1] <= 1.05 * macs[0] < macs[6] < macs[4]  # the default budget bites; exact costs the most
+    assert macs[5] <= 1.05 * macs[0] and elements[1] <= 1.1  # each budget holds
+    assert macs[9] < macs[7] < macs[8] < macs[6]  # fewer copies, fewer MACs; truncate: none
+    assert elements[0] == 1 and elements[9] == pytest.approx(1) and elements[2] > 2  # truncate: the base's channels
+    assert rows[9]["step"].endswith("2 exits in one pass")  # truncate: K = k
     text = (tmp_path / "training_cost_cpu.md").read_text()
     assert "(c) / (b) ≥ K/2 = 1.5" in text and "| torch |" in text
-    assert "Spread: 2 runs in a row" in text and "(g) no budget, copy_fraction=0.5 " in text
-    assert "(b) RDN (mac_budget=1.05) joint" in text
-    for surgery in ("(e) exact=True", "(f) no budget", "(g) no budget, copy_fraction=0.25",
-                    "(g) no budget, copy_fraction=0.5", "(h) truncate (no copies)"):  # fmt: skip
+    assert "Spread: 2 runs in a row" in text and "(h) no budget, copy_fraction=0.5 " in text
+    assert "(b) RDN (mac_budget=1.05, activation_budget=1.1) joint" in text
+    for surgery in ("(e) exact=True", "(f) MAC budget only", "(g) no budget", "(h) no budget, copy_fraction=0.25",
+                    "(h) no budget, copy_fraction=0.5", "(i) truncate (no copies)"):  # fmt: skip
         assert f"| {surgery} ≤ 1.2 × (a) |" in text
     assert (tmp_path / "training_cost_cpu.csv").read_text().startswith("step,median_ms")
 
