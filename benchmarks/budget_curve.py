@@ -1,7 +1,9 @@
 """MAC budget → how far N_K is from the base model before fine-tuning, on the pretrained EfficientNet-Lite0.
 
-For each budget, ``rdn.nest(base, k, calib=..., mac_budget=budget)`` runs the budget's search
-(:mod:`rdn.surgery.search`); the table gives the construction it chose, N_K's MACs over the base's,
+For each budget, ``rdn.nest(base, k, calib=..., mac_budget=budget, activation_budget=None)`` runs the
+budget's search on the MACs alone (:mod:`rdn.surgery.search`), and one more row runs ``rdn.nest``'s
+default (1.2x the MACs and 1.1x the feature maps); the table gives the construction it chose, N_K's
+MACs and feature maps over the base's,
 and N_K's logit error (share of the base logits' variance not reproduced) and top-1 agreement with the
 base model on held-out images, next to the exact surgery (``exact=True``: N_K is the base, ~1.8× its
 MACs). Images: random crops (40–100 % of the shorter side, flipped half the time, bicubic to 224 px,
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 import rdn
 from rdn.models.pretrained import INPUT_SIZE, MEAN, STD
 from rdn.models.profile import profile_model
+from rdn.surgery import costs
 from rdn.surgery.search import logit_error
 
 # scikit-image's photos that load without a download (grey ones are repeated to three channels).
@@ -76,7 +79,9 @@ def measure(k: int, calib_count: int, test_count: int, budgets: tuple[float, ...
         base_logits = base(test)
     base_macs = profile_model(base, calib[:1]).macs
     rows = []
-    settings = [("exact", {"exact": True})] + [(f"{budget:g}", {"mac_budget": budget}) for budget in budgets]
+    settings = [("exact", {"exact": True})]
+    settings += [(f"{budget:g}", {"mac_budget": budget, "activation_budget": None}) for budget in budgets]
+    settings.append(("default: 1.2, feature maps 1.1", {}))
     for name, options in settings:
         started = time.perf_counter()
         try:
@@ -94,6 +99,8 @@ def measure(k: int, calib_count: int, test_count: int, budgets: tuple[float, ...
             "compensate": config.compensate,
             "pruned_blocks": sum(len(blocks) for blocks in net.record.pruned_blocks.values()),
             "mac_ratio": net.macs(net.num_subnets) / base_macs,
+            "activation_ratio": (costs.activation_elements(net.plan, net.num_subnets)
+                                 / costs.base_activation_elements(net.plan)),  # fmt: skip
             "n1_mac_ratio": net.macs(1) / base_macs,
             "logit_error": logit_error(logits, base_logits),
             "agreement": float((logits.argmax(1) == base_logits.argmax(1)).double().mean()),
@@ -116,17 +123,18 @@ def write(rows: list[dict], out: Path, k: int, calib_count: int, test_count: int
         f"{len(PHOTOS)} photos (the search builds on three quarters, scores on the last quarter); held out: "
         f"{test_count} other crops of the same photos.",
         "",
-        "| budget | chosen copy_fraction | compensate | blocks dropped | N_K / base MACs | N_1 / base MACs "
-        "| logit error (held out) | top-1 agreement with base | surgery s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| MAC budget | chosen copy_fraction | compensate | blocks dropped | N_K / base MACs | N_K / base feature "
+        "maps | N_1 / base MACs | logit error (held out) | top-1 agreement with base | surgery s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['budget']} | out of reach: {row['error'][:120]} | | | | | | | |")
+            lines.append(f"| {row['budget']} | out of reach: {row['error'][:120]} | | | | | | | | |")
             continue
         lines.append(
             f"| {row['budget']} | {row['copy_fraction']:g} | {row['compensate']} | {row['pruned_blocks']} "
-            f"| {row['mac_ratio']:.3f} | {row['n1_mac_ratio']:.3f} | {row['logit_error']:.4f} "
+            f"| {row['mac_ratio']:.3f} | {row['activation_ratio']:.3f} | {row['n1_mac_ratio']:.3f} "
+            f"| {row['logit_error']:.4f} "
             f"| {row['agreement']:.3f} | {row['surgery_seconds']:.0f} |"
         )
     (out / "README.md").write_text("\n".join(lines) + "\n")
