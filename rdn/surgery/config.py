@@ -34,8 +34,8 @@ NORMS = ("fixed", "grouped")
 DEFAULT_MAC_BUDGET = 1.2
 # N_K's feature-map elements over the base model's by default (costs.activation_elements). A training
 # step's time follows the feature maps more than the MACs (BN, activations and depthwise convs are
-# memory-bound): on MobileNetV2 the joint step costs about this ratio + 0.05 of the base step
-# (benchmarks/results/training_cost_cpu.md), so 1.1 keeps it near the paper's 1.2x.
+# memory-bound): on MobileNetV2 the joint step's time ratio is 0.03-0.10 above this one
+# (benchmarks/results/training_cost_cpu.md), so 1.1 keeps the step within 1.2x the base's.
 DEFAULT_ACTIVATION_BUDGET = 1.1
 # The shares of copied channels the budget's search tries (rdn.surgery.search), most copies first.
 COPY_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
