@@ -9,10 +9,13 @@ groups to fit a MAC budget (:mod:`rdn.surgery.passes.budget`) and refits what lo
 (:mod:`rdn.surgery.network`), which executes the plan. Costs and export are functions of the plan
 (:mod:`rdn.surgery.costs`, :mod:`rdn.surgery.export`), and so is the coverage report
 (:mod:`rdn.surgery.coverage`: how much of the model is nested, and why the rest is not).
+:func:`fold_batch_norms` makes an inference copy with the BatchNorms folded into their convs
+(:mod:`rdn.surgery.fold`).
 """
 
 from rdn.surgery.config import NestConfig
 from rdn.surgery.coverage import Coverage, CoverageWarning
+from rdn.surgery.fold import fold_batch_norms
 from rdn.surgery.nest import nest
 from rdn.surgery.network import RussianDollNet, StagedState
 from rdn.surgery.plan import Plan, Role
@@ -21,6 +24,7 @@ from rdn.surgery.spaces import ChannelSpace, ConcatSpace
 
 __all__ = [
     "nest",
+    "fold_batch_norms",
     "ChannelSpace",
     "ConcatSpace",
     "Coverage",

@@ -1,0 +1,134 @@
+"""How fast a trained RDN runs as people deploy it: BatchNorm folded or not, NCHW or channels_last.
+
+    python -m benchmarks.bench_deploy --run runs/NAME [--batch 256] [--repeats 9] [--runs 3] [--threads 2]
+                                      [--out benchmarks/results/deploy_<name>_cpu.md]
+
+Loads a pipeline run's fine-tuned network (EMA weights), its policy and its certified operating
+point (``calibration.json``'s risk control), takes one batch of its test split, and times, in one
+interleaved measurement (:func:`rdn.inference.measure_throughputs`), static N_1, static N_K and the
+early-exit engine for each of four forms of the same network: as trained, with its BatchNorms
+folded into their convs (:func:`rdn.surgery.fold_batch_norms`), each in NCHW and in
+channels_last. Every form's outputs are checked against the trained NCHW network's first (logits
+within 1e-4, the engine's exits equal) so a fast wrong form cannot enter the table. ``--runs``
+repeats the whole measurement: the table is the last run's, the ratios of every run are listed
+below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.harness import machine_info
+from rdn.inference import dynamic_forward, measure_throughputs
+from rdn.policy import ExitPolicy
+from rdn.surgery import fold_batch_norms
+
+FORMS = ("trained, NCHW", "trained, channels_last", "BN folded, NCHW", "BN folded, channels_last")
+
+
+def forms(net: nn.Module) -> dict[str, nn.Module]:
+    """The four forms of ``net`` (eval copies)."""
+    folded = fold_batch_norms(net)
+    return {
+        FORMS[0]: copy.deepcopy(net).eval(),
+        FORMS[1]: copy.deepcopy(net).eval().to(memory_format=torch.channels_last),
+        FORMS[2]: folded,
+        FORMS[3]: copy.deepcopy(folded).to(memory_format=torch.channels_last),
+    }
+
+
+def _layout(form: str, x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if form.endswith("channels_last") else x.contiguous()
+
+
+@torch.no_grad()
+def compare(net: nn.Module, policy: ExitPolicy, lam: float | None, x: Tensor, repeats: int = 9) -> list[dict]:
+    """One row per form: images/s of static N_1, static N_K and the engine at λ = ``lam`` on batch ``x``
+    (N, C, H, W), interleaved; raises AssertionError when a form's outputs differ from the trained net's."""
+    K = net.num_subnets
+    reference = {s: net(x, subnet=s) for s in (1, K)}
+    reference_exits = dynamic_forward(net, policy, x, lam).exits
+    nets = forms(net)
+    runs = {}
+    for form, model in nets.items():
+        batch = _layout(form, x)
+        for s in (1, K):
+            torch.testing.assert_close(model(batch, subnet=s), reference[s], atol=1e-4, rtol=1e-4)
+        assert torch.equal(dynamic_forward(model, policy, batch, lam).exits, reference_exits), form
+        runs[(form, "N_1")] = lambda b, model=model, batch=batch: model(batch, subnet=1)
+        runs[(form, f"N_{K}")] = lambda b, model=model, batch=batch: model(batch, subnet=K)
+        runs[(form, "engine")] = lambda b, model=model, batch=batch: dynamic_forward(model, policy, batch, lam)
+    speeds = measure_throughputs(runs, x, repeats)
+    baseline = speeds[(FORMS[0], f"N_{K}")]
+    rows = []
+    for form in nets:
+        n1, nk, engine = (speeds[(form, name)] for name in ("N_1", f"N_{K}", "engine"))
+        rows.append({"form": form, "n1": n1, "nk": nk, "engine": engine, "engine_vs_nk": engine / nk,
+                     "nk_vs_trained_nchw": nk / baseline, "engine_vs_trained_nchw_nk": engine / baseline})  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict], K: int, batch: int, note: str) -> str:
+    lines = [
+        "| form | N_1 images/s | N_K images/s | engine images/s | engine / N_K | N_K / trained NCHW N_K "
+        "| engine / trained NCHW N_K |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['form']} | {row['n1']:.0f} | {row['nk']:.0f} | {row['engine']:.0f} | "
+                     f"{row['engine_vs_nk']:.2f}× | {row['nk_vs_trained_nchw']:.2f}× | "
+                     f"{row['engine_vs_trained_nchw_nk']:.2f}× |")  # fmt: skip
+    return f"K = {K}, batch {batch}. {note}\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rdn.experiments.config import ExperimentConfig
+    from rdn.files import load_torch_data
+    from rdn.steps import eval_batches, load_data
+    from rdn.train.checkpoint import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="an rdn pipeline run folder (finished)")
+    parser.add_argument("--batch", type=int, default=256, help="images per batch")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--runs", type=int, default=3, help="repeat the whole measurement; the spread is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file for the table")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ExperimentConfig.from_dict(json.loads((args.run / "settings.json").read_text()))
+    net = load_model(args.run / "finetune" / "checkpoint.pt").eval()
+    policy = ExitPolicy.for_network(net, hidden=config.policy_hidden, target=config.policy_target)
+    policy.load_state_dict(load_torch_data(args.run / "policy.pt", what="policy file")[0])
+    policy.eval()
+    lam = json.loads((args.run / "calibration.json").read_text())["risk_control"]["policy"]["parameter"]
+    data = load_data(config.data, None, config.seed)
+    x, _ = next(eval_batches(data, data.test, args.batch, torch.device("cpu"), args.batch))
+    started = machine_info(torch.device("cpu"))["date"]
+    every = [compare(net, policy, lam, x, args.repeats) for _ in range(args.runs)]
+    rows = every[-1]
+    info = machine_info(torch.device("cpu"))
+    note = (f"Run `{args.run.name}` ({config.model}, width {config.width_mult}, {config.data.dataset}), its "
+            f"certified operating point λ = {lam:.4g}; {args.repeats} interleaved rounds, median; "
+            f"{info['cpu']} ({info['cpu_cores']} cores), {info['torch_threads']} threads, torch {info['torch']}, "
+            f"{started} – {info['date']}, commit {info['git_commit']}.")  # fmt: skip
+    text = markdown(rows, net.num_subnets, args.batch, note)
+    spread = [f"- {row['form']}: engine / N_K " + " / ".join(f"{run[i]['engine_vs_nk']:.2f}" for run in every)
+              + ", N_K / trained NCHW N_K " + " / ".join(f"{run[i]['nk_vs_trained_nchw']:.2f}" for run in every)
+              for i, row in enumerate(rows)]  # fmt: skip
+    text += f"\nEvery run ({args.runs}; the table is the last):\n\n" + "\n".join(spread) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Plumbing of benchmarks/bench_deploy.py on a tiny network (timings themselves are not checked)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.bench_deploy import FORMS, compare, markdown
+from rdn.policy import ExitPolicy
+from tests.train.helpers import tiny_rdn
+
+
+def test_every_form_is_checked_and_timed():
+    net = tiny_rdn(copy_fraction=1.0).eval()
+    policy = ExitPolicy.for_network(net, hidden=4).eval()
+    x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    rows = compare(net, policy, 0.5, x, repeats=1)
+    assert [row["form"] for row in rows] == list(FORMS)
+    assert rows[0]["nk_vs_trained_nchw"] == 1 and all(row[key] > 0 for row in rows for key in ("n1", "nk", "engine"))
+    text = markdown(rows, net.num_subnets, 6, "note")
+    assert text.startswith("K = 3, batch 6. note") and "| BN folded, channels_last |" in text
