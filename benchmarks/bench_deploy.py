@@ -8,7 +8,9 @@ point (``calibration.json``'s risk control), takes one batch of its test split, 
 interleaved measurement (:func:`rdn.inference.measure_throughputs`), static N_1, static N_K and the
 early-exit engine for each of four forms of the same network: as trained, with its BatchNorms
 folded into their convs (:func:`rdn.surgery.fold_batch_norms`), each in NCHW and in
-channels_last. Every form's outputs are checked against the trained NCHW network's first (logits
+channels_last; then, for the fastest form, what the engine's staged path costs against static
+passes per batch size (``start`` = N_1 keeping the cache, one ``step`` to N_K, a step through every
+exit, and static N_K from scratch). Every form's outputs are checked against the trained NCHW network's first (logits
 within 1e-4, the engine's exits equal) so a fast wrong form cannot enter the table. ``--runs``
 repeats the whole measurement: the table is the last run's, the ratios of every run are listed
 below it.
@@ -74,6 +76,39 @@ def compare(net: nn.Module, policy: ExitPolicy, lam: float | None, x: Tensor, re
     return rows
 
 
+@torch.no_grad()
+def stage_costs(net: nn.Module, x: Tensor, sizes: tuple[int, ...] = (256, 64, 16), repeats: int = 9) -> list[dict]:
+    """Milliseconds per batch of the staged path and of static passes, for the first ``size`` images of ``x``
+    (interleaved): N_1 through ``start``, ``start`` then one ``step`` to N_K, ``start`` then a step to every
+    exit, and static N_K."""
+    K = net.num_subnets
+    runs = {}
+    for size in sizes:
+        batch = x[:size]
+        runs[(size, "start (N_1)")] = lambda b, batch=batch: net.start(batch)
+        runs[(size, f"start + one step to N_{K}")] = lambda b, batch=batch: net.step(net.start(batch), K)
+        runs[(size, "start + a step to every exit")] = lambda b, batch=batch: _every_step(net, batch)
+        runs[(size, f"static N_{K}")] = lambda b, batch=batch: net(batch, subnet=K)
+    speeds = measure_throughputs(runs, x, repeats)
+    return [{"size": size, "path": path, "ms": 1e3 * x.shape[0] / speed} for (size, path), speed in speeds.items()]
+
+
+def _every_step(net: nn.Module, batch: Tensor) -> None:
+    state = net.start(batch)
+    for subnet in range(2, net.num_subnets + 1):
+        state = net.step(state, subnet)
+
+
+def stage_markdown(rows: list[dict]) -> str:
+    paths = list(dict.fromkeys(row["path"] for row in rows))
+    sizes = list(dict.fromkeys(row["size"] for row in rows))
+    ms = {(row["size"], row["path"]): row["ms"] for row in rows}
+    lines = ["| images | " + " | ".join(f"{path} (ms)" for path in paths) + " |",
+             "|---:|" + "---:|" * len(paths)]  # fmt: skip
+    lines += [f"| {size} | " + " | ".join(f"{ms[(size, path)]:.1f}" for path in paths) + " |" for size in sizes]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], K: int, batch: int, note: str) -> str:
     lines = [
         "| form | N_1 images/s | N_K images/s | engine images/s | engine / N_K | N_K / trained NCHW N_K "
@@ -124,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
               + ", N_K / trained NCHW N_K " + " / ".join(f"{run[i]['nk_vs_trained_nchw']:.2f}" for run in every)
               for i, row in enumerate(rows)]  # fmt: skip
     text += f"\nEvery run ({args.runs}; the table is the last):\n\n" + "\n".join(spread) + "\n"
+    fastest = forms(net)[FORMS[3]]
+    text += (f"\nThe staged path in the fastest form ({FORMS[3]}), milliseconds per batch of the first images "
+             f"(median of {args.repeats} interleaved rounds):\n\n"
+             + stage_markdown(stage_costs(fastest, _layout(FORMS[3], x), repeats=args.repeats)))  # fmt: skip
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
