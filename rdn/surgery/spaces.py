@@ -346,6 +346,8 @@ def channel_view(module: nn.Module, index: slice | Tensor, copy_values: bool = F
     running-statistic updates reach the original module. ``copy_values=True`` gives new leaf
     parameters (export). Children (parameter-free activations) are shared.
     """
+    if not module._parameters and not module._buffers and not hasattr(module, "num_features"):
+        return module  # nothing per channel to restrict (an identity, a parameter-free activation)
     view = copy.copy(module)
 
     def take(tensor: Tensor | None) -> Tensor | None:
