@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "all_reduce_sum", "setup_distributed", "teardown_distributed"]
+__all__ = ["DistContext", "all_reduce_sum", "average_buffers", "setup_distributed", "teardown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,17 @@ def all_reduce_sum(values: torch.Tensor, context: DistContext) -> torch.Tensor:
     if context.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module, context: DistContext) -> None:
+    """Replace every floating-point buffer of ``module`` (BatchNorm's running statistics) by its mean over
+    the processes, in place. DDP keeps the parameters equal but each process updates its running
+    statistics from its own share of the batch, so without this the processes would evaluate (and
+    rank 0 would save) different models; integer buffers (counters) are equal already."""
+    if not context.distributed:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(context.world_size)

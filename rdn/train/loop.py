@@ -37,7 +37,7 @@ from rdn.train.checkpoint import (
     set_rng_state,
 )
 from rdn.train.config import TrainConfig
-from rdn.train.distributed import DistContext, all_reduce_sum
+from rdn.train.distributed import DistContext, all_reduce_sum, average_buffers
 from rdn.train.log import RunLog
 from rdn.train.loss import JointLoss, exit_weights
 from rdn.train.optim import ModelEma, build_optimizer, build_scheduler
@@ -447,6 +447,10 @@ def _fit(model, source: TrainingSource, config, out, model_config, resume, conte
                 callback(info)
         if bar is not None:
             bar.close()
+        # Every process evaluates and rank 0 saves the same running statistics (timm's distributed BN "reduce").
+        average_buffers(model, context)
+        if ema is not None:
+            average_buffers(ema.module, context)
         epoch_s = time.perf_counter() - started
         row = {
             "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
