@@ -6,7 +6,8 @@
 Loads a pipeline run's fine-tuned network (EMA weights), its policy and its certified operating
 point (``calibration.json``'s risk control), takes one batch of its test split, and times, in one
 interleaved measurement (:func:`rdn.inference.measure_throughputs`), static N_1, static N_K and the
-early-exit engine for each of four forms of the same network: as trained, with its BatchNorms
+early-exit engine (its staged walk, and ``strategy="jump"``: the samples past N_1 stepped to N_K at
+once) for each of four forms of the same network: as trained, with its BatchNorms
 folded into their convs (:func:`rdn.surgery.fold_batch_norms`), each in NCHW and in
 channels_last; then, for the fastest form, what the engine's staged path costs against static
 passes per batch size (``start`` = N_1 keeping the cache, one ``step`` to N_K, a step through every
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.harness import machine_info
-from rdn.inference import dynamic_forward, measure_throughputs
+from rdn.inference import STRATEGIES, dynamic_forward, measure_throughputs
 from rdn.policy import ExitPolicy
 from rdn.surgery import fold_batch_norms
 
@@ -62,17 +63,21 @@ def compare(net: nn.Module, policy: ExitPolicy, lam: float | None, x: Tensor, re
         batch = _layout(form, x)
         for s in (1, K):
             torch.testing.assert_close(model(batch, subnet=s), reference[s], atol=1e-4, rtol=1e-4)
-        assert torch.equal(dynamic_forward(model, policy, batch, lam).exits, reference_exits), form
+        for strategy in STRATEGIES:
+            assert torch.equal(dynamic_forward(model, policy, batch, lam, strategy).exits, reference_exits), form
         runs[(form, "N_1")] = lambda b, model=model, batch=batch: model(batch, subnet=1)
         runs[(form, f"N_{K}")] = lambda b, model=model, batch=batch: model(batch, subnet=K)
-        runs[(form, "engine")] = lambda b, model=model, batch=batch: dynamic_forward(model, policy, batch, lam)
+        for strategy in STRATEGIES:
+            runs[(form, strategy)] = lambda b, model=model, batch=batch, strategy=strategy: dynamic_forward(
+                model, policy, batch, lam, strategy)
     speeds = measure_throughputs(runs, x, repeats)
     baseline = speeds[(FORMS[0], f"N_{K}")]
     rows = []
     for form in nets:
-        n1, nk, engine = (speeds[(form, name)] for name in ("N_1", f"N_{K}", "engine"))
-        rows.append({"form": form, "n1": n1, "nk": nk, "engine": engine, "engine_vs_nk": engine / nk,
-                     "nk_vs_trained_nchw": nk / baseline, "engine_vs_trained_nchw_nk": engine / baseline})  # fmt: skip
+        n1, nk, engine, jump = (speeds[(form, name)] for name in ("N_1", f"N_{K}", *STRATEGIES))
+        rows.append({"form": form, "n1": n1, "nk": nk, "engine": engine, "jump": jump,
+                     "engine_vs_nk": engine / nk, "jump_vs_nk": jump / nk, "nk_vs_trained_nchw": nk / baseline,
+                     "engine_vs_trained_nchw_nk": engine / baseline, "jump_vs_trained_nchw_nk": jump / baseline})  # fmt: skip
     return rows
 
 
@@ -111,14 +116,14 @@ def stage_markdown(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict], K: int, batch: int, note: str) -> str:
     lines = [
-        "| form | N_1 images/s | N_K images/s | engine images/s | engine / N_K | N_K / trained NCHW N_K "
-        "| engine / trained NCHW N_K |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| form | N_1 images/s | N_K images/s | engine (staged) images/s | engine (jump) images/s "
+        "| staged / N_K | jump / N_K | N_K / trained NCHW N_K | jump / trained NCHW N_K |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        lines.append(f"| {row['form']} | {row['n1']:.0f} | {row['nk']:.0f} | {row['engine']:.0f} | "
-                     f"{row['engine_vs_nk']:.2f}× | {row['nk_vs_trained_nchw']:.2f}× | "
-                     f"{row['engine_vs_trained_nchw_nk']:.2f}× |")  # fmt: skip
+        lines.append(f"| {row['form']} | {row['n1']:.0f} | {row['nk']:.0f} | {row['engine']:.0f} | {row['jump']:.0f} "
+                     f"| {row['engine_vs_nk']:.2f}× | {row['jump_vs_nk']:.2f}× | {row['nk_vs_trained_nchw']:.2f}× | "
+                     f"{row['jump_vs_trained_nchw_nk']:.2f}× |")  # fmt: skip
     return f"K = {K}, batch {batch}. {note}\n\n" + "\n".join(lines) + "\n"
 
 
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{info['cpu']} ({info['cpu_cores']} cores), {info['torch_threads']} threads, torch {info['torch']}, "
             f"{started} – {info['date']}, commit {info['git_commit']}.")  # fmt: skip
     text = markdown(rows, net.num_subnets, args.batch, note)
-    spread = [f"- {row['form']}: engine / N_K " + " / ".join(f"{run[i]['engine_vs_nk']:.2f}" for run in every)
+    spread = [f"- {row['form']}: staged / N_K " + " / ".join(f"{run[i]['engine_vs_nk']:.2f}" for run in every)
+              + ", jump / N_K " + " / ".join(f"{run[i]['jump_vs_nk']:.2f}" for run in every)
               + ", N_K / trained NCHW N_K " + " / ".join(f"{run[i]['nk_vs_trained_nchw']:.2f}" for run in every)
               for i, row in enumerate(rows)]  # fmt: skip
     text += f"\nEvery run ({args.runs}; the table is the last):\n\n" + "\n".join(spread) + "\n"

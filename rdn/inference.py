@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from rdn.policy import ExitPolicy, OperatingPoint, capture_first_features, exit_macs, softmax_statistics
 
 __all__ = [
+    "STRATEGIES",
     "DynamicOutput",
     "Measurement",
     "dynamic_forward",
@@ -52,8 +53,12 @@ class DynamicOutput:
     static: bool = False
 
 
+STRATEGIES = ("staged", "jump")
+
+
 @torch.no_grad()
-def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | None) -> DynamicOutput:
+def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | None,
+                    strategy: str = "staged") -> DynamicOutput:  # fmt: skip
     """Early-exit inference of one batch ``x`` (N, C, H, W) under the rule of ``policy`` at λ = ``lam``.
 
     ``net`` (a RussianDollNet) and ``policy`` should be in eval mode. At every planning stage of the
@@ -63,17 +68,29 @@ def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | 
     plans (or where the policy plans again), computing the groups in between in one staged call
     per layer. The loop stops as soon as no sample goes on.
 
+    ``strategy="jump"`` takes the same exits with fewer, larger steps: after N_1 the samples that go
+    on are stepped to N_K at once, every exit's logits come from its head on the cached features, and
+    the policy's later decisions are replayed on them (:meth:`~rdn.policy.ExitPolicy.exits`). Each
+    stop of the staged walk has a fixed cost (a call per layer, the cache of the samples that go on
+    copied and grown); where that outweighs the later groups the samples leaving between N_2 and
+    N_K skip, the jump is faster (``benchmarks/bench_deploy.py`` times both). Its samples past N_1
+    compute N_K, so their MACs are not the ones their exits count.
+
     ``lam=None`` (always N_K, e.g. a calibration that certified no early exit) runs static N_K in
     one pass instead: the staged path would reach the same logits slower and holding every stage's
     buffers, and the policy has nothing to decide.
     """
     policy.check_network(net)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if lam is None:
         exits = torch.full((x.shape[0],), net.num_subnets, dtype=torch.long, device=x.device)
         return DynamicOutput(net(x, subnet=net.num_subnets), exits, static=True)
     with capture_first_features(net) as captured:
         state = net.start(x)
     features = captured[-1]
+    if strategy == "jump":
+        return _jump(net, policy, lam, state, features)
     planning = policy.planning_stages().tolist()
     logits = torch.empty_like(state.logits)
     exits = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -100,6 +117,26 @@ def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | 
         state = net.step(state, target)
         passed = [net.exit_logits(state, s) for s in range(current + 1, target)] + [state.logits]
         statistics = torch.cat([statistics, softmax_statistics(torch.stack(passed, dim=1))], dim=1)
+    return DynamicOutput(logits, exits)
+
+
+def _jump(net: nn.Module, policy: ExitPolicy, lam: float, state, features: Tensor) -> DynamicOutput:
+    """The rest of :func:`dynamic_forward` with ``strategy="jump"``, from N_1's state and features."""
+    first = softmax_statistics(state.logits)[:, None]
+    leaving = policy.plan(features, first, lam).to(state.logits.device) == 1
+    logits, exits = state.logits.clone(), torch.ones(features.shape[0], dtype=torch.long, device=leaving.device)
+    going_on = (~leaving).nonzero().squeeze(1)
+    if going_on.numel() == 0:
+        return DynamicOutput(logits, exits)
+    if going_on.numel() < leaving.numel():
+        state, features = state.index_select(going_on), features[going_on]
+    K = net.num_subnets
+    while state.subnet < K:
+        state = net.step(state, _next_stop(net, state.subnet, K))
+    every = torch.stack([net.exit_logits(state, s) for s in range(1, K)] + [state.logits], dim=1)  # (N', K, C)
+    chosen = policy.exits(features, softmax_statistics(every), lam).to(every.device)
+    logits[going_on] = every[torch.arange(every.shape[0], device=every.device), chosen - 1]
+    exits[going_on] = chosen
     return DynamicOutput(logits, exits)
 
 

@@ -81,10 +81,10 @@ def assert_own_subnetworks(net, x, output) -> None:
             assert torch.equal(output.logits[rows].argmax(1), alone.argmax(1))
 
 
-def run_and_check_against_the_rule(net, policy, x, lam: float):
+def run_and_check_against_the_rule(net, policy, x, lam: float, strategy: str = "staged"):
     """Run the engine on ``x``: its exits must be the rule's on the collected outputs of every
     exit, its logits each sample's own sub-network's. Returns its output."""
-    output = dynamic_forward(net, policy, x, lam)
+    output = dynamic_forward(net, policy, x, lam, strategy=strategy)
     outputs = collect_exit_outputs(net, [(x, torch.zeros(x.shape[0], dtype=torch.long))], progress=False)
     assert torch.equal(output.exits, policy.exits(outputs.features, outputs.statistics, lam))
     assert_own_subnetworks(net, x, output)
@@ -122,6 +122,42 @@ def test_restricted_exits_jump_over_the_others(net, mode, allowed, monkeypatch):
     output = run_and_check_against_the_rule(net, policy, x, 0.5)
     assert set(output.exits.unique().tolist()) <= set(allowed)
     assert set(targets) <= set(allowed) and targets == sorted(targets)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "one_shot"])
+@pytest.mark.parametrize("allowed", [None, [1, 3, 5], [2, 5]])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 2.0])
+def test_the_jump_takes_the_staged_exits_in_one_step(net, mode, allowed, lam, monkeypatch):
+    """strategy="jump": the same exits and logits as the staged walk, the samples past N_1 stepped to
+    N_K in one call."""
+    torch.manual_seed(7)
+    x = torch.randn(32, 1, 28, 28)
+    policy = spread_policy(net, x, seed=3, mode=mode)
+    if allowed is not None:
+        policy.restrict_exits(allowed)
+    staged = dynamic_forward(net, policy, x, lam)
+    targets: list[int] = []
+    sizes = record_steps(net, monkeypatch, targets)
+    jumped = run_and_check_against_the_rule(net, policy, x, lam, strategy="jump")
+    assert torch.equal(jumped.exits, staged.exits)
+    torch.testing.assert_close(jumped.logits, staged.logits, rtol=1e-4, atol=1e-4)
+    going_on = int((staged.exits > 1).sum())
+    assert (sizes, targets) == (([going_on], [net.num_subnets]) if going_on else ([], []))
+
+
+@pytest.mark.parametrize("allowed", [[1, 2, 6], [2, 5, 6]])
+def test_the_jump_over_depth_split_exits(allowed):
+    net = tiny_rdn(k=2, depth_split=6)
+    torch.manual_seed(6)
+    x = torch.randn(24, 1, 28, 28)
+    policy = spread_policy(net, x, seed=2)
+    policy.restrict_exits(allowed)
+    run_and_check_against_the_rule(net, policy, x, 0.5, strategy="jump")
+
+
+def test_an_unknown_strategy_is_refused(net):
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        dynamic_forward(net, forced_policy(net, 1), torch.randn(2, 1, 28, 28), 0.1, strategy="fast")
 
 
 @pytest.mark.parametrize("allowed", [[1, 2, 6], [1, 3, 6], [2, 5, 6]])

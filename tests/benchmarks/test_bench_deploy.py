@@ -15,7 +15,8 @@ def test_every_form_is_checked_and_timed():
     x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     rows = compare(net, policy, 0.5, x, repeats=1)
     assert [row["form"] for row in rows] == list(FORMS)
-    assert rows[0]["nk_vs_trained_nchw"] == 1 and all(row[key] > 0 for row in rows for key in ("n1", "nk", "engine"))
+    assert rows[0]["nk_vs_trained_nchw"] == 1
+    assert all(row[key] > 0 for row in rows for key in ("n1", "nk", "engine", "jump"))
     text = markdown(rows, net.num_subnets, 6, "note")
     assert text.startswith("K = 3, batch 6. note") and "| BN folded, channels_last |" in text
 
