@@ -77,7 +77,8 @@ def compare(net: nn.Module, policy: ExitPolicy, lam: float | None, x: Tensor, re
         n1, nk, engine, jump = (speeds[(form, name)] for name in ("N_1", f"N_{K}", *STRATEGIES))
         rows.append({"form": form, "n1": n1, "nk": nk, "engine": engine, "jump": jump,
                      "engine_vs_nk": engine / nk, "jump_vs_nk": jump / nk, "nk_vs_trained_nchw": nk / baseline,
-                     "engine_vs_trained_nchw_nk": engine / baseline, "jump_vs_trained_nchw_nk": jump / baseline})  # fmt: skip
+                     "engine_vs_trained_nchw_nk": engine / baseline,
+                     "jump_vs_trained_nchw_nk": jump / baseline})  # fmt: skip
     return rows
 
 
