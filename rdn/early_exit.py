@@ -75,7 +75,15 @@ class EarlyExitModel(nn.Module):
             is the λ the model runs at (``None``: every image runs N_K, as one static pass).
         spec: the input the network expects (channels, size, normalisation, class names), if known;
             :meth:`save` keeps it so that a deployment knows how to preprocess images.
+
+    ``strategy`` (an attribute, ``"staged"`` by default, not saved: how to run, not what the model is)
+    picks the engine's walk (:func:`rdn.inference.dynamic_forward`): ``"jump"`` takes the same exits
+    with one step from N_1 to N_K for the images that go on, faster where each stop's fixed cost
+    outweighs the later groups it saves (on this project's CPU, every network measured:
+    ``benchmarks/results/deploy_fashion_mnist_cpu.md``).
     """
+
+    strategy: str = "staged"
 
     def __init__(self, net: nn.Module, policy: ExitPolicy, risk: RiskControl, spec: DataSpec | None = None) -> None:
         super().__init__()
@@ -153,7 +161,7 @@ class EarlyExitModel(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> EarlyExit:
         """(N, C, H, W) normalised images → :class:`EarlyExit` (logits, 1-based exits)."""
-        output = dynamic_forward(self.net, self.policy, images, self.lam)
+        output = dynamic_forward(self.net, self.policy, images, self.lam, self.strategy)
         return EarlyExit(output.logits, output.exits)
 
     # ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -52,6 +53,16 @@ def test_calibrate_certifies_and_runs_real_early_exit(calibrated):
         for exit_ in exits.unique().tolist():  # each row is its own exit's logits
             rows = exits == exit_
             assert torch.allclose(logits[rows], model.net(x[rows], subnet=exit_), atol=1e-5)
+
+
+def test_the_jump_strategy_gives_the_same_exits(calibrated):
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    staged = calibrated(x)
+    jumping = copy.copy(calibrated)
+    jumping.strategy = "jump"
+    jumped = jumping(x)
+    assert calibrated.strategy == "staged" and torch.equal(jumped.exits, staged.exits)
+    torch.testing.assert_close(jumped.logits, staged.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_zero_tolerance_runs_the_last_subnet():
