@@ -286,13 +286,17 @@ def benchmark(
     subnets: Iterable[int] | None = None,
     base: nn.Module | None = None,
     progress: bool = True,
+    strategies: Iterable[str] = ("staged",),
 ) -> list[Measurement]:
     """Throughput and peak memory on the batch ``x``: the base model (when given), N_s run statically
-    for every s in ``subnets`` (default 1..K), and dynamic inference at λ = ``lam``."""
+    for every s in ``subnets`` (default 1..K), and dynamic inference at λ = ``lam`` with every engine
+    strategy of ``strategies`` (named ``dynamic`` for the staged walk, ``dynamic (jump)`` for the jump)."""
     runs: list[tuple[str, Callable[[Tensor], object]]] = [] if base is None else [("base", base)]
     for s in range(1, net.num_subnets + 1) if subnets is None else subnets:
         runs.append((f"N_{s} static", lambda batch, s=s: net(batch, subnet=s)))
-    runs.append(("dynamic", lambda batch: dynamic_forward(net, policy, batch, lam)))
+    for strategy in strategies:
+        name = "dynamic" if strategy == "staged" else f"dynamic ({strategy})"
+        runs.append((name, lambda batch, strategy=strategy: dynamic_forward(net, policy, batch, lam, strategy)))
     if progress:
         names = ", ".join(name for name, _ in runs)
         print(f"  timing {names} (batch {x.shape[0]}, {repeats} interleaved rounds, {x.device})", flush=True)

@@ -463,7 +463,7 @@ class _Pipeline:
 
     def _evaluation(self) -> dict:
         """Step 7 (module docstring)."""
-        from rdn.inference import benchmark, evaluate_dynamic
+        from rdn.inference import STRATEGIES, benchmark, evaluate_dynamic
         from rdn.models.profile import profile_model
         from rdn.policy import confidence_exits, evaluate_exits, exit_macs
         from rdn_kernels.timing import cpu_name
@@ -524,7 +524,7 @@ class _Pipeline:
             with _quiet_profiler():
                 measurements = benchmark(copy.deepcopy(net).to(bench_device), copy.deepcopy(policy).to(bench_device),
                                          lam, x, c.repeats, timed, copy.deepcopy(base).to(bench_device),
-                                         self.progress)  # fmt: skip
+                                         self.progress, STRATEGIES)  # fmt: skip
             bench_threads = torch.get_num_threads()
         finally:
             torch.set_num_threads(threads)
@@ -537,8 +537,8 @@ class _Pipeline:
             "risk_control": risk_control,
             "base": base_point,
             "params": {"N_K": net.params(k), "policy": sum(p.numel() for p in policy.parameters())},
-            "measurements": [asdict(m) | {"name": f"dynamic δ={c.tolerance:g}"} if m.name == "dynamic" else asdict(m)
-                             for m in measurements],
+            "measurements": [asdict(m) | {"name": f"{m.name} δ={c.tolerance:g}"} if m.name.startswith("dynamic")
+                             else asdict(m) for m in measurements],  # fmt: skip
             "device": str(device),
             "bench_device": str(bench_device),
             "threads": bench_threads,

@@ -119,8 +119,12 @@ def comparisons(evaluation: dict) -> list[str]:
         f"{engine['macs'] / base['macs']:.2f}× its MACs.",
         f"- Wall clock (batch {dynamic_timing['batch_size']}): dynamic inference "
         f"{dynamic_timing['images_per_second']:.1f} images/s, static N_K {static_timing['images_per_second']:.1f} "
-        f"images/s ({dynamic_timing['images_per_second'] / static_timing['images_per_second']:.2f}×).",
-    ]
+        f"images/s ({dynamic_timing['images_per_second'] / static_timing['images_per_second']:.2f}×)"
+        + "".join(f"; {m['name'].split(' δ=')[0].removeprefix('dynamic ').strip('()')} walk "
+                  f"{m['images_per_second']:.1f} images/s "
+                  f"({m['images_per_second'] / static_timing['images_per_second']:.2f}×)"
+                  for m in evaluation["measurements"] if m["name"].startswith("dynamic (")) + ".",
+    ]  # fmt: skip
     lines += _risk_control_lines(evaluation)
     # At equal accuracy: the cheapest confidence point (or static N_K) at least as accurate on the test split.
     rivals = evaluation["confidence"] + [static_k]
