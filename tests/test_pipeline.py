@@ -48,6 +48,9 @@ def test_presets_and_overrides():
     assert not budget.nest.exact and budget.nest.mac_budget == 1.15 and budget.nest.copy_fraction == 0.5
     assert "copies for 0.5 of each" in surgery_summary(budget.nest)
     assert "at most 1.15× the base" in surgery_summary(budget.nest)
+    # the exact preset has no search: its summary says so, not "chosen by the budget's search"
+    assert surgery_summary(default.nest) == "expand, greedy select, exact"
+    assert "chosen by the budget's search" in surgery_summary(searched.nest)
     with pytest.raises(SystemExit):
         parse("--data", "imagenet")
     with pytest.raises(ConfigError, match="epsilons must be target errors in"):

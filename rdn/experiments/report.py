@@ -56,11 +56,12 @@ def surgery_summary(nest: NestConfig) -> str:
         parts.append(f"N_K at most {nest.mac_budget:g}× the base model's MACs")
     if nest.activation_budget is not None:
         parts.append(f"N_K at most {nest.activation_budget:g}× the base model's feature maps")
-    if nest.copy_fraction is None:
+    searched = nest.mac_budget is not None  # unset choices mean the search's otherwise (NestConfig.resolved)
+    if nest.copy_fraction is None and searched:
         parts.append("share of copied channels chosen by the budget's search")
-    elif nest.copy_fraction < 1:
+    elif nest.copy_fraction is not None and nest.copy_fraction < 1:
         parts.append(f"copies for {nest.copy_fraction:g} of each group's channels")
-    if nest.compensate is None:
+    if nest.compensate is None and searched:
         parts.append("least-squares refit chosen by the budget's search")
     elif nest.compensate:
         parts.append("incomplete copies refitted by least squares")
