@@ -308,6 +308,12 @@ def build_parser(with_pipeline: bool = True) -> argparse.ArgumentParser:
     infer.add_argument("--data-root", default=None, help="with --data: where its files are")
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     infer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    infer.add_argument("--walk", choices=("staged", "jump"), default="staged",
+                       help="the early-exit engine's walk: staged (a stop per planned exit) or jump (one step from "
+                            "N_1 to N_K for the images that go on; the same exits)")  # fmt: skip
+    infer.add_argument("--fold-batch-norms", action="store_true",
+                       help="fold BatchNorms into their convs first (an inference copy: the same predictions)")
+    infer.add_argument("--channels-last", action="store_true", help="run in the channels_last memory format")
 
     calibrate = commands.add_parser(
         "calibrate", formatter_class=_FORMATTER, help="certify early exits on held-out images; one model file",
@@ -519,7 +525,8 @@ def _cmd_infer(args: argparse.Namespace) -> None:
     deployable = _deployable(args)
     rule = ExitRule.choose(deployable, subnet=args.subnet, policy=args.policy, epsilon=args.epsilon)
     files = find_images(args.images)
-    predictions = predict(deployable, files, rule, batch_size=args.batch_size, device=resolve_device(args.device))
+    predictions = predict(deployable, files, rule, batch_size=args.batch_size, device=resolve_device(args.device),
+                          walk=args.walk, fold_batch_norms=args.fold_batch_norms, channels_last=args.channels_last)
     write_predictions(predictions, args.out)
     print(f"rdn infer: {len(predictions)} images, {rule.describe()}, mean "
           f"{sum(p.macs for p in predictions) / len(predictions) / 1e6:.3f} MMACs per image"

@@ -313,15 +313,28 @@ class Prediction:
 
 @torch.no_grad()
 def predict(deployable: Deployable, files: Sequence[Path], rule: ExitRule, batch_size: int = 64,
-            device: torch.device | str | None = None) -> list[Prediction]:  # fmt: skip
-    """Predictions for the image ``files`` under ``rule``, ``batch_size`` images per forward pass."""
-    from rdn.inference import dynamic_forward
+            device: torch.device | str | None = None, *, walk: str = "staged", fold_batch_norms: bool = False,
+            channels_last: bool = False) -> list[Prediction]:  # fmt: skip
+    """Predictions for the image ``files`` under ``rule``, ``batch_size`` images per forward pass.
+
+    Speed options, the same predictions: ``walk`` the early-exit engine's (:func:`rdn.inference.dynamic_forward`'s
+    ``strategy``), ``fold_batch_norms`` runs :func:`rdn.surgery.fold_batch_norms`' inference copy,
+    ``channels_last`` the channels_last memory format (``benchmarks/results/deploy_fashion_mnist_cpu.md``).
+    """
+    from rdn.inference import STRATEGIES, dynamic_forward
     from rdn.policy import exit_macs
+    from rdn.surgery import fold_batch_norms as fold
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DeployError(f"batch size must be a positive int, got {batch_size!r}")
+    if walk not in STRATEGIES:
+        raise DeployError(f"walk must be one of {list(STRATEGIES)}, got {walk!r}")
     device = torch.device(device or "cpu")
     net, spec = deployable.net.to(device).eval(), deployable.spec
+    if fold_batch_norms:
+        net = fold(net)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
     policy = rule.policy.to(device) if rule.policy is not None else None
     transform = BatchTransform(spec, train=False)
     costs = exit_macs(net)
@@ -329,11 +342,12 @@ def predict(deployable: Deployable, files: Sequence[Path], rule: ExitRule, batch
     for begin in range(0, len(files), batch_size):
         chunk = files[begin : begin + batch_size]
         x = transform(decode_images(chunk, spec).to(device), torch.arange(len(chunk)))
+        x = x.contiguous(memory_format=memory_format)
         if rule.subnet is not None:
             logits, exits = net(x, subnet=rule.subnet), torch.full((len(chunk),), rule.subnet)
             macs = costs[exits - 1]
         else:
-            output = dynamic_forward(net, policy, x, rule.lam)
+            output = dynamic_forward(net, policy, x, rule.lam, walk)
             logits, exits = output.logits, output.exits.cpu()
             macs = costs[exits - 1] + policy.rule_macs(exits, rule.lam)
         probability, label = torch.softmax(logits.float(), dim=1).max(dim=1)
