@@ -31,7 +31,13 @@ from rdn.surgery.passes.budget import prune_blocks
 from rdn.surgery.passes.compensate import compensate_dropped_connections
 from rdn.surgery.passes.select import select_orders
 from rdn.surgery.record import NestRecord
-from rdn.surgery.search import Costs, FeatureMapsOutOfReach, candidate_options, scoring_split, search_construction
+from rdn.surgery.search import (
+    CandidateCosts,
+    FeatureMapsOutOfReach,
+    candidate_options,
+    scoring_split,
+    search_construction,
+)
 
 __all__ = ["nest"]
 
@@ -161,12 +167,12 @@ class _Surgery:
         compensate_dropped_connections(net, self.model, batch, seed=net.record.config.seed,
                                        base_checked=id(batch) in self._activations_checked)  # fmt: skip
 
-    def measure(self, net: RussianDollNet) -> Costs:
+    def measure(self, net: RussianDollNet) -> CandidateCosts:
         """What the budget's search weighs of a candidate besides its error."""
         plan = net.plan
-        return Costs(costs.macs(plan, net.num_subnets) / self.base_macs,
-                     costs.activation_elements(plan, net.num_subnets) / costs.base_activation_elements(plan),
-                     len(costs.void_groups(plan)))  # fmt: skip
+        return CandidateCosts(costs.macs(plan, net.num_subnets) / self.base_macs,
+                              costs.activation_elements(plan, net.num_subnets) / costs.base_activation_elements(plan),
+                              len(costs.void_groups(plan)))  # fmt: skip
 
 
 def _search(surgery: _Surgery, config: NestConfig, batch: Tensor) -> RussianDollNet:

@@ -44,7 +44,7 @@ from rdn.surgery.passes.budget import BudgetOutOfReach
 __all__ = [
     "BudgetWarning",
     "Candidate",
-    "Costs",
+    "CandidateCosts",
     "FeatureMapsOutOfReach",
     "candidate_options",
     "logit_error",
@@ -87,7 +87,7 @@ class Candidate:
                 "logit_error": self.logit_error, "agreement": self.agreement, "note": self.note}  # fmt: skip
 
 
-class Costs(NamedTuple):
+class CandidateCosts(NamedTuple):
     """What the search weighs of a candidate besides its error."""
 
     mac_ratio: float  # N_K's MACs / the base model's
@@ -131,7 +131,7 @@ def search_construction(
     compensate: Callable[[nn.Module], nn.Module],
     scoring_images: Tensor,
     base_logits: Callable[[], Tensor],
-    measure: Callable[[nn.Module], Costs],
+    measure: Callable[[nn.Module], CandidateCosts],
 ) -> tuple[nn.Module, NestConfig, list[Candidate]]:
     """Build every candidate construction within ``config.mac_budget`` and keep the best (module docstring).
 
@@ -145,7 +145,7 @@ def search_construction(
         scoring_images: (N, ...) the held-out calibration images.
         base_logits: () → (N, classes) the base model's logits on them (called after the first build, whose
             graph analysis has checked the images' shape against the model).
-        measure: a network → its :class:`Costs`.
+        measure: a network → its :class:`CandidateCosts`.
     Returns:
         The chosen network (eval mode as built), its config (``copy_fraction`` and ``compensate`` set, so no
         ``activation_budget``: with the fraction fixed it has nothing left to bound),

@@ -14,7 +14,7 @@ from rdn.surgery.costs import activation_elements, base_activation_elements
 from rdn.surgery.passes.budget import BudgetOutOfReach
 from rdn.surgery.search import (
     BudgetWarning,
-    Costs,
+    CandidateCosts,
     FeatureMapsOutOfReach,
     logit_error,
     scoring_split,
@@ -117,8 +117,8 @@ class _Constant(nn.Module):
         return self.logits
 
 
-def measure(net: _Constant) -> Costs:
-    return Costs(net.ratio, 1.0, net.repeated)
+def measure(net: _Constant) -> CandidateCosts:
+    return CandidateCosts(net.ratio, 1.0, net.repeated)
 
 
 def test_equal_errors_go_to_the_cheaper_and_unreachable_candidates_are_recorded():
