@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
               + ", N_K / trained NCHW N_K " + " / ".join(f"{run[i]['nk_vs_trained_nchw']:.2f}" for run in every)
               for i, row in enumerate(rows)]  # fmt: skip
     text += f"\nEvery run ({args.runs}; the table is the last):\n\n" + "\n".join(spread) + "\n"
-    fastest = forms(net)[FORMS[3]]
+    fastest = fold_batch_norms(net).to(memory_format=torch.channels_last)  # FORMS[3], without the other three
     text += (f"\nThe staged path in the fastest form ({FORMS[3]}), milliseconds per batch of the first images "
              f"(median of {args.repeats} interleaved rounds):\n\n"
              + stage_markdown(stage_costs(fastest, _layout(FORMS[3], x), repeats=args.repeats)))  # fmt: skip

@@ -99,8 +99,7 @@ def measure(k: int, calib_count: int, test_count: int, budgets: tuple[float, ...
             "compensate": config.compensate,
             "pruned_blocks": sum(len(blocks) for blocks in net.record.pruned_blocks.values()),
             "mac_ratio": net.macs(net.num_subnets) / base_macs,
-            "activation_ratio": (costs.activation_elements(net.plan, net.num_subnets)
-                                 / costs.base_activation_elements(net.plan)),  # fmt: skip
+            "activation_ratio": costs.activation_ratio(net.plan, net.num_subnets),
             "n1_mac_ratio": net.macs(1) / base_macs,
             "logit_error": logit_error(logits, base_logits),
             "agreement": float((logits.argmax(1) == base_logits.argmax(1)).double().mean()),

@@ -19,6 +19,7 @@ from rdn.surgery.plan import ChannelParamsLayer, FixedLayer, GroupedLayer, Neste
 
 __all__ = [
     "activation_elements",
+    "activation_ratio",
     "base_activation_elements",
     "head_costs",
     "macs",
@@ -109,6 +110,11 @@ def activation_elements(plan: Plan, subnet: int) -> int:
 def base_activation_elements(plan: Plan) -> int:
     """:func:`activation_elements` of the base model the plan was made from (its full-depth graph)."""
     return sum(math.prod(step.shape[1:]) for step in _feature_steps(plan, 1) if step.role is not Role.INPUT)
+
+
+def activation_ratio(plan: Plan, subnet: int) -> float:
+    """:func:`activation_elements` of exit ``subnet`` over the base model's (what ``activation_budget`` bounds)."""
+    return activation_elements(plan, subnet) / base_activation_elements(plan)
 
 
 def void_groups(plan: Plan) -> list[int]:

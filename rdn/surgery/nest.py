@@ -147,8 +147,8 @@ class _Surgery:
             base=self.base,
         )
         plan = make_plan(graph, record)
-        elements = costs.activation_elements(plan, plan.num_subnets) / costs.base_activation_elements(plan)
-        if activation_budget is not None and elements > activation_budget:
+        elements = costs.activation_ratio(plan, plan.num_subnets) if activation_budget is not None else None
+        if elements is not None and elements > activation_budget:
             raise FeatureMapsOutOfReach(
                 f"activation_budget={activation_budget} is out of reach: N_K computes {elements:.3f}x the base "
                 f"model's feature-map elements with copy_fraction={config.copy_fraction}",
@@ -171,8 +171,7 @@ class _Surgery:
         """What the budget's search weighs of a candidate besides its error."""
         plan = net.plan
         return CandidateCosts(costs.macs(plan, net.num_subnets) / self.base_macs,
-                              costs.activation_elements(plan, net.num_subnets) / costs.base_activation_elements(plan),
-                              len(costs.void_groups(plan)))  # fmt: skip
+                              costs.activation_ratio(plan, net.num_subnets), len(costs.void_groups(plan)))
 
 
 def _search(surgery: _Surgery, config: NestConfig, batch: Tensor) -> RussianDollNet:
@@ -284,8 +283,9 @@ def nest(
             MACs miss the memory-bound layers (BN, activations, depthwise convs), whose work grows
             with the channels: a training step's time and memory follow this ratio more closely
             (``benchmarks/results/training_cost_cpu.md``). Only ``copy_fraction`` moves it, so the
-            fractions whose N_K exceeds it are out of reach. ``None``: MACs only. Dropped with
-            ``mac_budget=None``.
+            fractions whose N_K exceeds it are out of reach. ``None``: MACs only. The default is
+            dropped where nothing is searched (``exact``, truncate, ``mac_budget=None``, a set
+            ``copy_fraction``); another value there is an error.
         compensate: (``None``, the default: chosen by the budget's search; off without a budget)
             refit, on ``calib``, every output copy that misses some input channel (dropped
             or pruned connections) by least squares against the base layer's output, layer by

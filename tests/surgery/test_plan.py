@@ -105,3 +105,4 @@ def test_feature_map_elements_count_every_node_output_but_the_classifier():
     counts = [costs.activation_elements(expanded.plan, s) for s in range(1, expanded.num_subnets + 1)]
     assert counts == sorted(counts) and counts[0] < expected < counts[-1]
     assert costs.base_activation_elements(expanded.plan) == expected
+    assert costs.activation_ratio(expanded.plan, expanded.num_subnets) == counts[-1] / expected

@@ -10,7 +10,7 @@ from torch import nn
 
 from rdn.models.profile import profile_model
 from rdn.surgery import NestConfig, RussianDollNet, nest
-from rdn.surgery.costs import activation_elements, base_activation_elements
+from rdn.surgery.costs import activation_ratio
 from rdn.surgery.passes.budget import BudgetOutOfReach
 from rdn.surgery.search import (
     BudgetWarning,
@@ -47,7 +47,7 @@ def test_default_nest_searches_within_the_budget_and_keeps_the_least_error(searc
     assert too_wide and all("activation_budget=1.1 is out of reach" in c["note"] for c in too_wide)
     assert {c["copy_fraction"] for c in fitting} == {0.125}
     assert best["activation_ratio"] == pytest.approx(
-        activation_elements(searched.plan, searched.num_subnets) / base_activation_elements(searched.plan))
+        activation_ratio(searched.plan, searched.num_subnets))
     # the recorded score is N_K's logit error on the held-out quarter, recomputed here from first principles
     held_out = CALIB[-10:]
     with torch.no_grad():
