@@ -539,12 +539,22 @@ class ExitPolicy(nn.Module):
                 or statistics.shape[2] != len(STATISTICS):  # fmt: skip
             raise ValueError(f"statistics must be (N={n}, s in 1..{k}, {len(STATISTICS)}), got "
                              f"{tuple(statistics.shape)}")
+        stage = torch.full((n,), statistics.shape[1], dtype=torch.long, device=features.device)
+        return self._logits(features, statistics, stage)
+
+    def _logits(self, features: Tensor, statistics: Tensor, stage: Tensor) -> Tensor:
+        """The MLP on (N, F_1) features and (N, s, 3) statistics of which row i knows the first
+        ``stage[i]`` ≤ s exits (the rest of its row is ignored): what :meth:`forward` runs with every
+        row at stage s, and :func:`fit_policy` with rows of mixed stages, so that both feed the MLP
+        the same input for a row at a given stage."""
         features = (features.to(self.feature_mean) - self.feature_mean) / self.feature_scale  # policy's device, dtype
         if self.mode == "one_shot":
             return self.mlp(features)
+        n, k, s = features.shape[0], self.num_exits, statistics.shape[1]
         known = torch.zeros(n, k, len(STATISTICS) + 1, dtype=features.dtype, device=features.device)
-        known[:, : statistics.shape[1], :-1] = statistics.to(features)
-        known[:, : statistics.shape[1], -1] = 1.0
+        flags = (torch.arange(1, s + 1, device=features.device)[None, :] <= stage.to(features.device)[:, None])
+        known[:, :s, :-1] = statistics.to(features) * flags[..., None]
+        known[:, :s, -1] = flags.to(features.dtype)
         # Statistics first, then the known flags: (N, 3K + K), exits not computed yet all zero.
         return self.mlp(torch.cat([features, known[..., :-1].flatten(1), known[..., -1]], dim=1))
 
@@ -674,9 +684,10 @@ def fit_policy(
         total = 0.0
         for chunk in order.split(batch_size):
             stage_of, sample = chunk[:, 0].to(device), chunk[:, 1].to(device)
-            # Statistics of exits beyond the row's stage are unknown there: zero, as in forward.
-            known = exit_numbers[None, :] <= stage_of[:, None]
-            logits = policy(features[sample], statistics[sample] * known[..., None])
+            # The input a row gets at its stage in forward: the statistics of exits beyond the stage
+            # zero and flagged unknown (flagging every exit known here, as before, trained the MLP on
+            # inputs it never sees when it decides).
+            logits = policy._logits(features[sample], statistics[sample], stage_of)
             weights = (exit_numbers[None, :] >= stage_of[:, None]).to(logits.dtype)
             if policy.target == "agreement":
                 weights[:, -1] = 0.0  # N_K agrees with itself: p_K = 1 is fixed, not learned

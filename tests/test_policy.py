@@ -247,6 +247,34 @@ def test_sequential_policy_uses_what_later_exits_see():
     assert costs["sequential"] < 8.0
 
 
+@pytest.mark.parametrize("target", ["agreement", "correctness"])
+def test_training_feeds_the_mlp_what_it_reads_when_deciding(target):
+    """Every row fit_policy trains on (a sample at a stage s) is an input forward gives the MLP for
+    that sample at stage s: the statistics of exits past s zero *and flagged unknown*. Flagging
+    every exit known in training (as rdn did before) trained the MLP on inputs it never decides on."""
+    outputs = synthetic_outputs(n=24)
+    outputs = ExitOutputs(outputs.features, outputs.correct, outputs.correct_top5, outputs.statistics,
+                          outputs.labels, predictions=outputs.correct.long())  # fmt: skip
+    policy = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=8, target=target)
+    seen: list[Tensor] = []
+    hook = policy.mlp.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().clone()))
+    fit_policy(policy, outputs, epochs=1, batch_size=8, progress=False)
+    trained_on = torch.cat(seen)
+    seen.clear()
+    stages = range(1, 3) if target == "agreement" else range(1, 4)  # agreement: nothing to learn at N_K
+    for stage in stages:
+        policy(outputs.features, outputs.statistics[:, :stage])
+    hook.remove()
+    decided_on = torch.cat(seen)
+    assert trained_on.shape == decided_on.shape
+    # Same rows up to order: sort both lexicographically by every column.
+    def ordered(rows: Tensor) -> Tensor:
+        for column in reversed(range(rows.shape[1])):
+            rows = rows[rows[:, column].argsort(stable=True)]
+        return rows
+    torch.testing.assert_close(ordered(trained_on), ordered(decided_on))
+
+
 def test_sequential_decision_macs_count_the_planning_stages():
     policy = ExitPolicy(4, [0.7, 0.5, 0.2, 0.0], hidden=8)
     policy.restrict_exits([1, 3, 4])
