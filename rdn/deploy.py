@@ -212,11 +212,11 @@ def _load_policy(net: nn.Module, source: str | os.PathLike) -> tuple[nn.Module, 
     if not path.is_file():
         raise DeployError(f"{source}: no policy.pt (an `rdn pipeline` run folder or its policy.pt is expected)")
     state = load_torch_data(path, what="policy file")[0]
-    if "mlp.0.weight" not in state or "_extra_state" not in state:
+    if "mlp.2.weight" not in state or "_extra_state" not in state:
         raise DeployError(f"{path} is not an exit policy's state_dict (rdn.policy.ExitPolicy)")
     extra = state["_extra_state"]
-    policy = ExitPolicy.for_network(net, hidden=state["mlp.0.weight"].shape[0], mode=extra["mode"],
-                                    target=extra.get("target", "correctness"))  # fmt: skip
+    policy = ExitPolicy.for_network(net, mode=extra["mode"], target=extra.get("target", "correctness"),
+                                    **ExitPolicy.architecture_of(state))  # fmt: skip
     own = policy.state_dict()
     differing = [f"{key}: {tuple(state[key].shape)} vs {tuple(own[key].shape)}" for key in own
                  if isinstance(own[key], Tensor) and (key not in state or state[key].shape != own[key].shape)]

@@ -116,6 +116,7 @@ class EarlyExitModel(nn.Module):
         policy_data: Iterable | None = None,
         policy_epochs: int = 10,
         hidden: int = 16,
+        members: int = 3,
         mode: str = "sequential",
         exits: Sequence[int] | None = None,
         spec: DataSpec | None = None,
@@ -138,7 +139,8 @@ class EarlyExitModel(nn.Module):
             policy_data: batches to train the policy on (its exits' agreement with N_K; unlabelled is
                 fine, and the training split may be used). Default: a random half of
                 ``calibration_data``, the other half certifies λ.
-            policy_epochs, hidden, mode: the policy's training epochs, width and decision mode.
+            policy_epochs, hidden, members, mode: the policy's training epochs, width, ensemble size
+                and decision mode (:class:`~rdn.policy.ExitPolicy`).
             exits: the 1-based exits the policy may take (must include K); default all.
             spec: the network's input spec, saved with the model.
             device: where to run the network; default where the batches are.
@@ -150,7 +152,7 @@ class EarlyExitModel(nn.Module):
         else:
             training = collect_exit_outputs(net, policy_data, device, progress)
         torch.manual_seed(seed)
-        policy = ExitPolicy.for_network(net, hidden=hidden, mode=mode, target="agreement")
+        policy = ExitPolicy.for_network(net, hidden=hidden, mode=mode, target="agreement", members=members)
         if exits is not None:
             policy.restrict_exits(exits)
         fit_policy(policy, training, epochs=policy_epochs, seed=seed, progress=progress)
@@ -179,8 +181,8 @@ class EarlyExitModel(nn.Module):
             "version": FORMAT_VERSION,
             "model_config": model_config_of(self.net),
             "model": {name: value.cpu() for name, value in self.net.state_dict().items()},
-            "policy_config": {"feature_width": policy.feature_width, "hidden": policy.mlp[0].out_features,
-                              "mode": policy.mode, "target": policy.target},  # fmt: skip
+            "policy_config": {"feature_width": policy.feature_width, "mode": policy.mode, "target": policy.target,
+                              **ExitPolicy.architecture_of(policy.state_dict())},  # fmt: skip
             "policy": {name: value.cpu() if isinstance(value, Tensor) else value
                        for name, value in policy.state_dict().items()},  # fmt: skip
             "risk": risk,
@@ -220,8 +222,9 @@ class EarlyExitModel(nn.Module):
             net = build_model(config)
         net.load_state_dict(state["model"])
         config = state["policy_config"]
+        # Files written before ensembles hold one MLP and no "members".
         policy = ExitPolicy(config["feature_width"], state["policy"]["savings"], config["hidden"], config["mode"],
-                            config["target"])  # fmt: skip
+                            config["target"], config.get("members", 1))  # fmt: skip
         policy.load_state_dict(state["policy"])
         spec = state["spec"]
         if spec is not None:

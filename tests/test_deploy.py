@@ -108,8 +108,7 @@ def test_infer_with_an_early_exit_policy(run, images, tmp_path, capsys):
     assert [row["exit"] for row in rows] == expected.exits.tolist()
     assert [row["label"] for row in rows] == expected.logits.argmax(1).tolist()
     # Sequential policy, every exit allowed: it runs at N_1 .. N_exit, one MLP evaluation each.
-    linear = [layer for layer in policy.mlp if isinstance(layer, torch.nn.Linear)]
-    policy_macs = sum(layer.in_features * layer.out_features for layer in linear)
+    policy_macs = policy.macs()
     assert [row["macs"] for row in rows] == [net.macs(e) + e * policy_macs for e in expected.exits.tolist()]
     assert "early exits at ε = 0.1" in capsys.readouterr().err
     # The speed options change how it runs, not what it predicts.

@@ -32,7 +32,7 @@ def spread_policy(net, x, seed: int = 0, mode: str = "sequential") -> ExitPolicy
     """An untrained policy with sharp random probabilities on features standardised over
     ``x``, so that the samples of ``x`` spread over the exits."""
     torch.manual_seed(seed)
-    policy = ExitPolicy.for_network(net, hidden=16, mode=mode).eval()
+    policy = ExitPolicy.for_network(net, hidden=16, mode=mode, members=1).eval()
     with torch.no_grad(), capture_first_features(net) as captured:
         first = net(x, subnet=1)
         policy.feature_mean.copy_(captured[0].mean(0))
@@ -48,10 +48,10 @@ def spread_policy(net, x, seed: int = 0, mode: str = "sequential") -> ExitPolicy
 def forced_policy(net, exit: int) -> ExitPolicy:
     """p_k = 1 at ``exit`` and 0 elsewhere: every sample leaves there (any λ)."""
     policy = ExitPolicy.for_network(net, hidden=4).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # every member alike
         policy.mlp[-1].weight.zero_()
         policy.mlp[-1].bias.fill_(-50.0)
-        policy.mlp[-1].bias[exit - 1] = 50.0
+        policy.mlp[-1].bias[:, exit - 1] = 50.0
     return policy
 
 

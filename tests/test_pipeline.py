@@ -117,6 +117,7 @@ def test_unversioned_settings_are_migrated():
                                      compensate=False, seed=0)  # fmt: skip
     assert (config.steps_per_epoch, config.batch_size, config.finetune_lr, config.lr) == (8, 64, None, None)
     assert config.warmup_epochs == 1.0  # what the old pipeline's training ran with
+    assert config.policy_members == 1  # its policy was one MLP
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -127,6 +128,8 @@ def test_the_repositorys_recorded_runs_still_read(path):
     """settings.json files committed under benchmarks/results read; those the old pipeline wrote migrate."""
     saved = json.loads(path.read_text())
     config = ExperimentConfig.from_dict(saved)
+    if saved.get("version", 1) < 3:  # written before the policy was an ensemble
+        assert config.policy_members == 1
     if "version" not in saved:
         assert config.data.dataset == saved["dataset"] and config.nest.k == saved["k"]
         assert config.nest.mode == "expand" and config.nest.exact == saved.get("exact", True)

@@ -275,6 +275,51 @@ def test_training_feeds_the_mlp_what_it_reads_when_deciding(target):
     torch.testing.assert_close(ordered(trained_on), ordered(decided_on))
 
 
+def test_the_members_probabilities_are_averaged():
+    policy = ExitPolicy(4, [0.7, 0.4, 0.0], hidden=8, members=3, target="correctness")
+    features, statistics = torch.randn(6, 4), torch.rand(6, 2, 3)
+    with torch.no_grad():
+        members = policy._logits(features, statistics, torch.full((6,), 2))
+        expected = torch.sigmoid(members).mean(1)
+        torch.testing.assert_close(policy.probabilities(features, statistics), expected)
+        alone = ExitPolicy(4, [0.7, 0.4, 0.0], hidden=8, members=1, target="correctness")
+        torch.testing.assert_close(alone(features, statistics), alone._logits(features, statistics,
+                                                                             torch.full((6,), 2))[:, 0])  # fmt: skip
+
+
+def test_each_member_learns_as_if_alone():
+    """Member 0 of a two-member ensemble ends where a one-member policy started from its weights does."""
+    outputs = synthetic_outputs(n=200)
+    pair = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=8, members=2, target="correctness")
+    single = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=8, members=1, target="correctness")
+
+    def member_zero(policy: ExitPolicy) -> list[Tensor]:
+        first, middle, last = policy.mlp[0], policy.mlp[2], policy.mlp[4]
+        return [first.weight[:8], first.bias[:8], middle.weight[0], middle.bias[0], last.weight[0], last.bias[0]]
+
+    with torch.no_grad():
+        for mine, theirs in zip(member_zero(single), member_zero(pair), strict=True):
+            mine.copy_(theirs)
+    for policy in (pair, single):
+        fit_policy(policy, outputs, epochs=2, batch_size=32, seed=3, progress=False)
+    for mine, theirs in zip(member_zero(single), member_zero(pair), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_single_mlp_state_from_before_ensembles_loads():
+    """rdn saved one MLP of nn.Linear layers (2-D weights): it loads as a one-member policy."""
+    policy = ExitPolicy(4, [0.7, 0.4, 0.0], hidden=8, members=1)
+    old = {key: value.squeeze(0) if key.startswith(("mlp.2.", "mlp.4.")) else value
+           for key, value in policy.state_dict().items()}  # fmt: skip
+    assert old["mlp.2.weight"].shape == (8, 8)
+    assert ExitPolicy.architecture_of(old) == {"hidden": 8, "members": 1}
+    loaded = ExitPolicy(4, [0.7, 0.4, 0.0], **ExitPolicy.architecture_of(old))
+    loaded.load_state_dict(old)
+    features, statistics = torch.randn(5, 4), torch.rand(5, 3, 3)
+    torch.testing.assert_close(loaded(features, statistics), policy(features, statistics))
+    assert ExitPolicy.architecture_of(ExitPolicy(4, [0.7, 0.0], hidden=6).state_dict()) == {"hidden": 6, "members": 3}
+
+
 def test_sequential_decision_macs_count_the_planning_stages():
     policy = ExitPolicy(4, [0.7, 0.5, 0.2, 0.0], hidden=8)
     policy.restrict_exits([1, 3, 4])
@@ -364,14 +409,18 @@ def test_policy_constructor_checks():
         ExitPolicy(4, [1.5, 0.0])
     with pytest.raises(ValueError, match="mode"):
         ExitPolicy(4, [0.5, 0.0], mode="greedy")
+    with pytest.raises(ValueError, match="members"):
+        ExitPolicy(4, [0.5, 0.0], members=0)
+    one_member = (4 + 4 * 2) * 8 + 8 * 8 + 8 * 2  # features + statistics + flags → 8 → 8 → 2
+    assert ExitPolicy(4, [0.5, 0.0], hidden=8, members=1).macs() == one_member
     policy = ExitPolicy(4, [0.5, 0.0], hidden=8)
-    assert policy.macs() == (4 + 4 * 2) * 8 + 8 * 8 + 8 * 2
+    assert policy.macs() == 3 * one_member  # three members by default
     with pytest.raises(ValueError, match=r"\(N, 4\)"):
         policy(torch.zeros(3, 5), torch.zeros(3, 1, 3))
     with pytest.raises(ValueError, match="statistics"):
         policy(torch.zeros(3, 4), torch.zeros(3, 3, 3))
     one_shot = ExitPolicy(4, [0.5, 0.0], hidden=8, mode="one_shot")
-    assert one_shot.macs() == 4 * 8 + 8 * 8 + 8 * 2  # N_1's features only
+    assert one_shot.macs() == 3 * (4 * 8 + 8 * 8 + 8 * 2)  # N_1's features only
     with pytest.raises(ValueError, match="mode='one_shot'"):
         policy.set_extra_state(one_shot.get_extra_state())
 

@@ -84,6 +84,11 @@ def _from_unversioned_settings(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _from_single_mlp_policy(values: dict[str, Any]) -> dict[str, Any]:
+    """Version 2, before the policy was an ensemble: its runs trained one MLP."""
+    return {"policy_members": 1, **values}
+
+
 @dataclass(frozen=True)
 class ExperimentConfig(Config):
     """Everything a pipeline run computes from (``rdn pipeline --help`` shows each field's help).
@@ -93,8 +98,8 @@ class ExperimentConfig(Config):
     :meth:`replace`, e.g. ``PRESETS["quick"].replace(base_epochs=2)``.
     """
 
-    VERSION: ClassVar[int] = 2
-    MIGRATIONS: ClassVar[dict] = {1: _from_unversioned_settings}
+    VERSION: ClassVar[int] = 3
+    MIGRATIONS: ClassVar[dict] = {1: _from_unversioned_settings, 2: _from_single_mlp_policy}
 
     preset: str = setting("default", "the preset the other values started from", choices=("default", "quick"),
                           cli=False)  # fmt: skip
@@ -125,6 +130,8 @@ class ExperimentConfig(Config):
     policy_samples: int = setting(30000, "training samples the exit policy learns from")
     policy_epochs: int = setting(10, "exit policy training epochs")
     policy_hidden: int = setting(16, "width of the policy MLP's hidden layers")
+    policy_members: int = setting(3, "MLPs of the policy's ensemble, trained from different initialisations "
+                                     "(settings of version 2 read as 1)")  # fmt: skip
     policy_target: str = setting("agreement", "what the exit policy predicts per exit: agreement with N_K's "
                                               "prediction (label-free; its λ path starts at always-N_K, which the "
                                               "risk-controlled operating point needs) or correctness (the paper's)",
@@ -152,8 +159,8 @@ class ExperimentConfig(Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("base_epochs", "finetune_epochs", "batch_size", "eval_batch_size", "monitor_samples",
-                     "calib_samples", "policy_samples", "policy_epochs", "policy_hidden", "bench_batch",
-                     "repeats"):  # fmt: skip
+                     "calib_samples", "policy_samples", "policy_epochs", "policy_hidden", "policy_members",
+                     "bench_batch", "repeats"):  # fmt: skip
             _check_positive_int(name, getattr(self, name))
         for name in ("steps_per_epoch", "bench_threads"):
             if getattr(self, name) is not None:

@@ -328,8 +328,8 @@ class _Pipeline:
     def policy(self) -> nn.Module:
         from rdn.policy import ExitPolicy
 
-        policy = ExitPolicy.for_network(self.net, hidden=self.config.policy_hidden,
-                                        target=self.config.policy_target).to(self.device)  # fmt: skip
+        policy = ExitPolicy.for_network(self.net, hidden=self.config.policy_hidden, target=self.config.policy_target,
+                                        members=self.config.policy_members).to(self.device)  # fmt: skip
         policy.load_state_dict(load_torch_data(self.folder / "policy.pt", what="policy file")[0])
         return policy.eval()
 
@@ -409,7 +409,8 @@ class _Pipeline:
         net, c = self.net, self.config
         epsilons, operating = self._epsilons()
         torch.manual_seed(c.seed)
-        policy = ExitPolicy.for_network(net, hidden=c.policy_hidden, target=c.policy_target).to(self.device)
+        policy = ExitPolicy.for_network(net, hidden=c.policy_hidden, target=c.policy_target,
+                                        members=c.policy_members).to(self.device)  # fmt: skip
         if not c.all_exits:  # the nesting order's sub-networks only (paper §3.3)
             order = json.loads((self.folder / "order.json").read_text())
             policy.restrict_exits([cell_exit(net, cell) for cell in order["path"]])
