@@ -63,11 +63,13 @@ Data = DataSplits | FolderSplits
 class DataConfig(Config):
     """Which data a run uses (where its files are, ``--data-root``, is not part of it: it does not change them).
 
-    Version 2 added ``num_workers`` (version 1 runs loaded in the main process: 0) and ``crop_scale``.
+    Version 2 added ``num_workers`` (version 1 runs loaded in the main process: 0) and ``crop_scale``;
+    version 3 ``calib_rule`` (earlier runs held out a tenth: "tenth").
     """
 
-    VERSION: ClassVar[int] = 2
-    MIGRATIONS: ClassVar[dict] = {1: lambda values: {"num_workers": 0, "crop_scale": 0.08, **values}}
+    VERSION: ClassVar[int] = 3
+    MIGRATIONS: ClassVar[dict] = {1: lambda values: {"num_workers": 0, "crop_scale": 0.08, **values},
+                                  2: lambda values: {"calib_rule": "tenth", **values}}  # fmt: skip
 
     dataset: str = setting(
         "fashion_mnist", "dataset: fashion_mnist (Debian package dataset-fashion-mnist, or --data-root), mnist5k "
@@ -75,8 +77,11 @@ class DataConfig(Config):
         "(--data-root holding train/<class>/<image> and val/<class>/<image>, streamed from disk), synthetic (tests)",
         choices=DATASETS, flag="--data",
     )  # fmt: skip
-    calib_size: int | None = setting(None, "training samples held out as the calibration split; not set: a tenth "
-                                           "of the training data, at most 5000")  # fmt: skip
+    calib_size: int | None = setting(None, "training samples held out as the calibration split; not set: a sixth "
+                                           "of the training data, at most 10000 (calib_rule)")  # fmt: skip
+    calib_rule: str = setting("sixth", "the calibration split's size when calib_size is not set "
+                                       "(rdn.data.CALIBRATION_RULES; settings of version 2 read as tenth)",
+                              choices=("sixth", "tenth"))  # fmt: skip
     image_size: int | None = setting(None, "folder: resize images to this side (not set: the first image's width); "
                                            "imagefolder: the side of the training crops and evaluation centre crops "
                                            "(not set: 224)")  # fmt: skip
@@ -115,12 +120,13 @@ def load_data(config: DataConfig, root: str | os.PathLike | None, seed: int) -> 
     try:
         if config.dataset == "imagefolder":
             return folder_splits(root, image_size=config.image_size, calib_size=config.calib_size, seed=seed,
-                                 num_workers=config.num_workers, crop_scale=config.crop_scale)  # fmt: skip
+                                 num_workers=config.num_workers, crop_scale=config.crop_scale,
+                                 calib_rule=config.calib_rule)  # fmt: skip
         if config.crop_scale != DataConfig.crop_scale:
             raise ValueError(f"crop_scale applies to the imagefolder data only (random-resized crops), got "
                              f"{config.crop_scale} for {config.dataset!r}")  # fmt: skip
         return load_dataset(config.dataset, root, seed=seed, calib_size=config.calib_size,
-                            image_size=config.image_size)  # fmt: skip
+                            image_size=config.image_size, calib_rule=config.calib_rule)  # fmt: skip
     except (FileNotFoundError, ValueError) as error:  # the loaders' refusals: files missing or not data
         if isinstance(error, DataError):  # an unreadable image: already one, naming the file
             raise

@@ -14,6 +14,7 @@ import torch
 from rdn.data import (
     FASHION_MNIST_DIR,
     BatchTransform,
+    default_calib_size,
     eval_loader,
     load_dataset,
     read_idx,
@@ -79,13 +80,22 @@ def test_unknown_dataset():
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="apt package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
     splits = load_dataset("fashion_mnist")
-    assert (len(splits.train), len(splits.calib), len(splits.test)) == (55000, 5000, 10000)
+    assert (len(splits.train), len(splits.calib), len(splits.test)) == (50000, 10000, 10000)
+    older = load_dataset("fashion_mnist", calib_rule="tenth")  # what runs of DataConfig v2 held out
+    assert (len(older.train), len(older.calib)) == (55000, 5000)
     assert splits.train.images.shape[1:] == (1, 28, 28)
     counts = torch.bincount(torch.cat([splits.train.labels, splits.calib.labels]), minlength=10)
     assert counts.tolist() == [6000] * 10  # the official, balanced training set
     assert torch.bincount(splits.test.labels).tolist() == [1000] * 10
     mean = torch.cat([splits.train.images, splits.calib.images]).double().mean() / 255
     assert abs(mean.item() - splits.spec.mean[0]) < 1e-3
+
+
+def test_default_calib_size_rules():
+    assert [default_calib_size(n) for n in (1, 12, 6000, 60000, 1_281_167)] == [1, 2, 1000, 10000, 10000]
+    assert [default_calib_size(n, "tenth") for n in (1, 4000, 55000, 1_281_167)] == [1, 400, 5000, 5000]
+    with pytest.raises(ValueError, match="calib_rule must be one of"):
+        default_calib_size(100, "half")
 
 
 def test_real_mnist5k():

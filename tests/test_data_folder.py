@@ -122,8 +122,13 @@ def test_data_config_version_1_reads_and_workers_are_checked():
     from rdn.steps import DataConfig
 
     assert DataConfig.from_dict({"kind": "DataConfig", "version": 1, "dataset": "mnist5k", "calib_size": None,
-                                 "image_size": None}) == DataConfig(dataset="mnist5k", num_workers=0)  # fmt: skip
-    assert DataConfig().to_dict()["version"] == 2
+                                 "image_size": None}) == DataConfig(dataset="mnist5k", num_workers=0,
+                                                                    calib_rule="tenth")  # fmt: skip
+    # Version 2 held out a tenth of the training data when calib_size was not set: it still does.
+    version_2 = {**DataConfig().to_dict(), "version": 2}
+    del version_2["calib_rule"]
+    assert DataConfig.from_dict(version_2).calib_rule == "tenth"
+    assert DataConfig().to_dict()["version"] == 3 and DataConfig().calib_rule == "sixth"
     with pytest.raises(ConfigError, match="num_workers must be an int >= 0"):
         DataConfig(num_workers=-1)
 

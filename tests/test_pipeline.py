@@ -112,7 +112,7 @@ UNVERSIONED_QUICK = {
 
 def test_unversioned_settings_are_migrated():
     config = ExperimentConfig.from_dict(UNVERSIONED_QUICK)
-    assert config.preset == "quick" and config.data == DataConfig(dataset="mnist5k")
+    assert config.preset == "quick" and config.data == DataConfig(dataset="mnist5k", calib_rule="tenth")
     assert config.nest == NestConfig(k=4, mode="expand", select="greedy", exact=True, copy_fraction=1.0,
                                      compensate=False, seed=0)  # fmt: skip
     assert (config.steps_per_epoch, config.batch_size, config.finetune_lr, config.lr) == (8, 64, None, None)

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from rdn.data import DataSpec
+from rdn.data import DataSpec, default_calib_size
 from rdn.errors import DataError
 
 __all__ = [
@@ -470,12 +470,14 @@ def folder_splits(
     seed: int = 0,
     num_workers: int = 0,
     crop_scale: float = 0.08,
+    calib_rule: str = "sixth",
 ) -> FolderSplits:
     """``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` as a run's streamed splits.
 
     Only the file lists are read (and one image header per class, for the channels): nothing is
     decoded until a loader asks. Args: ``image_size``: the crop side (default 224); ``calib_size``:
-    training images held out for calibration (default a tenth, at most 5,000); ``seed``: the
+    training images held out for calibration (default :func:`~rdn.data.default_calib_size` under
+    ``calib_rule``, a sixth, at most 10,000); ``seed``: the
     calibration split and the splits' orders; ``num_workers``: the loaders' worker processes;
     ``crop_scale``: the smallest area fraction of the training crops (:class:`TrainTransform`'s
     ``scale`` is ``(crop_scale, 1)``).
@@ -526,7 +528,7 @@ def folder_splits(
                                     f"{' ...' if len(empty) > 5 else ''}")  # fmt: skip
     mode = _probe_mode(train, where)
     mean, std = (GREY_MEAN, GREY_STD) if mode == "L" else (IMAGENET_MEAN, IMAGENET_STD)
-    calib_size = min(5000, max(1, len(train) // 10)) if calib_size is None else calib_size
+    calib_size = default_calib_size(len(train), calib_rule) if calib_size is None else calib_size
     if isinstance(calib_size, bool) or not isinstance(calib_size, int) or not 0 < calib_size < len(train):
         raise ValueError(f"calib_size must be in 1..{len(train) - 1} ({where}: train/ holds {len(train)} images), "
                          f"got {calib_size!r}")  # fmt: skip
