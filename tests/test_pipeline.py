@@ -243,10 +243,15 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capfd, monkeypatch):
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["engine"]["minus_outputs"]["top1_points"] == pytest.approx(0, abs=0.5)
     assert len(evaluation["static"]) == 7 and len(evaluation["dynamic"]) == len(evaluation["confidence"])
+    # The policy and max-softmax at every multiple of the tolerance (the quick preset's: 0.05).
+    assert [row["delta"] for row in evaluation["tolerances"]] == pytest.approx([0.025, 0.05, 0.1, 0.2])
+    operating = next(row for row in evaluation["tolerances"] if row["delta"] == pytest.approx(0.05))
+    assert operating["policy"]["saving"] == pytest.approx(evaluation["risk_control"]["policy"]["test"]["saving"])
     # The smoke preset learns: well above chance (10 classes) on the whole test split.
     assert evaluation["base"]["accuracy"] > 0.3 and evaluation["static"][-1]["accuracy"] > 0.3
     report = (out / "report.md").read_text()
     assert "| RDN N_K |" in report and "RDN† (dynamic" in report and "## Comparisons" in report
+    assert "| policy needs no more MACs |" in report
     assert "Smoke preset (`--quick`)" in report.splitlines()[2]
     assert not re.search(r"\bmet\b|target", report.split("## Comparisons")[1].split("##")[0])
     assert "## Targets" not in report

@@ -7,7 +7,8 @@ import json
 from benchmarks.pipeline_seeds import seed_row, summary
 
 
-def fake_run(folder, saving: float, speed: float, drop: float) -> None:
+def fake_run(folder, saving: float, speed: float, drop: float, sweep: tuple[tuple[float, float], ...] = ()) -> None:
+    """An evaluation.json; ``sweep``: (policy saving, max-softmax saving) at each tolerance."""
     folder.mkdir(parents=True)
     static = [{"accuracy": 0.80}, {"accuracy": 0.86}]
     test = {"accuracy_drop_points": drop, "saving": saving, "disagreement": 0.004}
@@ -17,20 +18,22 @@ def fake_run(folder, saving: float, speed: float, drop: float) -> None:
                          {"name": "dynamic δ=0.005", "images_per_second": speed, "peak_bytes": 150}],
         "risk_control": {"policy": {"test": test},
                          "confidence": {"test": {"accuracy_drop_points": 0.01, "saving": 0.55}}},
+        "tolerances": [{"policy": {"saving": ours}, "confidence": {"saving": theirs}} for ours, theirs in sweep],
     }  # fmt: skip
     (folder / "evaluation.json").write_text(json.dumps(evaluation))
 
 
 def test_summary_reports_median_range_and_misses(tmp_path):
-    fake_run(tmp_path / "seed0", saving=0.56, speed=1600.0, drop=0.05)
-    fake_run(tmp_path / "seed1", saving=0.40, speed=1200.0, drop=0.30)
+    fake_run(tmp_path / "seed0", saving=0.56, speed=1600.0, drop=0.05, sweep=((0.4, 0.4), (0.56, 0.55)))
+    fake_run(tmp_path / "seed1", saving=0.40, speed=1200.0, drop=0.30, sweep=((0.4, 0.5), (0.6, 0.55)))
     rows = {seed: seed_row(tmp_path / f"seed{seed}") for seed in (0, 1)}
     assert rows[0]["speedup"] == 1.6 and rows[0]["memory"] == 1.5 and rows[0]["nk_top1"] == 86.0
     text = summary(rows)
     assert "| median |" in text and "| min |" in text
     assert "- seed 0: saving ≥ 50%: met, drop ≤ 0.2 points: met, ≥ 1.5× images/s: met, no more MACs than " \
-           "max-softmax: met" in text  # fmt: skip
+           "max-softmax: met, no more MACs than max-softmax at every tolerance (2 of 2): met" in text  # fmt: skip
     assert "- seed 1: saving ≥ 50%: MISSED, drop ≤ 0.2 points: MISSED, ≥ 1.5× images/s: MISSED" in text
+    assert "at every tolerance (1 of 2): MISSED" in text
 
 
 def test_surgery_summary_reads_costs_and_the_chosen_construction(tmp_path):

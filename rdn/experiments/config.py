@@ -24,6 +24,7 @@ __all__ = [
     "ABLATIONS",
     "EPSILON_OFFSETS",
     "OPERATING_OFFSET",
+    "TOLERANCE_FACTORS",
     "PRESETS",
     "RESUMABLE_CHANGES",
     "Ablation",
@@ -38,6 +39,10 @@ __all__ = [
 # the real early-exit engine) and the one ``rdn infer --from RUN`` deploys.
 EPSILON_OFFSETS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 OPERATING_OFFSET = 0.002
+# The evaluation also calibrates the policy and the max-softmax rule at these multiples of the run's
+# tolerance δ (each its own Learn-then-Test at risk_alpha, on the same calibration split) and compares
+# them on the test split: one operating point does not show whether a rule wins at every tolerance.
+TOLERANCE_FACTORS = (0.5, 1.0, 2.0, 4.0)
 
 # Settings that do not change what the steps compute (timing, presentation, the optional
 # ablations step): a run folder resumes when only these differ.

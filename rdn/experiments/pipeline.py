@@ -62,6 +62,7 @@ from rdn.experiments.config import (
     EPSILON_OFFSETS,
     OPERATING_OFFSET,
     RESUMABLE_CHANGES,
+    TOLERANCE_FACTORS,
     ExperimentConfig,
     differences,
 )
@@ -502,6 +503,7 @@ class _Pipeline:
         star_point = next(point for point in dynamic if point.epsilon == operating)
         risk_control["lambda_star"] = {"epsilon": operating, "parameter": policy.lambda_for(operating),
                                        "test": _against_n_k(star_point, static[-1], test, star)}  # fmt: skip
+        tolerances = self._tolerance_sweep(static[-1]) if c.tolerance > 0 else []
         batches = self.batches(data.test, c.bench_batch, device)
         engine = evaluate_dynamic(net, policy, lam, batches, progress=self.progress)
         # The engine's staged path and the one-pass outputs round differently (GPU kernels especially):
@@ -536,6 +538,7 @@ class _Pipeline:
             "confidence": [asdict(p) for p in confidence],
             "engine": asdict(engine) | {"minus_outputs": difference},
             "risk_control": risk_control,
+            "tolerances": tolerances,
             "base": base_point,
             "params": {"N_K": net.params(k), "policy": sum(p.numel() for p in policy.parameters())},
             "measurements": [asdict(m) | {"name": f"{m.name} δ={c.tolerance:g}"} if m.name.startswith("dynamic")
@@ -545,6 +548,28 @@ class _Pipeline:
             "threads": bench_threads,
             "cpu": f"{cpu_name()} ({os.cpu_count()} logical CPUs)",
         }
+
+    def _tolerance_sweep(self, static_k) -> list[dict]:
+        """The policy and the max-softmax rule certified at every multiple of ``tolerance`` in
+        TOLERANCE_FACTORS (each its own Learn-then-Test on the calibration split, as the operating
+        point), and what each achieved on the test split."""
+        from rdn.calibration import calibrate_confidence_consistency, calibrate_consistency
+        from rdn.policy import confidence_exits, evaluate_exits, exit_macs, exit_savings
+
+        policy, c = self.policy, self.config
+        calib, test, macs = self.outputs["calib"], self.outputs["test"], exit_macs(self.net)
+        rows = []
+        for delta in sorted({c.tolerance * factor for factor in TOLERANCE_FACTORS if c.tolerance * factor < 1}):
+            lam = calibrate_consistency(policy, calib, delta, c.risk_alpha, macs=macs).parameter
+            tau = calibrate_confidence_consistency(calib, delta, c.risk_alpha, savings=exit_savings(self.net)).parameter
+            chosen = policy.exits(test.features, test.statistics, lam)
+            point = evaluate_exits(chosen, test, macs, "dynamic", None, lam, extra_macs=policy.rule_macs(chosen, lam))
+            confident = confidence_exits(test.confidence, tau)
+            baseline = evaluate_exits(confident, test, macs, "confidence", None, tau)
+            rows.append({"delta": delta, "alpha": c.risk_alpha,
+                         "policy": {"parameter": lam} | _against_n_k(point, static_k, test, chosen),
+                         "confidence": {"parameter": tau} | _against_n_k(baseline, static_k, test, confident)})
+        return rows
 
     def ablations(self) -> None:
         """Step 8 (``--ablations``): every variant nested, fine-tuned (resuming its checkpoint in

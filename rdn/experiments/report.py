@@ -261,6 +261,7 @@ def render_report(folder: str | Path) -> str:
         "## Calibration",
         "",
         *_calibration_lines(calibration),
+        *_tolerance_lines(evaluation),
         f"The paper's rule: (ε, λ*) pairs (stored in policy.pt and calibration.json); its compared ε = "
         f"{calibration['operating_epsilon']:.4f} (the ε nearest N_K's calibration error + {OPERATING_OFFSET}). The "
         f"policy may exit at {', '.join(f'N_{s}' for s in calibration['exits'])}; the confidence baseline at every "
@@ -294,6 +295,29 @@ def _calibration_lines(calibration: dict) -> list[str]:
         *rows,
         "",
     ]
+
+
+def _tolerance_lines(evaluation: dict) -> list[str]:
+    """The policy against the max-softmax rule at every tolerance of the sweep (runs before it have none)."""
+    rows = evaluation.get("tolerances") or []
+    if not rows:
+        return []
+
+    def cells(test: dict) -> str:
+        return (f"{100 * test['saving']:.1f} % | {0.0 - test['accuracy_drop_points'] + 0.0:+.2f} | "
+                f"{100 * test['disagreement']:.2f} %")  # fmt: skip
+
+    lines = ["Every tolerance, each calibrated the same way (its own Learn-then-Test at α = "
+             f"{rows[0]['alpha']:g} on the calibration split), measured on the test split:",
+             "",
+             "| δ | policy: MACs saved | points vs N_K | disagreement | max-softmax: MACs saved | points vs N_K | "
+             "disagreement | policy needs no more MACs |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for row in rows:
+        wins = row["policy"]["saving"] >= row["confidence"]["saving"]
+        lines.append(f"| {row['delta']:g} | {cells(row['policy'])} | {cells(row['confidence'])} | "
+                     f"{'yes' if wins else 'no'} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _tradeoff_table(points: list[dict]) -> list[str]:
