@@ -255,7 +255,7 @@ def test_training_feeds_the_mlp_what_it_reads_when_deciding(target):
     outputs = synthetic_outputs(n=24)
     outputs = ExitOutputs(outputs.features, outputs.correct, outputs.correct_top5, outputs.statistics,
                           outputs.labels, predictions=outputs.correct.long())  # fmt: skip
-    policy = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=8, target=target)
+    policy = ExitPolicy(outputs.feature_width, [0.7, 0.4, 0.0], hidden=8, target=target, members=1)
     seen: list[Tensor] = []
     hook = policy.mlp.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().clone()))
     fit_policy(policy, outputs, epochs=1, batch_size=8, progress=False)
