@@ -453,11 +453,11 @@ class ExitPolicy(nn.Module):
             operates) and reaches N_K's test accuracy at 44 % of its MACs, which one-shot does not;
             1–6 % more 2–3 points below. Both need 25–50 % fewer MACs than the max-softmax baseline
             at every accuracy measured.
-        members: MLPs trained side by side from different initialisations (a deep ensemble);
-            p_k(x) is their mean. Why 3 by default: on make demo's three Fashion-MNIST RDNs, one MLP's
-            certified test saving at δ = 0.005 moved by up to 4.6 points with its initialisation
-            (46.6–51.2 % on one network); three members gave 50.1–54.4 % over every network and
-            seed, above one MLP's mean on each (docs/design.md). Their MACs are counted.
+        members: MLPs fitted one by one, each from its own initialisation and data order (a deep
+            ensemble); p_k(x) is their mean. Why 3 by default: on make demo's three Fashion-MNIST
+            RDNs one MLP's certified test saving at δ = 0.005 spread 1.5–2.6 points over 4
+            initialisations per network, three members' 0.6–2.1, at similar means (docs/design.md).
+            Their MACs are counted.
 
     Buffers ``feature_mean`` / ``feature_scale`` standardise the features (set by :func:`fit_policy`),
     ``allowed`` (K,) marks the exits the rule may pick (:meth:`restrict_exits`, e.g. to the nesting order);
