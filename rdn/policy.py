@@ -516,28 +516,27 @@ class ExitPolicy(nn.Module):
         weight = state["mlp.2.weight"]
         return {"hidden": int(weight.shape[-1]), "members": int(weight.shape[0]) if weight.dim() == 3 else 1}
 
-    def _member_parameters(self, member: int) -> list[Tensor]:
-        """Views of member ``member``'s weights and biases, layer by layer."""
-        first, middle, last = self.mlp[0], self.mlp[2], self.mlp[4]
-        rows = slice(member * self.hidden, (member + 1) * self.hidden)
-        return [first.weight[rows], first.bias[rows], middle.weight[member], middle.bias[member],
-                last.weight[member], last.bias[member]]  # fmt: skip
-
-    def _member(self, member: int) -> ExitPolicy:
-        """A one-member copy of member ``member`` (with this policy's buffers and settings)."""
+    def member(self, member: int) -> ExitPolicy:
+        """A one-member copy of member ``member`` of the ensemble (with this policy's buffers and settings)."""
         single = ExitPolicy(self.feature_width, self.savings, self.hidden, self.mode, self.target, members=1)
         single = single.to(self.feature_mean.device)
         with torch.no_grad():
-            for mine, theirs in zip(single._member_parameters(0), self._member_parameters(member), strict=True):
+            for mine, theirs in zip(_member_parameters(single, 0), _member_parameters(self, member), strict=True):
                 mine.copy_(theirs)
         single.load_state_dict({name: value for name, value in self.state_dict().items()
                                 if not name.startswith("mlp.")}, strict=False)  # fmt: skip
         return single
 
-    def _take_member(self, member: int, single: ExitPolicy) -> None:
-        """Member ``member``'s weights and the feature standardisation from the one-member ``single``."""
+    def set_member(self, member: int, single: ExitPolicy) -> None:
+        """Member ``member``'s weights, and the feature standardisation, from the one-member ``single``
+        (e.g. one :meth:`member` returned and :func:`fit_policy` trained)."""
+        if single.members != 1 or single.hidden != self.hidden or single.feature_width != self.feature_width \
+                or single.mode != self.mode:  # fmt: skip
+            raise ValueError(f"single must be a one-member policy of this one's sizes and mode ({self.hidden} hidden, "
+                             f"{self.feature_width} features, {self.mode}), got {single.members} members, "
+                             f"{single.hidden} hidden, {single.feature_width} features, {single.mode}")  # fmt: skip
         with torch.no_grad():
-            for mine, theirs in zip(self._member_parameters(member), single._member_parameters(0), strict=True):
+            for mine, theirs in zip(_member_parameters(self, member), _member_parameters(single, 0), strict=True):
                 mine.copy_(theirs)
             self.feature_mean.copy_(single.feature_mean)
             self.feature_scale.copy_(single.feature_scale)
@@ -612,9 +611,9 @@ class ExitPolicy(nn.Module):
             raise ValueError(f"statistics must be (N={n}, s in 1..{k}, {len(STATISTICS)}), got "
                              f"{tuple(statistics.shape)}")
         stage = torch.full((n,), statistics.shape[1], dtype=torch.long, device=features.device)
-        return self._mean_logit(self._logits(features, statistics, stage))
+        return self._mean_logit(self.member_logits(features, statistics, stage))
 
-    def _logits(self, features: Tensor, statistics: Tensor, stage: Tensor) -> Tensor:
+    def member_logits(self, features: Tensor, statistics: Tensor, stage: Tensor) -> Tensor:
         """(N, M, K) logits of every member on (N, F_1) features and (N, s, 3) statistics, row i
         knowing the first ``stage[i]`` ≤ s exits (the rest of its row is ignored): what
         :meth:`forward` runs with every row at stage s, and :func:`fit_policy` with rows of mixed
@@ -706,6 +705,16 @@ class ExitPolicy(nn.Module):
         )
 
 
+def _member_parameters(policy: ExitPolicy, member: int) -> list[Tensor]:
+    """Views of member ``member``'s weights and biases in ``policy``, layer by layer."""
+    if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < policy.members:
+        raise IndexError(f"member must be an int in 0..{policy.members - 1}, got {member!r}")
+    first, middle, last = policy.mlp[0], policy.mlp[2], policy.mlp[4]
+    rows = slice(member * policy.hidden, (member + 1) * policy.hidden)
+    return [first.weight[rows], first.bias[rows], middle.weight[member], middle.bias[member],
+            last.weight[member], last.bias[member]]  # fmt: skip
+
+
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -743,9 +752,9 @@ def fit_policy(
         # networks the certified saving spread less over policy seeds than with one shared order.
         curves = []
         for member in range(policy.members):
-            single = policy._member(member)
+            single = policy.member(member)
             curves.append(fit_policy(single, outputs, epochs, batch_size, lr, seed + member, progress))
-            policy._take_member(member, single)
+            policy.set_member(member, single)
         policy.eval()
         return [sum(losses) / len(losses) for losses in zip(*curves, strict=True)]
     device = policy.feature_mean.device
@@ -780,7 +789,7 @@ def fit_policy(
             # The input a row gets at its stage in forward: the statistics of exits beyond the stage
             # zero and flagged unknown (flagging every exit known here, as before, trained the MLP on
             # inputs it never sees when it decides).
-            logits = policy._logits(features[sample], statistics[sample], stage_of)  # (B, M, K)
+            logits = policy.member_logits(features[sample], statistics[sample], stage_of)  # (B, M, K)
             weights = (exit_numbers[None, :] >= stage_of[:, None]).to(logits.dtype)
             if policy.target == "agreement":
                 weights[:, -1] = 0.0  # N_K agrees with itself: p_K = 1 is fixed, not learned

@@ -287,8 +287,11 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path, capfd, monkeypatch):
     write_test_images(images, count=6)
     assert main(["infer", str(images), "--from", str(out), "--out", str(tmp_path / "p.json")]) == 0
     predictions = json.loads((tmp_path / "p.json").read_text())
-    operating = json.loads((out / "calibration.json").read_text())["operating_epsilon"]
-    assert len(predictions) == 6 and f"ε = {operating:g}" in capfd.readouterr().err
+    calibration = json.loads((out / "calibration.json").read_text())
+    certified = calibration["risk_control"]["policy"]["parameter"]
+    # The risk-controlled λ when the calibration certified early exits, else the λ* rule's operating ε.
+    expected = "risk-controlled (λ = " if certified is not None else f"ε = {calibration['operating_epsilon']:g}"
+    assert len(predictions) == 6 and expected in capfd.readouterr().err
     assert all(1 <= p["exit"] <= 7 and p["macs"] > 0 for p in predictions)
 
 

@@ -279,11 +279,11 @@ def test_the_members_probabilities_are_averaged():
     policy = ExitPolicy(4, [0.7, 0.4, 0.0], hidden=8, members=3, target="correctness")
     features, statistics = torch.randn(6, 4), torch.rand(6, 2, 3)
     with torch.no_grad():
-        members = policy._logits(features, statistics, torch.full((6,), 2))
+        members = policy.member_logits(features, statistics, torch.full((6,), 2))
         expected = torch.sigmoid(members).mean(1)
         torch.testing.assert_close(policy.probabilities(features, statistics), expected)
         alone = ExitPolicy(4, [0.7, 0.4, 0.0], hidden=8, members=1, target="correctness")
-        torch.testing.assert_close(alone(features, statistics), alone._logits(features, statistics,
+        torch.testing.assert_close(alone(features, statistics), alone.member_logits(features, statistics,
                                                                              torch.full((6,), 2))[:, 0])  # fmt: skip
 
 
@@ -304,6 +304,23 @@ def test_each_member_learns_as_if_alone():
         fit_policy(policy, outputs, epochs=2, batch_size=32, seed=3, progress=False)
     for mine, theirs in zip(member_zero(single), member_zero(pair), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_member_is_taken_out_and_put_back():
+    policy = ExitPolicy(4, [0.7, 0.4, 0.0], hidden=8, members=3, target="correctness")
+    features, statistics = torch.randn(5, 4), torch.rand(5, 2, 3)
+    with torch.no_grad():
+        second = policy.member(1)
+        torch.testing.assert_close(second(features, statistics),
+                                   policy.member_logits(features, statistics, torch.full((5,), 2))[:, 1])  # fmt: skip
+        second.mlp[4].bias.add_(1.0)
+        policy.set_member(0, second)
+        torch.testing.assert_close(policy.member_logits(features, statistics, torch.full((5,), 2))[:, 0],
+                                   second(features, statistics))  # fmt: skip
+    with pytest.raises(IndexError, match=r"member must be an int in 0\.\.2"):
+        policy.member(3)
+    with pytest.raises(ValueError, match="one-member policy"):
+        policy.set_member(0, ExitPolicy(4, [0.7, 0.4, 0.0], hidden=6, members=1))
 
 
 def test_a_single_mlp_state_from_before_ensembles_loads():
