@@ -789,18 +789,17 @@ def fit_policy(
             # The input a row gets at its stage in forward: the statistics of exits beyond the stage
             # zero and flagged unknown (flagging every exit known here, as before, trained the MLP on
             # inputs it never sees when it decides).
-            logits = policy.member_logits(features[sample], statistics[sample], stage_of)  # (B, M, K)
+            # One member here (an ensemble's members are fitted one by one above).
+            logits = policy.member_logits(features[sample], statistics[sample], stage_of)[:, 0]
             weights = (exit_numbers[None, :] >= stage_of[:, None]).to(logits.dtype)
             if policy.target == "agreement":
                 weights[:, -1] = 0.0  # N_K agrees with itself: p_K = 1 is fixed, not learned
-            # (one member here: an ensemble's members are fitted one by one above)
-            errors = F.binary_cross_entropy_with_logits(logits, targets[sample][:, None].expand_as(logits),
-                                                        reduction="none")  # fmt: skip
-            loss = (errors * weights[:, None]).sum() / weights.sum().clamp_min(1.0)
+            loss = (F.binary_cross_entropy_with_logits(logits, targets[sample], reduction="none") * weights).sum() \
+                / weights.sum().clamp_min(1.0)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() / logits.shape[1] * chunk.shape[0]
+            total += loss.item() * chunk.shape[0]
         losses.append(total / max(rows.shape[0], 1))
     policy.eval()
     return losses
