@@ -53,11 +53,11 @@ __all__ = [
     "DataSpec",
     "DataSplits",
     "ImageDataset",
+    "default_calib_size",
     "eval_loader",
     "load_dataset",
     "read_idx",
     "train_loader",
-    "default_calib_size",
 ]
 
 DATASETS = ("fashion_mnist", "mnist5k", "cifar10", "folder", "imagefolder", "synthetic")

@@ -477,10 +477,9 @@ def folder_splits(
     Only the file lists are read (and one image header per class, for the channels): nothing is
     decoded until a loader asks. Args: ``image_size``: the crop side (default 224); ``calib_size``:
     training images held out for calibration (default :func:`~rdn.data.default_calib_size` under
-    ``calib_rule``, a sixth, at most 10,000); ``seed``: the
-    calibration split and the splits' orders; ``num_workers``: the loaders' worker processes;
-    ``crop_scale``: the smallest area fraction of the training crops (:class:`TrainTransform`'s
-    ``scale`` is ``(crop_scale, 1)``).
+    ``calib_rule``: a sixth, at most 10,000); ``seed``: the calibration split and the splits'
+    orders; ``num_workers``: the loaders' worker processes; ``crop_scale``: the smallest area
+    fraction of the training crops (:class:`TrainTransform`'s ``scale`` is ``(crop_scale, 1)``).
     Grey folders (every class's first image grey) give 1-channel images normalised by
     :data:`GREY_MEAN` / :data:`GREY_STD`, the others RGB by ImageNet's mean and std.
 
