@@ -111,4 +111,43 @@ std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_outpu
   return {grad_input, grad_weight};
 }
 
+std::tuple<at::Tensor, at::Tensor> masked_dense_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                         const at::Tensor& weight, const BlockLayout& layout,
+                                                         const Geometry& geometry, int64_t lo, int64_t hi,
+                                                         bool needs_input, bool needs_weight) {
+  const int64_t out_lo = layout.out_offsets[lo], rows = layout.out_offsets[hi] - out_lo;
+  int64_t columns = 0;  // input channels the groups read: up to the end of the last run
+  for (int64_t j = lo; j < hi; ++j) {
+    for (const auto& run : input_runs(layout, j)) columns = std::max(columns, run.second);
+  }
+  at::Tensor grad_input, grad_weight;
+  if (needs_weight) grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  if (rows == 0 || columns == 0) {
+    if (needs_input) grad_input = at::zeros_like(input);
+    return {grad_input, grad_weight};
+  }
+  at::Tensor mask = at::zeros({rows, columns, 1, 1}, weight.options());
+  for (int64_t j = lo; j < hi; ++j) {
+    const int64_t width = layout.out_splits(j);
+    if (width == 0) continue;
+    for (const auto& [start, stop] : input_runs(layout, j)) {
+      mask.narrow(0, layout.out_offsets[j] - out_lo, width).narrow(1, start, stop - start).fill_(1);
+    }
+  }
+  const at::Tensor masked = weight.narrow(0, out_lo, rows).narrow(1, 0, columns) * mask;
+  auto [block_input, block_weight, unused] = at::convolution_backward(
+      grad_output, input.narrow(1, 0, columns), masked, c10::nullopt, geometry.stride, geometry.padding,
+      geometry.dilation, false, {0, 0}, 1, {needs_input, needs_weight, false});
+  if (needs_input) {
+    if (columns == input.size(1)) {
+      grad_input = block_input.contiguous(memory_format_of(input));
+    } else {
+      grad_input = at::zeros_like(input);
+      grad_input.narrow(1, 0, columns).copy_(block_input);
+    }
+  }
+  if (needs_weight) grad_weight.narrow(0, out_lo, rows).narrow(1, 0, columns).copy_(block_weight * mask);
+  return {grad_input, grad_weight};
+}
+
 }  // namespace rdn

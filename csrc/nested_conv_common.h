@@ -1,6 +1,6 @@
 // What the CPU and CUDA backends of the nested convolution share: the block layout and geometry
 // they take, the signatures of their entry points, and the layout-level helpers both use
-// (channel runs, output shape, bias gradient, the per-block ATen backward).
+// (channel runs, output shape, bias gradient, the per-block and the masked dense ATen backward).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -80,5 +80,13 @@ std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_outpu
                                                     const at::Tensor& weight, const BlockLayout& layout,
                                                     const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input,
                                                     bool needs_weight);
+
+// The same gradients by one ATen convolution_backward on the weight of groups lo..hi-1 masked to
+// their blocks (zero elsewhere): dense FLOPs, one library call. grad_weight (contiguous) is
+// exactly zero outside the blocks, grad_input zero on the input channels no group reads.
+std::tuple<at::Tensor, at::Tensor> masked_dense_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                         const at::Tensor& weight, const BlockLayout& layout,
+                                                         const Geometry& geometry, int64_t lo, int64_t hi,
+                                                         bool needs_input, bool needs_weight);
 
 }  // namespace rdn
