@@ -111,42 +111,74 @@ std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_outpu
   return {grad_input, grad_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_dense_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                                         const at::Tensor& weight, const BlockLayout& layout,
-                                                         const Geometry& geometry, int64_t lo, int64_t hi,
-                                                         bool needs_input, bool needs_weight) {
-  const int64_t out_lo = layout.out_offsets[lo], rows = layout.out_offsets[hi] - out_lo;
-  int64_t columns = 0;  // input channels the groups read: up to the end of the last run
+namespace {
+
+// The weight rows of groups lo..hi-1 over the input channels they read (up to the end of the last
+// run), with every entry outside their blocks zeroed, and the 0/1 mask that did it (rows, columns,
+// 1, 1). columns == 0 when no group reads anything.
+struct MaskedRows {
+  at::Tensor weight, mask;
+  int64_t first_row, rows, columns;
+};
+
+MaskedRows masked_rows(const at::Tensor& weight, const BlockLayout& layout, int64_t lo, int64_t hi) {
+  MaskedRows result{at::Tensor(), at::Tensor(), layout.out_offsets[lo],
+                    layout.out_offsets[hi] - layout.out_offsets[lo], 0};
   for (int64_t j = lo; j < hi; ++j) {
-    for (const auto& run : input_runs(layout, j)) columns = std::max(columns, run.second);
+    for (const auto& run : input_runs(layout, j)) result.columns = std::max(result.columns, run.second);
   }
-  at::Tensor grad_input, grad_weight;
-  if (needs_weight) grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
-  if (rows == 0 || columns == 0) {
-    if (needs_input) grad_input = at::zeros_like(input);
-    return {grad_input, grad_weight};
-  }
-  at::Tensor mask = at::zeros({rows, columns, 1, 1}, weight.options());
+  if (result.rows == 0 || result.columns == 0) return result;
+  result.mask = at::zeros({result.rows, result.columns, 1, 1}, weight.options());
   for (int64_t j = lo; j < hi; ++j) {
     const int64_t width = layout.out_splits(j);
     if (width == 0) continue;
     for (const auto& [start, stop] : input_runs(layout, j)) {
-      mask.narrow(0, layout.out_offsets[j] - out_lo, width).narrow(1, start, stop - start).fill_(1);
+      result.mask.narrow(0, layout.out_offsets[j] - result.first_row, width).narrow(1, start, stop - start).fill_(1);
     }
   }
-  const at::Tensor masked = weight.narrow(0, out_lo, rows).narrow(1, 0, columns) * mask;
+  result.weight = weight.narrow(0, result.first_row, result.rows).narrow(1, 0, result.columns) * result.mask;
+  return result;
+}
+
+}  // namespace
+
+std::optional<at::Tensor> masked_dense_forward(const at::Tensor& input, const at::Tensor& weight,
+                                               const c10::optional<at::Tensor>& bias, const BlockLayout& layout,
+                                               const Geometry& geometry, int64_t lo, int64_t hi) {
+  const MaskedRows masked = masked_rows(weight, layout, lo, hi);
+  if (masked.rows == 0 || masked.columns == 0) return std::nullopt;
+  const c10::optional<at::Tensor> rows_bias =
+      bias ? c10::optional<at::Tensor>(bias->narrow(0, masked.first_row, masked.rows)) : c10::nullopt;
+  return at::convolution(input.narrow(1, 0, masked.columns), masked.weight, rows_bias, geometry.stride,
+                         geometry.padding, geometry.dilation, false, {0, 0}, 1)
+      .contiguous(memory_format_of(input));
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_dense_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                         const at::Tensor& weight, const BlockLayout& layout,
+                                                         const Geometry& geometry, int64_t lo, int64_t hi,
+                                                         bool needs_input, bool needs_weight) {
+  const MaskedRows masked = masked_rows(weight, layout, lo, hi);
+  at::Tensor grad_input, grad_weight;
+  if (needs_weight) grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  if (masked.rows == 0 || masked.columns == 0) {
+    if (needs_input) grad_input = at::zeros_like(input);
+    return {grad_input, grad_weight};
+  }
   auto [block_input, block_weight, unused] = at::convolution_backward(
-      grad_output, input.narrow(1, 0, columns), masked, c10::nullopt, geometry.stride, geometry.padding,
-      geometry.dilation, false, {0, 0}, 1, {needs_input, needs_weight, false});
+      grad_output, input.narrow(1, 0, masked.columns), masked.weight, c10::nullopt, geometry.stride,
+      geometry.padding, geometry.dilation, false, {0, 0}, 1, {needs_input, needs_weight, false});
   if (needs_input) {
-    if (columns == input.size(1)) {
+    if (masked.columns == input.size(1)) {
       grad_input = block_input.contiguous(memory_format_of(input));
     } else {
       grad_input = at::zeros_like(input);
-      grad_input.narrow(1, 0, columns).copy_(block_input);
+      grad_input.narrow(1, 0, masked.columns).copy_(block_input);
     }
   }
-  if (needs_weight) grad_weight.narrow(0, out_lo, rows).narrow(1, 0, columns).copy_(block_weight * mask);
+  if (needs_weight) {
+    grad_weight.narrow(0, masked.first_row, masked.rows).narrow(1, 0, masked.columns).copy_(block_weight * masked.mask);
+  }
   return {grad_input, grad_weight};
 }
 

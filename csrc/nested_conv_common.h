@@ -81,6 +81,13 @@ std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_outpu
                                                     const Geometry& geometry, int64_t lo, int64_t hi, bool needs_input,
                                                     bool needs_weight);
 
+// Output channels of groups lo..hi-1 (N, their channels, H_out, W_out; the input's memory format) by
+// one ATen convolution on their weight rows masked to their blocks; nullopt when they read nothing
+// or have no channels.
+std::optional<at::Tensor> masked_dense_forward(const at::Tensor& input, const at::Tensor& weight,
+                                               const c10::optional<at::Tensor>& bias, const BlockLayout& layout,
+                                               const Geometry& geometry, int64_t lo, int64_t hi);
+
 // The same gradients by one ATen convolution_backward on the weight of groups lo..hi-1 masked to
 // their blocks (zero elsewhere): dense FLOPs, one library call. grad_weight (contiguous) is
 // exactly zero outside the blocks, grad_input zero on the input channels no group reads.

@@ -734,6 +734,13 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
                    const c10::optional<at::Tensor>& out) {
   TORCH_CHECK(input.device().is_cpu(), "rdn cpp backend: expected CPU tensors");
   const at::Tensor weight_c = weight.contiguous();
+  if (!out && !use_pointwise(input, weight, geometry)) {
+    // k×k into a fresh output: one dense convolution on the masked weight rows. On 3×3 16→16 @112
+    // it ran 2.4× faster than this file's unfolded product in channels_last and on par in NCHW
+    // (benchmarks/results/kxk_cpu.md). A stage into out= keeps the unfolded product, which writes
+    // its rows in place.
+    if (auto output = masked_dense_forward(input, weight_c, bias, layout, geometry, lo, hi)) return *output;
+  }
   const int64_t channels = layout.out_offsets[hi] - layout.out_offsets[lo];
   at::Tensor output = out ? *out : rdn::empty(output_shape(input, weight, geometry, channels),
                                              input.options().memory_format(memory_format_of(input)));
@@ -774,9 +781,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
       }
     });
   } else {
-    // k×k: one dense backward on the masked weight. Against the per-block calls and this file's
-    // unfolded grad_input it was faster on every shape measured, in both layouts, up to 2.4×
-    // (benchmarks/results/kxk_backward_cpu.md): the library's one call beats K(K+1)/2 on small blocks.
+    // k×k: one dense backward on the masked weight. With the forward above, forward + backward ran
+    // 1.0–3.0× faster than the per-block calls and this file's unfolded grad_input on every 3×3
+    // shape measured (benchmarks/results/kxk_cpu.md): one library call beats K(K+1)/2 on small blocks.
     std::tie(grad_input, grad_weight) =
         masked_dense_backward(grad_output, input, weight_c, layout, geometry, lo, hi, needs_input, needs_weight);
   }
