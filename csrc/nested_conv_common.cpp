@@ -114,8 +114,9 @@ std::tuple<at::Tensor, at::Tensor> general_backward(const at::Tensor& grad_outpu
 namespace {
 
 // The weight rows of groups lo..hi-1 over the input channels they read (up to the end of the last
-// run), with every entry outside their blocks zeroed, and the 0/1 mask that did it (rows, columns,
-// 1, 1). columns == 0 when no group reads anything.
+// run), with every entry outside their blocks set to zero (selected, not multiplied: a non-finite
+// value there must not reach the output), and the bool mask (rows, columns, 1, 1) that did it.
+// columns == 0 when no group reads anything.
 struct MaskedRows {
   at::Tensor weight, mask;
   int64_t first_row, rows, columns;
@@ -128,15 +129,16 @@ MaskedRows masked_rows(const at::Tensor& weight, const BlockLayout& layout, int6
     for (const auto& run : input_runs(layout, j)) result.columns = std::max(result.columns, run.second);
   }
   if (result.rows == 0 || result.columns == 0) return result;
-  result.mask = at::zeros({result.rows, result.columns, 1, 1}, weight.options());
+  result.mask = at::zeros({result.rows, result.columns, 1, 1}, weight.options().dtype(at::kBool));
   for (int64_t j = lo; j < hi; ++j) {
     const int64_t width = layout.out_splits(j);
     if (width == 0) continue;
     for (const auto& [start, stop] : input_runs(layout, j)) {
-      result.mask.narrow(0, layout.out_offsets[j] - result.first_row, width).narrow(1, start, stop - start).fill_(1);
+      result.mask.narrow(0, layout.out_offsets[j] - result.first_row, width).narrow(1, start, stop - start).fill_(true);
     }
   }
-  result.weight = weight.narrow(0, result.first_row, result.rows).narrow(1, 0, result.columns) * result.mask;
+  result.weight = at::where(result.mask, weight.narrow(0, result.first_row, result.rows).narrow(1, 0, result.columns),
+                            at::zeros({}, weight.options()));
   return result;
 }
 
@@ -177,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> masked_dense_backward(const at::Tensor& grad_
     }
   }
   if (needs_weight) {
-    grad_weight.narrow(0, masked.first_row, masked.rows).narrow(1, 0, masked.columns).copy_(block_weight * masked.mask);
+    grad_weight.narrow(0, masked.first_row, masked.rows).narrow(1, 0, masked.columns).copy_(at::where(masked.mask, block_weight, at::zeros({}, block_weight.options())));
   }
   return {grad_input, grad_weight};
 }

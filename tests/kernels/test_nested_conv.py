@@ -183,6 +183,26 @@ def test_backward_matches_reference(backend, case, dtype, channels_last):
         assert torch.all(grads[1][untouched] == 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [CASES[7], CASES[12]], ids=str)
+def test_weights_outside_the_blocks_are_never_read(backend, case):
+    """Inf and NaN in the weight entries no block covers change nothing, forward or backward: a
+    kernel that multiplies the weight by its mask instead of selecting would spread them."""
+    require_backend(backend)
+    input, weight, bias = case.tensors(torch.float32, False)
+    outside = ~_read_blocks(case.layout, 0, case.layout.num_groups, weight.shape)
+    poisoned = weight.clone()
+    poisoned[outside] = torch.tensor([float("inf"), float("nan")]).repeat(int(outside.sum()))[: int(outside.sum())]
+    results = []
+    for w in (weight, poisoned):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (input, w, bias)]
+        output = nested_conv2d(*leaves, **case.conv_kwargs, backend=backend)
+        grads = torch.autograd.grad(output, leaves, torch.ones_like(output))
+        results.append((output, grads[0], grads[1][~outside], grads[1][outside]))
+    for clean, dirty in zip(*results, strict=True):
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+
+
 def _read_blocks(layout, lo: int, hi: int, weight_shape) -> torch.Tensor:
     """Bool mask over the weight: True on the blocks that output groups lo..hi-1 read."""
     read = torch.zeros(weight_shape, dtype=torch.bool)
