@@ -441,8 +441,7 @@ class _Pipeline:
         probability ≥ 1 − ``risk_alpha``. Calibrated on the calibration split, labels unused: it is
         exchangeable with the test split and neither the network nor the policy trained on it (the
         training split is not valid: the network fits it, the policy learned from its outputs)."""
-        from rdn.calibration import calibrate_confidence_consistency, calibrate_consistency, minimum_samples
-        from rdn.policy import exit_macs, exit_savings
+        from rdn.calibration import minimum_samples
 
         calib, c = self.outputs["calib"], self.config
         if calib.predictions is None:
@@ -453,12 +452,19 @@ class _Pipeline:
             print(f"  note: certifying tolerance {c.tolerance:g} at risk-alpha {c.risk_alpha:g} needs at least "
                   f"{needed} calibration images, the split holds {calib.num_samples}: the operating point runs N_K",
                   flush=True)  # fmt: skip
-        macs = exit_macs(self.net)
+        return {rule: control.to_dict() for rule, control in self._certify(policy, c.tolerance).items()}
+
+    def _certify(self, policy: nn.Module, delta: float) -> dict:
+        """``{"policy": ..., "confidence": ...}``: the :class:`~rdn.calibration.RiskControl` of λ and of
+        the max-softmax τ, each certified at tolerance ``delta`` on the calibration split."""
+        from rdn.calibration import calibrate_confidence_consistency, calibrate_consistency
+        from rdn.policy import exit_macs, exit_savings
+
+        calib, alpha = self.outputs["calib"], self.config.risk_alpha
         return {
-            "policy": calibrate_consistency(policy, calib, c.tolerance, c.risk_alpha, macs=macs).to_dict(),
-            "confidence": calibrate_confidence_consistency(calib, c.tolerance, c.risk_alpha,
-                                                           savings=exit_savings(self.net)).to_dict(),
-        }  # fmt: skip
+            "policy": calibrate_consistency(policy, calib, delta, alpha, macs=exit_macs(self.net)),
+            "confidence": calibrate_confidence_consistency(calib, delta, alpha, savings=exit_savings(self.net)),
+        }
 
     def evaluate(self) -> None:
         write_json(self.folder / "evaluation.json", self._evaluation())
@@ -553,15 +559,14 @@ class _Pipeline:
         """The policy and the max-softmax rule certified at every multiple of ``tolerance`` in
         TOLERANCE_FACTORS (each its own Learn-then-Test on the calibration split, as the operating
         point), and what each achieved on the test split."""
-        from rdn.calibration import calibrate_confidence_consistency, calibrate_consistency
-        from rdn.policy import confidence_exits, evaluate_exits, exit_macs, exit_savings
+        from rdn.policy import confidence_exits, evaluate_exits, exit_macs
 
         policy, c = self.policy, self.config
-        calib, test, macs = self.outputs["calib"], self.outputs["test"], exit_macs(self.net)
+        test, macs = self.outputs["test"], exit_macs(self.net)
         rows = []
         for delta in sorted({c.tolerance * factor for factor in TOLERANCE_FACTORS if c.tolerance * factor < 1}):
-            lam = calibrate_consistency(policy, calib, delta, c.risk_alpha, macs=macs).parameter
-            tau = calibrate_confidence_consistency(calib, delta, c.risk_alpha, savings=exit_savings(self.net)).parameter
+            certified = self._certify(policy, delta)
+            lam, tau = certified["policy"].parameter, certified["confidence"].parameter
             chosen = policy.exits(test.features, test.statistics, lam)
             point = evaluate_exits(chosen, test, macs, "dynamic", None, lam, extra_macs=policy.rule_macs(chosen, lam))
             confident = confidence_exits(test.confidence, tau)
