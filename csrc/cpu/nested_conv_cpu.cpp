@@ -87,6 +87,11 @@ const pm::Kernels<double>& kernels<double>() { return pm::double_kernels(); }
 // batch's pixels as one range, so a tile may span samples (short images waste no padding).
 struct Tiling {
   int64_t rows, tasks;  // rows per tile: a multiple of the kernels' pixel vector pair
+  // Elements between a packed tile's channel rows: `rows` rounded up to an odd number of 64-byte
+  // lines. The kernels read one line of many channel rows at the same pixel offset; with a stride
+  // of an even number of lines those lines fall into a fraction of the L1 / L2 sets (640 floats:
+  // a period of 8 rows, so 144 channels needed 18 ways of 8 sets) and a stage ran 2× slower.
+  int64_t stride;
 
   Tiling(int64_t total_rows, int64_t channels, int64_t element_size, int64_t multiple) {
     constexpr int64_t kTileBytes = 384 * 1024;  // both packed tiles in a core's L2 (1–2 MB)
@@ -97,6 +102,9 @@ struct Tiling {
     rows_wanted = std::min(rows_wanted, (total_rows + tasks_wanted - 1) / tasks_wanted);
     rows = std::max(rows_wanted / multiple * multiple, multiple);
     tasks = (total_rows + rows - 1) / rows;
+    const int64_t per_line = std::max<int64_t>(64 / element_size, 1);
+    const int64_t lines = (rows + per_line - 1) / per_line;
+    stride = (lines | 1) * per_line;
   }
 };
 
@@ -172,20 +180,20 @@ void tiled_product(int64_t source_rows, int64_t staging_per_pixel, Pack&& pack, 
   const int64_t total_rows = dest.samples * dest.rows;
   const Tiling tiling(total_rows, source_rows + staging_per_pixel + dest_cols, sizeof(T), kernel.pixel_multiple);
   at::parallel_for(0, tiling.tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> source_tile(source_rows * tiling.rows), dest_tile(dest_cols * tiling.rows);
-    std::vector<T> staging(staging_per_pixel * tiling.rows);
-    pm::Product<T> problem{source_tile.data(), tiling.rows, weight, weight_dest_stride,
-                           weight_source_stride, dest_tile.data(), tiling.rows, tiling.rows,
+    std::vector<T> source_tile(source_rows * tiling.stride), dest_tile(dest_cols * tiling.stride);
+    std::vector<T> staging(staging_per_pixel * tiling.stride);
+    pm::Product<T> problem{source_tile.data(), tiling.stride, weight, weight_dest_stride,
+                           weight_source_stride, dest_tile.data(), tiling.stride, tiling.rows,
                            plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task * tiling.rows, rows = std::min(tiling.rows, total_rows - row);
       if (rows < tiling.rows) std::fill(source_tile.begin(), source_tile.end(), T(0));  // last tile: no garbage
-      pack(row, rows, source_tile.data(), tiling.rows, staging.data());
+      pack(row, rows, source_tile.data(), tiling.stride, staging.data());
       // The last tile computes only the vectors its pixels need.
       problem.pixels = (rows + kernel.pixel_multiple - 1) / kernel.pixel_multiple * kernel.pixel_multiple;
       kernel.product(problem);
       for_each_piece(dest, row, rows, dest_cols, dest_col, [&](const Matrix<T>& piece, int64_t offset) {
-        unpack_tile<T>(dest_tile.data() + offset, tiling.rows, piece, bias);
+        unpack_tile<T>(dest_tile.data() + offset, tiling.stride, piece, bias);
       });
     }
   });
@@ -392,35 +400,43 @@ ChannelsMinorProblem grad_input_problem(const BlockLayout& layout, int64_t lo, i
 
 // Which kernel family a channels_last 1×1 product runs on. The channels-minor kernels need no
 // transposes but waste the lanes a segment's mask leaves idle in the vectors it runs (a vector
-// runs over every channel some lane of it reads); the pixel-major kernels waste no lane but
-// transpose every input and output value of a tile. Per pixel: channels-minor costs the lane MACs
-// it runs, pixel-major the useful MACs plus about kTransposeMacs per transposed value. On
-// MobileNetV2's 19 1×1 layers (K = 4, batch 16, one AVX-512 core) channels-minor was the faster
-// path or within 2–3 % on all of them, and the rule picks it there; it keeps pixel-major where most
-// lanes would idle (groups much narrower than a vector) and for few pixels (a linear layer at
-// batch 16), where packing the weight would cost as much as the product. Packing costs about
-// kPackMacs per packed weight, once per call (a 1280 → 1000 linear layer: channels-minor was 1.34×,
-// 1.21×, 1.06× slower at 256, 512, 2048 rows before the packing was counted).
+// runs over every channel some lane of it reads), and broadcast one input value per (pixel,
+// channel, column block): a narrow block (6 or 8 columns, one vector) issues a broadcast load per
+// FMA. The pixel-major kernels waste no lane but transpose every input and output value of a
+// tile, in 8 × 8 blocks. Per pixel: channels-minor costs the lane MACs it runs plus
+// kBroadcastMacs per broadcast, pixel-major the useful MACs plus kTransposeMacs per transposed
+// value (channels rounded up to 8). Packing the weight costs about kPackMacs per packed weight,
+// once per call. Fitted on MobileNetV2's 1×1 layers (K = 4, batch 16; every forward and every
+// single stage, 1 and 2 threads, both paths forced, AVX-512 AMD EPYC, 2026-12-05): the rule's
+// choice was 2.2 % slower than the faster path in geometric mean (the rule without the broadcast
+// term and the rounding: 3.0 % on one thread, 5.8 % on two, where it sent narrow-output stages
+// and the 7 × 7 layers to channels-minor at up to 1.37× the pixel-major time). Below
+// kChannelsMinorMinRows pixels (a linear layer at batch 16) packing costs as much as the product.
 constexpr int64_t kChannelsMinorMinRows = 256;
-constexpr double kTransposeMacs = 16;
-constexpr double kPackMacs = 48;
+constexpr double kBroadcastMacs = 4;
+constexpr double kTransposeMacs = 10;
+constexpr double kPackMacs = 24;
 
 bool prefers_channels_minor(const ChannelsMinorPlan& plan, const BlockLayout& layout, int64_t lo, int64_t hi,
-                            int64_t transposed, int64_t rows) {
+                            int64_t read, int64_t cols, int64_t rows) {
   const char* value = std::getenv("RDN_KERNELS_CPU_CHANNELS_MINOR");
   if (value && value[0]) return value[0] == '1';
-  double lane_macs = 0, useful_macs = 0;
+  double lane_macs = 0, broadcasts = 0, useful_macs = 0;
   for (size_t b = 0; b < plan.blocks.size(); ++b) {
     for (const cm::Segment& segment : plan.segments[b]) {
-      lane_macs += static_cast<double>(segment.stop - segment.start) * (plan.blocks[b].vectors - segment.first_vector) *
-                   cm::kLanes;
+      const double channels = static_cast<double>(segment.stop - segment.start);
+      lane_macs += channels * (plan.blocks[b].vectors - segment.first_vector) * cm::kLanes;
+      broadcasts += channels;
     }
   }
   for (int64_t j = lo; j < hi; ++j) {
     for (const auto& [start, stop] : input_runs(layout, j)) useful_macs += double(layout.out_splits(j)) * (stop - start);
   }
+  auto in_eights = [](int64_t channels) { return static_cast<double>((channels + 7) / 8 * 8); };
+  const double transposed = in_eights(read) + in_eights(cols);
   const double packing = kPackMacs * static_cast<double>(plan.packed_at.back());
-  return lane_macs * rows + packing <= (useful_macs + kTransposeMacs * transposed) * rows;
+  return (lane_macs + kBroadcastMacs * broadcasts) * rows + packing <=
+         (useful_macs + kTransposeMacs * transposed) * rows;
 }
 
 // RDN_KERNELS_CPU_CHANNELS_MINOR=0 turns the channels-minor path off, =1 takes it wherever it
@@ -446,7 +462,7 @@ bool channels_minor_product(const ChannelsMinorProblem& problem, const at::Tenso
   if (rows < kChannelsMinorMinRows || cols == 0) return false;  // packing would cost as much as the product
   ChannelsMinorPlan plan = channels_minor_plan(problem);
   const int64_t read = problem.reduction_ranges.empty() ? 0 : problem.reduction_ranges.back().second;
-  if (!prefers_channels_minor(plan, layout, lo, hi, read + cols, rows)) return false;
+  if (!prefers_channels_minor(plan, layout, lo, hi, read, cols, rows)) return false;
   pack_channels_minor(plan, problem, weight, bias);
   const cm::Problem product{source.data, source.row_stride, dest.data + dest_col, dest.row_stride,
                             plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
@@ -685,14 +701,14 @@ at::Tensor pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), tiling.tasks);
   at::Tensor partial = at::zeros({slots, weight.size(0), channels}, weight.options());
   at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> gradient_tile(gradient_cols * tiling.rows), activation_tile(activation_ld * tiling.rows);
+    std::vector<T> gradient_tile(gradient_cols * tiling.stride), activation_tile(activation_ld * tiling.rows);
     std::vector<T> scratch(weight.size(0) * activation_ld);
     for (int64_t slot = begin; slot < end; ++slot) {
       T* accumulator = partial.data_ptr<T>() + slot * weight.size(0) * channels;
       for (int64_t task = slot; task < tiling.tasks; task += slots) {
         const int64_t row = task * tiling.rows, rows = std::min(tiling.rows, total_rows - row);
         for_each_piece(gradient, row, rows, gradient_cols, 0, [&](const Matrix<const T>& piece, int64_t offset) {
-          pack_tile(piece, gradient_tile.data() + offset, tiling.rows);
+          pack_tile(piece, gradient_tile.data() + offset, tiling.stride);
         });
         for_each_piece(activation, row, rows, read, 0, [&](const Matrix<const T>& piece, int64_t offset) {
           pack_rows(piece, activation_tile.data() + offset * activation_ld, activation_ld);
@@ -701,8 +717,8 @@ at::Tensor pointwise_grad_weight(const at::Tensor& grad_output, const at::Tensor
           const pm::Run run{0, 0, rows};
           const pm::DestinationBlock dest{0, 0, block.rows, &run, 1};
           const pm::Product<T> problem{activation_tile.data() + block.col, activation_ld,
-                                       gradient_tile.data() + block.gradient_row * tiling.rows,
-                                       tiling.rows, 1, scratch.data(), activation_ld,
+                                       gradient_tile.data() + block.gradient_row * tiling.stride,
+                                       tiling.stride, 1, scratch.data(), activation_ld,
                                        (block.cols + multiple - 1) / multiple * multiple, &dest, 1};
           kernel.product(problem);
           for (int64_t r = 0; r < block.rows; ++r) {
