@@ -445,7 +445,7 @@ def run_case(case: Case, ops: Operands, reference_ops: Operands, backends: Seque
     gpu = roofline.gpu_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     unit = roofline.math_unit(case.dtype, case.layer.is_linear)
     roofline_ms = roofline.roofline_ms(case, gpu, unit) if gpu and unit else None
-    shared = _case_columns(case) | {
+    shared = _case_columns(case, _memory_format(ops.input) == torch.channels_last) | {
         "flop_ideal_ms": flop_ideal,
         "roofline_ms": roofline_ms,
         "roofline_bound": roofline.roofline_bound(case, gpu, unit) if roofline_ms is not None else "",
@@ -469,7 +469,7 @@ def run_case(case: Case, ops: Operands, reference_ops: Operands, backends: Seque
     return rows
 
 
-def _case_columns(case: Case) -> dict:
+def _case_columns(case: Case, channels_last: bool) -> dict:
     layer, layout = case.layer, case.layout
     return {
         "shape": layer.label,
@@ -492,7 +492,7 @@ def _case_columns(case: Case) -> dict:
         "useful_gflop": roofline.useful_flops(case) / 1e9,
         "dense_gflop": roofline.dense_flops(case) / 1e9,
         "useful_fraction": roofline.useful_fraction(case),
-        "min_mbytes": roofline.minimal_bytes(case) / 1e6,
+        "min_mbytes": roofline.minimal_bytes(case, channels_last) / 1e6,
     }
 
 

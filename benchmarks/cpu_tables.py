@@ -13,7 +13,8 @@ project's targets are stated in (``benchmarks/README.md``, "The project's target
 - its time against the FLOP-ideal taken from the *fastest dense layout* of the shape (dense time
   of the faster layout × useful fraction), geomean and worst, forward and forward + backward;
 - where that ideal is physically out of reach: the memory floor, minimal bytes (input read once,
-  the weight blocks, the output written once; × 3 / × 2 in backward) over the copy bandwidth
+  the weight blocks, the output written once; × 3 / × 2 in backward; in channels_last the 64-byte
+  lines a stage's channel runs touch, partly written lines read too) over the copy bandwidth
   measured in the same run with the same threads; a shape whose floor exceeds its FLOP-ideal
   cannot reach the FLOP-ideal target, and its row says so.
 
@@ -95,12 +96,13 @@ def summary(rows_by_layout: dict[str, list[dict]], bandwidth_gb_s: float, info: 
         f"`{stem}_channels_last_cpu.md`; the analysis: `docs/kernels_cpu.md`.",
         "",
         "Columns: `cpp` median ms per layout; *× ideal* = cpp / FLOP-ideal of the fastest dense layout (dense "
-        "time of the faster layout × useful fraction); *floor* = minimal bytes / copy bandwidth, and *× attainable* "
+        "time of the faster layout × useful fraction); *floor* = minimal bytes / copy bandwidth in NHWC "
+        "(64-byte lines: a stage writing some of a pixel's channels reads and writes whole lines), and *× attainable* "
         "= cpp / max(FLOP-ideal, floor): where the floor is above the FLOP-ideal (`floor > ideal`) the FLOP-ideal "
         "target is out of reach by that factor whatever the kernel; *vs best peer* = fastest correct peer of the "
         "same layout (masked dense, per-stage loop, block sparse) / cpp (> 1: cpp is the fastest of its layout).",
         "",
-        "| shape | mode | cpp NCHW ms | cpp NHWC ms | FLOP-ideal ms | floor ms | × ideal NCHW | × ideal NHWC "
+        "| shape | mode | cpp NCHW ms | cpp NHWC ms | FLOP-ideal ms | floor NHWC ms | × ideal NCHW | × ideal NHWC "
         "| × attainable NHWC | vs best peer NCHW | vs best peer NHWC | best peer NHWC |",
         "|" + "---|" * 12,
     ]
@@ -113,8 +115,10 @@ def summary(rows_by_layout: dict[str, list[dict]], bandwidth_gb_s: float, info: 
         dense = [by_layout[layout]["dense"]["median_ms"] for layout in by_layout
                  if by_layout[layout].get("dense", {}).get("median_ms")]
         ideal = min(dense) * first["useful_fraction"]
-        traffic = first["min_mbytes"] * 1e6
-        floor = traffic / (bandwidth_gb_s * 1e9) * 1e3
+        # Each layout's floor: in NHWC a stage's channel runs touch whole 64-byte lines (roofline).
+        floors = {layout: next(iter(by_layout[layout].values()))["min_mbytes"] * 1e6 / (bandwidth_gb_s * 1e9) * 1e3
+                  for layout in by_layout}
+        floor = floors["channels_last"]
         cells = [first["shape"], mode_label(first)]
         ratios, speedups, best_names = {}, {}, {}
         for layout in ("nchw", "channels_last"):
@@ -139,8 +143,8 @@ def summary(rows_by_layout: dict[str, list[dict]], bandwidth_gb_s: float, info: 
         for layout in ratios:
             entry = stats.setdefault((group, layout), {"ratio": [], "attainable": [], "wins": [], "out_of_reach": []})
             entry["ratio"].append(ratios[layout])
-            entry["attainable"].append(ours_ms[layout] / max(ideal, floor))
-            entry["out_of_reach"].append(floor > ideal)
+            entry["attainable"].append(ours_ms[layout] / max(ideal, floors[layout]))
+            entry["out_of_reach"].append(floors[layout] > ideal)
             if speedups.get(layout):
                 entry["wins"].append(speedups[layout] > 1)
     lines += [

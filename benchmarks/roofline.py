@@ -9,7 +9,12 @@ output groups lo..hi-1:
 - minimal bytes (forward) = input channels read, once + the weight blocks in the mask + the
   output channels written, once. Forward + backward: the forward's bytes plus grad_output read,
   input and weight blocks read again, grad_input and grad_weight blocks written
-  (3 · input + 3 · weight + 2 · output).
+  (3 · input + 3 · weight + 2 · output). In channels_last (``channels_last=True``) a group's
+  channels are not whole planes but a run inside every pixel's channels, and memory moves in
+  64-byte lines: the input and output count every line the runs touch, and an output line only
+  part of which the case writes is read too (the CPU reads a line before it can merge a partial
+  write into it). So a stage writing d_s of D channels per pixel moves about 2·D/d_s times the
+  bytes of its compact output.
 - FLOP-ideal time = measured dense time × useful FLOPs / dense FLOPs (any device; on a CPU this
   is the ideal: nothing about the machine is assumed, the dense conv's speed is measured).
 - roofline time (GPU) = max(useful FLOPs / peak FLOP/s, minimal bytes / peak bandwidth).
@@ -42,6 +47,7 @@ FP32 (``torch.backends.cuda.matmul.allow_tf32``, default False).
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,17 +125,49 @@ def useful_fraction(case: Case) -> float:
     return useful_flops(case) / dense_flops(case)
 
 
-def minimal_bytes(case: Case) -> int:
+def minimal_bytes(case: Case, channels_last: bool = False) -> int:
+    """Bytes a case must move at least (module docstring); ``channels_last``: NHWC operands, counted
+    in 64-byte lines."""
     layout, layer = case.layout, case.layer
     lo, hi = case.stages
-    read_groups = {i for j in range(lo, hi) for i in range(j + 1) if layout.mask[j][i]}
+    element_size = torch.empty((), dtype=case.dtype).element_size()
+    read_groups = sorted({i for j in range(lo, hi) for i in range(j + 1) if layout.mask[j][i]})
     input_elements = case.batch * sum(layout.in_splits[i] for i in read_groups) * layer.height * layer.width
     weight_elements = layout.useful_macs_per_pixel(lo, hi) * layer.kernel**2
     output_elements = _pixels(case) * sum(layout.out_splits[lo:hi])
-    elements = input_elements + weight_elements + output_elements
     if case.mode == "backward":
-        elements = 3 * input_elements + 3 * weight_elements + 2 * output_elements
-    return elements * torch.empty((), dtype=case.dtype).element_size()
+        return (3 * input_elements + 3 * weight_elements + 2 * output_elements) * element_size
+    if not channels_last or layer.is_linear:
+        return (input_elements + weight_elements + output_elements) * element_size
+    in_offsets, out_offsets = layout.in_offsets, layout.out_offsets
+    input_runs = [(in_offsets[i], in_offsets[i + 1]) for i in read_groups]
+    input_lines, _ = channel_run_lines(layer.in_channels, input_runs, element_size)
+    output_runs = [(out_offsets[lo], out_offsets[hi])]
+    output_lines, partial_lines = channel_run_lines(layer.out_channels, output_runs, element_size)
+    input_bytes = input_lines * case.batch * layer.height * layer.width
+    output_bytes = (output_lines + partial_lines) * _pixels(case)
+    return round(input_bytes + weight_elements * element_size + output_bytes)
+
+
+def channel_run_lines(channels: int, runs: list[tuple[int, int]], element_size: int,
+                      line_bytes: int = 64) -> tuple[float, float]:
+    """Per pixel of an NHWC tensor with ``channels`` channels (line-aligned): the bytes of the
+    ``line_bytes`` lines that the channel ``runs`` [start, stop) touch, and of those lines that they
+    cover only in part, averaged over the pixels (the pattern repeats every line_bytes /
+    gcd(row bytes, line_bytes) pixels)."""
+    row_bytes = channels * element_size
+    period = line_bytes // math.gcd(row_bytes, line_bytes)
+    covered = bytearray(period * row_bytes)
+    for pixel in range(period):
+        for start, stop in runs:
+            first, last = pixel * row_bytes + start * element_size, pixel * row_bytes + stop * element_size
+            covered[first:last] = b"\x01" * (last - first)
+    touched = partial = 0
+    for begin in range(0, len(covered), line_bytes):
+        used = sum(covered[begin : begin + line_bytes])
+        touched += used > 0
+        partial += 0 < used < line_bytes
+    return touched * line_bytes / period, partial * line_bytes / period
 
 
 def flop_ideal_ms(case: Case, dense_ms: float) -> float:

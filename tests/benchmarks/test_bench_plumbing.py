@@ -304,6 +304,16 @@ def test_minimal_bytes_and_roofline_by_hand():
     backward = Case(layer, 2, 2, torch.bfloat16, "backward")
     assert roofline.minimal_bytes(backward) == 2 * (3 * input_elements + 3 * 48 + 2 * output_elements)
 
+    # channels_last: same bytes where every 64-byte line a run touches is whole (forward, 8 fp32
+    # channels = 32 bytes per pixel: two pixels fill a line) ...
+    assert roofline.minimal_bytes(forward, channels_last=True) == roofline.minimal_bytes(forward)
+    # ... a stage writing channels 4..8 of each pixel's 8 touches every output line but fills none:
+    # each line read and written (2 × 32 px × 32 B), the input's first 4 channels likewise touch
+    # every line (read once: 32 px × 32 B).
+    second_stage = Case(layer, 2, 2, torch.float32, "stage", 1)
+    assert roofline.minimal_bytes(second_stage, channels_last=True) == 32 * 32 + 4 * 32 + 2 * 32 * 32
+    assert roofline.minimal_bytes(first_stage, channels_last=True) == 32 * 32 + 4 * 16 + 2 * 32 * 32
+
     expected_ms = max(2 * pixels * 48 / 66.9e12, 4 * (input_elements + 48 + output_elements) / 3.35e12) * 1e3
     assert roofline.roofline_ms(forward, roofline.H100_SXM, "fp32") == pytest.approx(expected_ms)
     assert roofline.roofline_bound(forward, roofline.H100_SXM, "fp32") == "memory"
