@@ -116,7 +116,8 @@ namespace {
 // The weight rows of groups lo..hi-1 over the input channels they read (up to the end of the last
 // run), with every entry outside their blocks set to zero (selected, not multiplied: a non-finite
 // value there must not reach the output), and the bool mask (rows, columns, 1, 1) that did it.
-// columns == 0 when no group reads anything.
+// columns == 0 when no group reads anything. When every group reads all `columns` channels (one
+// stage of a lower triangle) the rows are the weight itself and `mask` is undefined: no copy.
 struct MaskedRows {
   at::Tensor weight, mask;
   int64_t first_row, rows, columns;
@@ -129,6 +130,16 @@ MaskedRows masked_rows(const at::Tensor& weight, const BlockLayout& layout, int6
     for (const auto& run : input_runs(layout, j)) result.columns = std::max(result.columns, run.second);
   }
   if (result.rows == 0 || result.columns == 0) return result;
+  bool rectangle = true;
+  for (int64_t j = lo; j < hi && rectangle; ++j) {
+    const auto runs = input_runs(layout, j);
+    rectangle = layout.out_splits(j) == 0 ||
+                (runs.size() == 1 && runs[0].first == 0 && runs[0].second == result.columns);
+  }
+  if (rectangle) {
+    result.weight = weight.narrow(0, result.first_row, result.rows).narrow(1, 0, result.columns);
+    return result;
+  }
   result.mask = at::zeros({result.rows, result.columns, 1, 1}, weight.options().dtype(at::kBool));
   for (int64_t j = lo; j < hi; ++j) {
     const int64_t width = layout.out_splits(j);
@@ -156,31 +167,60 @@ std::optional<at::Tensor> masked_dense_forward(const at::Tensor& input, const at
       .contiguous(memory_format_of(input));
 }
 
+std::vector<ChannelRange> dense_parts(int64_t lo, int64_t hi, bool per_group) {
+  if (!per_group) return {{lo, hi}};
+  // Widest reader first: in the backward its grad_input covers every channel the others add to.
+  std::vector<ChannelRange> parts;
+  for (int64_t j = hi - 1; j >= lo; --j) parts.emplace_back(j, j + 1);
+  return parts;
+}
+
+void masked_dense_forward_into(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi,
+                               at::Tensor& output, int64_t out_base, bool per_group) {
+  for (const auto& [first, last] : dense_parts(lo, hi, per_group)) {
+    const int64_t start = layout.out_offsets[first], width = layout.out_offsets[last] - start;
+    if (width == 0) continue;
+    at::Tensor slice = output.narrow(1, start - out_base, width);
+    if (auto part = masked_dense_forward(input, weight, bias, layout, geometry, first, last)) {
+      slice.copy_(*part);
+    } else if (bias) {
+      slice.copy_(bias->narrow(0, start, width).view({1, width, 1, 1}));
+    } else {
+      slice.zero_();
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> masked_dense_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                                          const at::Tensor& weight, const BlockLayout& layout,
                                                          const Geometry& geometry, int64_t lo, int64_t hi,
-                                                         bool needs_input, bool needs_weight) {
-  const MaskedRows masked = masked_rows(weight, layout, lo, hi);
+                                                         bool needs_input, bool needs_weight, bool per_group) {
   at::Tensor grad_input, grad_weight;
   if (needs_weight) grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
-  if (masked.rows == 0 || masked.columns == 0) {
-    if (needs_input) grad_input = at::zeros_like(input);
-    return {grad_input, grad_weight};
-  }
-  auto [block_input, block_weight, unused] = at::convolution_backward(
-      grad_output, input.narrow(1, 0, masked.columns), masked.weight, c10::nullopt, geometry.stride,
-      geometry.padding, geometry.dilation, false, {0, 0}, 1, {needs_input, needs_weight, false});
-  if (needs_input) {
-    if (masked.columns == input.size(1)) {
-      grad_input = block_input.contiguous(memory_format_of(input));
-    } else {
-      grad_input = at::zeros_like(input);
-      grad_input.narrow(1, 0, masked.columns).copy_(block_input);
+  for (const auto& [first, last] : dense_parts(lo, hi, per_group)) {
+    const MaskedRows masked = masked_rows(weight, layout, first, last);
+    if (masked.rows == 0 || masked.columns == 0) continue;
+    auto [block_input, block_weight, unused] = at::convolution_backward(
+        grad_output.narrow(1, masked.first_row - layout.out_offsets[lo], masked.rows),
+        input.narrow(1, 0, masked.columns), masked.weight, c10::nullopt, geometry.stride, geometry.padding,
+        geometry.dilation, false, {0, 0}, 1, {needs_input, needs_weight, false});
+    if (needs_input) {
+      if (!grad_input.defined() && masked.columns == input.size(1)) {
+        grad_input = block_input.contiguous(memory_format_of(input));
+      } else {
+        if (!grad_input.defined()) grad_input = at::zeros_like(input);
+        grad_input.narrow(1, 0, masked.columns).add_(block_input);
+      }
+    }
+    if (needs_weight) {
+      grad_weight.narrow(0, masked.first_row, masked.rows)
+          .narrow(1, 0, masked.columns)
+          .copy_(masked.mask.defined() ? at::where(masked.mask, block_weight, at::zeros({}, block_weight.options()))
+                                       : block_weight);
     }
   }
-  if (needs_weight) {
-    grad_weight.narrow(0, masked.first_row, masked.rows).narrow(1, 0, masked.columns).copy_(at::where(masked.mask, block_weight, at::zeros({}, block_weight.options())));
-  }
+  if (needs_input && !grad_input.defined()) grad_input = at::zeros_like(input);
   return {grad_input, grad_weight};
 }
 

@@ -88,12 +88,23 @@ std::optional<at::Tensor> masked_dense_forward(const at::Tensor& input, const at
                                                const c10::optional<at::Tensor>& bias, const BlockLayout& layout,
                                                const Geometry& geometry, int64_t lo, int64_t hi);
 
-// The same gradients by one ATen convolution_backward on the weight of groups lo..hi-1 masked to
-// their blocks (zero elsewhere): dense FLOPs, one library call. grad_weight (contiguous) is
-// exactly zero outside the blocks, grad_input zero on the input channels no group reads.
+// The parts masked_dense_forward_into / masked_dense_backward compute with one library call each:
+// groups lo..hi-1 together (dense FLOPs over the lower triangle's bounding rectangle, one call), or
+// each group alone (its own rows over the input channels it reads: the useful FLOPs, K calls).
+std::vector<ChannelRange> dense_parts(int64_t lo, int64_t hi, bool per_group);
+
+// Output groups lo..hi-1 written into `output` (its channel c holds output channel out_base + c),
+// one masked_dense_forward per part, copied in; a part that reads nothing gets its bias (or zero).
+void masked_dense_forward_into(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi,
+                               at::Tensor& output, int64_t out_base, bool per_group);
+
+// The same gradients by one ATen convolution_backward per part (dense_parts) on its weight rows
+// masked to their blocks (zero elsewhere). grad_weight (contiguous) is exactly zero outside the
+// blocks, grad_input zero on the input channels no group reads.
 std::tuple<at::Tensor, at::Tensor> masked_dense_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                                          const at::Tensor& weight, const BlockLayout& layout,
                                                          const Geometry& geometry, int64_t lo, int64_t hi,
-                                                         bool needs_input, bool needs_weight);
+                                                         bool needs_input, bool needs_weight, bool per_group = false);
 
 }  // namespace rdn

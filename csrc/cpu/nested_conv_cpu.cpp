@@ -743,6 +743,22 @@ bool use_pointwise(const at::Tensor& input, const at::Tensor& weight, const Geom
          (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
 }
 
+// Whether a k×k product runs one dense convolution per output group (each over the input channels
+// it reads: the useful FLOPs, K calls and a copy of each result) rather than one on the masked
+// rows of all the groups (the bounding rectangle's FLOPs: (K + 1) / 2K of them useful for a full
+// triangle). Measured on 3×3 layers, K = 4, batch 16, 2 threads, both layouts: per group was 1.14–
+// 1.50× faster forward and backward with groups of 32 and 64 channels (128→128 @28, 256→256 @14),
+// even with 24 (96→96 @28), and up to 1.2× slower with 16 (64→64 @56), where oneDNN's convolutions
+// of few channels run far below its peak (benchmarks/results/kxk_cpu.md).
+bool kxk_dense_per_group(const BlockLayout& layout, int64_t lo, int64_t hi) {
+  constexpr int64_t kMinGroupChannels = 32;
+  if (hi - lo < 2) return false;
+  for (int64_t j = lo; j < hi; ++j) {
+    if (layout.out_splits(j) > 0 && layout.out_splits(j) < kMinGroupChannels) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -750,14 +766,29 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
                    const c10::optional<at::Tensor>& out) {
   TORCH_CHECK(input.device().is_cpu(), "rdn cpp backend: expected CPU tensors");
   const at::Tensor weight_c = weight.contiguous();
-  if (!out && !use_pointwise(input, weight, geometry)) {
-    // k×k into a fresh output: one dense convolution on the masked weight rows. On 3×3 16→16 @112
-    // it ran 2.4× faster than this file's unfolded product in channels_last and on par in NCHW
-    // (benchmarks/results/kxk_cpu.md). A stage into out= keeps the unfolded product, which writes
-    // its rows in place.
-    if (auto output = masked_dense_forward(input, weight_c, bias, layout, geometry, lo, hi)) return *output;
-  }
   const int64_t channels = layout.out_offsets[hi] - layout.out_offsets[lo];
+  // k×k: dense convolutions on the masked weight rows (kxk_dense_per_group says whether one for all
+  // the groups or one per group). Into a fresh output one convolution ran 2.4× faster than this
+  // file's unfolded product on 3×3 16→16 @112 in channels_last, on par in NCHW. Into out= (a
+  // stage), the convolution and a copy into out's channels: 1.2–4× faster than the unfolded
+  // product writing in place in channels_last, and in NCHW from 16 channels a stage up (1.1–2×);
+  // in NCHW a stage of 4–8 channels (3×3 16→16 @112, 32→32 @56) ran 1.2–2.3× faster unfolded,
+  // where oneDNN's few-channel NCHW convolution is slow (benchmarks/results/kxk_cpu.md).
+  constexpr int64_t kUnfoldedStageChannels = 12;  // NCHW stages up to this many channels stay unfolded
+  const bool unfolded_stage = out && memory_format_of(input) != at::MemoryFormat::ChannelsLast &&
+                              channels <= kUnfoldedStageChannels;
+  if (!use_pointwise(input, weight, geometry) && !unfolded_stage) {
+    const bool per_group = kxk_dense_per_group(layout, lo, hi);
+    if (!out && !per_group) {
+      if (auto output = masked_dense_forward(input, weight_c, bias, layout, geometry, lo, hi)) return *output;
+    } else {
+      at::Tensor output = out ? *out : rdn::empty(output_shape(input, weight, geometry, channels),
+                                                  input.options().memory_format(memory_format_of(input)));
+      masked_dense_forward_into(input, weight_c, bias, layout, geometry, lo, hi, output,
+                                out ? 0 : layout.out_offsets[lo], per_group);
+      return output;
+    }
+  }
   at::Tensor output = out ? *out : rdn::empty(output_shape(input, weight, geometry, channels),
                                              input.options().memory_format(memory_format_of(input)));
   const int64_t out_base = out ? 0 : layout.out_offsets[lo];
@@ -800,8 +831,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     // k×k: one dense backward on the masked weight. With the forward above, forward + backward ran
     // 1.0–3.0× faster than the per-block calls and this file's unfolded grad_input on every 3×3
     // shape measured (benchmarks/results/kxk_cpu.md): one library call beats K(K+1)/2 on small blocks.
-    std::tie(grad_input, grad_weight) =
-        masked_dense_backward(grad_output, input, weight_c, layout, geometry, lo, hi, needs_input, needs_weight);
+    std::tie(grad_input, grad_weight) = masked_dense_backward(grad_output, input, weight_c, layout, geometry, lo, hi,
+                                                              needs_input, needs_weight,
+                                                              kxk_dense_per_group(layout, lo, hi));
   }
   return {grad_input, grad_weight, grad_bias};
 }

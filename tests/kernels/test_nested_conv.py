@@ -68,6 +68,7 @@ class Case:
 
 
 SPARSE_4 = ((1, 0, 0, 0), (0, 1, 0, 0), (1, 0, 1, 0), (0, 1, 1, 1))
+SPARSE_4_EMPTY_ROW = ((1, 0, 0, 0), (0, 0, 0, 0), (1, 0, 1, 0), (0, 1, 1, 1))  # output group 1 reads nothing
 CASES = [
     Case((7,), (5,)),  # K = 1: a plain conv
     Case((3, 4), (2, 6)),
@@ -86,6 +87,11 @@ CASES = [
     Case((5, 6, 4), (7, 3, 6), kernel=3, stride=2, padding=1, batch=3, size=(13, 11)),
     Case((3, 4), (4, 5), kernel=3, padding=3, dilation=1, batch=2, size=(4, 5)),
     Case((6, 6, 5), (9, 8, 7), batch=3, size=(9, 13)),
+    # k×k groups of 32 channels: the cpp backend's one-convolution-per-group path (dense rows, masked
+    # rows, a group that reads nothing, an empty group).
+    Case((32, 32, 32, 32), (32, 32, 32, 32), kernel=3, padding=1, batch=1, size=(3, 4)),
+    Case((32, 32, 32, 32), (32, 32, 32, 32), kernel=3, padding=1, batch=1, size=(3, 4), block_mask=SPARSE_4_EMPTY_ROW),
+    Case((32, 32, 32, 32), (32, 0, 32, 32), kernel=3, padding=1, batch=1, size=(3, 4)),
 ]
 
 
