@@ -83,6 +83,11 @@ const pm::Kernels<float>& kernels<float>() { return pm::float_kernels(); }
 template <>
 const pm::Kernels<double>& kernels<double>() { return pm::double_kernels(); }
 
+// How many parts (threads) to split `total` rows into: one per thread, at most one per `multiple` rows.
+int64_t thread_slots(int64_t total, int64_t multiple) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (total + multiple - 1) / multiple));
+}
+
 // Rows [begin, end) of part `part` of `parts` over [0, total): as equal as whole multiples of
 // `multiple` allow. One part per thread: at::parallel_for hands each thread a contiguous run of
 // tasks, so equal tiles that do not divide evenly leave threads idle (9 tiles of 96 rows on two
@@ -111,7 +116,7 @@ struct Tiling {
   Tiling(int64_t total_rows, int64_t channels, int64_t element_size, int64_t pixel_multiple)
       : total(total_rows), multiple(pixel_multiple) {
     constexpr int64_t kTileBytes = 384 * 1024;  // both packed tiles in a core's L2 (1–2 MB)
-    slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (total + multiple - 1) / multiple));
+    slots = thread_slots(total, multiple);
     const int64_t slot_rows = (total + slots - 1) / slots;
     rows = kTileBytes / std::max<int64_t>(channels * element_size, 1);
     rows = std::max(std::min(rows, slot_rows + multiple) / multiple * multiple, multiple);
@@ -488,7 +493,7 @@ bool channels_minor_product(const ChannelsMinorProblem& problem, const at::Tenso
   // One balanced row range per thread (balanced_range), cut into tiles: a multiple of every
   // block's register rows (6, 8, 12, 16), input and output of a tile within a core's L2.
   constexpr int64_t multiple = 48, tile_bytes = 256 * 1024;
-  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + multiple - 1) / multiple));
+  const int64_t slots = thread_slots(rows, multiple);
   const int64_t tile = std::max(multiple, tile_bytes / ((read + cols) * 4) / multiple * multiple);
   at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
@@ -550,7 +555,7 @@ c10::optional<at::Tensor> channels_minor_grad_weight(const at::Tensor& grad_outp
   // Pixel tiles whose gradient and input rows stay in L2 while every weight tile goes over them.
   const int64_t tile_pixels = std::max<int64_t>(64, std::min<int64_t>(1024, (256 * 1024) / ((read + outputs) * 4)));
   // One balanced pixel range per thread (balanced_range), in tiles of tile_pixels.
-  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + 63) / 64));
+  const int64_t slots = thread_slots(rows, 64);
   at::Tensor partial = at::zeros({slots, weight.size(0), channels}, weight.options());
   at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
