@@ -43,13 +43,15 @@ __attribute__((always_inline)) inline void segment_rows(__m512 (&acc)[R][V], con
 // R rows of V vectors from registers to memory (row stride ``ld`` floats); the last vector of a row
 // stores only the lanes of ``tail_mask``.
 template <int R, int V>
-inline void store_tile(float* out, int64_t ld, __mmask16 tail_mask, const __m512 (&acc)[R][V]) {
+inline void store_tile(float* out, int64_t ld, __mmask16 tail_mask, const __m512 (&acc)[R][V], bool stream = false) {
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
-      if (v == V - 1) {
+      if (v == V - 1 && tail_mask != 0xFFFF) {
         _mm512_mask_storeu_ps(out + r * ld + v * kLanes, tail_mask, acc[r][v]);
+      } else if (stream) {
+        _mm512_stream_ps(out + r * ld + v * kLanes, acc[r][v]);
       } else {
         _mm512_storeu_ps(out + r * ld + v * kLanes, acc[r][v]);
       }
@@ -59,7 +61,7 @@ inline void store_tile(float* out, int64_t ld, __mmask16 tail_mask, const __m512
 
 template <int V, int R>
 inline void block_rows(const Problem& problem, const ColumnBlock& block, const Chunk& chunk, bool accumulate,
-                       int64_t row) {
+                       bool stream, int64_t row) {
   const int64_t tail = block.width - (V - 1) * kLanes;  // columns of the last vector (1..16)
   const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1u);
   float* y = problem.y + row * problem.ldy + block.column;
@@ -88,7 +90,7 @@ inline void block_rows(const Problem& problem, const ColumnBlock& block, const C
     }
     w += (segment.stop - segment.start) * V * kLanes;
   }
-  store_tile<R, V>(y, problem.ldy, tail_mask, acc);
+  store_tile<R, V>(y, problem.ldy, tail_mask, acc, stream);
 }
 
 // Asks for the input rows [row, row + count) (up to `end`) in L1: the first pass over a tile
@@ -107,14 +109,15 @@ void block_range(const Problem& problem, const ColumnBlock& block, int64_t begin
   constexpr int R = rows_for<V>();
   constexpr int64_t ahead = 4 * R;  // rows
   const bool prefetch = first_pass && problem.ldx <= 256;  // wider rows stay in L2 between blocks
+  const bool stream = problem.stream;
   for (int64_t k = 0; k < block.num_chunks; ++k) {
     const Chunk& chunk = block.chunks[k];
     int64_t row = begin;
     for (; row + R <= end; row += R) {
       if (prefetch && k == 0) prefetch_rows(problem, row + ahead, R, end);
-      block_rows<V, R>(problem, block, chunk, k > 0, row);
+      block_rows<V, R>(problem, block, chunk, k > 0, stream && k + 1 == block.num_chunks, row);
     }
-    for (; row < end; ++row) block_rows<V, 1>(problem, block, chunk, k > 0, row);
+    for (; row < end; ++row) block_rows<V, 1>(problem, block, chunk, k > 0, stream && k + 1 == block.num_chunks, row);
   }
 }
 
@@ -197,6 +200,7 @@ void product(const Problem& problem, int64_t row_begin, int64_t row_end) {
       default: block_range<1>(problem, block, row_begin, row_end, first_pass); break;
     }
   }
+  if (problem.stream) _mm_sfence();  // the streamed lines are visible before the caller moves on
 }
 
 }  // namespace rdn::cpu::channels_minor

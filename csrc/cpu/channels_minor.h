@@ -49,6 +49,10 @@ struct ColumnBlock {
 };
 
 // y[p, column + i] = Σ_segments Σ_c packed · x[p, c] (+ bias) for pixels p of [row_begin, row_end).
+// `stream`: write the finished vectors with non-temporal stores, which skip reading each output
+// line before writing it; only valid when every full vector is a whole 64-byte line (y 64-byte
+// aligned, ldy and every block's column multiples of 16), and worth it only for an output far
+// larger than the caches (product() then ends with a store fence).
 struct Problem {
   const float* x;
   int64_t ldx;
@@ -56,6 +60,7 @@ struct Problem {
   int64_t ldy;
   const ColumnBlock* blocks;
   int64_t num_blocks;
+  bool stream = false;
 };
 
 // The weight gradient of a channels-minor 1×1 product: acc[row + r, col + c] += Σ_p g[p, g_col + r] ·

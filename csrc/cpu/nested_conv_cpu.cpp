@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -463,6 +464,17 @@ bool prefers_channels_minor(const ChannelsMinorPlan& plan, const BlockLayout& la
          (useful_macs + kTransposeMacs * transposed) * rows;
 }
 
+// The smallest output the channels-minor kernels write with non-temporal stores: 16 MB, half this
+// machine's 32 MB last-level cache (an output that large evicts most of it anyway, so the next
+// layer reads it from memory either way). Fixed rather than read from the CPU: in this VM sysconf
+// reports a 512 MB L3. On the four layers timed (12.8–77 MB outputs), a 4 MB threshold changed
+// nothing against 16 MB. RDN_KERNELS_CPU_STREAM_MIN_BYTES overrides it (the tests set 0).
+int64_t stream_min_bytes() {
+  const char* value = std::getenv("RDN_KERNELS_CPU_STREAM_MIN_BYTES");
+  if (value && value[0]) return std::atoll(value);
+  return int64_t{16} << 20;
+}
+
 // RDN_KERNELS_CPU_CHANNELS_MINOR=0 turns the channels-minor path off, =1 takes it wherever it
 // applies (to compare the two paths); unset, prefers_channels_minor chooses.
 bool channels_minor_enabled() {
@@ -488,8 +500,14 @@ bool channels_minor_product(const ChannelsMinorProblem& problem, const at::Tenso
   const int64_t read = problem.reduction_ranges.empty() ? 0 : problem.reduction_ranges.back().second;
   if (!prefers_channels_minor(plan, layout, lo, hi, read, cols, rows)) return false;
   pack_channels_minor(plan, problem, weight, bias);
-  const cm::Problem product{source.data, source.row_stride, dest.data + dest_col, dest.row_stride,
-                            plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
+  cm::Problem product{source.data, source.row_stride, dest.data + dest_col, dest.row_stride,
+                      plan.blocks.data(), static_cast<int64_t>(plan.blocks.size())};
+  // Non-temporal stores when the kernels write whole lines of an output (a fresh tensor, NHWC rows
+  // of a multiple of 16 channels) too large to stay in cache: they skip reading every line before
+  // writing it. 16→96 @112 (a 77 MB output) forward: 2.5 → 1.2 ms; 24→144 @56 (29 MB) 0.88 → 0.64 ms.
+  const bool whole_lines = dest_col == 0 && dest.row_stride == cols && cols % cm::kLanes == 0 &&
+                           reinterpret_cast<std::uintptr_t>(dest.data) % 64 == 0;
+  product.stream = whole_lines && rows * cols * static_cast<int64_t>(sizeof(float)) >= stream_min_bytes();
   // One balanced row range per thread (balanced_range), cut into tiles: a multiple of every
   // block's register rows (6, 8, 12, 16), input and output of a tile within a core's L2.
   constexpr int64_t multiple = 48, tile_bytes = 256 * 1024;

@@ -7,8 +7,11 @@ the pixel-major ones. ``RDN_KERNELS_CPU_CHANNELS_MINOR=1`` / ``=0`` forces one, 
 on shapes that reach every part of the channels-minor kernels: blocks of 1–4 vectors and a partial
 last vector, segments that skip leading vectors, sparse masks whose lanes are not a suffix, reductions
 longer than one chunk, pixel counts that are not a multiple of any register block, stages into
-``out=``, a prefix-only input, bias. On a CPU without AVX-512 both settings run the pixel-major
-kernels (the test still passes, and says nothing about the other path).
+``out=``, a prefix-only input, bias. ``channels-minor-streamed`` also sets
+``RDN_KERNELS_CPU_STREAM_MIN_BYTES=0``, so every output the channels-minor kernels write in whole
+lines (a fresh output or grad_input whose channels are a multiple of 16) takes the non-temporal
+stores meant for outputs larger than the cache. On a CPU without AVX-512 every setting runs the
+pixel-major kernels (the test still passes, and says nothing about the other path).
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from rdn_kernels import nested_conv2d, nested_linear
 from tests.kernels.availability import require_backend
 from tests.utils import assert_close, nan_filled_like
 
-PATHS = ["channels-minor", "pixel-major", "chosen"]
+PATHS = ["channels-minor", "channels-minor-streamed", "pixel-major", "chosen"]
 
 
 def nested_conv2d_reference(input, weight, bias, **kwargs):
     """The reference backend (one F.conv2d per block), the oracle of every kernel test."""
     return nested_conv2d(input, weight, bias, backend="torch", **kwargs)
-_SETTING = {"channels-minor": "1", "pixel-major": "0"}
+_SETTING = {"channels-minor": "1", "channels-minor-streamed": "1", "pixel-major": "0"}
 
 
 @pytest.fixture(params=PATHS)
@@ -36,6 +39,10 @@ def path(request, monkeypatch):
         monkeypatch.setenv("RDN_KERNELS_CPU_CHANNELS_MINOR", _SETTING[request.param])
     else:
         monkeypatch.delenv("RDN_KERNELS_CPU_CHANNELS_MINOR", raising=False)
+    if request.param == "channels-minor-streamed":
+        monkeypatch.setenv("RDN_KERNELS_CPU_STREAM_MIN_BYTES", "0")
+    else:
+        monkeypatch.delenv("RDN_KERNELS_CPU_STREAM_MIN_BYTES", raising=False)
     return request.param
 
 
