@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -207,6 +208,11 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "git_commit": _git_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    if device.type == "cpu":
+        # glibc's allocator tuning changes what a fresh large output costs (first-touch page faults
+        # of memory mapped anew on every call, or reuse of freed heap): say which one was timed.
+        tuning = [f"{name}={os.environ[name]}" for name in sorted(os.environ) if name.startswith("MALLOC_")]
+        info["allocator"] = ", ".join(tuning) if tuning else "glibc defaults"
     if device.type == "cuda":
         info["cuda"] = str(torch.version.cuda)
         info["tf32"] = f"conv {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}"
