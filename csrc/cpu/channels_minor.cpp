@@ -41,7 +41,8 @@ __attribute__((always_inline)) inline void segment_rows(__m512 (&acc)[R][V], con
 }
 
 // R rows of V vectors from registers to memory (row stride ``ld`` floats); the last vector of a row
-// stores only the lanes of ``tail_mask``.
+// stores only the lanes of ``tail_mask``. ``stream``: full vectors go out with non-temporal stores
+// (Problem::stream says when that is valid).
 template <int R, int V>
 inline void store_tile(float* out, int64_t ld, __mmask16 tail_mask, const __m512 (&acc)[R][V], bool stream = false) {
 #pragma GCC unroll 16
