@@ -24,7 +24,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "channels_minor.h"
 #include "pixel_major.h"
@@ -155,14 +160,45 @@ void pack_tile(const Matrix<const T>& source, T* buffer, int64_t padded) {
   }
 }
 
-// dest[p][c] = buffer[c][p] (+ bias[c]) for a (pixels × channels) block.
+// The smallest output the kernels write with non-temporal stores: 16 MB, half this
+// machine's 32 MB last-level cache (an output that large evicts most of it anyway, so the next
+// layer reads it from memory either way). Fixed rather than read from the CPU: in this VM sysconf
+// reports a 512 MB L3. On the four layers timed (12.8–77 MB outputs), a 4 MB threshold changed
+// nothing against 16 MB. RDN_KERNELS_CPU_STREAM_MIN_BYTES overrides it (the tests set 0).
+int64_t stream_min_bytes() {
+  const char* value = std::getenv("RDN_KERNELS_CPU_STREAM_MIN_BYTES");
+  if (value && value[0]) return std::atoll(value);
+  return int64_t{16} << 20;
+}
+
+// column[p] = values[p] + offset for p < count, the 16-byte-aligned middle with non-temporal
+// stores (no read of the lines first; SSE, so any x86-64): float NCHW outputs too large to stay in
+// cache. The caller fences once the tile is written.
+inline void stream_column(float* column, const float* values, float offset, int64_t count) {
+  int64_t p = 0;
+#if defined(__x86_64__)
+  for (; p < count && reinterpret_cast<std::uintptr_t>(column + p) % 16 != 0; ++p) column[p] = values[p] + offset;
+  const __m128 add = _mm_set1_ps(offset);
+  for (; p + 4 <= count; p += 4) _mm_stream_ps(column + p, _mm_add_ps(_mm_loadu_ps(values + p), add));
+#endif
+  for (; p < count; ++p) column[p] = values[p] + offset;
+}
+
+// dest[p][c] = buffer[c][p] (+ bias[c]) for a (pixels × channels) block; `stream`: NCHW float
+// destinations take non-temporal stores (stream_column).
 template <typename T>
-void unpack_tile(const T* buffer, int64_t padded, const Matrix<T>& dest, const T* bias) {
+void unpack_tile(const T* buffer, int64_t padded, const Matrix<T>& dest, const T* bias, bool stream = false) {
   if (dest.row_stride == 1) {
     for (int64_t c = 0; c < dest.cols; ++c) {
       T* column = dest.data + c * dest.col_stride;
       const T* values = buffer + c * padded;
       const T offset = bias ? bias[c] : T(0);
+      if constexpr (std::is_same_v<T, float>) {
+        if (stream) {
+          stream_column(column, values, offset, dest.rows);
+          continue;
+        }
+      }
       for (int64_t p = 0; p < dest.rows; ++p) column[p] = values[p] + offset;
     }
   } else {
@@ -200,6 +236,8 @@ void tiled_product(int64_t source_rows, int64_t staging_per_pixel, Pack&& pack, 
   const auto& kernel = kernels<T>();
   const int64_t total_rows = dest.samples * dest.rows;
   const Tiling tiling(total_rows, source_rows + staging_per_pixel + dest_cols, sizeof(T), kernel.pixel_multiple);
+  // NCHW: each channel's pixels are contiguous runs, written whole (a stage's channels too).
+  const bool stream = dest.row_stride == 1 && total_rows * dest_cols * static_cast<int64_t>(sizeof(T)) >= stream_min_bytes();
   at::parallel_for(0, tiling.slots, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> source_tile(source_rows * tiling.stride), dest_tile(dest_cols * tiling.stride);
     std::vector<T> staging(staging_per_pixel * tiling.stride);
@@ -217,8 +255,11 @@ void tiled_product(int64_t source_rows, int64_t staging_per_pixel, Pack&& pack, 
         problem.pixels = (rows + kernel.pixel_multiple - 1) / kernel.pixel_multiple * kernel.pixel_multiple;
         kernel.product(problem);
         for_each_piece(dest, row, rows, dest_cols, dest_col, [&](const Matrix<T>& piece, int64_t offset) {
-          unpack_tile<T>(dest_tile.data() + offset, tiling.stride, piece, bias);
+          unpack_tile<T>(dest_tile.data() + offset, tiling.stride, piece, bias, stream);
         });
+#if defined(__x86_64__)
+        if (stream) _mm_sfence();  // this tile's streamed lines are visible before the thread moves on
+#endif
       }
     }
   });
@@ -462,17 +503,6 @@ bool prefers_channels_minor(const ChannelsMinorPlan& plan, const BlockLayout& la
   const double packing = kPackMacs * static_cast<double>(plan.packed_at.back());
   return (lane_macs + kBroadcastMacs * broadcasts) * rows + packing <=
          (useful_macs + kTransposeMacs * transposed) * rows;
-}
-
-// The smallest output the channels-minor kernels write with non-temporal stores: 16 MB, half this
-// machine's 32 MB last-level cache (an output that large evicts most of it anyway, so the next
-// layer reads it from memory either way). Fixed rather than read from the CPU: in this VM sysconf
-// reports a 512 MB L3. On the four layers timed (12.8–77 MB outputs), a 4 MB threshold changed
-// nothing against 16 MB. RDN_KERNELS_CPU_STREAM_MIN_BYTES overrides it (the tests set 0).
-int64_t stream_min_bytes() {
-  const char* value = std::getenv("RDN_KERNELS_CPU_STREAM_MIN_BYTES");
-  if (value && value[0]) return std::atoll(value);
-  return int64_t{16} << 20;
 }
 
 // RDN_KERNELS_CPU_CHANNELS_MINOR=0 turns the channels-minor path off, =1 takes it wherever it

@@ -166,6 +166,35 @@ def test_stages_write_into_out_slice(backend, case, channels_last):
     assert_close(out, full, torch.float32)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_streamed_stores_match_reference(case, channels_last, monkeypatch):
+    """The cpp kernels' non-temporal stores (meant for outputs of 16 MB and more) forced on every
+    output they may stream: forward and stages into a NaN-filled out=, and the backward."""
+    require_backend("cpp")
+    monkeypatch.setenv("RDN_KERNELS_CPU_STREAM_MIN_BYTES", "0")
+    input, weight, bias = case.tensors(torch.float32, channels_last)
+    layout = case.layout
+    for stages in stage_ranges(layout.num_groups):
+        actual = nested_conv2d(input, weight, bias, **case.conv_kwargs, stages=stages, backend="cpp")
+        assert_close(actual, reference64(input, weight, bias, case, stages), torch.float32, what=f"stages={stages}")
+    full = reference64(input, weight, bias, case, None)
+    out = nan_filled_like(full.float())
+    if channels_last:
+        out = out.to(memory_format=torch.channels_last)
+    for stage in range(layout.num_groups):
+        nested_conv2d(input, weight, bias, **case.conv_kwargs, stages=(stage, stage + 1), out=out, backend="cpp")
+    assert_close(out, full, torch.float32)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (input, weight, bias)]
+    grad_output = torch.randn(full.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(nested_conv2d(*leaves, **case.conv_kwargs, backend="cpp"), leaves, grad_output)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (input, weight, bias)]
+    expected = torch.autograd.grad(nested_conv2d(*leaves64, **case.conv_kwargs, backend="torch"), leaves64,
+                                   grad_output.double())
+    for name, grad, want in zip(("input", "weight", "bias"), grads, expected, strict=True):
+        assert_close(grad, want, torch.float32, what=f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @over_backends_cases_formats
 def test_backward_matches_reference(backend, case, dtype, channels_last):
