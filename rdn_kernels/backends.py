@@ -83,15 +83,16 @@ def supported_dtypes(backend: str) -> tuple[torch.dtype, ...] | None:
     return _BACKEND_DTYPES.get(backend)
 
 
-def auto_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
+def auto_candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
     """What ``auto`` tries on ``device`` for ``dtype``, fastest first; the reference always last."""
-    available = available_backends(device)
     if device.type == "cpu":
-        compiled = ["cpp"] if "cpp" in available and dtype in _CPP_DTYPES else []
-    else:
-        compiled = [name for name in ("cuda", "triton") if name in available and
-                    dtype in (supported_dtypes(name) or (dtype,))]  # fmt: skip
-    return [*compiled, "torch"]
+        # Never the interpreted Triton: it is a debugging aid, far slower than the reference. Asked
+        # directly rather than through available_backends: this runs on every call of an op.
+        return ("cpp", "torch") if dtype in _CPP_DTYPES and _extension.has_cpu_kernels() else ("torch",)
+    available = available_backends(device)
+    compiled = [name for name in ("cuda", "triton") if name in available and
+                dtype in (supported_dtypes(name) or (dtype,))]  # fmt: skip
+    return (*compiled, "torch")
 
 
 def resolve_backend(

@@ -145,10 +145,24 @@ def _as_mask(block_mask, num_groups: int) -> tuple[tuple[bool, ...], ...]:
 
 def make_layout(in_splits, out_splits, block_mask=None) -> NestedLayout:
     """Validate splits and mask and return the (cached) layout."""
+    # Hottest path: a module passes the same tuple objects on every call. Tuples are immutable and
+    # the cache keeps them alive (so their ids are not reused): the same objects, the same layout.
+    key = (id(in_splits), id(out_splits), id(block_mask))
+    entry = _layouts_by_identity.get(key)
+    if entry is not None and entry[0] is in_splits and entry[1] is out_splits and entry[2] is block_mask:
+        return entry[3]
     if _exact_int_tuple(in_splits) and _exact_int_tuple(out_splits) and _exact_bool_rows(block_mask):
         # Hot path (modules call with tuples): validated once per distinct layout.
-        return _validated_layout(in_splits, out_splits, block_mask)
+        layout = _validated_layout(in_splits, out_splits, block_mask)
+        if len(_layouts_by_identity) >= _IDENTITY_CACHE_SIZE:
+            _layouts_by_identity.clear()
+        _layouts_by_identity[key] = (in_splits, out_splits, block_mask, layout)
+        return layout
     return _validated_layout.__wrapped__(in_splits, out_splits, block_mask)
+
+
+_IDENTITY_CACHE_SIZE = 4096
+_layouts_by_identity: dict[tuple[int, int, int], tuple[Any, Any, Any, NestedLayout]] = {}
 
 
 def _exact_int_tuple(value) -> bool:
@@ -178,6 +192,10 @@ def check_stages(stages: Any, num_groups: int) -> tuple[int, int]:
     """``stages`` as ``(lo, hi)`` with ``0 <= lo < hi <= num_groups``; ``None`` is all groups."""
     if stages is None:
         return 0, num_groups
+    if type(stages) is tuple and len(stages) == 2 and type(stages[0]) is int and type(stages[1]) is int:
+        lo, hi = stages  # the usual form, checked without generators: this runs on every call
+        if 0 <= lo < hi <= num_groups:
+            return lo, hi
     if (
         not isinstance(stages, (tuple, list))
         or len(stages) != 2

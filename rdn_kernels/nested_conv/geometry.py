@@ -33,7 +33,7 @@ class ConvGeometry:
 
     @classmethod
     def from_args(cls, stride=1, padding=0, dilation=1) -> ConvGeometry:
-        if all(_is_plain(value) for value in (stride, padding, dilation)):
+        if _is_plain(stride) and _is_plain(padding) and _is_plain(dilation):
             return _cached_geometry(stride, padding, dilation)  # hot path: validated once
         return cls._validated(stride, padding, dilation)
 
@@ -47,11 +47,13 @@ class ConvGeometry:
         return cls(int_pair("stride", stride, 1), int_pair("padding", padding, 0), int_pair("dilation", dilation, 1))
 
     def output_size(self, height: int, width: int, kernel_size) -> tuple[int, int]:
-        def one(size: int, axis: int) -> int:
-            span = self.dilation[axis] * (kernel_size[axis] - 1) + 1
-            return (size + 2 * self.padding[axis] - span) // self.stride[axis] + 1
-
-        return one(height, 0), one(width, 1)
+        # Written out per axis, without a helper: this runs on every call of the op.
+        (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w) = self.stride, self.padding, self.dilation
+        kernel_h, kernel_w = kernel_size
+        return (
+            (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1,
+            (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1,
+        )
 
     @property
     def is_pointwise_identity(self) -> bool:
@@ -61,7 +63,8 @@ class ConvGeometry:
 
 def _is_plain(value) -> bool:
     # Exact types only, so that a cache hit can never skip a TypeError (1 == 1.0 == True hash alike).
-    return type(value) is int or (type(value) is tuple and all(type(v) is int for v in value))
+    return type(value) is int or (type(value) is tuple and len(value) == 2 and type(value[0]) is int
+                                  and type(value[1]) is int)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1024)
@@ -77,12 +80,15 @@ def output_memory_format(input: torch.Tensor) -> torch.memory_format:
 
 
 def extension_arguments(layout: NestedLayout, geometry: ConvGeometry) -> tuple:
-    """Layout and geometry as the compiled extension's functions take them (offsets, flat mask, pairs)."""
+    """Layout and geometry as the compiled extension's functions take them (offsets, flat mask, pairs).
+
+    Tuples as they are: the bindings copy any sequence into their vectors.
+    """
     return (
-        list(layout.in_offsets),
-        list(layout.out_offsets),
-        list(layout.flat_mask),
-        list(geometry.stride),
-        list(geometry.padding),
-        list(geometry.dilation),
+        layout.in_offsets,
+        layout.out_offsets,
+        layout.flat_mask,
+        geometry.stride,
+        geometry.padding,
+        geometry.dilation,
     )

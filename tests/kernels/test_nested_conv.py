@@ -6,6 +6,7 @@ F.conv2d; every backend is checked against the reference evaluated in float64.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -387,6 +388,28 @@ def test_bad_input_raises_clear_error(overrides, error, pattern):
         _call(**overrides)
 
 
+def test_layout_and_stage_caches_never_skip_a_check():
+    """make_layout remembers the tuples a module passes on every call: equal-valued splits of other
+    types (2.0, True) must still be refused after a valid call, and the remembered layout must be
+    the one those objects describe."""
+    splits, mask = (2, 2), ((True, False), (True, True))
+    layout = make_layout(splits, splits, mask)
+    assert make_layout(splits, splits, mask) is layout
+    assert make_layout([2, 2], [2, 2], [[True, False], [True, True]]) == layout
+    for bad in ((2.0, 2), (True, 2)):
+        with pytest.raises(TypeError, match="in_splits"):
+            make_layout(bad, splits, mask)
+    with pytest.raises(TypeError, match="bool"):
+        make_layout(splits, splits, ((1.0, 0), (1, 1)))
+    other = make_layout(splits, splits, ((True, False), (False, True)))
+    assert other.mask == ((True, False), (False, True)) and other != layout
+    for stages in ((1, 1), (2, 1), (-1, 1), (0, 3)):
+        with pytest.raises(ValueError, match="stages"):
+            _call(stages=stages)
+    with pytest.raises(TypeError, match="stages"):
+        _call(stages=(0, True))
+
+
 @pytest.mark.parametrize("kernel_size", [(0, 0), (0, 3), (3, 0)], ids=str)
 @pytest.mark.parametrize("backend", KNOWN_BACKENDS)
 def test_zero_size_kernel_is_refused_on_every_backend(backend, kernel_size):
@@ -470,22 +493,63 @@ def test_jit_trace_records_the_computation_not_a_constant(with_out):
     assert "rdn::" not in str(traced.graph)
 
 
-def test_inference_with_parameters_skips_the_dispatcher(monkeypatch):
-    """A module's nn.Parameter weights are plain tensors: inference calls the backend directly."""
+def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
+    """A module's nn.Parameter weights are plain tensors: inference calls the backend directly, and
+    training records an autograd.Function of the same backend; neither goes through the registered op."""
     import rdn_kernels.nested_conv as op_module
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the registered op was called for plain eager inference")
+        raise AssertionError("the registered op was called in plain eager mode")
 
     case = CASES[2]
     input, weight, bias = case.tensors(torch.float32, channels_last=False)
-    expected = nested_conv2d(input, weight, bias, **case.conv_kwargs)
+    expected = nested_conv2d(input, weight, bias, **case.conv_kwargs, backend="torch")
     monkeypatch.setattr(op_module, "_nested_conv2d_op", refuse)
+    monkeypatch.setattr(op_module, "_nested_conv2d_out_op", refuse)
     weight, bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
     with torch.no_grad():
-        assert torch.equal(nested_conv2d(input, weight, bias, **case.conv_kwargs), expected)
-    with pytest.raises(AssertionError, match="registered op was called"):  # training still records autograd
-        nested_conv2d(input, weight, bias, **case.conv_kwargs)
+        assert_close(nested_conv2d(input, weight, bias, **case.conv_kwargs), expected, what="inference")
+    trained = nested_conv2d(input, weight, bias, **case.conv_kwargs)
+    assert trained.grad_fn is not None
+    assert_close(trained, expected, what="training forward")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_eager_training_matches_the_registered_op(backend, with_out):
+    """The eager autograd.Function and the registered op's autograd formula give the same values and
+    gradients (the op is forced by a dispatch mode, under which plain eager no longer holds)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    require_backend(backend)
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    case = CASES[7]
+    lo = 1 if with_out else 0
+    kwargs = {**case.conv_kwargs, "stages": (lo, case.layout.num_groups), "backend": backend}
+
+    def run(mode):
+        input, weight, bias = (t.detach().requires_grad_() for t in case.tensors(torch.float64, channels_last=False))
+        with mode:
+            out = torch.zeros_like(input[:, :1]).expand(-1, weight.shape[0], -1, -1).contiguous() if with_out else None
+            result = nested_conv2d(input, weight, bias, **kwargs, out=out)
+            (result * torch.linspace(-1, 1, result.numel(), dtype=result.dtype).view_as(result)).sum().backward()
+        return result.detach(), input.grad, weight.grad, bias.grad
+
+    for eager, registered, what in zip(run(contextlib.nullcontext()), run(PassThrough()),
+                                       ("output", "grad_input", "grad_weight", "grad_bias"), strict=True):  # fmt: skip
+        assert_close(eager, registered, what=what)
+
+
+def test_double_backward_is_refused_not_silently_zero():
+    case = CASES[2]
+    input, weight, bias = (t.requires_grad_() for t in case.tensors(torch.float64, channels_last=False))
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(nested_conv2d(input, weight, bias, **case.conv_kwargs).square().sum(), input,
+                            create_graph=True)  # fmt: skip
 
 
 def test_registered_op_visible_to_dispatch_modes():
