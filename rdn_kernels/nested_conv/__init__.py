@@ -97,6 +97,9 @@ def nested_conv2d(
     """
     _check_tensor("input", input, dims=4, shape_hint="(N, C, H, W)")
     _check_tensor("weight", weight, dims=4, shape_hint="(D, C, kh, kw)")
+    autocast_dtype = _autocast_dtype(input)
+    if autocast_dtype is not None:
+        input, weight, bias = (_autocast(t, autocast_dtype) for t in (input, weight, bias))
     layout = make_layout(in_splits, out_splits, block_mask)
     geometry = ConvGeometry.from_args(stride, padding, dilation)
     lo, hi = check_stages(stages, layout.num_groups)
@@ -108,7 +111,8 @@ def nested_conv2d(
             f"{tuple(weight.shape[2:])} with {geometry}: the output would be {height_out}×{width_out}"
         )
     if out is not None:
-        _check_out(out, input, weight, bias, (input.shape[0], weight.shape[0], height_out, width_out))
+        _check_out(out, input, weight, bias, (input.shape[0], weight.shape[0], height_out, width_out),
+                   autocast_dtype)  # fmt: skip
     backend = resolve_backend(backend, input.device, input.dtype, verify=passes_self_check)
     if bias is not None:
         # D elements: one contiguous copy here (differentiable, and free when already contiguous)
@@ -160,6 +164,20 @@ def nested_conv2d(
         return _write_stages(out, _nested_conv2d_op(input, weight, bias, *args), layout, lo)
     _nested_conv2d_out_op(input, weight, bias, *args, out)
     return out
+
+
+def _autocast_dtype(input: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs convolutions in on ``input``'s device, None outside autocast."""
+    device_type = "cuda" if input.is_cuda else "cpu" if input.is_cpu else input.device.type  # cheap cases first
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``tensor`` cast as autocast casts a convolution's operands: 16- and 32-bit floats to ``dtype``,
+    float64 left as it is (a differentiable cast: gradients reach float32 master weights)."""
+    if tensor is None or tensor.dtype == dtype or tensor.dtype == torch.float64 or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
 
 
 def _write_stages(out: Tensor, result: Tensor, layout: NestedLayout, lo: int) -> Tensor:
@@ -268,14 +286,19 @@ def _check_operands(input: Tensor, weight: Tensor, bias: Tensor | None, layout: 
             )
 
 
-def _check_out(out, input: Tensor, weight: Tensor, bias: Tensor | None, shape: tuple[int, ...]) -> None:
+def _check_out(out, input: Tensor, weight: Tensor, bias: Tensor | None, shape: tuple[int, ...],
+               autocast_dtype: torch.dtype | None = None) -> None:  # fmt: skip
     """The ``out=`` contract (module docstring), checked once for every backend."""
     if not isinstance(out, Tensor):
         raise TypeError(f"out must be a torch.Tensor of the full output shape {shape}, got {type(out).__name__}")
     if out.shape != shape:
         raise ValueError(f"out must have the full output shape {shape}, got {tuple(out.shape)}")
     if out.dtype != input.dtype or out.device != input.device:
-        raise TypeError(f"out must match input ({input.dtype} on {input.device}), got {out.dtype} on {out.device}")
+        raise TypeError(
+            f"out must match input ({input.dtype} on {input.device}), got {out.dtype} on {out.device}"
+            + (f"; under torch.autocast the op computes in {autocast_dtype}, as F.conv2d does, so out must "
+               "have that dtype" if autocast_dtype is not None and out.dtype != input.dtype else "")
+        )  # fmt: skip
     if torch.is_grad_enabled() and out.requires_grad and (out if out._base is None else out._base).is_leaf:
         raise ValueError(
             "out is (a view of) a leaf tensor that requires grad: autograd cannot record an in-place write "

@@ -95,11 +95,12 @@ def _compare(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: fl
 
 @functools.cache
 def _verdict(backend: str, device: str, dtype: torch.dtype) -> bool:
-    # Real tensors whatever the caller runs under (a fake-tensor export, a dispatch mode, autograd off).
+    # Real tensors whatever the caller runs under (a fake-tensor export, a dispatch mode, autograd off),
+    # in the dtype asked for (autocast would compute the checked call in its own dtype).
     from torch.utils._python_dispatch import _disable_current_modes
 
     try:
-        with _disable_current_modes(), torch.enable_grad():
+        with _disable_current_modes(), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
             self_check(backend, torch.device(device), dtype)
     except Exception as error:  # a wrong result or a kernel that does not run: either way, not this one
         warnings.warn(

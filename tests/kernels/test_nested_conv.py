@@ -544,6 +544,40 @@ def test_eager_training_matches_the_registered_op(backend, with_out):
         assert_close(eager, registered, what=what)
 
 
+def test_autocast_runs_the_op_in_the_autocast_dtype_as_conv2d():
+    """Under torch.autocast the operands are cast as F.conv2d's are (the default GPU training loop
+    runs under autocast: a nested layer after a stock conv got a bfloat16 input and refused it)."""
+    case = CASES[2]
+    input, weight, bias = (t.requires_grad_() for t in case.tensors(torch.float32, channels_last=False))
+    stock = torch.nn.Conv2d(input.shape[1], input.shape[1], 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = stock(input)
+        result = nested_conv2d(features, weight, bias, **case.conv_kwargs)
+        linear = nested_linear(features[:, :, 0, 0], weight[:, :, 0, 0].contiguous(), bias,
+                               in_splits=case.in_splits, out_splits=case.out_splits)  # fmt: skip
+    assert features.dtype == result.dtype == linear.dtype == torch.bfloat16
+    expected = nested_conv2d(features.detach(), weight.detach().bfloat16(), bias.detach().bfloat16(),
+                             **case.conv_kwargs)  # fmt: skip
+    assert_close(result, expected, what="under autocast")
+    result.float().sum().backward()
+    assert input.grad.dtype == weight.grad.dtype == bias.grad.dtype == torch.float32  # the master weights
+    assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+def test_autocast_leaves_float64_and_asks_out_for_its_dtype():
+    case = CASES[2]
+    input, weight, bias = case.tensors(torch.float64, channels_last=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nested_conv2d(input, weight, bias, **case.conv_kwargs).dtype == torch.float64  # as F.conv2d
+        single = [t.float() for t in (input, weight, bias)]
+        full = nested_conv2d(*single, **case.conv_kwargs)
+        with pytest.raises(TypeError, match="under torch.autocast the op computes in torch.bfloat16"):
+            nested_conv2d(*single, **case.conv_kwargs, out=torch.empty(full.shape))
+        out = torch.full(full.shape, float("nan"), dtype=torch.bfloat16)
+        assert nested_conv2d(*single, **case.conv_kwargs, out=out) is out
+    assert_close(out, full, what="out= under autocast")
+
+
 def test_double_backward_is_refused_not_silently_zero():
     case = CASES[2]
     input, weight, bias = (t.requires_grad_() for t in case.tensors(torch.float64, channels_last=False))

@@ -105,3 +105,11 @@ def test_the_verdict_is_marked_as_torch_marks_constant_results():
 
 def test_cpu_is_not_self_checked_in_production():
     assert "cpu" not in backends.SELF_CHECKED_DEVICE_TYPES and "cuda" in backends.SELF_CHECKED_DEVICE_TYPES
+
+
+def test_the_check_runs_in_the_dtype_asked_for_even_under_autocast(checked_cpu):
+    """The first call may come under torch.autocast (the GPU training loop's default): the check must
+    run the backend in the dtype it judges, not in autocast's, or a healthy backend would fail."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert self_check.passes_self_check("cpp", "cpu", FLOAT)

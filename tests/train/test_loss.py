@@ -83,3 +83,19 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match=r"unknown TrainConfig fields \[.epochz.\]"):
         TrainConfig.from_dict({"epochz": 1})
     assert TrainConfig(batch_size=512).peak_lr == pytest.approx(0.2)
+
+
+def test_a_joint_step_runs_under_autocast():
+    """The GPU training loop runs under torch.autocast by default (TrainConfig.amp = "auto"); the
+    nested layers then get 16-bit inputs from the stock layers before them. CPU autocast stands in."""
+    from tests.train.helpers import tiny_rdn
+
+    net = tiny_rdn().train()
+    images, labels = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(images)
+        loss, _ = JointLoss(exit_weights(len(logits)))(logits, labels)
+    assert all(exit_logits.dtype == torch.bfloat16 for exit_logits in logits)
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
