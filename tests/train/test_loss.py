@@ -85,14 +85,19 @@ def test_config_rejects_bad_values():
     assert TrainConfig(batch_size=512).peak_lr == pytest.approx(0.2)
 
 
-def test_a_joint_step_runs_under_autocast():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_joint_step_runs_under_autocast(device):
     """The GPU training loop runs under torch.autocast by default (TrainConfig.amp = "auto"); the
-    nested layers then get 16-bit inputs from the stock layers before them. CPU autocast stands in."""
+    nested layers then get 16-bit inputs from the stock layers before them. CPU autocast stands in
+    where there is no GPU (`make gpu-check` runs the CUDA case, with backend="auto")."""
     from tests.train.helpers import tiny_rdn
 
-    net = tiny_rdn().train()
-    images, labels = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    net = tiny_rdn().train().to(device)
+    images = torch.randn(8, 1, 16, 16, device=device)
+    labels = torch.randint(0, 10, (8,), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         logits = net(images)
         loss, _ = JointLoss(exit_weights(len(logits)))(logits, labels)
     assert all(exit_logits.dtype == torch.bfloat16 for exit_logits in logits)
