@@ -99,7 +99,7 @@ def nested_conv2d(
     _check_tensor("weight", weight, dims=4, shape_hint="(D, C, kh, kw)")
     autocast_dtype = _autocast_dtype(input)
     if autocast_dtype is not None:
-        input, weight, bias = (_autocast(t, autocast_dtype) for t in (input, weight, bias))
+        input, weight, bias = (_autocast_operand(t, autocast_dtype) for t in (input, weight, bias))
     layout = make_layout(in_splits, out_splits, block_mask)
     geometry = ConvGeometry.from_args(stride, padding, dilation)
     lo, hi = check_stages(stages, layout.num_groups)
@@ -172,7 +172,7 @@ def _autocast_dtype(input: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _autocast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+def _autocast_operand(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """``tensor`` cast as autocast casts a convolution's operands: 16- and 32-bit floats to ``dtype``,
     float64 left as it is (a differentiable cast: gradients reach float32 master weights)."""
     if tensor is None or tensor.dtype == dtype or tensor.dtype == torch.float64 or not tensor.is_floating_point():
