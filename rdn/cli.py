@@ -314,6 +314,10 @@ def build_parser(with_pipeline: bool = True) -> argparse.ArgumentParser:
     infer.add_argument("--fold-batch-norms", action="store_true",
                        help="fold BatchNorms into their convs first (an inference copy: the same predictions)")
     infer.add_argument("--channels-last", action="store_true", help="run in the channels_last memory format")
+    infer.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                       help="have glibc keep freed memory for reuse, so large activations skip fresh "
+                            "page faults on every batch (network passes about 2x as fast at batch 64+ on a "
+                            "CPU; rdn.deploy.reuse_freed_memory)")  # fmt: skip
 
     calibrate = commands.add_parser(
         "calibrate", formatter_class=_FORMATTER, help="certify early exits on held-out images; one model file",
@@ -519,9 +523,11 @@ def _deployable(args: argparse.Namespace):
 
 
 def _cmd_infer(args: argparse.Namespace) -> None:
-    from rdn.deploy import ExitRule, find_images, predict, write_predictions
+    from rdn.deploy import ExitRule, find_images, predict, reuse_freed_memory, write_predictions
     from rdn.steps import resolve_device
 
+    if args.reuse_freed_memory:
+        reuse_freed_memory()
     deployable = _deployable(args)
     rule = ExitRule.choose(deployable, subnet=args.subnet, policy=args.policy, epsilon=args.epsilon)
     files = find_images(args.images)

@@ -234,3 +234,37 @@ def test_decoding_follows_the_evaluation_of_the_run(tmp_path):
     resized = np.asarray(Image.fromarray(pixels).resize((16, 16), Image.BILINEAR))
     assert torch.equal(whole, torch.from_numpy(resized.copy()).permute(2, 0, 1))
     assert not torch.equal(cropped, whole)
+
+
+def test_reuse_freed_memory_applies_on_glibc_and_says_when_it_cannot(monkeypatch):
+    import ctypes
+    import platform
+
+    import rdn.deploy as deploy
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert deploy.reuse_freed_memory() is True
+
+    class NoMallopt:  # a C library without mallopt (musl, macOS)
+        def __init__(self, name):
+            pass
+
+    monkeypatch.setattr(ctypes, "CDLL", NoMallopt)
+    assert deploy.reuse_freed_memory() is False
+
+    class Refusing:  # mallopt returns 0 when it rejects a value
+        def __init__(self, name):
+            self.mallopt = lambda parameter, value: 0
+
+    monkeypatch.setattr(ctypes, "CDLL", Refusing)
+    assert deploy.reuse_freed_memory() is False
+
+
+@pytest.mark.parametrize("flag, calls", [([], 1), (["--no-reuse-freed-memory"], 0)])
+def test_infer_reuses_freed_memory_unless_told_not_to(run, images, monkeypatch, capsys, flag, calls):
+    import rdn.deploy as deploy
+
+    recorded = []
+    monkeypatch.setattr(deploy, "reuse_freed_memory", lambda: recorded.append(True) or True)
+    assert main(["infer", str(images / "grey0.png"), "--from", str(run), "--subnet", "1", *flag]) == 0
+    assert len(recorded) == calls
