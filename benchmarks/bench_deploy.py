@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     note = (f"Run `{args.run.name}` ({config.model}, width {config.width_mult}, {config.data.dataset}), its "
             f"certified operating point λ = {lam:.4g}; {args.repeats} interleaved rounds, median; "
             f"{info['cpu']} ({info['cpu_cores']} cores), {info['torch_threads']} threads, torch {info['torch']}, "
-            f"{started} – {info['date']}, commit {info['git_commit']}.")  # fmt: skip
+            f"allocator: {info['allocator']}, {started} – {info['date']}, commit {info['git_commit']}.")  # fmt: skip
     text = markdown(rows, net.num_subnets, args.batch, note)
     spread = [f"- {row['form']}: staged / N_K " + " / ".join(f"{run[i]['engine_vs_nk']:.2f}" for run in every)
               + ", jump / N_K " + " / ".join(f"{run[i]['jump_vs_nk']:.2f}" for run in every)
