@@ -308,9 +308,10 @@ def build_parser(with_pipeline: bool = True) -> argparse.ArgumentParser:
     infer.add_argument("--data-root", default=None, help="with --data: where its files are")
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     infer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    infer.add_argument("--walk", choices=("staged", "jump"), default="staged",
-                       help="the early-exit engine's walk: staged (a stop per planned exit) or jump (one step from "
-                            "N_1 to N_K for the images that go on; the same exits)")  # fmt: skip
+    infer.add_argument("--walk", choices=("staged", "jump", "recompute"), default="staged",
+                       help="the early-exit engine's walk: staged (a stop per planned exit), jump (one step from "
+                            "N_1 to N_K for the images that go on) or recompute (one static pass of the whole "
+                            "network for them); the same exits")  # fmt: skip
     infer.add_argument("--fold-batch-norms", action="store_true",
                        help="fold BatchNorms into their convs first (an inference copy: the same predictions)")
     infer.add_argument("--channels-last", action="store_true", help="run in the channels_last memory format")

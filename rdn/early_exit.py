@@ -80,7 +80,9 @@ class EarlyExitModel(nn.Module):
     picks the engine's walk (:func:`rdn.inference.dynamic_forward`): ``"jump"`` takes the same exits
     with one step from N_1 to N_K for the images that go on, faster where each stop's fixed cost
     outweighs the later groups it saves (on this project's CPU, every network measured:
-    ``benchmarks/results/deploy_fashion_mnist_cpu.md``).
+    ``benchmarks/results/deploy_fashion_mnist_cpu.md``); ``"recompute"`` runs one static pass of the
+    whole network for them instead of the step, faster again where that step costs more than the
+    pass (``benchmarks/results/deploy_allocators_fashion_mnist_cpu.md``).
     """
 
     strategy: str = "staged"

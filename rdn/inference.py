@@ -53,7 +53,7 @@ class DynamicOutput:
     static: bool = False
 
 
-STRATEGIES = ("staged", "jump")
+STRATEGIES = ("staged", "jump", "recompute")
 
 
 @torch.no_grad()
@@ -73,8 +73,14 @@ def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | 
     the policy's later decisions are replayed on them (:meth:`~rdn.policy.ExitPolicy.exits`). Each
     stop of the staged walk has a fixed cost (a call per layer, the cache of the samples that go on
     copied and grown); where that outweighs the later groups the samples leaving between N_2 and
-    N_K skip, the jump is faster (``benchmarks/bench_deploy.py`` times both). Its samples past N_1
+    N_K skip, the jump is faster (``benchmarks/bench_deploy.py`` times the three). Its samples past N_1
     compute N_K, so their MACs are not the ones their exits count.
+
+    ``strategy="recompute"`` takes the same decisions as the jump, but the samples that go on after
+    N_1 run one static pass of the whole network (every exit's logits at once) instead of a step
+    from N_1's cache: N_1's groups are computed twice for them, in fewer, larger calls on
+    contiguous tensors, without the step's copies of channel slices. Its logits equal the staged
+    walk's up to floating-point rounding (about 1e-6 here), so an exit decided by a tie could differ.
 
     ``lam=None`` (always N_K, e.g. a calibration that certified no early exit) runs static N_K in
     one pass instead: the staged path would reach the same logits slower and holding every stage's
@@ -89,8 +95,8 @@ def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | 
     with capture_first_features(net) as captured:
         state = net.start(x)
     features = captured[-1]
-    if strategy == "jump":
-        return _jump(net, policy, lam, state, features)
+    if strategy != "staged":
+        return _jump(net, policy, lam, state, features, x if strategy == "recompute" else None)
     planning = policy.planning_stages().tolist()
     logits = torch.empty_like(state.logits)
     exits = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -120,20 +126,29 @@ def dynamic_forward(net: nn.Module, policy: ExitPolicy, x: Tensor, lam: float | 
     return DynamicOutput(logits, exits)
 
 
-def _jump(net: nn.Module, policy: ExitPolicy, lam: float, state, features: Tensor) -> DynamicOutput:
-    """The rest of :func:`dynamic_forward` with ``strategy="jump"``, from N_1's state and features."""
+def _jump(net: nn.Module, policy: ExitPolicy, lam: float, state, features: Tensor,
+          images: Tensor | None) -> DynamicOutput:  # fmt: skip
+    """The rest of :func:`dynamic_forward` after N_1 for ``strategy="jump"`` (``images`` None: the samples
+    that go on are stepped from N_1's cache to N_K) or ``"recompute"`` (``images``, the batch: they run
+    one static pass of the whole network)."""
     first = softmax_statistics(state.logits)[:, None]
     leaving = policy.plan(features, first, lam).to(state.logits.device) == 1
     logits, exits = state.logits.clone(), torch.ones(features.shape[0], dtype=torch.long, device=leaving.device)
     going_on = (~leaving).nonzero().squeeze(1)
     if going_on.numel() == 0:
         return DynamicOutput(logits, exits)
-    if going_on.numel() < leaving.numel():
-        state, features = state.index_select(going_on), features[going_on]
+    some_leave = going_on.numel() < leaving.numel()
+    if some_leave:
+        features = features[going_on]
     K = net.num_subnets
-    while state.subnet < K:
-        state = net.step(state, _next_stop(net, state.subnet, K))
-    every = torch.stack([net.exit_logits(state, s) for s in range(1, K)] + [state.logits], dim=1)  # (N', K, C)
+    if images is not None:
+        every = torch.stack(net(images[going_on] if some_leave else images), dim=1)  # (N', K, C), exits order
+    else:
+        if some_leave:
+            state = state.index_select(going_on)
+        while state.subnet < K:
+            state = net.step(state, _next_stop(net, state.subnet, K))
+        every = torch.stack([net.exit_logits(state, s) for s in range(1, K)] + [state.logits], dim=1)
     chosen = policy.exits(features, softmax_statistics(every), lam).to(every.device)
     logits[going_on] = every[torch.arange(every.shape[0], device=every.device), chosen - 1]
     exits[going_on] = chosen

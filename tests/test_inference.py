@@ -145,6 +145,36 @@ def test_the_jump_takes_the_staged_exits_in_one_step(net, mode, allowed, lam, mo
     assert (sizes, targets) == (([going_on], [net.num_subnets]) if going_on else ([], []))
 
 
+@pytest.mark.parametrize("mode", ["sequential", "one_shot"])
+@pytest.mark.parametrize("allowed", [None, [1, 3, 5], [2, 5]])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 2.0])
+def test_recompute_takes_the_staged_exits_with_one_full_pass(net, mode, allowed, lam, monkeypatch):
+    """strategy="recompute": the same exits and logits as the staged walk; the samples past N_1 run one
+    static pass of the whole network (every exit at once) and no step."""
+    torch.manual_seed(7)
+    x = torch.randn(32, 1, 28, 28)
+    policy = spread_policy(net, x, seed=3, mode=mode)
+    if allowed is not None:
+        policy.restrict_exits(allowed)
+    staged = dynamic_forward(net, policy, x, lam)
+    steps = record_steps(net, monkeypatch)
+    passes: list[tuple[int, object]] = []
+    forward = net.forward
+
+    def recording_forward(images, subnet=None):
+        passes.append((images.shape[0], subnet))
+        return forward(images, subnet)
+
+    monkeypatch.setattr(net, "forward", recording_forward)
+    recomputed = dynamic_forward(net, policy, x, lam, strategy="recompute")
+    monkeypatch.setattr(net, "forward", forward)
+    going_on = int((staged.exits > 1).sum())
+    assert steps == [] and passes == ([(going_on, None)] if going_on else [])
+    assert torch.equal(recomputed.exits, staged.exits)
+    torch.testing.assert_close(recomputed.logits, staged.logits, rtol=1e-4, atol=1e-4)
+    run_and_check_against_the_rule(net, policy, x, lam, strategy="recompute")
+
+
 @pytest.mark.parametrize("allowed", [[1, 2, 6], [2, 5, 6]])
 def test_the_jump_over_depth_split_exits(allowed):
     net = tiny_rdn(k=2, depth_split=6)
@@ -152,7 +182,8 @@ def test_the_jump_over_depth_split_exits(allowed):
     x = torch.randn(24, 1, 28, 28)
     policy = spread_policy(net, x, seed=2)
     policy.restrict_exits(allowed)
-    run_and_check_against_the_rule(net, policy, x, 0.5, strategy="jump")
+    for strategy in ("jump", "recompute"):
+        run_and_check_against_the_rule(net, policy, x, 0.5, strategy=strategy)
 
 
 def test_an_unknown_strategy_is_refused(net):

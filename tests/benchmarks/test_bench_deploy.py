@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.bench_deploy import FORMS, compare, markdown, stage_costs, stage_markdown
+from rdn.inference import STRATEGIES
 from rdn.policy import ExitPolicy
 from tests.train.helpers import tiny_rdn
 
@@ -16,9 +17,11 @@ def test_every_form_is_checked_and_timed():
     rows = compare(net, policy, 0.5, x, repeats=1)
     assert [row["form"] for row in rows] == list(FORMS)
     assert rows[0]["nk_vs_trained_nchw"] == 1
-    assert all(row[key] > 0 for row in rows for key in ("n1", "nk", "engine", "jump"))
+    assert all(row[key] > 0 for row in rows for key in ("n1", "nk"))
+    assert all(set(row["walks"]) == set(STRATEGIES) and min(row["walks"].values()) > 0 for row in rows)
     text = markdown(rows, net.num_subnets, 6, "note")
     assert text.startswith("K = 3, batch 6. note") and "| BN folded, channels_last |" in text
+    assert all(f"engine ({strategy}) images/s" in text for strategy in STRATEGIES)
 
 
 def test_stage_costs_table():
