@@ -112,11 +112,12 @@ def test_infer_with_an_early_exit_policy(run, images, tmp_path, capsys):
     assert [row["macs"] for row in rows] == [net.macs(e) + e * policy_macs for e in expected.exits.tolist()]
     assert "early exits at ε = 0.1" in capsys.readouterr().err
     # The speed options change how it runs, not what it predicts.
-    fast = tmp_path / "fast.json"
-    assert main(["infer", str(images), "--from", str(run), "--policy", str(policy_dir), "--out", str(fast), "--walk",
-                 "jump", "--fold-batch-norms", "--channels-last"]) == 0  # fmt: skip
-    assert [(r["exit"], r["label"], r["macs"]) for r in json.loads(fast.read_text())] == \
-        [(r["exit"], r["label"], r["macs"]) for r in rows]  # fmt: skip
+    for walk in ("jump", "recompute"):
+        fast = tmp_path / f"fast_{walk}.json"
+        assert main(["infer", str(images), "--from", str(run), "--policy", str(policy_dir), "--out", str(fast),
+                     "--walk", walk, "--fold-batch-norms", "--channels-last"]) == 0  # fmt: skip
+        assert [(r["exit"], r["label"], r["macs"]) for r in json.loads(fast.read_text())] == \
+            [(r["exit"], r["label"], r["macs"]) for r in rows], walk  # fmt: skip
 
     # The other calibrated ε (its λ* fell back to N_K: every image leaves at N_K), then refusals.
     assert main(["infer", str(images), "--from", str(run), "--policy", str(policy_dir / "policy.pt"),
