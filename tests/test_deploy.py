@@ -269,3 +269,15 @@ def test_infer_reuses_freed_memory_unless_told_not_to(run, images, monkeypatch, 
     monkeypatch.setattr(deploy, "reuse_freed_memory", lambda: recorded.append(True) or True)
     assert main(["infer", str(images / "grey0.png"), "--from", str(run), "--subnet", "1", *flag]) == 0
     assert len(recorded) == calls
+
+
+def test_the_walks_rdn_infer_offers_are_the_engines():
+    """The CLI spells its --walk choices out (no torch import to build the parser): they must stay
+    the engine's strategies."""
+    from rdn.cli import build_parser
+    from rdn.inference import STRATEGIES
+
+    for strategy in STRATEGIES:
+        assert build_parser().parse_args(["infer", "x.png", "--from", "run", "--walk", strategy]).walk == strategy
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["infer", "x.png", "--from", "run", "--walk", "fastest"])
