@@ -63,10 +63,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 def reuse_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory of any size for reuse instead of returning it to the system.
 
-    With glibc's defaults a large block (an activation of a few MB and up) is mapped fresh from the
-    system when it is allocated and unmapped when it is freed, so every forward pass pays a page
-    fault per 4 KB page of its activations; at batch 64 and above that costs as much as the
-    network itself on a CPU (static N_7 of the Fashion-MNIST default at batch 256, BN folded,
+    With glibc's defaults, in a fresh process, a large block (an activation of a few MB and up) is
+    mapped fresh from the system when it is allocated and unmapped when it is freed, so every
+    forward pass pays a page fault per 4 KB page of its activations; at batch 64 and above that
+    costs as much as the network itself on a CPU (static N_7 of the Fashion-MNIST default at batch 256, BN folded,
     channels_last, 2 threads: 64–66 ms with the defaults, 30 ms after this call). The same as
     ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set before Python starts, or a caching
     allocator (jemalloc, tcmalloc) preloaded. The cost: the process keeps its peak memory
