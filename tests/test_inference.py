@@ -124,18 +124,24 @@ def test_restricted_exits_jump_over_the_others(net, mode, allowed, monkeypatch):
     assert set(targets) <= set(allowed) and targets == sorted(targets)
 
 
+def staged_case(net, mode: str, allowed: list[int] | None, lam: float):
+    """A batch, a spread policy (restricted to ``allowed`` exits) and the staged walk's output on it:
+    what the other walks are compared with."""
+    torch.manual_seed(7)
+    x = torch.randn(32, 1, 28, 28)
+    policy = spread_policy(net, x, seed=3, mode=mode)
+    if allowed is not None:
+        policy.restrict_exits(allowed)
+    return x, policy, dynamic_forward(net, policy, x, lam)
+
+
 @pytest.mark.parametrize("mode", ["sequential", "one_shot"])
 @pytest.mark.parametrize("allowed", [None, [1, 3, 5], [2, 5]])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 2.0])
 def test_the_jump_takes_the_staged_exits_in_one_step(net, mode, allowed, lam, monkeypatch):
     """strategy="jump": the same exits and logits as the staged walk, the samples past N_1 stepped to
     N_K in one call."""
-    torch.manual_seed(7)
-    x = torch.randn(32, 1, 28, 28)
-    policy = spread_policy(net, x, seed=3, mode=mode)
-    if allowed is not None:
-        policy.restrict_exits(allowed)
-    staged = dynamic_forward(net, policy, x, lam)
+    x, policy, staged = staged_case(net, mode, allowed, lam)
     targets: list[int] = []
     sizes = record_steps(net, monkeypatch, targets)
     jumped = run_and_check_against_the_rule(net, policy, x, lam, strategy="jump")
@@ -151,12 +157,7 @@ def test_the_jump_takes_the_staged_exits_in_one_step(net, mode, allowed, lam, mo
 def test_recompute_takes_the_staged_exits_with_one_full_pass(net, mode, allowed, lam, monkeypatch):
     """strategy="recompute": the same exits and logits as the staged walk; the samples past N_1 run one
     static pass of the whole network (every exit at once) and no step."""
-    torch.manual_seed(7)
-    x = torch.randn(32, 1, 28, 28)
-    policy = spread_policy(net, x, seed=3, mode=mode)
-    if allowed is not None:
-        policy.restrict_exits(allowed)
-    staged = dynamic_forward(net, policy, x, lam)
+    x, policy, staged = staged_case(net, mode, allowed, lam)
     steps = record_steps(net, monkeypatch)
     passes: list[tuple[int, object]] = []
     forward = net.forward
