@@ -40,17 +40,20 @@ __attribute__((always_inline)) inline void segment_rows(__m512 (&acc)[R][V], con
   }
 }
 
-// R rows of V vectors from registers to memory (row stride ``ld`` floats); the last vector of a row
-// stores only the lanes of ``tail_mask``. ``stream``: full vectors go out with non-temporal stores
-// (Problem::stream says when that is valid).
+// R rows of V vectors from registers to memory (row stride ``ld`` floats); the first vector of a
+// row stores only the lanes of ``head_mask``, the last only those of ``tail_mask`` (both when V is
+// 1). ``stream``: full vectors go out with non-temporal stores (Problem::stream says when that is
+// valid).
 template <int R, int V>
-inline void store_tile(float* out, int64_t ld, __mmask16 tail_mask, const __m512 (&acc)[R][V], bool stream = false) {
+inline void store_tile(float* out, int64_t ld, __mmask16 head_mask, __mmask16 tail_mask, const __m512 (&acc)[R][V],
+                       bool stream = false) {
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
-      if (v == V - 1 && tail_mask != 0xFFFF) {
-        _mm512_mask_storeu_ps(out + r * ld + v * kLanes, tail_mask, acc[r][v]);
+      const __mmask16 mask = (v == 0 ? head_mask : 0xFFFF) & (v == V - 1 ? tail_mask : 0xFFFF);
+      if (mask != 0xFFFF) {
+        _mm512_mask_storeu_ps(out + r * ld + v * kLanes, mask, acc[r][v]);
       } else if (stream) {
         _mm512_stream_ps(out + r * ld + v * kLanes, acc[r][v]);
       } else {
@@ -63,17 +66,21 @@ inline void store_tile(float* out, int64_t ld, __mmask16 tail_mask, const __m512
 template <int V, int R>
 inline void block_rows(const Problem& problem, const ColumnBlock& block, const Chunk& chunk, bool accumulate,
                        bool stream, int64_t row) {
-  const int64_t tail = block.width - (V - 1) * kLanes;  // columns of the last vector (1..16)
+  const int64_t tail = block.head + block.width - (V - 1) * kLanes;  // lanes used in the last vector (1..16)
   const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1u);
-  float* y = problem.y + row * problem.ldy + block.column;
+  const __mmask16 head_mask = static_cast<__mmask16>(0xFFFFu << block.head);
+  // Lane 0 of the block; with a head this address lies before the first column (the head lanes
+  // are masked off every load and store, so it is never dereferenced).
+  float* y = problem.y + row * problem.ldy + (block.column - block.head);
   __m512 acc[R][V];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       if (accumulate) {
-        acc[r][v] = v == V - 1 ? _mm512_maskz_loadu_ps(tail_mask, y + r * problem.ldy + v * kLanes)
-                               : _mm512_loadu_ps(y + r * problem.ldy + v * kLanes);
+        const __mmask16 mask = (v == 0 ? head_mask : 0xFFFF) & (v == V - 1 ? tail_mask : 0xFFFF);
+        acc[r][v] = mask != 0xFFFF ? _mm512_maskz_loadu_ps(mask, y + r * problem.ldy + v * kLanes)
+                                   : _mm512_loadu_ps(y + r * problem.ldy + v * kLanes);
       } else {
         acc[r][v] = block.bias ? _mm512_loadu_ps(block.bias + v * kLanes) : _mm512_setzero_ps();
       }
@@ -91,7 +98,7 @@ inline void block_rows(const Problem& problem, const ColumnBlock& block, const C
     }
     w += (segment.stop - segment.start) * V * kLanes;
   }
-  store_tile<R, V>(y, problem.ldy, tail_mask, acc, stream);
+  store_tile<R, V>(y, problem.ldy, head_mask, tail_mask, acc, stream);
 }
 
 // Asks for the input rows [row, row + count) (up to `end`) in L1: the first pass over a tile
@@ -152,7 +159,7 @@ void gradient_tile(const WeightGradientProblem& problem, const WeightGradientTil
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(gradient, value[v], acc[r][v]);
     }
   }
-  store_tile<R, V>(out, problem.ld_acc, tail_mask, acc);
+  store_tile<R, V>(out, problem.ld_acc, 0xFFFF, tail_mask, acc);
 }
 
 template <int R>

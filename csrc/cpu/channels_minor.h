@@ -40,9 +40,13 @@ struct Chunk {
   const float* packed;
 };
 
-// Output columns [column, column + width) of the computed range (width ≤ 64, in `vectors` vectors).
+// Output columns [column, column + width) of the computed range, in lanes [head, head + width) of
+// `vectors` vectors (head + width ≤ 64). The `head` lanes before the first column read nothing
+// and are never stored: they put the vectors' stores on whole 64-byte lines of an output whose
+// first column does not start one (a stage into a wide NHWC `out=`), since a vector store split
+// across two lines costs twice the memory traffic of an aligned one.
 struct ColumnBlock {
-  int64_t column, width, vectors;
+  int64_t column, width, vectors, head;
   const Chunk* chunks;
   int64_t num_chunks;
   const float* bias;  // vectors · 16 (zero past the block), or null

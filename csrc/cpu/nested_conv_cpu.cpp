@@ -331,15 +331,18 @@ struct ChannelsMinorPlan {
   std::vector<float> packed, bias;
 };
 
-// The blocks, segments and chunks of `problem` (pack_channels_minor fills the weights).
-ChannelsMinorPlan channels_minor_plan(const ChannelsMinorProblem& problem) {
+// The blocks, segments and chunks of `problem` (pack_channels_minor fills the weights). `head`
+// (0..15): the first column's lane in its vector, so that every later vector starts a 64-byte line
+// of the output (cm::ColumnBlock); the first block then holds head + width ≤ 64 lanes.
+ChannelsMinorPlan channels_minor_plan(const ChannelsMinorProblem& problem, int64_t head = 0) {
   const int64_t cols = static_cast<int64_t>(problem.column_group.size());
   constexpr int64_t width_max = cm::kLanes * cm::kMaxVectors;
   constexpr int64_t chunk_bytes = 32 * 1024;  // a chunk's packed weights in a core's L1 (32–48 KB)
   ChannelsMinorPlan plan;
   int64_t packed_size = 0;
-  for (int64_t column = 0; column < cols; column += width_max) {
-    const int64_t width = std::min(width_max, cols - column), vectors = (width + cm::kLanes - 1) / cm::kLanes;
+  for (int64_t column = 0; column < cols; column += width_max - head, head = 0) {
+    const int64_t width = std::min(width_max - head, cols - column);
+    const int64_t vectors = (head + width + cm::kLanes - 1) / cm::kLanes;
     const int64_t chunk_channels = std::max<int64_t>(chunk_bytes / (vectors * cm::kLanes * 4), 16);
     // Segments: the reduction ranges some lane reads, with the lanes that read them, coalesced;
     // cut so that no chunk of consecutive segments reads more than chunk_channels channels.
@@ -351,7 +354,8 @@ ChannelsMinorPlan channels_minor_plan(const ChannelsMinorProblem& problem) {
       bool any = false;
       for (int64_t l = 0; l < width; ++l) {
         if (problem.reads(problem.column_group[column + l], g)) {
-          segment.lanes[l / cm::kLanes] |= static_cast<uint16_t>(1u << (l % cm::kLanes));
+          const int64_t lane = head + l;
+          segment.lanes[lane / cm::kLanes] |= static_cast<uint16_t>(1u << (lane % cm::kLanes));
           any = true;
         }
       }
@@ -390,7 +394,7 @@ ChannelsMinorPlan channels_minor_plan(const ChannelsMinorProblem& problem) {
       const int64_t end = k + 1 < chunk_starts.size() ? chunk_starts[k + 1] : static_cast<int64_t>(cut.size());
       chunks.push_back({nullptr, end - chunk_starts[k], nullptr});
     }
-    plan.blocks.push_back({column, width, vectors, nullptr, static_cast<int64_t>(chunks.size()), nullptr});
+    plan.blocks.push_back({column, width, vectors, head, nullptr, static_cast<int64_t>(chunks.size()), nullptr});
     plan.segments.push_back(std::move(cut));
     plan.chunks.push_back(std::move(chunks));
   }
@@ -410,9 +414,10 @@ void pack_channels_minor(ChannelsMinorPlan& plan, const ChannelsMinorProblem& pr
       const int64_t step = block.vectors * cm::kLanes;
       for (int64_t l = 0; l < block.width; ++l) {  // one column at a time (a weight row: contiguous)
         const float* row = weight + (block.column + l) * problem.column_stride;
-        float* packed = plan.packed.data() + plan.packed_at[b] + l;
+        const int64_t lane = block.head + l;
+        float* packed = plan.packed.data() + plan.packed_at[b] + lane;
         for (const auto& segment : plan.segments[b]) {
-          const bool reads = segment.lanes[l / cm::kLanes] >> (l % cm::kLanes) & 1u;
+          const bool reads = segment.lanes[lane / cm::kLanes] >> (lane % cm::kLanes) & 1u;
           for (int64_t c = segment.start; c < segment.stop; ++c, packed += step) {
             if (reads) *packed = row[c * problem.reduction_stride];
           }
@@ -420,7 +425,7 @@ void pack_channels_minor(ChannelsMinorPlan& plan, const ChannelsMinorProblem& pr
       }
       if (bias) {
         std::copy(bias + block.column, bias + block.column + block.width,
-                  plan.bias.data() + b * cm::kLanes * cm::kMaxVectors);
+                  plan.bias.data() + b * cm::kLanes * cm::kMaxVectors + block.head);
       }
     }
   });
@@ -526,7 +531,20 @@ bool channels_minor_product(const ChannelsMinorProblem& problem, const at::Tenso
   if (source.samples != 1 || dest.samples != 1 || source.col_stride != 1 || dest.col_stride != 1) return false;
   const int64_t cols = static_cast<int64_t>(problem.column_group.size()), rows = source.rows;
   if (rows < kChannelsMinorMinRows || cols == 0) return false;  // packing would cost as much as the product
-  ChannelsMinorPlan plan = channels_minor_plan(problem);
+  // Vector stores on whole output lines: where every row starts at the same offset within a line
+  // (a row stride of a multiple of 16 floats) and the shift adds no vector (no extra FMAs), the
+  // first column goes to its lane within the line (cm::ColumnBlock::head). A stage into a wide
+  // NHWC out= whose first channel is not a multiple of 16 otherwise splits every vector store
+  // across two lines: 16→96 @112 stage 4/4 (channels 72–95 of 96), batch 16, 2 threads: 1.0–1.1
+  // → 0.6–0.7 ms, where copying the stage's compact result into the same slice takes 0.58 ms.
+  const auto first_address = reinterpret_cast<std::uintptr_t>(dest.data + dest_col);
+  int64_t head = static_cast<int64_t>(first_address / sizeof(float) % cm::kLanes);
+  const auto vectors_for = [](int64_t lanes) { return (lanes + cm::kLanes - 1) / cm::kLanes; };
+  if (dest.row_stride % cm::kLanes != 0 || first_address % sizeof(float) != 0 ||
+      vectors_for(head + cols) != vectors_for(cols)) {
+    head = 0;
+  }
+  ChannelsMinorPlan plan = channels_minor_plan(problem, head);
   const int64_t read = problem.reduction_ranges.empty() ? 0 : problem.reduction_ranges.back().second;
   if (!prefers_channels_minor(plan, layout, lo, hi, read, cols, rows)) return false;
   pack_channels_minor(plan, problem, weight, bias);

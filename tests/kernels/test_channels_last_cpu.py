@@ -156,3 +156,25 @@ def test_backward_matches_reference(path, shape):
         for name, got, want in zip(("input", "weight", "bias"), actual, expected, strict=True):
             assert_close(got, want, torch.float32, what=f"grad {name}, stages={stage}")
         assert actual[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("storage_offset", [0, 3, 8, 13])
+def test_stages_into_out_whose_lines_start_anywhere(path, storage_offset):
+    """A stage's first channel at any lane of a 64-byte line: the channels-minor kernels shift their
+    vectors onto whole lines (ColumnBlock::head) and mask the lanes before the stage's first channel
+    off every load and store. 300 input channels: the reduction spans two L1 chunks, so later chunks
+    reload the shifted output block. ``out`` starts ``storage_offset`` floats into its storage."""
+    in_splits, out_splits = (100, 100, 100), (40, 32, 24)  # 96 channels: every row starts a line
+    input, weight, bias = _tensors(in_splits, out_splits, 2, 13, 11)
+    expected = nested_conv2d_reference(input.double(), weight.double(), bias.double(), in_splits=in_splits,
+                                       out_splits=out_splits)
+    storage = torch.full((storage_offset + expected.numel(),), float("nan"))
+    batch, channels, height, width = expected.shape
+    out = storage[storage_offset:].view(batch, height, width, channels).permute(0, 3, 1, 2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for stage in reversed(range(len(out_splits))):  # later stages first: a stray write before a slice shows
+        nested_conv2d(input, weight, bias, in_splits=in_splits, out_splits=out_splits, stages=(stage, stage + 1),
+                      out=out, backend="cpp")
+        first = sum(out_splits[:stage])
+        assert torch.isnan(out[:, :first]).all(), f"stage {stage} wrote before its slice"
+    assert_close(out, expected, torch.float32, what=f"stages into out= at storage offset {storage_offset}")
