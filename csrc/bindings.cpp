@@ -56,6 +56,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_uninitialized_fill", &rdn::set_uninitialized_fill, py::arg("value"),
         "Fill the output buffers the kernels allocate with `value` (None: leave them uninitialised).");
   m.def("uninitialized_fill", &rdn::uninitialized_fill, "The fill value of new output buffers, or None.");
+  m.def("out_provably_disjoint", &rdn::out_provably_disjoint, py::arg("out"), py::arg("operands"),
+        "True when `out` provably overlaps neither itself nor any operand (False: not proven).");
   m.def("empty_like", &rdn::empty_like, py::arg("tensor"),
         "A new buffer shaped like `tensor`, as the kernels allocate their outputs (for the tests).");
 #ifdef RDN_WITH_CUDA

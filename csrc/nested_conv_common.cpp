@@ -1,8 +1,11 @@
 // Layout-level helpers shared by the CPU and CUDA backends (see nested_conv_common.h).
 #include "nested_conv_common.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 
 namespace rdn {
 namespace {
@@ -43,6 +46,31 @@ std::optional<double> uninitialized_fill() {
 at::Tensor empty(at::IntArrayRef size, const at::TensorOptions& options) { return filled(at::empty(size, options)); }
 
 at::Tensor empty_like(const at::Tensor& tensor) { return filled(at::empty_like(tensor)); }
+
+namespace {
+
+// [first byte, one past the last byte) that `tensor` addresses; (0, 0) when it has no elements.
+std::pair<std::uintptr_t, std::uintptr_t> address_span(const at::Tensor& tensor) {
+  if (tensor.numel() == 0) return {0, 0};
+  int64_t last = 0;  // element offset of the last element (torch strides are never negative)
+  for (int64_t d = 0; d < tensor.dim(); ++d) last += (tensor.size(d) - 1) * tensor.stride(d);
+  const auto start = reinterpret_cast<std::uintptr_t>(tensor.data_ptr());
+  return {start, start + static_cast<std::uintptr_t>((last + 1) * tensor.element_size())};
+}
+
+}  // namespace
+
+bool out_provably_disjoint(const at::Tensor& out, const std::vector<std::optional<at::Tensor>>& operands) {
+  if (at::has_internal_overlap(out) != at::MemOverlap::No) return false;
+  const auto [out_start, out_end] = address_span(out);
+  if (out_start == out_end) return true;
+  for (const auto& operand : operands) {
+    if (!operand || !operand->defined()) continue;
+    const auto [start, end] = address_span(*operand);
+    if (start != end && start < out_end && out_start < end) return false;
+  }
+  return true;
+}
 
 std::vector<ChannelRange> input_runs(const BlockLayout& layout, int64_t j) {
   std::vector<ChannelRange> runs;

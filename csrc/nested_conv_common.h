@@ -53,6 +53,12 @@ std::optional<double> uninitialized_fill();
 at::Tensor empty(at::IntArrayRef size, const at::TensorOptions& options);
 at::Tensor empty_like(const at::Tensor& tensor);
 
+// True when `out` provably has no two elements at one address and shares no byte with any defined
+// tensor of `operands` (its address range, and ATen's internal-overlap test, decide). False means
+// only "not proven": the caller then decides exactly (rdn_kernels._memory.check_out_aliasing,
+// which also words the errors). The cheap first answer of that check for an op's `out=`.
+bool out_provably_disjoint(const at::Tensor& out, const std::vector<std::optional<at::Tensor>>& operands);
+
 // A half-open channel range [first, second).
 using ChannelRange = std::pair<int64_t, int64_t>;
 

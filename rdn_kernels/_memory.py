@@ -171,6 +171,7 @@ def _has_addresses(tensor: Tensor) -> bool:
     return (type(tensor) is Tensor or type(tensor) is torch.nn.Parameter) and not tensor.is_meta
 
 
+
 def check_out_aliasing(out: Tensor, operands: dict[str, Tensor | None]) -> None:
     """ValueError, as PyTorch's own ``out=`` ops refuse them, when ``out`` overlaps itself or any operand.
 
@@ -178,6 +179,14 @@ def check_out_aliasing(out: Tensor, operands: dict[str, Tensor | None]) -> None:
     """
     if torch.compiler.is_compiling() or not _has_addresses(out):
         return
+    if _extension.has_cpu_kernels():
+        # The usual case, disjoint buffers, proven in C++ (about 0.3 µs against 2.5 µs here, on
+        # every stage of every layer); anything it cannot prove is decided exactly below.
+        try:
+            if _extension.extension().out_provably_disjoint(out, tuple(operands.values())):
+                return
+        except RuntimeError:  # an operand without a data pointer (a subclass): decided below
+            pass
     if has_internal_overlap(out):
         raise ValueError(
             f"out has elements that share a memory location (shape {tuple(out.shape)}, strides {out.stride()}, "

@@ -856,6 +856,18 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
                    const BlockLayout& layout, const Geometry& geometry, int64_t lo, int64_t hi,
                    const c10::optional<at::Tensor>& out) {
   TORCH_CHECK(input.device().is_cpu(), "rdn cpp backend: expected CPU tensors");
+  // The kernels read and write NCHW- or NHWC-contiguous tensors and a contiguous bias (no copy
+  // then); any other input or bias is copied once, and any other `out` gets the result copied into
+  // its channels. Decided here rather than in Python: a stage call pays the op's entry every time.
+  if (!is_pixel_matrix(input) || (bias && !bias->is_contiguous())) {
+    return forward(input.contiguous(), weight, bias ? c10::optional<at::Tensor>(bias->contiguous()) : bias, layout,
+                   geometry, lo, hi, out);
+  }
+  if (out && !is_pixel_matrix(*out)) {
+    const at::Tensor result = forward(input, weight, bias, layout, geometry, lo, hi, c10::nullopt);
+    out->narrow(1, layout.out_offsets[lo], result.size(1)).copy_(result);
+    return *out;
+  }
   const at::Tensor weight_c = weight.contiguous();
   const int64_t channels = layout.out_offsets[hi] - layout.out_offsets[lo];
   // k×k: dense convolutions on the masked weight rows (kxk_dense_per_group says whether one for all
@@ -902,6 +914,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                         const BlockLayout& layout, const Geometry& geometry, int64_t lo,
                                                         int64_t hi, bool needs_input, bool needs_weight) {
   TORCH_CHECK(input.device().is_cpu(), "rdn cpp backend: expected CPU tensors");
+  if (!is_pixel_matrix(grad_output) || !is_pixel_matrix(input)) {  // as forward: other layouts copied once
+    return backward(grad_output.contiguous(), input.contiguous(), weight, has_bias, layout, geometry, lo, hi,
+                    needs_input, needs_weight);
+  }
   const at::Tensor weight_c = weight.contiguous();
   at::Tensor grad_input, grad_weight;
   const at::Tensor grad_bias = has_bias ? bias_gradient(grad_output, weight, layout, lo, hi) : at::Tensor();

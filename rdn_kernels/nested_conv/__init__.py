@@ -256,19 +256,21 @@ def _check_tensor(name: str, tensor, dims: int, shape_hint: str) -> None:
 
 def _check_operands(input: Tensor, weight: Tensor, bias: Tensor | None, layout: NestedLayout, hi: int) -> None:
     channels, out_channels = layout.in_offsets[-1], layout.out_offsets[-1]
-    if weight.shape[0] != out_channels:
-        raise ValueError(f"weight has {weight.shape[0]} output channels but sum(out_splits) = {out_channels}")
-    if weight.shape[2] < 1 or weight.shape[3] < 1:
-        raise ValueError(f"weight must have a kernel size >= 1 in both dims (kh, kw), got {tuple(weight.shape[2:])}")
-    if weight.shape[1] != channels:
+    weight_out, weight_in, kernel_h, kernel_w = weight.shape  # unpacked once: this runs on every call
+    if weight_out != out_channels:
+        raise ValueError(f"weight has {weight_out} output channels but sum(out_splits) = {out_channels}")
+    if kernel_h < 1 or kernel_w < 1:
+        raise ValueError(f"weight must have a kernel size >= 1 in both dims (kh, kw), got {(kernel_h, kernel_w)}")
+    if weight_in != channels:
         raise ValueError(
-            f"weight has {weight.shape[1]} input channels but sum(in_splits) = {channels}; nested "
+            f"weight has {weight_in} input channels but sum(in_splits) = {channels}; nested "
             "layers need dense-shaped (groups=1) weights (D, C, kh, kw)"
         )
+    input_channels = input.shape[1]
     prefix = layout.in_offsets[hi]
-    if input.shape[1] not in (channels, prefix):
+    if input_channels != channels and input_channels != prefix:
         raise ValueError(
-            f"input has {input.shape[1]} channels; expected C = sum(in_splits) = {channels}"
+            f"input has {input_channels} channels; expected C = sum(in_splits) = {channels}"
             + (f" or the prefix read by stages < {hi}: {prefix}" if prefix != channels else "")
         )
     if weight.dtype != input.dtype:

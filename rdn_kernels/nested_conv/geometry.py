@@ -46,10 +46,16 @@ class ConvGeometry:
             )
         return cls(int_pair("stride", stride, 1), int_pair("padding", padding, 0), int_pair("dilation", dilation, 1))
 
+    def __post_init__(self) -> None:
+        # Precomputed (frozen, so set through object): output_size asks on every call of the op.
+        object.__setattr__(self, "_size_preserving", self.stride == (1, 1) and self.padding == (0, 0))
+
     def output_size(self, height: int, width: int, kernel_size) -> tuple[int, int]:
+        kernel_h, kernel_w = kernel_size
+        if kernel_h == 1 and kernel_w == 1 and self._size_preserving:  # a 1×1 layer: the usual nested case
+            return height, width
         # Written out per axis, without a helper: this runs on every call of the op.
         (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w) = self.stride, self.padding, self.dilation
-        kernel_h, kernel_w = kernel_size
         return (
             (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1,
             (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1,

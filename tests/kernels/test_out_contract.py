@@ -153,6 +153,28 @@ def test_overlap_predicates():
     assert not overlaps(bytes_[:20].view(torch.int32)[::2], bytes_[4:5])
 
 
+def test_the_compiled_first_answer_never_passes_an_overlap():
+    """``out_provably_disjoint`` (C++) answers the usual case before the exact predicates run: it may
+    leave a disjoint pair to them, but must never call an overlapping pair disjoint."""
+    require_backend("cpp")
+    from rdn_kernels._extension import extension
+
+    provably_disjoint = extension().out_provably_disjoint
+    for make in ALIASED:  # out overlaps one operand in each
+        input, weight, bias, out, _ = make()
+        assert not provably_disjoint(out, [input, weight, bias]), make.__name__
+    buffer = torch.zeros(10)
+    assert not provably_disjoint(buffer.as_strided((2, 2), (1, 1)), [])  # overlaps itself
+    assert not provably_disjoint(buffer[:5], [None, buffer[4:]])
+    # The usual cases, proven: separate buffers, and dense slices of one buffer that do not meet.
+    assert provably_disjoint(buffer[:5], [buffer[5:], torch.zeros(3), None])
+    assert provably_disjoint(torch.zeros(4), [torch.zeros(0)])  # an empty operand addresses nothing
+    # Interleaved channel slices are left to the exact check (their address ranges meet).
+    features = torch.zeros(2, 8, 3, 3)
+    assert not provably_disjoint(features[:, 4:], [features[:, :4]])
+    assert not overlaps(features[:, 4:], features[:, :4])
+
+
 # ----------------------------------------------------------------------------------------------
 # In-place write seen by autograd
 # ----------------------------------------------------------------------------------------------
