@@ -40,18 +40,26 @@ __attribute__((always_inline)) inline void segment_rows(__m512 (&acc)[R][V], con
   }
 }
 
-// R rows of V vectors from registers to memory (row stride ``ld`` floats); the first vector of a
-// row stores only the lanes of ``head_mask``, the last only those of ``tail_mask`` (both when V is
-// 1). ``stream``: full vectors go out with non-temporal stores (Problem::stream says when that is
-// valid).
-template <int R, int V>
+// The lanes vector v of V stores: the first vector only those of ``head_mask`` (when Head: a block
+// with head lanes, ColumnBlock), the last only those of ``tail_mask``. Head is a template argument
+// so that blocks without head lanes, nearly all of them, compile to the code they had before.
+template <int V, bool Head>
+inline __mmask16 vector_mask(int v, __mmask16 head_mask, __mmask16 tail_mask) {
+  const __mmask16 head = Head && v == 0 ? head_mask : static_cast<__mmask16>(0xFFFF);
+  return v == V - 1 ? static_cast<__mmask16>(head & tail_mask) : head;
+}
+
+// R rows of V vectors from registers to memory (row stride ``ld`` floats), each vector's lanes as
+// vector_mask says. ``stream``: full vectors go out with non-temporal stores (Problem::stream says
+// when that is valid).
+template <int R, int V, bool Head = false>
 inline void store_tile(float* out, int64_t ld, __mmask16 head_mask, __mmask16 tail_mask, const __m512 (&acc)[R][V],
                        bool stream = false) {
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
-      const __mmask16 mask = (v == 0 ? head_mask : 0xFFFF) & (v == V - 1 ? tail_mask : 0xFFFF);
+      const __mmask16 mask = vector_mask<V, Head>(v, head_mask, tail_mask);
       if (mask != 0xFFFF) {
         _mm512_mask_storeu_ps(out + r * ld + v * kLanes, mask, acc[r][v]);
       } else if (stream) {
@@ -63,7 +71,7 @@ inline void store_tile(float* out, int64_t ld, __mmask16 head_mask, __mmask16 ta
   }
 }
 
-template <int V, int R>
+template <int V, int R, bool Head>
 inline void block_rows(const Problem& problem, const ColumnBlock& block, const Chunk& chunk, bool accumulate,
                        bool stream, int64_t row) {
   const int64_t tail = block.head + block.width - (V - 1) * kLanes;  // lanes used in the last vector (1..16)
@@ -78,7 +86,7 @@ inline void block_rows(const Problem& problem, const ColumnBlock& block, const C
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       if (accumulate) {
-        const __mmask16 mask = (v == 0 ? head_mask : 0xFFFF) & (v == V - 1 ? tail_mask : 0xFFFF);
+        const __mmask16 mask = vector_mask<V, Head>(v, head_mask, tail_mask);
         acc[r][v] = mask != 0xFFFF ? _mm512_maskz_loadu_ps(mask, y + r * problem.ldy + v * kLanes)
                                    : _mm512_loadu_ps(y + r * problem.ldy + v * kLanes);
       } else {
@@ -98,7 +106,7 @@ inline void block_rows(const Problem& problem, const ColumnBlock& block, const C
     }
     w += (segment.stop - segment.start) * V * kLanes;
   }
-  store_tile<R, V>(y, problem.ldy, head_mask, tail_mask, acc, stream);
+  store_tile<R, V, Head>(y, problem.ldy, head_mask, tail_mask, acc, stream);
 }
 
 // Asks for the input rows [row, row + count) (up to `end`) in L1: the first pass over a tile
@@ -112,7 +120,7 @@ inline void prefetch_rows(const Problem& problem, int64_t row, int64_t count, in
   }
 }
 
-template <int V>
+template <int V, bool Head>
 void block_range(const Problem& problem, const ColumnBlock& block, int64_t begin, int64_t end, bool first_pass) {
   constexpr int R = rows_for<V>();
   constexpr int64_t ahead = 4 * R;  // rows
@@ -123,9 +131,22 @@ void block_range(const Problem& problem, const ColumnBlock& block, int64_t begin
     int64_t row = begin;
     for (; row + R <= end; row += R) {
       if (prefetch && k == 0) prefetch_rows(problem, row + ahead, R, end);
-      block_rows<V, R>(problem, block, chunk, k > 0, stream && k + 1 == block.num_chunks, row);
+      block_rows<V, R, Head>(problem, block, chunk, k > 0, stream && k + 1 == block.num_chunks, row);
     }
-    for (; row < end; ++row) block_rows<V, 1>(problem, block, chunk, k > 0, stream && k + 1 == block.num_chunks, row);
+    for (; row < end; ++row) {
+      block_rows<V, 1, Head>(problem, block, chunk, k > 0, stream && k + 1 == block.num_chunks, row);
+    }
+  }
+}
+
+// block_range for a block of V vectors, compiled with and without head lanes.
+template <int V>
+void vector_block_range(const Problem& problem, const ColumnBlock& block, int64_t begin, int64_t end,
+                        bool first_pass) {
+  if (block.head != 0) {
+    block_range<V, true>(problem, block, begin, end, first_pass);
+  } else {
+    block_range<V, false>(problem, block, begin, end, first_pass);
   }
 }
 
@@ -202,10 +223,10 @@ void product(const Problem& problem, int64_t row_begin, int64_t row_end) {
     const ColumnBlock& block = problem.blocks[b];
     const bool first_pass = b == 0;
     switch (block.vectors) {
-      case 4: block_range<4>(problem, block, row_begin, row_end, first_pass); break;
-      case 3: block_range<3>(problem, block, row_begin, row_end, first_pass); break;
-      case 2: block_range<2>(problem, block, row_begin, row_end, first_pass); break;
-      default: block_range<1>(problem, block, row_begin, row_end, first_pass); break;
+      case 4: vector_block_range<4>(problem, block, row_begin, row_end, first_pass); break;
+      case 3: vector_block_range<3>(problem, block, row_begin, row_end, first_pass); break;
+      case 2: vector_block_range<2>(problem, block, row_begin, row_end, first_pass); break;
+      default: vector_block_range<1>(problem, block, row_begin, row_end, first_pass); break;
     }
   }
   if (problem.stream) _mm_sfence();  // the streamed lines are visible before the caller moves on
