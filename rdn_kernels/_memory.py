@@ -171,7 +171,6 @@ def _has_addresses(tensor: Tensor) -> bool:
     return (type(tensor) is Tensor or type(tensor) is torch.nn.Parameter) and not tensor.is_meta
 
 
-
 def check_out_aliasing(out: Tensor, operands: dict[str, Tensor | None]) -> None:
     """ValueError, as PyTorch's own ``out=`` ops refuse them, when ``out`` overlaps itself or any operand.
 
