@@ -227,6 +227,30 @@ def test_out_inside_a_graph_gets_the_write_recorded(backend, operands_need_grad)
             assert_close(leaf.grad, twin.grad, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_returns_out_itself_with_the_write_recorded(backend):
+    """nested_linear writes through a 4-D view of ``out`` and returns ``out`` itself, as PyTorch's
+    ``out=`` ops do; gradients reach the operands through it and skip the overwritten channels."""
+    require_backend(backend)
+    generator = torch.Generator().manual_seed(3)
+    input, weight, bias = (torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+                           for shape in ((4, 5), (5, 5), (5,)))  # fmt: skip
+    source = torch.randn(4, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    out = source * 2  # a non-leaf: part of a graph
+    splits = dict(in_splits=(2, 3), out_splits=(3, 2))
+    result = nested_linear(input, weight, bias, **splits, stages=(1, 2), out=out, backend=backend)
+    assert result is out
+    grad = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    result.backward(grad)
+    expected_source = 2 * grad
+    expected_source[:, 3:] = 0  # group 1 (channels 3..4) was overwritten
+    assert_close(source.grad, expected_source)
+    direct = [t.detach().clone().requires_grad_(True) for t in (input, weight, bias)]
+    nested_linear(*direct, **splits, stages=(1, 2), backend="torch").backward(grad[:, 3:])
+    for name, leaf, twin in zip(("input", "weight", "bias"), (input, weight, bias), direct, strict=True):
+        assert_close(leaf.grad, twin.grad, what=f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", KNOWN_BACKENDS)
 def test_leaf_out_that_requires_grad_is_refused_under_grad_mode(backend):
     input, weight, bias = _operands()
