@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from rdn_kernels.backends import cudnn_conv_allows_tf32
 from rdn_kernels.timing import device_name, interleaved_samples, machine_summary
 
 
@@ -215,6 +216,6 @@ def machine_info(device: torch.device) -> dict[str, str]:
         info["allocator"] = ", ".join(tuning) if tuning else "glibc defaults"
     if device.type == "cuda":
         info["cuda"] = str(torch.version.cuda)
-        info["tf32"] = f"conv {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}"
+        info["tf32"] = f"conv {cudnn_conv_allows_tf32()}, matmul {torch.backends.cuda.matmul.allow_tf32}"
         info["cudnn_benchmark"] = str(torch.backends.cudnn.benchmark)
     return info

@@ -38,8 +38,8 @@ BF16/FP16 1,513*, 2 TB/s; * with sparsity) and NVIDIA H200 datasheet
 the Hopper whitepaper.
 
 Which peak applies to an fp32 case follows what PyTorch does by default: convolutions run on
-TF32 tensor cores (``torch.backends.cudnn.allow_tf32``, default True), linear layers in full
-FP32 (``torch.backends.cuda.matmul.allow_tf32``, default False).
+TF32 tensor cores (cuDNN's convolution precision, ``rdn_kernels.backends.cudnn_conv_allows_tf32()``,
+default True), linear layers in full FP32 (``torch.backends.cuda.matmul.allow_tf32``, default False).
 
 ``python -m benchmarks.roofline`` writes the table of every GPU-plan shape (forward mode).
 """
@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.shapes import Case, plan
+from rdn_kernels.backends import cudnn_conv_allows_tf32
 
 # Math units a case can run on; see the module docstring for how fp32 picks one.
 MATH_UNITS = ("tensor16", "tf32", "fp32")
@@ -95,7 +96,7 @@ def math_unit(dtype: torch.dtype, is_linear: bool) -> str | None:
     if dtype in (torch.float16, torch.bfloat16):
         return "tensor16"
     if dtype == torch.float32:
-        tf32 = torch.backends.cuda.matmul.allow_tf32 if is_linear else torch.backends.cudnn.allow_tf32
+        tf32 = torch.backends.cuda.matmul.allow_tf32 if is_linear else cudnn_conv_allows_tf32()
         return "tf32" if tf32 else "fp32"
     return None
 

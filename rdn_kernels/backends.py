@@ -78,6 +78,24 @@ def _why_unavailable(name: str, device: torch.device) -> str:
     return "it does not run on this device"
 
 
+def cudnn_conv_allows_tf32() -> bool:
+    """Whether torch lets cuDNN convolutions compute float32 in TF32, which the GPU backends follow.
+
+    ``torch.backends.cudnn.conv.fp32_precision`` (torch ≥ 2.9) when torch has it: reading the
+    legacy ``torch.backends.cudnn.allow_tf32`` raises once the legacy and the per-operator settings
+    disagree (after ``torch.backends.cudnn.conv.fp32_precision = "ieee"``, say). The CUDA extension
+    asks the same question in C++ (``cudnn_conv_allows_tf32`` in ``csrc/cuda/nested_conv_cuda.cpp``).
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if isinstance(precision, str):
+        return precision == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # the two APIs disagree and this torch cannot say which holds: exact fp32
+        return False
+
+
 def supported_dtypes(backend: str) -> tuple[torch.dtype, ...] | None:
     """The dtypes ``backend`` has kernels for; ``None``: any floating dtype."""
     return _BACKEND_DTYPES.get(backend)

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/version.h>
 
 #include <limits>
 #include <tuple>
@@ -38,12 +39,30 @@ bool is_pointwise(const at::Tensor& weight, const Geometry& geometry) {
          geometry.padding == std::vector<int64_t>{0, 0};
 }
 
+// Whether torch lets cuDNN convolutions compute float32 in TF32 (rdn_kernels.backends.
+// cudnn_conv_allows_tf32 asks the same in Python). The query without an operator raises once the
+// legacy flag (torch.backends.cudnn.allow_tf32) and the per-operator settings of torch >= 2.9
+// (torch.backends.cudnn.conv.fp32_precision) disagree; the convolution's own setting is asked
+// where the headers are known to have that overload (2.13 here), and elsewhere a disagreement
+// means exact fp32.
+bool cudnn_conv_allows_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else
+  try {
+    return at::globalContext().allowTF32CuDNN();
+  } catch (const c10::Error&) {
+    return false;
+  }
+#endif
+}
+
 // The fp16 / bf16 kernel uses cp.async and mma m16n8k16, which need compute capability 8.0. The
-// fp32 kernel is exact fp32 (SIMT); when torch lets cuDNN convolutions use TF32
-// (torch.backends.cudnn.allow_tf32, on by default) fp32 goes to cuDNN per block run instead, so
-// that the op follows the precision a dense convolution gets under the same flags (and its speed).
+// fp32 kernel is exact fp32 (SIMT); when torch lets cuDNN convolutions use TF32 (on by default)
+// fp32 goes to cuDNN per block run instead, so that the op follows the precision a dense
+// convolution gets under the same flags (and its speed).
 bool has_pointwise_kernel(const at::Tensor& input) {
-  if (input.scalar_type() == at::kFloat) return !at::globalContext().allowTF32CuDNN();
+  if (input.scalar_type() == at::kFloat) return !cudnn_conv_allows_tf32();
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, input.get_device()));
   return major >= 8;

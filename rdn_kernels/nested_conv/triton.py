@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from rdn_kernels import _memory
-from rdn_kernels.backends import triton_interpreted
+from rdn_kernels.backends import cudnn_conv_allows_tf32, triton_interpreted
 from rdn_kernels.layout import NestedLayout
 
 from .geometry import ConvGeometry, output_memory_format
@@ -254,9 +254,9 @@ def _channel_alignment(layout: NestedLayout) -> int:
 def _kernel_options(layout: NestedLayout, dtype: torch.dtype, device: torch.device) -> dict:
     """Compile-time options shared by the three kernels: channel alignment, accumulator dtype and
     ``tl.dot`` precision (fp32 accumulation; TF32 when torch lets cuDNN convolutions use it,
-    ``torch.backends.cudnn.allow_tf32``, on by default: the op is a convolution and follows the
-    precision a dense one gets under the same flags, as the CUDA backend does)."""
-    use_tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    :func:`~rdn_kernels.backends.cudnn_conv_allows_tf32`, on by default: the op is a convolution
+    and follows the precision a dense one gets under the same flags, as the CUDA backend does)."""
+    use_tf32 = dtype == torch.float32 and device.type == "cuda" and cudnn_conv_allows_tf32()
     return {
         "CHANNEL_ALIGN": _channel_alignment(layout),
         "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,

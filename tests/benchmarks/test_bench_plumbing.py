@@ -45,6 +45,7 @@ from benchmarks.shapes import (
     resnext50_32x4d,
 )
 from rdn_kernels import available_backends
+from rdn_kernels.backends import cudnn_conv_allows_tf32
 
 CPU = torch.device("cpu")
 
@@ -339,7 +340,7 @@ def test_gpu_peaks_table():
 def test_math_unit_follows_pytorch_defaults():
     assert roofline.math_unit(torch.bfloat16, is_linear=False) == "tensor16"
     assert roofline.math_unit(torch.float16, is_linear=True) == "tensor16"
-    conv_tf32 = torch.backends.cudnn.allow_tf32
+    conv_tf32 = cudnn_conv_allows_tf32()
     assert roofline.math_unit(torch.float32, is_linear=False) == ("tf32" if conv_tf32 else "fp32")
 
 

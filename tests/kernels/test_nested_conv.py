@@ -335,6 +335,27 @@ def test_auto_backend_prefers_cpp_for_float32():
     assert rdn_kernels.backends.resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
 
 
+def test_the_tf32_question_survives_mixed_precision_settings():
+    """The GPU backends follow cuDNN's convolution precision. Once the per-operator setting
+    (torch >= 2.9) disagrees with the legacy flag, reading the legacy flag raises; the answer comes
+    from the convolution's own setting (the flags are process state: restored after)."""
+    from rdn_kernels.backends import cudnn_conv_allows_tf32
+
+    cudnn = torch.backends.cudnn
+    if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        pytest.skip("this torch has no per-operator precision settings")
+    saved = cudnn.conv.fp32_precision
+    try:
+        cudnn.conv.fp32_precision = "ieee"  # torch 2.13's legacy `cudnn.allow_tf32` read raises now
+        assert cudnn_conv_allows_tf32() is False
+        cudnn.conv.fp32_precision = "tf32"
+        assert cudnn_conv_allows_tf32() is True
+        with cudnn.flags(enabled=True, allow_tf32=False):  # the legacy API, as the CUDA tests pin it
+            assert cudnn_conv_allows_tf32() is False
+    finally:
+        cudnn.conv.fp32_precision = saved
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument.
 # ----------------------------------------------------------------------------------------------

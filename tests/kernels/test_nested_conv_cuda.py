@@ -263,12 +263,12 @@ def test_fp32_follows_the_cudnn_tf32_flag():
     (x, w, b), exact = _tensors(case, torch.float32, channels_last=True)
     expected = _expected(case, exact, None)
     exact_fp32 = nested_conv2d(x, w, b, backend="cuda", **case.conv_kwargs)
-    assert_close(exact_fp32, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exact_fp32.double().cpu(), expected, atol=1e-4, rtol=1e-4)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
         tf32 = nested_conv2d(x, w, b, backend="cuda", **case.conv_kwargs)
         dense = masked_dense(x, w, b, case)  # cuDNN on the masked weight
-    assert_close(tf32, expected, atol=2e-2, rtol=2e-2)  # TF32 keeps 10 mantissa bits
-    assert_close(tf32, dense, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(tf32.double().cpu(), expected, atol=2e-2, rtol=2e-2)  # TF32 keeps 10 mantissa bits
+    torch.testing.assert_close(tf32, dense, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -284,4 +284,4 @@ def test_kxk_grad_input_sums_blocks_in_fp32(dtype):
     x64 = exact[0].clone().requires_grad_(True)
     (want,) = torch.autograd.grad(masked_dense(x64, exact[1], exact[2], case), x64, grad.double().cpu())
     eps = torch.finfo(dtype).eps
-    assert_close(got.double().cpu(), want, atol=8 * eps * want.abs().max().item(), rtol=4 * eps)
+    torch.testing.assert_close(got.double().cpu(), want, atol=8 * eps * want.abs().max().item(), rtol=4 * eps)
