@@ -70,8 +70,9 @@ bench-gpu: build
 # reduced kernel and training benchmarks; results in benchmarks/results/gpu_check_<gpu>/), within
 # 8 minutes. It runs on the GPU machine's own python3 (torch with CUDA): no venv, nothing to install.
 GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(GPU_PYTHON) -m tools.gpu_check
+	$(GPU_PYTHON) -m tools.gpu_check $(GPU_CHECK_ARGS)
 
 # Rewrites the committed static-check tables (benchmarks/results/{cuda,triton}_static_check.md):
 # every CUDA kernel (nvcc) and Triton configuration compiled for sm_80/sm_90 without a GPU and

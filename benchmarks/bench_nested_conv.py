@@ -66,7 +66,7 @@ from benchmarks.harness import (
     measure,
     relative_error,
 )
-from benchmarks.report import best_ours_vs_best_baseline, write_reports
+from benchmarks.report import best_ours_vs_best_baseline, write_csv, write_reports
 from benchmarks.shapes import MODES, PLAN_NAMES, Case, LayerShape, Plan, plan
 from rdn_kernels import available_backends, nested_conv2d, nested_linear
 from rdn_kernels.backends import KNOWN_BACKENDS
@@ -498,10 +498,13 @@ def _case_columns(case: Case, channels_last: bool) -> dict:
 
 def run_cases(cases: Sequence[Case], device: torch.device, config: TimingConfig,
               memory_format: torch.memory_format = torch.contiguous_format, backends: Sequence[str] | None = None,
-              progress: Callable[[str], None] | None = print) -> list[dict]:
+              progress: Callable[[str], None] | None = print,
+              checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run every case; consecutive cases of one (layer, batch, K, dtype) share their tensors.
 
     ``backends``: which of ours to time (default: every backend available on ``device``).
+    ``checkpoint(rows)``: called with every row so far after each such group (a run stopped by a
+    time limit keeps what it measured).
     """
     available = available_backends(device)
     backends = available if backends is None else list(backends)
@@ -519,6 +522,8 @@ def run_cases(cases: Sequence[Case], device: torch.device, config: TimingConfig,
             if progress:
                 progress(_progress_line(case, case_rows))
         del ops, reference_ops
+        if checkpoint:
+            checkpoint(rows)
     return rows
 
 
@@ -640,8 +645,18 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
              if args.channels_last else "contiguous", "timing": str(config),
              "command": " ".join(["rdn-bench-kernels", *(sys.argv[1:] if argv is None else argv)])}
     print(f"{len(cases)} cases on {info['device']} ({info['cpu']}, {info['torch_threads']} threads)", flush=True)
-    rows = run_cases(cases, device, config, memory_format, backends, progress=lambda line: print(line, flush=True))
     stem = f"{args.name}_{device_tag(device)}" + ("_quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"{stem}.csv"
+
+    def checkpoint(rows: list[dict]) -> None:
+        # The CSV so far, replaced atomically after every group of cases: a run cut short by a time
+        # limit (gpu-check's) leaves the rows it measured, which `python -m benchmarks.report` renders.
+        write_csv(rows, info, partial.with_suffix(".csv.tmp"))
+        partial.with_suffix(".csv.tmp").replace(partial)
+
+    rows = run_cases(cases, device, config, memory_format, backends, progress=lambda line: print(line, flush=True),
+                     checkpoint=checkpoint)
     paths = write_reports(rows, info, args.out, stem)
     for path in paths.values():
         print(f"wrote {path}")

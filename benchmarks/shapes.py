@@ -347,8 +347,11 @@ def cpu_layers() -> list[LayerShape]:
 
 _CPU_QUICK = ("1x1 24→144 @56", "1x1 144→32 @28", "1x1 384→64 @14", "1x1 960→320 @7", "1x1 320→1280 @7",
               "3x3 32→32 @28", "3x3 96→96 @14", "linear 1280→1000")
-_GPU_QUICK = ("1x1 16→96 @112", "1x1 960→320 @7", "1x1 512→1024 @14", "1x1 2048→1024 @7", "1x1 s2 1024→2048 @14",
-              "1x1 320→1280 @7", "3x3 96→96 @14", "linear 2048→1000")
+# Sized for gpu-check's 240 s per layout (96 cases at K = 4; each Triton autotune key compiles and
+# benchmarks its configurations, about 0.5 s each): MobileNetV2's widest and a narrow 7 × 7 layer,
+# ResNeXt-50's 14 × 14 and strided layers, a 3 × 3 and the classifier.
+_GPU_QUICK = ("1x1 16→96 @112", "1x1 960→320 @7", "1x1 512→1024 @14", "1x1 s2 1024→2048 @14", "3x3 96→96 @14",
+              "linear 2048→1000")
 
 
 def plan(name: str) -> Plan:
@@ -360,8 +363,8 @@ def plan(name: str) -> Plan:
     if name == "gpu":
         return Plan(tuple(gpu_layers()), batches=(128, 64, 1), dtypes=(torch.bfloat16, torch.float16, torch.float32))
     if name == "gpu-quick":
-        return Plan(_pick(gpu_layers(), _GPU_QUICK), batches=(128, 1), dtypes=(torch.bfloat16, torch.float32),
-                    stages="ends")
+        return Plan(_pick(gpu_layers(), _GPU_QUICK), batches=(128, 1), group_counts=(4,),
+                    dtypes=(torch.bfloat16, torch.float32), stages="ends")
     if name == "tiny":
         return Plan(tuple(tiny()), batches=(2,))
     raise ValueError(f"plan must be one of {PLAN_NAMES}, got {name!r}")

@@ -20,8 +20,15 @@ cannot take the others' time:
 5. ``training``: the joint training step against the base model's (``benchmarks.bench_training``).
 
 ``--dry-run`` runs the same steps on the CPU with tiny settings and skips the build, so that
-``make test`` proves the plumbing without a GPU. Expected duration on an H100: about 1 minute of
-build, 1 of tests, 3–4 of benchmarks: within the 8 minutes a loan allows (never measured yet).
+``make test`` proves the plumbing without a GPU. Expected duration on an H100 (estimated, never
+measured): 1–2 minutes of build, 1–2 of self-check, 2–3 of tests, 2–4 per benchmark layout.
+``--budget-s`` (default 480) stops starting steps once spent, and each step has its own limit, so
+one call ends within about 8 minutes; what did not fit is marked "not run". ``--steps`` runs some
+steps only, to split the check over two calls of a short loan, e.g.
+``--steps build,self-check,tests`` then ``--steps build,kernels-nchw,kernels-channels-last,training``
+(the second build is incremental when the build folder is still there). The summary is rewritten
+after every step, and the benchmark CSVs after every group of cases, so a call cut short keeps
+what it measured (``python -m benchmarks.report <csv> --name <stem>`` renders a partial CSV).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +70,8 @@ def plan_steps(out: Path, dry_run: bool) -> list[Step]:
         "from rdn_kernels.backends import supported_dtypes; "
         "from rdn_kernels.nested_conv.self_check import self_check; "
         "device = torch.device(sys.argv[1]); failed = 0\n"
+        "if device.type == 'cuda' and 'cuda' not in available_backends(device):\n"
+        "    failed += 1; print('cuda: FAIL the extension has no CUDA kernels (see build.log)', flush=True)\n"
         "for backend in [b for b in available_backends(device) if b != 'torch'] or ['torch']:\n"
         "    for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
         "        if dtype not in (supported_dtypes(backend) or (dtype,)):\n"
@@ -88,8 +98,8 @@ def plan_steps(out: Path, dry_run: bool) -> list[Step]:
         # Not -x: the run is rare and short, and one failing test must not hide what the others say.
         Step("tests", _python("-m", "pytest", "-q", "-p", "no:cacheprovider",
                               *(["--collect-only", "-m", "cuda"] if dry_run else ["-m", "cuda"])), 300),  # fmt: skip
-        Step("kernels NCHW", _python(*kernels, "--name", "gpu_check_nchw"), 240),
-        Step("kernels channels_last", _python(*kernels, "--channels-last", "--name", "gpu_check_nhwc"), 240),
+        Step("kernels-nchw", _python(*kernels, "--name", "gpu_check_nchw"), 240),
+        Step("kernels-channels-last", _python(*kernels, "--channels-last", "--name", "gpu_check_nhwc"), 240),
         Step("training", _python(*training), 180),
     ]
     if dry_run:
@@ -106,11 +116,18 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu dry run"
 
 
-def run(out: Path, dry_run: bool, budget_s: float) -> list[dict]:
-    """Run every step into ``out`` (logs ``out/<step>.log``); returns one record per step."""
+def run(out: Path, dry_run: bool, budget_s: float, only: Sequence[str] | None = None) -> list[dict]:
+    """Run every step (or the steps named in ``only``) into ``out`` (logs ``out/<step>.log``);
+    returns one record per step run. ``out/README.md`` is rewritten after every step."""
     out.mkdir(parents=True, exist_ok=True)
+    steps = plan_steps(out, dry_run)
+    if only is not None:
+        unknown = sorted(set(only) - {step.name for step in steps})
+        if unknown:
+            raise ValueError(f"unknown steps {unknown}; the steps are {[step.name for step in steps]}")
+        steps = [step for step in steps if step.name in only]
     started, records = time.perf_counter(), []
-    for step in plan_steps(out, dry_run):
+    for step in steps:
         left = budget_s - (time.perf_counter() - started)
         if left < 10:
             records.append({"step": step.name, "status": "not run (budget spent)", "seconds": 0.0})
@@ -134,6 +151,7 @@ def run(out: Path, dry_run: bool, budget_s: float) -> list[dict]:
         seconds = time.perf_counter() - begin
         records.append({"step": step.name, "status": status, "seconds": round(seconds, 1), "log": log.name})
         print(f"[gpu-check] {step.name}: {status} in {seconds:.0f} s", flush=True)
+        _write_summary(out, records, dry_run, time.perf_counter() - started)
     _write_summary(out, records, dry_run, time.perf_counter() - started)
     return records
 
@@ -153,6 +171,9 @@ def _write_summary(out: Path, records: list[dict], dry_run: bool, total_s: float
         "|---|---|---:|---|",
         *(f"| {r['step']} | {r['status']} | {r['seconds']} | {r.get('log', '')} |" for r in records),
         "",
+        "A kernels step stopped by its limit leaves the CSV of the cases it finished; render it with "
+        "`python -m benchmarks.report <csv> --out <dir> --name <stem>`.",
+        "",
     ]  # fmt: skip
     (out / "README.md").write_text("\n".join(lines))
 
@@ -163,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="results folder (default: benchmarks/results/gpu_check_<gpu name>)")
     parser.add_argument("--dry-run", action="store_true", help="the plumbing on the CPU: tiny settings, no build")
     parser.add_argument("--budget-s", type=float, default=480, help="stop starting steps after this many seconds")
+    parser.add_argument("--steps", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+                        help="comma-separated steps to run (default: all): build, self-check, tests, kernels-nchw, "
+                             "kernels-channels-last, training")
     args = parser.parse_args(argv)
     if not args.dry_run:
         import torch
@@ -171,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu-check: this torch sees no CUDA GPU (use --dry-run to test the plumbing)", file=sys.stderr)
             return 2
     out = args.out or RESULTS_DIR / ("gpu_check_" + re.sub(r"[^a-z0-9]+", "_", _gpu_name().lower()).strip("_"))
-    records = run(out, args.dry_run, args.budget_s)
+    try:
+        records = run(out, args.dry_run, args.budget_s, args.steps)
+    except ValueError as error:
+        print(f"gpu-check: {error}", file=sys.stderr)
+        return 2
     print(f"[gpu-check] summary: {out / 'README.md'}")
     return 0 if all(record["status"] == "pass" for record in records) else 1
 

@@ -103,7 +103,8 @@ def channel_norm(module: nn.Module, shape: tuple[int, ...]) -> str | None:
     if not isinstance(module, nn.LayerNorm) or tuple(module.normalized_shape) != (channels,):
         return None
     dtype = module.weight.dtype if module.weight is not None else torch.get_default_dtype()
-    probe = torch.randn((2, *shape[1:]), generator=torch.Generator().manual_seed(0)).to(dtype)
+    device = module.weight.device if module.weight is not None else torch.device("cpu")
+    probe = torch.randn((2, *shape[1:]), generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     with torch.no_grad():
         try:
             result = module(probe)
@@ -296,6 +297,7 @@ class SurgeryGraph:
         self.k, self.mode, self.exact, self.copy_fraction = k, mode, exact, copy_fraction
         self.norms = norms
         self.num_groups = num_groups_for(k, mode)
+        self._device = example.device  # where the model runs: the probes of its modules go there too
         self._trace(model, example)
         self.after_classifier = self._strip_after_classifier()
         self._drop_whole_slices()
@@ -632,14 +634,16 @@ class SurgeryGraph:
         if module is not None and _has_tensors(module):
             return None
         shape = tuple(source.meta["tensor_meta"].shape)
-        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(source.meta["tensor_meta"].dtype)
+        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(
+            device=self._device, dtype=source.meta["tensor_meta"].dtype
+        )
 
         def value(arg: fx.Node):
             if arg is source:
                 return probe.clone()
             shape = getattr(arg.meta.get("tensor_meta"), "shape", None)
             if shape is not None:  # another tensor, read for its sizes only (x.size(0) of the logits)
-                return torch.zeros(tuple(shape))
+                return torch.zeros(tuple(shape), device=self._device)
             if arg.op in ("call_method", "call_function"):
                 return call_node(arg, value, None)
             raise ValueError(f"reads {arg.name}")
@@ -743,7 +747,7 @@ class SurgeryGraph:
         generator = torch.Generator().manual_seed(0)
         probes = {
             arg.name: torch.randn((2, *arg.meta["tensor_meta"].shape[1:]), generator=generator).to(
-                arg.meta["tensor_meta"].dtype
+                device=self._device, dtype=arg.meta["tensor_meta"].dtype
             )
             for arg in channel_inputs
         }

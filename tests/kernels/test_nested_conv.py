@@ -99,7 +99,7 @@ CASES = [
 def masked_dense(input, weight, bias, case: Case):
     """One F.conv2d with the weight multiplied by the block mask: the other independent oracle."""
     layout = case.layout
-    mask = _read_blocks(layout, 0, layout.num_groups, weight.shape[:2]).to(weight.dtype)
+    mask = _read_blocks(layout, 0, layout.num_groups, weight.shape[:2]).to(device=weight.device, dtype=weight.dtype)
     return F.conv2d(input, weight * mask[:, :, None, None], bias, case.stride, case.padding, case.dilation)
 
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from rdn.models import create
 from rdn.nn import NestedConv2d
 from rdn.surgery import RussianDollNet, nest
+from rdn.surgery.graph import SurgeryGraph
 from rdn.surgery.passes.select import greedy_order
 from tests.surgery.checks import (
     assert_earlier_subnets_ignore_later_groups,
@@ -464,3 +466,14 @@ def test_one_pass_keeps_in_place_activations_off_views(images):
         stack.extend(next_node for next_node, _ in node.next_functions)
     assert "ReluBackward0" in kinds or "ThresholdBackward0" in kinds
     assert not kinds & {"CopySlices", "AsStridedBackward0"}, kinds
+
+
+def test_the_graph_probes_a_model_on_its_own_device():
+    """The per-channel probes of the graph analysis (is this module per channel? a LayerNorm over
+    channels?) run on the device of the model and its example, not on the CPU: on a CUDA model
+    they raised a device mismatch, every BatchNorm counted as opaque and nest() refused the model.
+    The meta device stands in for CUDA here: the analysis then gets past every probe of a module
+    and stops only where it must read a value (``.item()``), which meta tensors do not have."""
+    model = create("mobilenet_v2", num_classes=10, input_size=32, width_mult=0.25).eval().to("meta")
+    with pytest.raises(RuntimeError, match=r"item\(\) cannot be called on meta tensors"):
+        SurgeryGraph(model, torch.randn(2, 3, 32, 32, device="meta"), skip=(), k=4, mode="expand", exact=True)
