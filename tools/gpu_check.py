@@ -123,6 +123,8 @@ def run(out: Path, dry_run: bool, budget_s: float, only: Sequence[str] | None = 
     steps = plan_steps(out, dry_run)
     if only is not None:
         unknown = sorted(set(only) - {step.name for step in steps})
+        if not only:
+            raise ValueError(f"no steps given; the steps are {[step.name for step in steps]}")
         if unknown:
             raise ValueError(f"unknown steps {unknown}; the steps are {[step.name for step in steps]}")
         steps = [step for step in steps if step.name in only]
@@ -131,6 +133,7 @@ def run(out: Path, dry_run: bool, budget_s: float, only: Sequence[str] | None = 
         left = budget_s - (time.perf_counter() - started)
         if left < 10:
             records.append({"step": step.name, "status": "not run (budget spent)", "seconds": 0.0})
+            _write_summary(out, records, dry_run, time.perf_counter() - started)
             continue
         log = out / f"{re.sub(r'[^a-z0-9]+', '_', step.name.lower())}.log"
         environment = {**os.environ, **dict(step.environment)}
@@ -152,7 +155,6 @@ def run(out: Path, dry_run: bool, budget_s: float, only: Sequence[str] | None = 
         records.append({"step": step.name, "status": status, "seconds": round(seconds, 1), "log": log.name})
         print(f"[gpu-check] {step.name}: {status} in {seconds:.0f} s", flush=True)
         _write_summary(out, records, dry_run, time.perf_counter() - started)
-    _write_summary(out, records, dry_run, time.perf_counter() - started)
     return records
 
 

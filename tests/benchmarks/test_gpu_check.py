@@ -52,6 +52,7 @@ def test_some_steps_only_and_the_summary_after_every_step(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="unknown steps"):
         gpu_check.run(tmp_path, dry_run=True, budget_s=60, only=["benchmarks"])
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--steps", "nonsense"]) == 2
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--steps", ","]) == 2
 
 
 def test_a_failing_step_fails_the_check_and_the_budget_stops_later_steps(tmp_path, monkeypatch):
