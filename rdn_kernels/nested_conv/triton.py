@@ -280,13 +280,31 @@ def _check_int32_extent(name: str, tensor: torch.Tensor, first_dim: int = 1) -> 
         )
 
 
+# The kernels index pixels in int32 and step past the last pixel by up to a tile, and grad-weight's
+# last split ends up to 63 pixels past it (split · per_split + per_split, before the min with the
+# pixel count): the pixel count keeps this margin below 2**31, or that sum would wrap and the split
+# would silently add nothing.
+_PIXEL_INDEX_LIMIT = 2**31 - 1024
+# CUDA's limit on grid axes 1 and 2 (grad-input puts the stride phases on axis 1, grad-weight the taps).
+_GRID_AXIS_LIMIT = 65535
+
+
 def _check_extents(num_pixels: int, images: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
     """Every launch's int32 limits: the pixel count, each image tensor per sample, the whole weight."""
-    if num_pixels >= 2**31:
-        raise ValueError(f"N·H·W = {num_pixels} pixels exceed 2**31 - 1; split the batch")
+    if num_pixels >= _PIXEL_INDEX_LIMIT:
+        raise ValueError(f"N·H·W = {num_pixels} pixels exceed the triton kernels' int32 pixel indices "
+                         f"(at most {_PIXEL_INDEX_LIMIT - 1}); split the batch")  # fmt: skip
     for name, tensor in images.items():
         _check_int32_extent(name, tensor)
     _check_int32_extent("weight", weight, first_dim=0)
+
+
+def _check_grid_axis(what: str, count: int) -> None:
+    if count > _GRID_AXIS_LIMIT:
+        raise ValueError(
+            f"{what} = {count} exceeds CUDA's {_GRID_AXIS_LIMIT} programs on a grid axis, which the triton backend "
+            "launches them on; use backend='torch' or 'cuda' for this geometry"
+        )
 
 
 def _pixel_tile_grid(num_pixels: int, group_sizes, *rest: int):
@@ -372,6 +390,7 @@ def grad_input(
     if not group_sizes or num_phase_pixels == 0:
         return result.zero_()
     _check_extents(num_phase_pixels, {"grad_output": grad_output, "input": result}, weight)
+    _check_grid_axis("stride_h · stride_w", stride_h * stride_w)
     grid = _pixel_tile_grid(num_phase_pixels, group_sizes, stride_h * stride_w)
 
     with _device_guard(input.device):
@@ -427,6 +446,7 @@ def grad_weight(
     if not rows or num_pixels == 0:
         return torch.zeros_like(weight)
     _check_extents(num_pixels, {"grad_output": grad_output, "input": input}, weight)
+    _check_grid_axis("kernel_h · kernel_w", kernel_h * kernel_w)
     if num_splits is None:
         num_splits = _default_pixel_splits(num_pixels, useful * kernel_h * kernel_w, weight)
     if num_splits == 1:

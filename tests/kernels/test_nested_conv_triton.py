@@ -272,9 +272,10 @@ def test_grad_weight_pixel_splits_sum_to_one_pass():
     lo, hi = case.stages
     grad_output = torch.randn(_reference_forward(x, weight, None, layout, geometry, lo, hi).shape, dtype=torch.float64)
     one_pass = _backend().grad_weight(grad_output, x, weight, layout, geometry, lo, hi, num_splits=1)
-    split = _backend().grad_weight(grad_output, x, weight, layout, geometry, lo, hi, num_splits=3)
-    assert_close(split, one_pass, torch.float64, "grad_weight with 3 pixel splits")
-    assert torch.equal(split == 0, one_pass == 0)
+    for num_splits in (3, 13):  # 13 leaves the last splits short or empty
+        split = _backend().grad_weight(grad_output, x, weight, layout, geometry, lo, hi, num_splits=num_splits)
+        assert_close(split, one_pass, torch.float64, f"grad_weight with {num_splits} pixel splits")
+        assert torch.equal(split == 0, one_pass == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +341,22 @@ def test_tensors_beyond_int32_addressing_are_refused():
     huge = torch.empty((1, 2, 1 << 16, 1 << 15), device="meta")  # 2**32 elements per sample, no memory
     with pytest.raises(ValueError, match="int32"):
         _backend()._check_int32_extent("input", huge)
+
+
+def test_launch_limits_are_refused_with_a_clear_error():
+    """The kernels' int32 pixel indices step up to a tile (and grad-weight's last split up to 63
+    pixels) past the last pixel, so the pixel count keeps that margin below 2**31 (a split end of
+    2**31 wrapped and silently dropped a split from grad_weight); grad-input's stride phases and
+    grad-weight's taps go on a grid axis that CUDA caps at 65535."""
+    backend = _backend()
+    weight = torch.empty((2, 2, 1, 1), device="meta")
+    backend._check_extents(2**31 - 1025, {}, weight)
+    for pixels in (2**31 - 1024, 2**31 - 2, 2**31):
+        with pytest.raises(ValueError, match="int32 pixel indices"):
+            backend._check_extents(pixels, {}, weight)
+    backend._check_grid_axis("kernel_h · kernel_w", 65535)
+    with pytest.raises(ValueError, match=r"stride_h · stride_w = 65536 exceeds CUDA's 65535"):
+        backend._check_grid_axis("stride_h · stride_w", 256 * 256)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="inspects the compiled-Triton autotuners")
